@@ -1,0 +1,1 @@
+"""HTTP API: schemas, error format, SSE framing and routes."""

@@ -1,0 +1,141 @@
+"""HTTP routes: the SSE inference endpoint, status and health.
+
+Thin by design: parse and validate into a `GenerationRequest`, hand it to the
+`GenerationService`, and frame what comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from quart import Blueprint, Response, current_app, jsonify, request
+
+from .. import __version__
+from ..generation import KEEPALIVE, Generation
+from . import errors, sse
+from .schemas import EVENT_NAMES, GenerationRequest, TokenEvent, parse_generation_request
+
+blueprint = Blueprint("api", __name__)
+
+ANONYMOUS = "anonymous"
+
+
+def _state() -> Any:
+    return current_app.extensions["fabricai"]
+
+
+async def read_json_body() -> Any:
+    """The request body as JSON; 400 names what is wrong (413 comes from Quart)."""
+    raw = await request.get_data(cache=False)
+    if not raw:
+        raise errors.invalid_json("the body is empty")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.invalid_json(str(exc)) from None
+
+
+def query_as_body() -> dict[str, Any]:
+    """GET parameters in the JSON body's shape (`stop` may repeat)."""
+    body: dict[str, Any] = {}
+    for key in request.args:
+        values = request.args.getlist(key)
+        body[key] = values if key == "stop" else values[-1]
+    return body
+
+
+def current_owner() -> str:
+    """The identity a request acts as (auth plugs in here)."""
+    return ANONYMOUS
+
+
+async def start_stream(generation_request: GenerationRequest) -> Generation:
+    state = _state()
+    generation = await state.service.prepare(generation_request, owner=current_owner())
+    request.scope["fabricai.cleanups"].append(generation.close)
+    return generation
+
+
+async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
+    """The SSE framing of a generation's events (Quart closes it on disconnect)."""
+    async with aclosing(generation.events()) as events:
+        async for event in events:
+            if event is KEEPALIVE:
+                yield sse.KEEPALIVE
+                continue
+            name = EVENT_NAMES[type(event)]
+            event_id = event.index if isinstance(event, TokenEvent) else None
+            yield sse.encode_event(name, event.model_dump(), event_id=event_id)
+
+
+def sse_response(generation: Generation) -> Response:
+    response = Response(sse_body(generation), headers=sse.SSE_HEADERS)
+    response.headers["X-Request-Id"] = generation.request_id
+    response.timeout = None
+    return response
+
+
+@blueprint.post("/v1/inference_sse")
+async def inference_sse_post() -> Response:
+    body = await read_json_body()
+    generation_request = parse_generation_request(
+        body, max_tokens_limit=_state().settings.max_tokens_limit
+    )
+    return sse_response(await start_stream(generation_request))
+
+
+@blueprint.get("/v1/inference_sse")
+async def inference_sse_get() -> Response:
+    generation_request = parse_generation_request(
+        query_as_body(), max_tokens_limit=_state().settings.max_tokens_limit
+    )
+    return sse_response(await start_stream(generation_request))
+
+
+@blueprint.get("/v1/status")
+async def status() -> Response:
+    state = _state()
+    info = state.engine.info()
+    stats = state.admission.stats()
+    return jsonify(
+        {
+            "model": {
+                "name": info.model,
+                "path": info.model_path,
+                "loaded": info.loaded,
+                "n_ctx": info.n_ctx,
+                "chat_format": info.chat_format,
+                "load_error": state.load_error,
+            },
+            "concurrency": {
+                "max": stats.max_concurrent,
+                "active": stats.active,
+                "queued": stats.queued,
+                "queue_capacity": stats.queue_capacity,
+            },
+            "engine": {"tokens_generated": info.tokens_generated, "slots": info.slots},
+            "store": {"backend": state.store.backend, "healthy": state.store_healthy},
+            "uptime_seconds": round(time.time() - state.started_at, 3),
+            "version": __version__,
+        }
+    )
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    state = _state()
+    info = state.engine.info()
+    store = {"backend": state.store.backend, "healthy": state.store_healthy}
+    if state.load_error is not None:
+        body, code = {"status": "error", "error": state.load_error, "store": store}, 503
+    elif not info.loaded:
+        body, code = {"status": "loading", "store": store}, 503
+    else:
+        body, code = {"status": "ok" if state.store_healthy else "degraded", "store": store}, 200
+    response = jsonify(body)
+    response.status_code = code
+    return response

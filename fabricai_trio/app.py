@@ -1,0 +1,170 @@
+"""The application: services, their lifespan, and the ASGI entry point.
+
+Nursery tree (see docs/architecture.md):
+
+    hypercorn serve
+    └── lifespan nursery (QuartTrio `app.nursery`)
+        └── services nursery (`run_services`): admission dispatcher, model load,
+            Socket.IO timers, store health
+    └── per connection (hypercorn) → per request (quart-trio): handler + body stream
+
+The services nursery is cancelled in `after_serving`, so shutdown never waits on a
+task nobody owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from quart import Quart
+from quart_trio import QuartTrio
+
+from . import __version__
+from .admission import Admission
+from .api.error_handlers import register_error_handlers
+from .api.routes import blueprint
+from .engine.base import Engine, ModelLoadError
+from .engine.loader import create_engine
+from .generation import GenerationService
+from .sessions import SessionStore, create_store
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+CLEANUPS = "fabricai.cleanups"
+
+
+@dataclass
+class AppState:
+    """Everything a route needs; one per app, in `app.extensions["fabricai"]`."""
+
+    settings: Settings
+    engine: Engine
+    store: SessionStore
+    admission: Admission
+    service: GenerationService
+    started_at: float = field(default_factory=time.time)
+    load_error: str | None = None
+    store_healthy: bool = True
+    fatal: trio.Event = field(default_factory=trio.Event)
+    services_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def get_state(app: Quart) -> AppState:
+    state: AppState = app.extensions["fabricai"]
+    return state
+
+
+class FabricApp:
+    """The ASGI app Hypercorn serves: dispatches, and runs per-request cleanups.
+
+    A route that hands out a resource before its streaming body starts (a queue place,
+    a session lock) registers an async cleanup in `scope[CLEANUPS]`; it runs, shielded,
+    when the ASGI call ends for any reason, even if the body never started.
+    """
+
+    def __init__(self, quart_app: Quart, state: AppState) -> None:
+        self.quart = quart_app
+        self.state = state
+        self.mounts: dict[str, ASGIApp] = {}
+
+    def mount(self, prefix: str, app: ASGIApp) -> None:
+        self.mounts[prefix] = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            for prefix, mounted in self.mounts.items():
+                if scope["path"].startswith(prefix):
+                    await mounted(scope, receive, send)
+                    return
+        if scope["type"] != "http":
+            await self.quart(scope, receive, send)
+            return
+        cleanups: list[Callable[[], Awaitable[None]]] = []
+        scope[CLEANUPS] = cleanups
+        try:
+            await self.quart(scope, receive, send)
+        finally:
+            with trio.CancelScope(shield=True):
+                for cleanup in cleanups:
+                    await cleanup()
+
+
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, store: SessionStore | None = None
+) -> FabricApp:
+    """Build the app; the engine loads in the background once serving starts."""
+    quart_app = QuartTrio(__name__)
+    quart_app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        RESPONSE_TIMEOUT=None,
+        BODY_TIMEOUT=60,
+        JSON_SORT_KEYS=False,
+    )
+    engine = engine or create_engine(settings)
+    store = store or create_store(settings)
+    admission = Admission(
+        max_concurrent=settings.max_concurrent_requests, max_queue=settings.max_queue_size
+    )
+    service = GenerationService(settings=settings, engine=engine, admission=admission, store=store)
+    state = AppState(
+        settings=settings, engine=engine, store=store, admission=admission, service=service
+    )
+    quart_app.extensions["fabricai"] = state
+    quart_app.register_blueprint(blueprint)
+    register_error_handlers(quart_app)
+    app = FabricApp(quart_app, state)
+
+    @quart_app.before_serving
+    async def start_services() -> None:
+        await quart_app.nursery.start(run_services, state)  # type: ignore[attr-defined]
+
+    @quart_app.after_serving
+    async def stop_services() -> None:
+        state.services_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await state.engine.aclose()
+            await state.store.aclose()
+
+    return app
+
+
+async def run_services(
+    state: AppState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The long-lived tasks, in one nursery that `after_serving` cancels."""
+    with state.services_scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(state.admission.run)
+            nursery.start_soon(load_engine, state)
+            nursery.start_soon(watch_store, state)
+            task_status.started()
+
+
+async def load_engine(state: AppState) -> None:
+    """Load the model; a failure is fatal: the server stops with a clear message."""
+    started = time.monotonic()
+    try:
+        await state.engine.load()
+    except ModelLoadError as exc:
+        state.load_error = str(exc)
+        log.critical("%s", exc)
+        state.fatal.set()
+        return
+    log.info("engine ready in %.1f s", time.monotonic() - started)
+
+
+async def watch_store(state: AppState, interval: float = 2.0) -> None:
+    """Keep `store_healthy` current for /health and /v1/status."""
+    while True:
+        healthy = False
+        with trio.move_on_after(state.settings.store_timeout_seconds):
+            healthy = await state.store.ping()
+        state.store_healthy = healthy
+        await trio.sleep(interval)

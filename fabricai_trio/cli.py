@@ -1,0 +1,78 @@
+"""`fabricai-trio serve` (and `python -m fabricai_trio`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .engine.base import ModelLoadError
+from .engine.model_files import resolve_model_path
+from .settings import ConfigError, Settings, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fabricai-trio", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="run the inference server (the default)")
+    serve.add_argument("--host", help="address to listen on (HOST)")
+    serve.add_argument("--port", type=int, help="TCP port (PORT)")
+    serve.add_argument("--model", type=Path, dest="llm_model", help="path to a .gguf (LLM_MODEL)")
+    serve.add_argument("--max-concurrent", type=int, dest="max_concurrent_requests",
+                       help="generations at once (MAX_CONCURRENT_REQUESTS)")
+    serve.add_argument("--max-queue", type=int, dest="max_queue_size",
+                       help="queued requests before 429 (MAX_QUEUE_SIZE)")
+    serve.add_argument("--n-ctx", type=int, dest="n_ctx", help="context window (N_CTX)")
+    serve.add_argument("--log-level", dest="log_level", help="log level (LOG_LEVEL)")
+    return parser
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as exc:
+        print(f"fabricai-trio: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    try:
+        # Fail before listening when the file is missing or not a model; the embedded
+        # model is assembled here, once, with a progress message.
+        resolve_model_path(settings.llm_model, settings.model_cache_dir)
+    except ModelLoadError as exc:
+        print(f"fabricai-trio: {exc}", file=sys.stderr)
+        return 2
+    from .server import serve_app
+
+    try:
+        return trio.run(serve_app, settings)
+    except ModelLoadError as exc:
+        print(f"fabricai-trio: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in (None, "serve"):
+        if args.command is None:
+            args = build_parser().parse_args(["serve", *(argv or sys.argv[1:])])
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

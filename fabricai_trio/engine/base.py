@@ -1,0 +1,103 @@
+"""The engine contract: what the server needs from a model backend.
+
+`ENGINE=module:Class` loads any class that implements `Engine`; its constructor takes
+the `Settings`. See docs/hacking.md for a worked example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from ..api.schemas import ChatMessage
+
+
+class EngineError(Exception):
+    """The backend failed while generating; the stream ends with finish_reason `error`."""
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded (missing or corrupt file): start-up stops."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineRequest:
+    """What the engine decodes: prompt tokens plus sampling parameters."""
+
+    request_id: str
+    prompt_tokens: Sequence[int]
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Text that became visible after `tokens` more tokens were decoded (may be empty)."""
+
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The last item of a stream that ended by itself."""
+
+    reason: Literal["stop", "length"]
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatPrompt:
+    """A chat rendered through the model's template."""
+
+    text: str
+    stop: tuple[str, ...] = ()
+    add_bos: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineInfo:
+    model: str
+    model_path: str | None
+    n_ctx: int
+    slots: int
+    chat_format: str | None
+    loaded: bool
+    tokens_generated: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model backend. All methods may be called from the trio thread only."""
+
+    async def load(self) -> None:
+        """Load the model (slow; runs in worker threads). Raises `ModelLoadError`.
+
+        If cancelled, the load in progress finishes in its thread and is then dropped.
+        """
+
+    def info(self) -> EngineInfo: ...
+
+    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Tokens of `text`, as the model will see them. Cancel-safe (no shared state)."""
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        """Render a conversation with the model's chat template (pure, fast)."""
+
+    def generate_stream(self, request: EngineRequest) -> AsyncIterator[Chunk | Finish]:
+        """Decode; yields `Chunk`s and, if the stream ends by itself, one `Finish`.
+
+        Cancellation takes effect between two tokens: the decode step in progress
+        finishes in its thread, the slot is returned, and `Cancelled` propagates.
+        Raises `EngineError` if the backend fails. Close it with `aclosing()`.
+        """
+
+    async def aclose(self) -> None:
+        """Free the model; waits for in-flight decode steps."""

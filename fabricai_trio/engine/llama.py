@@ -1,0 +1,196 @@
+"""`LlamaEngine`: llama-cpp-python with one llama context per concurrent slot.
+
+A `llama_cpp.Llama` context is not thread-safe, so each generation borrows one context
+for its whole life; the weights are mmapped, so N contexts share one copy in memory.
+Every llama.cpp call runs in a worker thread (`trio.to_thread.run_sync`, never
+abandoned on cancel): cancelling a generation lets the current decode step finish,
+then returns the context to the pool. Each context keeps its KV cache between
+requests, so a prompt that starts like the previous one on that context (the next
+turn of a session) only evaluates the new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import trio
+
+from ..api.schemas import ChatMessage
+from ..settings import Settings
+from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish, ModelLoadError
+from .chat import ChatTemplate
+from .model_files import EMBEDDED_ALIAS, EMBEDDED_CHAT_FORMAT, resolve_model_path
+from .textstream import TextAssembler
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
+
+
+class LlamaEngine:
+    """The default engine: a pool of llama.cpp contexts over one mmapped model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._slots = settings.max_concurrent_requests
+        self._path: Path | None = None
+        self._vocab: llama_cpp.Llama | None = None
+        self._template: ChatTemplate | None = None
+        self._contexts: list[llama_cpp.Llama] = []
+        self._free_in, self._free_out = trio.open_memory_channel[llama_cpp.Llama](self._slots)
+        self._tokens_generated = 0
+        self._loaded = False
+
+    # --- lifecycle ---
+
+    async def load(self) -> None:
+        s = self._settings
+        path = await trio.to_thread.run_sync(resolve_model_path, s.llm_model, s.model_cache_dir)
+        self._path = path
+        vocab = await trio.to_thread.run_sync(self._open, path, True)
+        chat_format = s.chat_format or (EMBEDDED_CHAT_FORMAT if s.llm_model is None else None)
+        self._template = ChatTemplate.select(
+            chat_format,
+            vocab.metadata,
+            bos=_piece(vocab, vocab.token_bos()),
+            eos=_piece(vocab, vocab.token_eos()),
+        )
+        self._vocab = vocab
+        for _ in range(self._slots):
+            ctx = await trio.to_thread.run_sync(self._open, path, False)
+            self._contexts.append(ctx)
+            self._free_in.send_nowait(ctx)
+        self._loaded = True
+        log.info("model %s loaded: %d slot(s), n_ctx %d", path.name, self._slots, s.n_ctx)
+
+    def _open(self, path: Path, vocab_only: bool) -> llama_cpp.Llama:
+        s = self._settings
+        try:
+            return llama_cpp.Llama(
+                model_path=str(path),
+                vocab_only=vocab_only,
+                n_ctx=s.n_ctx,
+                n_batch=min(s.n_batch, s.n_ctx),
+                n_threads=s.n_threads,
+                n_threads_batch=s.n_threads,
+                seed=RANDOM_SEED,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
+
+    async def aclose(self) -> None:
+        self._loaded = False
+        contexts, self._contexts = self._contexts, []
+        for ctx in contexts:
+            await trio.to_thread.run_sync(ctx.close)
+        if self._vocab is not None:
+            await trio.to_thread.run_sync(self._vocab.close)
+            self._vocab = None
+
+    # --- metadata and text ---
+
+    def info(self) -> EngineInfo:
+        s = self._settings
+        name = s.model_alias or (
+            EMBEDDED_ALIAS if s.llm_model is None else (self._path or Path("model")).stem
+        )
+        return EngineInfo(
+            model=name,
+            model_path=str(self._path) if self._path else None,
+            n_ctx=s.n_ctx,
+            slots=self._slots,
+            chat_format=self._template.name if self._template else None,
+            loaded=self._loaded,
+            tokens_generated=self._tokens_generated,
+        )
+
+    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        vocab = self._require_vocab()
+        return await trio.to_thread.run_sync(
+            partial(vocab.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
+        )
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        if self._template is None:
+            raise EngineError("the model is not loaded")
+        return self._template.render(messages)
+
+    def _require_vocab(self) -> llama_cpp.Llama:
+        if self._vocab is None:
+            raise EngineError("the model is not loaded")
+        return self._vocab
+
+    # --- generation ---
+
+    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[Chunk | Finish]:
+        if not self._loaded:
+            raise EngineError("the model is not loaded")
+        if len(request.prompt_tokens) + request.max_tokens > self._settings.n_ctx:
+            raise EngineError("prompt and max_tokens do not fit the context window")
+        ctx = await self._free_out.receive()
+        try:
+            steps = _Decoder(ctx, request)
+            assembler = TextAssembler(request.stop)
+            produced = 0
+            while produced < request.max_tokens:
+                token, piece, end = await trio.to_thread.run_sync(steps.step)
+                produced += 1
+                self._tokens_generated += 1
+                if end:
+                    yield Chunk(assembler.flush(), 1)
+                    yield Finish("stop", produced)
+                    return
+                text = assembler.feed(piece)
+                if assembler.stopped:
+                    yield Chunk(text, 1)
+                    yield Finish("stop", produced)
+                    return
+                yield Chunk(text, 1)
+            yield Chunk(assembler.flush(), 0)
+            yield Finish("length", produced)
+        finally:
+            self._free_in.send_nowait(ctx)
+
+
+class _Decoder:
+    """One generation on one context; `step()` runs in a worker thread."""
+
+    def __init__(self, ctx: llama_cpp.Llama, request: EngineRequest) -> None:
+        self._ctx = ctx
+        self._request = request
+        self._tokens: Any = None
+
+    def step(self) -> tuple[int, bytes, bool]:
+        """Decode one token: (token, its bytes, end of generation)."""
+        ctx = self._ctx
+        try:
+            if self._tokens is None:
+                r = self._request
+                ctx.set_seed(RANDOM_SEED if r.seed is None else r.seed)
+                self._tokens = ctx.generate(
+                    list(r.prompt_tokens),
+                    top_k=r.top_k,
+                    top_p=r.top_p,
+                    temp=r.temperature,
+                    repeat_penalty=r.repeat_penalty,
+                )
+            token = next(self._tokens)
+        except StopIteration:
+            return (-1, b"", True)
+        except Exception as exc:
+            raise EngineError(f"decode failed: {exc}") from exc
+        if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token):
+            return (token, b"", True)
+        return (token, ctx.detokenize([token]), False)
+
+
+def _piece(vocab: llama_cpp.Llama, token: int) -> str:
+    if token < 0:
+        return ""
+    return vocab.detokenize([token], special=True).decode("utf-8", errors="replace")

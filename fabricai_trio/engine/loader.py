@@ -1,0 +1,27 @@
+"""Picking the engine backend from `ENGINE`."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..settings import Settings
+from .base import Engine, ModelLoadError
+
+
+def create_engine(settings: Settings) -> Engine:
+    """`llama` (the default), or `module:Class` constructed with the settings."""
+    if settings.engine == "llama":
+        from .llama import LlamaEngine
+
+        return LlamaEngine(settings)
+    module_name, _, class_name = settings.engine.partition(":")
+    if not module_name or not class_name:
+        raise ModelLoadError(f"ENGINE: expected `llama` or `module:Class`, got {settings.engine!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"ENGINE: cannot load {settings.engine!r}: {exc}") from None
+    engine = cls(settings)
+    if not isinstance(engine, Engine):
+        raise ModelLoadError(f"ENGINE: {settings.engine!r} does not implement the Engine protocol")
+    return engine

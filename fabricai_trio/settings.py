@@ -1,0 +1,208 @@
+"""Server settings, read from the environment and `.env`.
+
+Every setting is one field here; `docs/configuration.md` is generated from this class
+(`python -m fabricai_trio.settings --markdown`), and a test fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+StoreBackend = Literal["memory", "redis", "sql"]
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; the message names the variable, on one line."""
+
+
+class Settings(BaseSettings):
+    """Typed configuration; units are in the names (seconds, bytes, ms)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- model and engine ---
+    llm_model: Path | None = Field(
+        None, description="Path to a .gguf model. Unset: the embedded Gemma 3 270M model."
+    )
+    model_cache_dir: Path = Field(
+        Path.home() / ".cache" / "fabricai-trio",
+        description="Where the embedded model is assembled (once) when LLM_MODEL is unset.",
+    )
+    engine: str = Field(
+        "llama",
+        description="Engine backend: `llama` (llama.cpp context pool) or `module:Class`.",
+    )
+    n_ctx: int = Field(4096, ge=64, le=1_048_576, description="Context window per slot.")
+    n_threads: int = Field(
+        max(1, os.cpu_count() or 1), ge=1, le=1024, description="CPU threads per decode."
+    )
+    n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens evaluated per step.")
+    chat_format: str | None = Field(
+        None,
+        description="llama-cpp-python chat format for `messages` (e.g. `gemma`). Unset: the "
+        "model's own template, or `gemma` for the embedded model.",
+    )
+    model_alias: str | None = Field(
+        None, description="Model name reported by the API. Unset: the file name."
+    )
+
+    # --- admission ---
+    max_concurrent_requests: int = Field(
+        2, ge=1, le=256, description="Generations that run at once (one llama context each)."
+    )
+    max_queue_size: int = Field(
+        16, ge=0, le=100_000, description="Requests that may wait for a slot; more get 429."
+    )
+    retry_after_seconds: int = Field(
+        1, ge=0, le=3600, description="`Retry-After` sent with a 429."
+    )
+
+    # --- limits ---
+    max_tokens_limit: int = Field(
+        2048, ge=1, le=1_048_576, description="Largest `max_tokens` a request may ask for."
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, le=1_048_576, description="`max_tokens` when a request does not say."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, le=1 << 30, description="Largest request body; more gets 413."
+    )
+
+    # --- HTTP server ---
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65_535, description="TCP port (0: pick a free one).")
+    sse_keepalive_seconds: float = Field(
+        15.0, gt=0, le=3600, description="Interval of `: keepalive` comments while queued."
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, le=3600, description="How long running streams may finish on SIGTERM."
+    )
+    log_level: LogLevel = Field("INFO", description="Log level.")
+
+    # --- sessions ---
+    session_store: StoreBackend | None = Field(
+        None,
+        description="`memory`, `redis` or `sql`. Unset: `redis` when REDIS_URL is set, "
+        "else `memory`.",
+    )
+    redis_url: str | None = Field(None, description="Redis URL, e.g. `redis://localhost:6379/0`.")
+    redis_prefix: str = Field("fabricai:", description="Prefix of every Redis key.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL for SESSION_STORE=sql (SQLite or PostgreSQL)."
+    )
+    session_ttl_seconds: int = Field(
+        86_400, ge=1, description="A session expires this long after its last write."
+    )
+    session_autocreate: bool = Field(
+        False, description="Create an unknown `session_id` on first use instead of 404."
+    )
+    session_lock_seconds: float = Field(
+        600.0, gt=0, description="Expiry of a session's generation lock (crash safety)."
+    )
+    store_timeout_seconds: float = Field(
+        2.0, gt=0, le=600, description="Timeout of one session store call."
+    )
+
+    # --- Socket.IO ---
+    socketio_ping_interval_ms: int = Field(25_000, ge=10, description="Engine.IO ping interval.")
+    socketio_ping_timeout_ms: int = Field(20_000, ge=10, description="Engine.IO ping timeout.")
+    socketio_max_payload: int = Field(
+        1_000_000, ge=1024, description="Largest Engine.IO payload in bytes."
+    )
+    socketio_connect_timeout_ms: int = Field(
+        45_000, ge=10, description="Time a client has to CONNECT after the handshake."
+    )
+    socketio_cors_origins: str = Field(
+        "",
+        description="Comma-separated origins allowed for Socket.IO (`*`: any). Empty: "
+        "same-origin only.",
+    )
+
+    @field_validator("llm_model", mode="before")
+    @classmethod
+    def _empty_model_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("DEFAULT_MAX_TOKENS must not exceed MAX_TOKENS_LIMIT")
+        if self.resolved_session_store == "redis" and not self.redis_url:
+            raise ValueError("REDIS_URL is required when SESSION_STORE=redis")
+        if self.resolved_session_store == "sql" and not self.database_url:
+            raise ValueError("DATABASE_URL is required when SESSION_STORE=sql")
+        return self
+
+    @property
+    def resolved_session_store(self) -> StoreBackend:
+        if self.session_store is not None:
+            return self.session_store
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.socketio_cors_origins.split(",") if o.strip()]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment plus explicit overrides (CLI flags win).
+
+    Raises `ConfigError` with a one-line message naming the variable.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}: {msg}" if err["loc"] else msg)
+    return "invalid setting: " + "; ".join(parts)
+
+
+def settings_markdown() -> str:
+    """The configuration reference table, generated from the fields above."""
+    lines = [
+        "| Variable | Type | Default | Meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in Settings.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        annotation = annotation.replace("typing.", "").replace("pathlib.", "")
+        default = field.default
+        if name == "n_threads":
+            shown = "CPU count"
+        elif name == "model_cache_dir":
+            shown = "`~/.cache/fabricai-trio`"
+        elif default is None:
+            shown = "unset"
+        else:
+            shown = f"`{default}`"
+        lines.append(
+            f"| `{name.upper()}` | {annotation.replace('|', 'or')} | {shown} | "
+            f"{field.description or ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - used by scripts/gen-config-docs
+    if "--markdown" in sys.argv:
+        sys.stdout.write(settings_markdown())
