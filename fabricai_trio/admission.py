@@ -1,22 +1,17 @@
-"""Admission control: a bounded queue in front of a `trio.CapacityLimiter`.
+"""Admission control: a bounded memory channel (the queue) feeding a CapacityLimiter.
 
-How it fits together:
-
-* The limiter has `MAX_CONCURRENT_REQUESTS` tokens; each token is one running
-  generation (one engine slot).
-* A dispatcher task (in the app's service nursery) borrows a token for a fresh `Slot`
-  and offers the slot on a zero-capacity `trio` memory channel. Requests that want to
-  run wait on the receive end of that channel: the line of blocked receivers *is* the
-  queue. Trio serves blocked receivers first-in first-out, and `receive()` is atomic
-  with respect to cancellation: a request cancelled while queued leaves the line with
-  no slot, and a request that got a slot got it exactly once.
-* The line is bounded: `try_enter()` refuses (`QueueFull`, which the API turns into
-  429) when `MAX_QUEUE_SIZE` requests already wait. The check and the entry are one
-  synchronous step, so two requests can never both take the last place.
-
-`try_enter()` is the non-blocking half (like trio's `*_nowait`), `Ticket.wait()` the
-blocking half. `Ticket.release()` is idempotent and synchronous, so it is safe to call
-from any `finally`, cancelled or not.
+* `try_enter()` puts a `Ticket` into a `trio` memory channel of capacity
+  `MAX_QUEUE_SIZE` with `send_nowait()`; `trio.WouldBlock` means the queue is full and
+  becomes `QueueFull` (HTTP 429). It never blocks, so the 429 is immediate.
+* A dispatcher task (`run()`, in the app's service nursery) borrows a limiter token
+  (`MAX_CONCURRENT_REQUESTS` in all), takes the oldest ticket from the channel and
+  grants it the token. Tickets are served first-in first-out.
+* `Ticket.wait()` waits for the grant on a `trio.Event`, so it can be cancelled and
+  called again (e.g. to send keepalives) without losing the ticket's place.
+* `Ticket.release()` is synchronous and idempotent: it frees the token, or marks a
+  queued ticket abandoned so the dispatcher skips it. A request cancelled while queued
+  therefore never reaches the engine. Abandoned tickets still in the channel are
+  compacted away when they would make a live request look like a full queue.
 """
 
 from __future__ import annotations
@@ -34,12 +29,6 @@ class QueueFull(Exception):
         self.capacity = capacity
 
 
-class Slot:
-    """The borrower of one limiter token; handed to exactly one request."""
-
-    __slots__ = ()
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdmissionStats:
     max_concurrent: int
@@ -48,94 +37,98 @@ class AdmissionStats:
     queue_capacity: int
 
 
+class _Token:
+    """The borrower of one limiter token (the dispatcher's, then a ticket's)."""
+
+    __slots__ = ()
+
+
 class Ticket:
-    """One request's place: queued, then running, then released."""
+    """One request's place: queued, then admitted (holding a token), then released."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._slot: Slot | None = None
+        self._granted = trio.Event()
+        self._token: _Token | None = None
         self._released = False
 
     @property
     def admitted(self) -> bool:
-        return self._slot is not None
+        return self._granted.is_set() and not self._released
 
     @property
     def position(self) -> int:
-        """How many requests are ahead (0: next in line, or already running)."""
+        """Requests ahead of this one in the queue (0 when next, or admitted)."""
         return self._admission._position(self)
 
     async def wait(self) -> None:
-        """Wait for a slot.
-
-        If cancelled, the ticket leaves the queue and no slot is taken; the
-        cancellation propagates.
-        """
+        """Wait until admitted. Cancel-safe: the ticket keeps its place in the queue."""
         if self._released:
-            raise RuntimeError("ticket was released")
-        if self._slot is not None:
-            await trio.lowlevel.checkpoint()
-            return
-        admission = self._admission
-        try:
-            slot = await admission._slots_out.receive()
-        finally:
-            admission._waiting.pop(self, None)
-        self._slot = slot
-        admission._active += 1
-        if self._released:  # released by another task while this one was parked
-            self._give_back()
+            raise RuntimeError("the ticket was released")
+        await self._granted.wait()
 
     def release(self) -> None:
-        """Leave the queue or free the slot. Idempotent, synchronous, never raises."""
+        """Free the slot, or leave the queue. Idempotent, synchronous, never raises."""
         if self._released:
             return
         self._released = True
-        if self._slot is None:
-            self._admission._waiting.pop(self, None)
-        else:
-            self._give_back()
+        admission = self._admission
+        if self._token is not None:
+            token, self._token = self._token, None
+            admission._active -= 1
+            admission._limiter.release_on_behalf_of(token)
+        elif self in admission._waiting:
+            del admission._waiting[self]
+            admission._abandoned += 1
 
-    def _give_back(self) -> None:
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            self._admission._active -= 1
-            self._admission._limiter.release_on_behalf_of(slot)
+    def _grant(self, token: _Token) -> None:
+        self._token = token
+        self._granted.set()
 
 
 class Admission:
-    """The queue and the limiter; `run()` must be running in a service nursery."""
+    """The queue and the limiter; `run()` must be running for anything to be admitted."""
 
     def __init__(self, *, max_concurrent: int, max_queue: int) -> None:
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._max_queue = max_queue
-        self._slots_in, self._slots_out = trio.open_memory_channel[Slot](0)
-        self._waiting: dict[Ticket, None] = {}  # insertion-ordered: the queue
+        self._queue_in, self._queue_out = trio.open_memory_channel[Ticket](max_queue)
+        self._waiting: dict[Ticket, None] = {}  # live queued tickets, oldest first
+        self._abandoned = 0  # released tickets still sitting in the channel
         self._active = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Offer free slots to the queue until cancelled (app shutdown)."""
+        """Grant limiter tokens to queued tickets, oldest first, until cancelled.
+
+        A token is borrowed *before* a ticket is taken, so a ticket leaves the channel
+        only when it can run: the channel alone holds the queue.
+        """
         task_status.started()
         while True:
-            slot = Slot()
-            await self._limiter.acquire_on_behalf_of(slot)
+            token = _Token()
+            await self._limiter.acquire_on_behalf_of(token)
             try:
-                await self._slots_in.send(slot)
+                ticket = await self._queue_out.receive()
+                while ticket._released:
+                    self._abandoned -= 1
+                    ticket = await self._queue_out.receive()
             except BaseException:
-                self._limiter.release_on_behalf_of(slot)
+                self._limiter.release_on_behalf_of(token)
                 raise
+            del self._waiting[ticket]
+            self._active += 1
+            ticket._grant(token)
 
     def try_enter(self) -> Ticket:
-        """Take a place in the queue now, or raise `QueueFull`. Never blocks."""
+        """Join the queue now, or raise `QueueFull`. Never blocks, never checkpoints."""
         ticket = Ticket(self)
         try:
-            ticket._slot = self._slots_out.receive_nowait()
+            self._queue_in.send_nowait(ticket)
         except trio.WouldBlock:
-            if len(self._waiting) >= self._max_queue:
+            if self._abandoned == 0 or not self._compact():
                 raise QueueFull(self._max_queue) from None
-            self._waiting[ticket] = None
-        else:
-            self._active += 1
+            self._queue_in.send_nowait(ticket)
+        self._waiting[ticket] = None
         return ticket
 
     def stats(self) -> AdmissionStats:
@@ -151,3 +144,23 @@ class Admission:
             if waiting is ticket:
                 return index
         return 0
+
+    def _compact(self) -> bool:
+        """Drop abandoned tickets from the channel, keeping order; True if room was made.
+
+        Synchronous, so the dispatcher cannot interleave: the channel ends up holding
+        exactly the live tickets, oldest first.
+        """
+        live: list[Ticket] = []
+        while True:
+            try:
+                ticket = self._queue_out.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if ticket._released:
+                self._abandoned -= 1
+            else:
+                live.append(ticket)
+        for ticket in live:
+            self._queue_in.send_nowait(ticket)
+        return len(live) < self._max_queue

@@ -24,7 +24,6 @@ import trio
 from quart import Quart
 from quart_trio import QuartTrio
 
-from . import __version__
 from .admission import Admission
 from .api.error_handlers import register_error_handlers
 from .api.routes import blueprint
@@ -83,13 +82,14 @@ class FabricApp:
                 if scope["path"].startswith(prefix):
                     await mounted(scope, receive, send)
                     return
+        quart_app: ASGIApp = self.quart  # type: ignore[assignment]
         if scope["type"] != "http":
-            await self.quart(scope, receive, send)
+            await quart_app(scope, receive, send)
             return
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUPS] = cleanups
         try:
-            await self.quart(scope, receive, send)
+            await quart_app(scope, receive, send)
         finally:
             with trio.CancelScope(shield=True):
                 for cleanup in cleanups:

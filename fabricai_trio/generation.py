@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +36,7 @@ from .api.schemas import (
     Usage,
 )
 from .engine.base import Chunk, Engine, EngineError, EngineRequest
-from .sessions import Message, Session, SessionStore, StoreUnavailable
+from .sessions import Message, Session, SessionStore, SessionStoreError, StoreUnavailable
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Generation:
     def prompt_tokens(self) -> int:
         return len(self.engine_request.prompt_tokens)
 
-    async def events(self) -> AsyncIterator[StreamEvent | Keepalive]:
+    async def events(self) -> AsyncGenerator[StreamEvent | Keepalive, None]:
         """Queue, decode, complete. Close it with `aclosing()` (Quart does).
 
         Cancellation (a disconnect, `inference_cancel`, shutdown) takes effect while
@@ -156,16 +156,12 @@ class Generation:
             with trio.move_on_after(timeout) as scope:
                 try:
                     await store.append_turn(self.session.id, self._turn_messages())
-                except StoreUnavailable as exc:
+                except SessionStoreError as exc:
                     log.error("request %s: turn not stored: %s", self.request_id, exc)
             if scope.cancelled_caught:
                 log.error("request %s: turn not stored: store timed out", self.request_id)
         if self.lock_token is not None:
-            with trio.move_on_after(timeout):
-                try:
-                    await store.unlock(self.session.id, self.lock_token)
-                except StoreUnavailable:
-                    pass  # the lock expires by itself
+            await self.service.unlock(self.session.id, self.lock_token)
 
     def _turn_messages(self) -> list[Message]:
         now = time.time()
@@ -195,7 +191,9 @@ def _timings(
         queued_ms=round((admitted - created) * 1000, 3),
         ttft_ms=None if first is None else round((first - admitted) * 1000, 3),
         total_ms=round((done - created) * 1000, 3),
-        tokens_per_second=round((tokens - 1) / decode_s, 2) if tokens > 1 and decode_s > 0 else None,
+        tokens_per_second=(
+            round((tokens - 1) / decode_s, 2) if tokens > 1 and decode_s > 0 else None
+        ),
     )
 
 
@@ -243,13 +241,8 @@ class GenerationService:
                 raise errors.queue_full(self.settings.retry_after_seconds) from None
         except BaseException:
             if session is not None and lock_token is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(
-                    self.settings.store_timeout_seconds
-                ):
-                    try:
-                        await self.store.unlock(session.id, lock_token)
-                    except StoreUnavailable:
-                        pass
+                with trio.CancelScope(shield=True):
+                    await self.unlock(session.id, lock_token)
             raise
         engine_request = EngineRequest(
             request_id=request.request_id,
@@ -273,11 +266,16 @@ class GenerationService:
             lock_token=lock_token,
         )
 
-    async def _store_call(self, call: object) -> bool:
+    async def unlock(self, session_id: str, token: str) -> None:
+        """Release a session lock; if the store is down, the lock expires by itself."""
+        with trio.move_on_after(self.settings.store_timeout_seconds), suppress(StoreUnavailable):
+            await self.store.unlock(session_id, token)
+
+    async def _store_call(self, call: Awaitable[bool]) -> bool:
         """Await a store call with the store timeout; 503 if the store is down."""
         try:
             with trio.fail_after(self.settings.store_timeout_seconds):
-                return bool(await call)  # type: ignore[misc]
+                return await call
         except (StoreUnavailable, trio.TooSlowError):
             raise errors.unavailable(
                 "session_store_unavailable", "the session store is unavailable"

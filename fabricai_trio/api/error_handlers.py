@@ -35,7 +35,11 @@ def register_error_handlers(app: Quart) -> None:
             405: "method not allowed on this route",
             413: f"the body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, error.description or error.name)
-        return error_response(ApiError(status, code, message))
+        response = error_response(ApiError(status, code, message))
+        if status == 413:
+            # The rest of the body is unread: the connection cannot be reused safely.
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:

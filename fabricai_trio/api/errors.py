@@ -41,7 +41,8 @@ class ApiError(Exception):
 
     @property
     def type(self) -> str:
-        return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        fallback = "server_error" if self.status >= 500 else "invalid_request_error"
+        return _TYPES.get(self.status, fallback)
 
     def body(self) -> dict[str, Any]:
         return {

@@ -10,12 +10,12 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from .. import __version__
-from ..generation import KEEPALIVE, Generation
+from ..generation import Generation, Keepalive
 from . import errors, sse
 from .schemas import EVENT_NAMES, GenerationRequest, TokenEvent, parse_generation_request
 
@@ -24,8 +24,12 @@ blueprint = Blueprint("api", __name__)
 ANONYMOUS = "anonymous"
 
 
-def _state() -> Any:
-    return current_app.extensions["fabricai"]
+if TYPE_CHECKING:
+    from ..app import AppState
+
+
+def _state() -> AppState:
+    return cast("AppState", current_app.extensions["fabricai"])
 
 
 async def read_json_body() -> Any:
@@ -56,7 +60,8 @@ def current_owner() -> str:
 async def start_stream(generation_request: GenerationRequest) -> Generation:
     state = _state()
     generation = await state.service.prepare(generation_request, owner=current_owner())
-    request.scope["fabricai.cleanups"].append(generation.close)
+    scope = cast(dict[str, Any], request.scope)
+    scope["fabricai.cleanups"].append(generation.close)
     return generation
 
 
@@ -64,7 +69,7 @@ async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
     """The SSE framing of a generation's events (Quart closes it on disconnect)."""
     async with aclosing(generation.events()) as events:
         async for event in events:
-            if event is KEEPALIVE:
+            if isinstance(event, Keepalive):
                 yield sse.KEEPALIVE
                 continue
             name = EVENT_NAMES[type(event)]

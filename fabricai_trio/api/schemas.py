@@ -95,9 +95,8 @@ class GenerationRequest(SamplingParams):
             raise ValueError("give exactly one of `prompt` or `messages`")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("`prompt` must not be empty")
-        if self.messages is not None:
-            if not self.messages:
-                raise ValueError("`messages` must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` must not be empty")
         return self
 
     @property

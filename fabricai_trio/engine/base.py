@@ -6,7 +6,7 @@ the `Settings`. See docs/hacking.md for a worked example.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -91,7 +91,7 @@ class Engine(Protocol):
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         """Render a conversation with the model's chat template (pure, fast)."""
 
-    def generate_stream(self, request: EngineRequest) -> AsyncIterator[Chunk | Finish]:
+    def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         """Decode; yields `Chunk`s and, if the stream ends by itself, one `Finish`.
 
         Cancellation takes effect between two tokens: the decode step in progress

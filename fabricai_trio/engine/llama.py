@@ -12,7 +12,7 @@ turn of a session) only evaluates the new tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ class LlamaEngine:
 
     # --- generation ---
 
-    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[Chunk | Finish]:
+    async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         if not self._loaded:
             raise EngineError("the model is not loaded")
         if len(request.prompt_tokens) + request.max_tokens > self._settings.n_ctx:
@@ -139,7 +139,7 @@ class LlamaEngine:
             assembler = TextAssembler(request.stop)
             produced = 0
             while produced < request.max_tokens:
-                token, piece, end = await trio.to_thread.run_sync(steps.step)
+                piece, end = await trio.to_thread.run_sync(steps.step)
                 produced += 1
                 self._tokens_generated += 1
                 if end:
@@ -166,8 +166,8 @@ class _Decoder:
         self._request = request
         self._tokens: Any = None
 
-    def step(self) -> tuple[int, bytes, bool]:
-        """Decode one token: (token, its bytes, end of generation)."""
+    def step(self) -> tuple[bytes, bool]:
+        """Decode one token: (its bytes, end of generation)."""
         ctx = self._ctx
         try:
             if self._tokens is None:
@@ -182,12 +182,12 @@ class _Decoder:
                 )
             token = next(self._tokens)
         except StopIteration:
-            return (-1, b"", True)
+            return (b"", True)
         except Exception as exc:
             raise EngineError(f"decode failed: {exc}") from exc
         if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token):
-            return (token, b"", True)
-        return (token, ctx.detokenize([token]), False)
+            return (b"", True)
+        return (ctx.detokenize([token]), False)
 
 
 def _piece(vocab: llama_cpp.Llama, token: int) -> str:

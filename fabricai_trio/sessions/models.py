@@ -1,0 +1,76 @@
+"""Session data: immutable pydantic models and their JSON form.
+
+Every store returns these frozen models, so a caller can never mutate a conversation
+behind the store's back; the JSON helpers are the one wire format (Redis values, tests).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_json(self) -> str:
+        """Compact JSON text; `from_json` reads it back to an equal model."""
+        return self.model_dump_json()
+
+
+class Message(_Frozen):
+    """One chat message. Assistant messages carry how the generation ended and its usage."""
+
+    role: Role
+    content: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = Field(default=None, ge=0)
+    completion_tokens: int | None = Field(default=None, ge=0)
+    created_at: float = Field(default_factory=time.time, description="Epoch seconds.")
+    request_id: str | None = None
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Message:
+        return cls.model_validate_json(data)
+
+
+class SessionInfo(_Frozen):
+    """A session without its messages: what `list_sessions` returns."""
+
+    id: str
+    owner: str
+    created_at: float
+    updated_at: float
+    message_count: int = Field(ge=0)
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> SessionInfo:
+        return cls.model_validate_json(data)
+
+
+class Session(_Frozen):
+    """A conversation: its owner, its times (epoch seconds) and its messages in order."""
+
+    id: str
+    owner: str
+    created_at: float
+    updated_at: float
+    messages: tuple[Message, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Session:
+        return cls.model_validate_json(data)
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            id=self.id,
+            owner=self.owner,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            message_count=len(self.messages),
+        )

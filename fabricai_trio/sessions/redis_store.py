@@ -1,0 +1,307 @@
+"""Redis session store: redis-py's blocking client, run in trio worker threads.
+
+redis-py has no trio support, so every call runs in `trio.to_thread.run_sync` behind a
+`CapacityLimiter` of the store's own (sized like its connection pool, so a thread never
+waits for a connection). Threads are never abandoned: a cancelled call still finishes
+its Redis command, which keeps every write all-or-nothing.
+
+Keys, all under `prefix`:
+  `{p}session:{id}`           hash: owner, created_at, updated_at
+  `{p}session:{id}:messages`  list of message JSON, in order
+  `{p}owner:{owner}`          zset of session ids, score = expiry (epoch seconds)
+  `{p}lock:{id}`              string: the lock holder's token, with a PX expiry
+Session keys expire `ttl_seconds` after the last write (PEXPIRE on every write).
+
+Failure policy: socket timeouts equal `timeout_seconds` and redis-py's own retries are
+off, so a dead or paused Redis costs one timeout per call, never a hang, and a write is
+never re-sent behind our back (a blind retry after a lost EXEC reply could append a
+turn twice). Connection errors become `StoreUnavailable`; the pool drops a broken
+connection and the next call connects again, so the store recovers when Redis returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from .base import (
+    SessionExists,
+    SessionNotFound,
+    SessionStoreError,
+    StoreUnavailable,
+    check_owner,
+    check_session_id,
+    check_token,
+    check_ttl,
+    check_turn,
+    is_valid_session_id,
+)
+from .models import Message, Session, SessionInfo
+
+T = TypeVar("T")
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+
+# Compare-and-delete: only the holder's token releases the lock (atomic in Redis).
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisSessionStore:
+    """Sessions in Redis; see the module docstring for keys and failure policy."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "fabricai:",
+        ttl_seconds: float = 86_400.0,
+        timeout_seconds: float = 2.0,
+        max_connections: int = 16,
+    ) -> None:
+        self._prefix = prefix
+        self._ttl_ms = max(1, round(check_ttl(ttl_seconds) * 1000))
+        self._timeout = check_ttl(timeout_seconds)
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._client: redis.Redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=max_connections,
+        )
+        self._unlock_script = self._client.register_script(_UNLOCK_LUA)
+
+    # --- keys ---
+
+    def _meta_key(self, sid: str) -> str:
+        return f"{self._prefix}session:{sid}"
+
+    def _messages_key(self, sid: str) -> str:
+        return f"{self._prefix}session:{sid}:messages"
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self._prefix}owner:{owner}"
+
+    def _lock_key(self, sid: str) -> str:
+        return f"{self._prefix}lock:{sid}"
+
+    # --- the protocol ---
+
+    async def create(
+        self, owner: str, *, system_prompt: str | None = None, session_id: str | None = None
+    ) -> Session:
+        check_owner(owner)
+        sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+        first = () if system_prompt is None else (Message(role="system", content=system_prompt),)
+        return await self._call(functools.partial(self._create_sync, owner, sid, first))
+
+    async def get(self, session_id: str) -> Session | None:
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._call(functools.partial(self._get_sync, session_id))
+
+    async def list_sessions(self, owner: str) -> list[SessionInfo]:
+        return await self._call(functools.partial(self._list_sync, owner))
+
+    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
+        turn = check_turn(messages)
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            raise SessionNotFound(session_id)
+        return await self._call(functools.partial(self._append_sync, session_id, turn))
+
+    async def delete(self, session_id: str) -> bool:
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self._call(functools.partial(self._delete_sync, session_id))
+
+    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
+        key = self._lock_key(check_session_id(session_id))
+        px = max(1, round(check_ttl(ttl_seconds) * 1000))
+        check_token(token)
+        return await self._call(lambda: bool(self._client.set(key, token, nx=True, px=px)))
+
+    async def unlock(self, session_id: str, token: str) -> None:
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            return
+        key = self._lock_key(session_id)
+        await self._call(lambda: self._unlock_script(keys=[key], args=[token]))
+
+    async def ping(self) -> bool:
+        """Waits at most about two store timeouts (limiter queue, then one PING)."""
+        answered = False
+        with trio.move_on_after(self._timeout):
+            try:
+                answered = await self._call(lambda: bool(self._client.ping()))
+            except SessionStoreError:
+                answered = False
+        return answered
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._client.close()
+
+    # --- threads ---
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except WatchError as exc:  # raised by redis-py when a connection dies mid-WATCH
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        except RedisError as exc:
+            raise SessionStoreError(f"redis: {exc}") from exc
+
+    def _transaction(self, body: Callable[[Pipeline], T]) -> T:
+        """Run `body` as a WATCH/MULTI/EXEC transaction, again while another client wins.
+
+        `body` WATCHes its keys, reads them, calls `multi()` and queues its writes; this
+        executes them. A conflict is retried (with jitter) until `timeout_seconds` has
+        passed. redis-py also raises `WatchError` when the connection dies while
+        watching: that one is not retried (the EXEC may have run) but propagates.
+        """
+        deadline = time.monotonic() + self._timeout
+        while True:
+            with self._client.pipeline(transaction=True) as pipe:
+                try:
+                    return body(pipe)
+                except WatchError as exc:
+                    if isinstance(exc.__context__, (*_UNAVAILABLE, OSError)):
+                        raise
+            if time.monotonic() > deadline:
+                raise StoreUnavailable("redis: too much contention on one session")
+            time.sleep(random.uniform(0, 0.002))
+
+    def _create_sync(self, owner: str, sid: str, first: tuple[Message, ...]) -> Session:
+        meta_key, messages_key = self._meta_key(sid), self._messages_key(sid)
+
+        def body(pipe: Pipeline) -> Session:
+            pipe.watch(meta_key)  # type: ignore[no-untyped-call]
+            if pipe.exists(meta_key):
+                raise SessionExists(sid)
+            now = time.time()
+            pipe.multi()
+            pipe.delete(messages_key)  # leftovers if the hash expired a moment earlier
+            pipe.hset(meta_key, mapping={"owner": owner, "created_at": now, "updated_at": now})
+            if first:
+                pipe.rpush(messages_key, *(m.to_json() for m in first))
+            self._queue_refresh(pipe, sid, owner, now)
+            pipe.execute()
+            return Session(id=sid, owner=owner, created_at=now, updated_at=now, messages=first)
+
+        return self._transaction(body)
+
+    def _get_sync(self, sid: str) -> Session | None:
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._meta_key(sid))
+            pipe.lrange(self._messages_key(sid), 0, -1)
+            meta, raw = pipe.execute()
+        if not meta:
+            return None
+        return _session(sid, meta, raw)
+
+    def _list_sync(self, owner: str) -> list[SessionInfo]:
+        owner_key = self._owner_key(owner)
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(owner_key, "-inf", time.time())
+            pipe.zrange(owner_key, 0, -1)
+            _, sids = pipe.execute()
+        if not sids:
+            return []
+        with self._client.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hgetall(self._meta_key(sid))
+                pipe.llen(self._messages_key(sid))
+            replies = pipe.execute()
+        infos = []
+        for sid, meta, count in zip(sids, replies[::2], replies[1::2], strict=True):
+            if meta:  # gone since the zrange (deleted, expired): skip it
+                infos.append(
+                    SessionInfo(
+                        id=sid,
+                        owner=meta["owner"],
+                        created_at=float(meta["created_at"]),
+                        updated_at=float(meta["updated_at"]),
+                        message_count=int(count),
+                    )
+                )
+        return sorted(infos, key=lambda info: info.updated_at, reverse=True)
+
+    def _append_sync(self, sid: str, turn: tuple[Message, ...]) -> Session:
+        meta_key, messages_key = self._meta_key(sid), self._messages_key(sid)
+        encoded = [m.to_json() for m in turn]
+
+        def body(pipe: Pipeline) -> Session:
+            pipe.watch(meta_key)  # type: ignore[no-untyped-call]
+            meta = {str(k): str(v) for k, v in pipe.hgetall(meta_key).items()}
+            if not meta:
+                raise SessionNotFound(sid)
+            now = time.time()
+            pipe.multi()
+            pipe.rpush(messages_key, *encoded)
+            pipe.hset(meta_key, "updated_at", now)
+            self._queue_refresh(pipe, sid, meta["owner"], now)
+            pipe.lrange(messages_key, 0, -1)
+            raw = pipe.execute()[-1]
+            return _session(sid, {**meta, "updated_at": str(now)}, raw)
+
+        return self._transaction(body)
+
+    def _delete_sync(self, sid: str) -> bool:
+        meta_key = self._meta_key(sid)
+
+        def body(pipe: Pipeline) -> bool:
+            pipe.watch(meta_key)  # type: ignore[no-untyped-call]
+            found = pipe.hget(meta_key, "owner")
+            owner = None if found is None else str(found)
+            pipe.multi()
+            pipe.delete(meta_key, self._messages_key(sid))
+            if owner is not None:
+                pipe.zrem(self._owner_key(owner), sid)
+            return owner is not None and int(pipe.execute()[0]) > 0
+
+        return self._transaction(body)
+
+    def _queue_refresh(self, pipe: Pipeline, sid: str, owner: str, now: float) -> None:
+        """Queue the TTL refresh every write does: both session keys and the owner index."""
+        owner_key = self._owner_key(owner)
+        pipe.pexpire(self._meta_key(sid), self._ttl_ms)
+        pipe.pexpire(self._messages_key(sid), self._ttl_ms)
+        pipe.zadd(owner_key, {sid: now + self._ttl_ms / 1000})
+        # Every session has the same TTL, so the latest write has the latest expiry.
+        pipe.pexpire(owner_key, self._ttl_ms)
+
+
+def _session(sid: str, meta: dict[str, Any], raw: list[str]) -> Session:
+    return Session(
+        id=sid,
+        owner=meta["owner"],
+        created_at=float(meta["created_at"]),
+        updated_at=float(meta["updated_at"]),
+        messages=tuple(Message.from_json(item) for item in raw),
+    )

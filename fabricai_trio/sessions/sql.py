@@ -1,0 +1,437 @@
+"""SQL session store: SQLAlchemy Core 2.x on a sync engine, run in trio worker threads.
+
+Works on SQLite (a file, or `sqlite://` in memory) and PostgreSQL (psycopg 3). Each call
+is one transaction in one worker thread behind the store's own `CapacityLimiter`
+(sized like the connection pool). Threads are never abandoned: a cancelled call still
+commits or rolls back its transaction, so a write is all or nothing.
+
+Tables (created on first use): `sessions` (one row per session, with `message_count`
+and `expires_at`), `messages` (session_id, seq) -> message, deleted in cascade, and
+`locks` (session_id -> token, expires_at). Expiry is checked on every read; expired rows
+are deleted lazily by `create`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import trio
+from sqlalchemy import (
+    Column,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import (
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import StaticPool
+
+from .base import (
+    SessionExists,
+    SessionNotFound,
+    SessionStoreError,
+    StoreUnavailable,
+    check_owner,
+    check_session_id,
+    check_token,
+    check_ttl,
+    check_turn,
+    is_valid_session_id,
+)
+from .models import Message, Session, SessionInfo
+
+T = TypeVar("T")
+
+_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+_PURGE_EVERY_SECONDS = 60.0
+
+metadata = MetaData()
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Column("message_count", Integer, nullable=False),
+    Index("ix_sessions_owner", "owner"),
+    Index("ix_sessions_expires_at", "expires_at"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column(
+        "session_id",
+        String(128),
+        ForeignKey("sessions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("role", String(16), nullable=False),
+    # UTF-8 bytes, not TEXT: PostgreSQL text cannot hold NUL, and a prompt may.
+    Column("content", LargeBinary, nullable=False),
+    Column("finish_reason", String(16)),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("created_at", Double, nullable=False),
+    Column("request_id", String(255)),
+)
+
+locks = Table(
+    "locks",
+    metadata,
+    Column("session_id", String(128), primary_key=True),
+    Column("token", String(255), nullable=False),
+    Column("expires_at", Double, nullable=False),
+)
+
+
+class SqlSessionStore:
+    """Sessions in SQL tables; see the module docstring. `engine` is public for tests."""
+
+    backend = "sql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_seconds: float = 86_400.0,
+        timeout_seconds: float = 2.0,
+        pool_size: int = 8,
+    ) -> None:
+        self._ttl = check_ttl(ttl_seconds)
+        self._timeout = check_ttl(timeout_seconds)
+        self.engine = _make_engine(url, timeout_seconds, pool_size)
+        threads = 1 if isinstance(self.engine.pool, StaticPool) else pool_size
+        self._limiter = trio.CapacityLimiter(threads)
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+        self._next_purge = 0.0
+
+    # --- the protocol ---
+
+    async def create(
+        self, owner: str, *, system_prompt: str | None = None, session_id: str | None = None
+    ) -> Session:
+        check_owner(owner)
+        sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+        first = () if system_prompt is None else (Message(role="system", content=system_prompt),)
+        return await self._call(functools.partial(self._create_sync, owner, sid, first))
+
+    async def get(self, session_id: str) -> Session | None:
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._call(functools.partial(self._get_sync, session_id))
+
+    async def list_sessions(self, owner: str) -> list[SessionInfo]:
+        return await self._call(functools.partial(self._list_sync, owner))
+
+    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
+        turn = check_turn(messages)
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            raise SessionNotFound(session_id)
+        return await self._call(functools.partial(self._append_sync, session_id, turn))
+
+    async def delete(self, session_id: str) -> bool:
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self._call(functools.partial(self._delete_sync, session_id))
+
+    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
+        check_session_id(session_id)
+        check_token(token)
+        ttl = check_ttl(ttl_seconds)
+        return await self._call(functools.partial(self._try_lock_sync, session_id, token, ttl))
+
+    async def unlock(self, session_id: str, token: str) -> None:
+        if not is_valid_session_id(session_id):
+            await trio.lowlevel.checkpoint()
+            return
+        await self._call(functools.partial(self._unlock_sync, session_id, token))
+
+    async def ping(self) -> bool:
+        """Waits at most about two store timeouts (limiter queue, then one query)."""
+        answered = False
+        with trio.move_on_after(self._timeout):
+            try:
+                answered = await self._call(self._ping_sync)
+            except SessionStoreError:
+                answered = False
+        return answered
+
+    async def aclose(self) -> None:
+        """Waits for a free thread slot, then closes the pooled connections."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.engine.dispose, limiter=self._limiter)
+
+    # --- threads ---
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(self._with_schema, fn, limiter=self._limiter)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"sql: {_short(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise SessionStoreError(f"sql: {_short(exc)}") from exc
+
+    def _with_schema(self, fn: Callable[[], T]) -> T:
+        """Create the tables on first use, so the server starts while the DB is down."""
+        if not self._schema_ready:
+            with self._schema_lock:
+                if not self._schema_ready:
+                    try:
+                        metadata.create_all(self.engine, checkfirst=True)
+                    except IntegrityError:  # another process created them meanwhile
+                        metadata.create_all(self.engine, checkfirst=True)
+                    self._schema_ready = True
+        return fn()
+
+    def _create_sync(self, owner: str, sid: str, first: tuple[Message, ...]) -> Session:
+        now = time.time()
+        if now >= self._next_purge:
+            self._next_purge = now + _PURGE_EVERY_SECONDS
+            with self.engine.begin() as conn:
+                conn.execute(delete(sessions).where(sessions.c.expires_at <= now))
+                conn.execute(delete(locks).where(locks.c.expires_at <= now))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    delete(sessions).where(sessions.c.id == sid, sessions.c.expires_at <= now)
+                )
+                conn.execute(
+                    insert(sessions).values(
+                        id=sid,
+                        owner=owner,
+                        created_at=now,
+                        updated_at=now,
+                        expires_at=now + self._ttl,
+                        message_count=len(first),
+                    )
+                )
+                if first:
+                    conn.execute(insert(messages), _rows(sid, 0, first))
+        except IntegrityError:
+            raise SessionExists(sid) from None
+        return Session(id=sid, owner=owner, created_at=now, updated_at=now, messages=first)
+
+    def _get_sync(self, sid: str) -> Session | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(sessions).where(sessions.c.id == sid, sessions.c.expires_at > time.time())
+            ).first()
+            if row is None:
+                return None
+            # `seq < message_count`: the messages of the session row we read, even if a
+            # turn commits between the two statements (READ COMMITTED on PostgreSQL).
+            found = _messages(conn, sid, row.message_count)
+        return Session(
+            id=sid,
+            owner=row.owner,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            messages=found,
+        )
+
+    def _list_sync(self, owner: str) -> list[SessionInfo]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(sessions)
+                .where(sessions.c.owner == owner, sessions.c.expires_at > time.time())
+                .order_by(sessions.c.updated_at.desc())
+            ).all()
+        return [
+            SessionInfo(
+                id=row.id,
+                owner=row.owner,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                message_count=row.message_count,
+            )
+            for row in rows
+        ]
+
+    def _append_sync(self, sid: str, turn: tuple[Message, ...]) -> Session:
+        now = time.time()
+        with self.engine.begin() as conn:
+            # The UPDATE comes first: it locks the row (PostgreSQL) or takes the write
+            # lock (SQLite), so concurrent turns on one session queue up here.
+            row = conn.execute(
+                update(sessions)
+                .where(sessions.c.id == sid, sessions.c.expires_at > now)
+                .values(
+                    updated_at=now,
+                    expires_at=now + self._ttl,
+                    message_count=sessions.c.message_count + len(turn),
+                )
+                .returning(sessions.c.owner, sessions.c.created_at, sessions.c.message_count)
+            ).first()
+            if row is None:
+                raise SessionNotFound(sid)
+            conn.execute(insert(messages), _rows(sid, row.message_count - len(turn), turn))
+            found = _messages(conn, sid, row.message_count)
+        return Session(
+            id=sid, owner=row.owner, created_at=row.created_at, updated_at=now, messages=found
+        )
+
+    def _delete_sync(self, sid: str) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                delete(sessions).where(sessions.c.id == sid).returning(sessions.c.expires_at)
+            ).first()
+        return result is not None and result.expires_at > time.time()
+
+    def _try_lock_sync(self, sid: str, token: str, ttl: float) -> bool:
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    delete(locks).where(locks.c.session_id == sid, locks.c.expires_at <= now)
+                )
+                conn.execute(
+                    insert(locks).values(session_id=sid, token=token, expires_at=now + ttl)
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def _unlock_sync(self, sid: str, token: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(locks).where(locks.c.session_id == sid, locks.c.token == token))
+
+    def _ping_sync(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+
+
+def _rows(sid: str, start: int, turn: Sequence[Message]) -> list[dict[str, Any]]:
+    return [
+        {
+            "session_id": sid,
+            "seq": start + i,
+            "role": m.role,
+            "content": m.content.encode("utf-8", "surrogatepass"),
+            "finish_reason": m.finish_reason,
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "created_at": m.created_at,
+            "request_id": m.request_id,
+        }
+        for i, m in enumerate(turn)
+    ]
+
+
+def _messages(conn: Connection, sid: str, count: int) -> tuple[Message, ...]:
+    rows = conn.execute(
+        select(messages)
+        .where(messages.c.session_id == sid, messages.c.seq < count)
+        .order_by(messages.c.seq)
+    ).all()
+    return tuple(
+        Message(
+            role=row.role,
+            content=bytes(row.content).decode("utf-8", "surrogatepass"),
+            finish_reason=row.finish_reason,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            created_at=row.created_at,
+            request_id=row.request_id,
+        )
+        for row in rows
+    )
+
+
+def _make_engine(url: str, timeout_seconds: float, pool_size: int) -> Engine:
+    """An engine whose every wait (connect, lock, statement, pool) is bounded."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        in_memory = parsed.database in (None, "", ":memory:")
+        engine = create_engine(
+            parsed,
+            connect_args={"timeout": timeout_seconds, "check_same_thread": False},
+            **(
+                {"poolclass": StaticPool}
+                if in_memory
+                else {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": timeout_seconds}
+            ),
+        )
+        _sqlite_transactions(engine, wal=not in_memory)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        ms = max(1, round(timeout_seconds * 1000))
+        return create_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=timeout_seconds,
+            pool_pre_ping=True,
+            connect_args={
+                "connect_timeout": max(2, math.ceil(timeout_seconds)),
+                "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+            },
+        )
+    return create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=timeout_seconds,
+        pool_pre_ping=True,
+    )
+
+
+def _sqlite_transactions(engine: Engine, *, wal: bool) -> None:
+    """Real transactions on pysqlite: turn off its implicit BEGIN, emit our own.
+
+    Also turns on foreign keys (for the cascade) and WAL for files (readers do not block
+    the writer).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if wal:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    """The driver's message without SQLAlchemy's statement dump and help link."""
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).strip().splitlines()[0]

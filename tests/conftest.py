@@ -1,0 +1,41 @@
+"""Shared fixtures: the embedded model and real server processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fabricai_trio.engine.model_files import embedded_model_path
+from fabricai_trio.settings import Settings
+
+from .server_process import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The embedded Gemma model, assembled once into the default cache dir."""
+    return embedded_model_path(Settings().model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
+    """A real server on the real model: 2 slots, a queue of 2."""
+    env = {
+        "LLM_MODEL": str(model_path),
+        "CHAT_FORMAT": "gemma",
+        "MAX_CONCURRENT_REQUESTS": "2",
+        "MAX_QUEUE_SIZE": "2",
+        "N_CTX": "1024",
+        "MAX_TOKENS_LIMIT": "512",
+        "MAX_BODY_BYTES": "4096",
+        "SSE_KEEPALIVE_SECONDS": "0.2",
+    }
+    with ServerProcess(env, log_dir=server_logs) as proc:
+        yield proc
