@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -178,31 +178,61 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid setting: " + "; ".join(parts)
 
 
+def _type_name(annotation: Any) -> str:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if args and len(args) < len(get_args(annotation)):  # X | None
+        return f"{_type_name(args[0])}, optional"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return {"Path": "path", "str": "string", "int": "integer", "float": "number",
+            "bool": "boolean"}.get(getattr(annotation, "__name__", ""), str(annotation))
+
+
 def settings_markdown() -> str:
     """The configuration reference table, generated from the fields above."""
     lines = [
         "| Variable | Type | Default | Meaning |",
         "| --- | --- | --- | --- |",
     ]
+    shown_defaults = {"n_threads": "CPU count", "model_cache_dir": "`~/.cache/fabricai-trio`"}
     for name, field in Settings.model_fields.items():
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        annotation = annotation.replace("typing.", "").replace("pathlib.", "")
         default = field.default
-        if name == "n_threads":
-            shown = "CPU count"
-        elif name == "model_cache_dir":
-            shown = "`~/.cache/fabricai-trio`"
+        if name in shown_defaults:
+            shown = shown_defaults[name]
         elif default is None:
             shown = "unset"
+        elif default == "":
+            shown = "empty"
         else:
-            shown = f"`{default}`"
+            shown = f"`{str(default).lower() if isinstance(default, bool) else default}`"
         lines.append(
-            f"| `{name.upper()}` | {annotation.replace('|', 'or')} | {shown} | "
+            f"| `{name.upper()}` | {_type_name(field.annotation)} | {shown} | "
             f"{field.description or ''} |"
         )
     return "\n".join(lines) + "\n"
 
 
+CONFIG_DOC_HEADER = """# Configuration reference
+
+Every setting is an environment variable (or a line in `.env` in the working
+directory); `fabricai-trio serve` flags override them. Names are case-insensitive.
+An invalid value stops start-up with a one-line message naming the variable (exit 2).
+
+This file is generated from `fabricai_trio/settings.py` by `scripts/gen-config-docs`;
+a test fails when it is out of date.
+
+"""
+
+
+def configuration_doc() -> str:
+    return CONFIG_DOC_HEADER + settings_markdown()
+
+
 if __name__ == "__main__":  # pragma: no cover - used by scripts/gen-config-docs
-    if "--markdown" in sys.argv:
+    if "--write-docs" in sys.argv:
+        doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+        doc.write_text(configuration_doc())
+    else:
         sys.stdout.write(settings_markdown())

@@ -1,0 +1,98 @@
+"""Start-up and shutdown of the real `fabricai-trio serve` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .server_process import REPO, ServerProcess
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fabricai_trio", *args],
+        env={**os.environ, "PORT": "0", **(env or {})},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"MAX_CONCURRENT_REQUESTS": "zero"}, "MAX_CONCURRENT_REQUESTS"),
+        ({"MAX_QUEUE_SIZE": "-1"}, "MAX_QUEUE_SIZE"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"SSE_KEEPALIVE_SECONDS": "0"}, "SSE_KEEPALIVE_SECONDS"),
+        ({"SESSION_STORE": "redis"}, "REDIS_URL"),
+    ],
+)
+def test_invalid_setting_is_one_line_and_exit_2(env: dict[str, str], variable: str) -> None:
+    result = run_cli("serve", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_flag_overrides_env_and_is_validated() -> None:
+    result = run_cli("serve", "--max-concurrent", "0", env={"MAX_CONCURRENT_REQUESTS": "4"})
+    assert result.returncode == 2
+    assert "MAX_CONCURRENT_REQUESTS" in result.stderr
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", str(tmp_path / "nope.gguf"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_not_a_model_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"hello, I am not a model")
+    result = run_cli("serve", "--model", str(path))
+    assert result.returncode == 2
+    assert "not a GGUF model file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_model_stops_start_up(tmp_path: Path, model_path: Path) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(model_path.read_bytes()[:4096])  # a truncated real model
+    result = run_cli("serve", "--model", str(path), env={"PORT": str(_free_port())})
+    assert result.returncode == 1
+    assert "cannot load" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    from .server_process import free_port
+
+    return free_port()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_embedded_default_model_serves_and_stops_cleanly(
+    sig: int, server_logs: Path, model_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LLM_MODEL"}
+    proc = ServerProcess({"LLM_MODEL": ""}, log_dir=server_logs)
+    proc.env = {**env, **{k: v for k, v in proc.env.items() if k in ("HOST", "PORT")}}
+    with proc:
+        status = httpx.get(f"{proc.url}/v1/status", timeout=10).json()
+        assert status["model"]["name"] == "gemma-3-270m-q4_k_m"
+        assert status["model"]["chat_format"] == "gemma"
+        assert status["store"]["backend"] == "memory"
+        code = proc.stop(sig)
+    assert code == 0, proc.log()
+    assert "Traceback" not in proc.log()
