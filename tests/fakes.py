@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 
 import trio
+import trio.lowlevel
 
 from fabricai_trio.api.schemas import ChatMessage
 from fabricai_trio.engine.base import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
@@ -30,7 +31,7 @@ class FakeEngine:
         self.started: list[str] = []
 
     async def load(self) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         self.loaded = True
 
     def info(self) -> EngineInfo:

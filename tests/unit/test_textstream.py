@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -58,7 +60,7 @@ def test_utf8_split_across_tokens() -> None:
 )
 def test_matches_a_plain_search(text: str, stop: str, cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     index = text.find(stop)
     expected = (text, False) if index < 0 else (text[:index], True)
     assert run([stop], pieces) == expected
