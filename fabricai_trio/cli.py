@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queued requests before 429 (MAX_QUEUE_SIZE)")
     serve.add_argument("--n-ctx", type=int, dest="n_ctx", help="context window (N_CTX)")
     serve.add_argument("--log-level", dest="log_level", help="log level (LOG_LEVEL)")
+    commands.add_parser("healthcheck", help="exit 0 if the local server's /health is 200")
     return parser
 
 
@@ -65,13 +67,30 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def healthcheck() -> int:
+    """For container HEALTHCHECKs: ask the server on this host for /health."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"fabricai-trio: {exc}", file=sys.stderr)
+        return 2
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{settings.port}/health", timeout=5) as r:
+            return 0 if r.status == 200 else 1
+    except (OSError, ValueError) as exc:
+        print(f"fabricai-trio: unhealthy: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in (None, "serve"):
-        if args.command is None:
-            args = build_parser().parse_args(["serve", *(argv or sys.argv[1:])])
-        return serve(args)
-    return 2
+    if args.command == "healthcheck":
+        return healthcheck()
+    if args.command is None:
+        args = build_parser().parse_args(["serve", *(argv or sys.argv[1:])])
+    return serve(args)
 
 
 if __name__ == "__main__":

