@@ -1,0 +1,46 @@
+"""Engine.IO v4 + Socket.IO v5 on trio (python-socketio's AsyncServer is asyncio-only).
+
+Layers, each usable alone:
+
+- `eio_session`: sans-IO Engine.IO session state machine (no trio, time passed in);
+- `eio_app`: `EngineIOApp`, the trio ASGI transport (polling, websocket, upgrade);
+- `sio_protocol`: sans-IO Socket.IO codec;
+- `sio_server`: `SocketIOServer`, namespaces, events, acks, rooms, pub/sub fan-out;
+- `pubsub` / `redis_pubsub`: the cross-process fan-out hook and its Redis implementation.
+
+Typical wiring::
+
+    server = SocketIOServer(RealtimeConfig.from_settings(settings))
+    @server.on("inference_prompt")
+    async def prompt(sid, payload): ...
+    # mount server.asgi_app under /socket.io/; in the lifespan nursery:
+    await nursery.start(server.run)      # ... and on the way out:
+    await server.shutdown()
+"""
+
+from .config import RealtimeConfig
+from .eio_app import EngineIOApp, EngineIOSocket, SessionEnded, SessionHandler
+from .eio_session import CloseReason
+from .errors import ClientGone, ConnectionRefused, LocalProtocolError, RemoteProtocolError
+from .pubsub import BroadcastMessage, LocalPubSub, PubSub
+from .redis_pubsub import RedisPubSub
+from .sio_server import DisconnectReason, SocketIOServer
+
+__all__ = [
+    "BroadcastMessage",
+    "ClientGone",
+    "CloseReason",
+    "ConnectionRefused",
+    "DisconnectReason",
+    "EngineIOApp",
+    "EngineIOSocket",
+    "LocalProtocolError",
+    "LocalPubSub",
+    "PubSub",
+    "RealtimeConfig",
+    "RedisPubSub",
+    "RemoteProtocolError",
+    "SessionEnded",
+    "SessionHandler",
+    "SocketIOServer",
+]

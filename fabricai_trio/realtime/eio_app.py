@@ -1,0 +1,640 @@
+"""The trio side of Engine.IO: an ASGI app that moves bytes between clients and sessions.
+
+All protocol decisions are made by the sans-IO `EngineIOSession`; this module only reads
+requests, waits, and writes. Task ownership:
+
+- `EngineIOApp.run()` (started by the application's lifespan nursery) owns the *service
+  nursery*. Each polling session runs a session task there.
+- A websocket-only session runs its session task in the websocket request's own nursery.
+- Each session task owns the *session nursery*: the heartbeat, the application's
+  `run_session()` and every task it `spawn`s. When the session ends, that nursery is
+  cancelled, so a disconnect cancels all of the client's work.
+- A held polling GET, a POST and the websocket reader/writer are tasks of their request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from .asgi import (
+    APPLICATION_JSON,
+    TEXT_PLAIN,
+    Headers,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    origin_allowed,
+    query_params,
+    send_response,
+)
+from .config import RealtimeConfig
+from .eio_session import (
+    CloseReason,
+    EngineIOSession,
+    MessageReceived,
+    SessionClosed,
+    State,
+    Transport,
+    Upgraded,
+)
+from .errors import (
+    WS_NORMAL_CLOSURE,
+    WS_POLICY_VIOLATION,
+    EioErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    error_body,
+    http_status_for,
+    ws_close_code_for,
+)
+from .tasks import Signal, run_logged, spawn_logged
+
+logger = logging.getLogger("fabricai_trio.realtime")
+
+
+class SessionEnded(Exception):
+    """The session is over: `EngineIOSocket.receive()` has nothing more to give."""
+
+
+class SessionHandler(Protocol):
+    """What runs on top of Engine.IO (the Socket.IO layer, or an echo for tests)."""
+
+    async def run_session(self, socket: EngineIOSocket) -> None:
+        """Serve one session; runs inside the session nursery and is cancelled when the
+        session ends. Returning closes the session gracefully."""
+
+    async def session_ended(self, socket: EngineIOSocket, reason: CloseReason) -> None:
+        """Called once after the session nursery is gone, shielded, with a time limit."""
+
+
+def new_sid() -> str:
+    """A fresh, URL-safe, unguessable session id."""
+    return secrets.token_urlsafe(15)
+
+
+class EngineIOSocket:
+    """One live session as the application sees it (plus the transport's private hooks).
+
+    Application API: `sid`, `scope`, `receive()`, `send()`, `close()`, `spawn()`,
+    `start()`. Everything with a leading underscore belongs to `EngineIOApp`.
+    """
+
+    def __init__(self, app: EngineIOApp, core: EngineIOSession, scope: Scope) -> None:
+        self._app = app
+        self._core = core
+        self.scope = scope
+        self._inbound: collections.deque[str | bytes] = collections.deque()
+        self._output = Signal()  # core output or state may have changed
+        self._input = Signal()  # a message arrived or the session closed
+        self._drained = Signal()  # the application took a message
+        self._timers = Signal()  # the next deadline moved
+        self._deadline: float | None = None
+        self._closed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # --- application API ---------------------------------------------------------------
+
+    @property
+    def sid(self) -> str:
+        return self._core.sid
+
+    @property
+    def transport(self) -> Transport:
+        return self._core.transport
+
+    @property
+    def is_open(self) -> bool:
+        return self._core.is_open
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        return self._core.close_reason
+
+    async def receive(self) -> str | bytes:
+        """The next message from the client, in order.
+
+        Raises `SessionEnded` once the session is over and every message was taken.
+        Cancellation loses nothing: an untaken message stays queued.
+        """
+        while True:
+            if self._inbound:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                data = self._inbound.popleft()
+                self._drained.fire()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            if self._closed.is_set():
+                raise SessionEnded(self.close_reason)
+            await self._input.wait()
+
+    def send(self, data: str | bytes) -> bool:
+        """Queue a message for the client; False if the session is no longer open.
+
+        Never blocks: a client that falls too far behind is disconnected instead
+        (`CloseReason.BUFFER_OVERFLOW`, see `eio_session`).
+        """
+        if not self._core.is_open:
+            return False
+        self._core.send(data)
+        self._after_core()
+        return True
+
+    def close(self, reason: CloseReason = CloseReason.SERVER_CLOSE) -> None:
+        """Close gracefully: what is queued is delivered, then CLOSE."""
+        self._core.close(trio.current_time(), reason)
+        self._after_core()
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, what: str = "task") -> None:
+        """Run `fn(*args)` in the session nursery: cancelled when the session ends,
+        errors logged. Raises `RuntimeError` once the session is over."""
+        if self._nursery is None or self._closed.is_set():
+            raise RuntimeError("session is not running")
+        spawn_logged(self._nursery, fn, *args, what=what)
+
+    async def start(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """`nursery.start(fn, *args)` in the session nursery (waits for `started()`).
+
+        Cancelling the caller while it waits cancels the starting task too (trio's rule).
+        """
+        if self._nursery is None or self._closed.is_set():
+            raise RuntimeError("session is not running")
+        return await self._nursery.start(fn, *args)
+
+    async def wait_closed(self) -> None:
+        """Block until the session is over. Cancellation has no side effect."""
+        await self._closed.wait()
+
+    # --- transport hooks ---------------------------------------------------------------
+
+    def _after_core(self) -> None:
+        """Collect what the core reported and wake whoever waits on it."""
+        while (event := self._core.next_event()) is not None:
+            if isinstance(event, MessageReceived):
+                self._inbound.append(event.data)
+                self._input.fire()
+            elif isinstance(event, SessionClosed):
+                self._closed.set()
+                self._input.fire()
+                self._drained.fire()
+                logger.debug("session %s closed: %s", self.sid, event.reason)
+            elif isinstance(event, Upgraded):
+                logger.debug("session %s upgraded to websocket", self.sid)
+        self._output.fire()
+        deadline = self._core.next_deadline()
+        if deadline != self._deadline:
+            self._deadline = deadline
+            self._timers.fire()
+
+    async def _after_input(self) -> None:
+        """`_after_core()`, then wait while the application is too far behind (this is
+        the backpressure that stops a POST answer or the websocket reader)."""
+        self._after_core()
+        while len(self._inbound) > self._app.config.max_inbound_backlog:
+            if self._closed.is_set():
+                return
+            await self._drained.wait()
+
+    async def _heartbeat(self) -> None:
+        """Drive the core's timers (pings, timeouts). Runs until cancelled."""
+        while True:
+            deadline = self._core.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timers.wait()
+            self._core.tick(trio.current_time())
+            self._after_core()
+
+    async def _run(
+        self,
+        handler: SessionHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The session task: owns the session nursery until the session ends.
+
+        If cancelled from outside (the server stopping hard) the session is failed, and
+        `session_ended` still runs, shielded for at most `disconnect_handler_timeout_ms`.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._heartbeat, name=f"eio-heartbeat-{self.sid}")
+                nursery.start_soon(self._serve, handler, name=f"eio-session-{self.sid}")
+                task_status.started()
+                await self._closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            if not self._closed.is_set():
+                self._core.fail(CloseReason.SERVER_SHUTDOWN)
+                self._after_core()
+            self._app._forget(self)
+            timeout = self._app.config.disconnect_handler_timeout_s
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout):
+                reason = self.close_reason or CloseReason.SERVER_CLOSE
+                await run_logged(handler.session_ended, self, reason, what="session_ended")
+
+    async def _serve(self, handler: SessionHandler) -> None:
+        """The application's `run_session`; cancelled with the session nursery."""
+        try:
+            await run_logged(handler.run_session, self, what="run_session")
+        finally:
+            if self._core.is_open:
+                self.close()
+
+
+class EngineIOApp:
+    """Engine.IO v4 server as an ASGI app (`http` and `websocket` scopes).
+
+    Start `run()` in a long-lived nursery before serving polling clients; call
+    `shutdown()` to send CLOSE to everyone and let `run()` return.
+    """
+
+    def __init__(self, handler: SessionHandler, config: RealtimeConfig) -> None:
+        self.handler = handler
+        self.config = config
+        self._sessions: dict[str, EngineIOSocket] = {}
+        self._sessions_changed = Signal()
+        self._service_nursery: trio.Nursery | None = None
+        self._accepting = True
+        self._stopped = trio.Event()
+        prefix = config.path.rstrip("/")
+        self._paths = {prefix, prefix + "/"}
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the service nursery (polling sessions) until `shutdown()` completes.
+
+        Cancelled from outside: every polling session is failed and its `session_ended`
+        runs shielded (bounded), then this returns by raising `Cancelled`.
+        """
+        async with trio.open_nursery() as nursery:
+            self._service_nursery = nursery
+            task_status.started()
+            try:
+                await self._stopped.wait()
+            finally:
+                self._service_nursery = None
+            nursery.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop accepting sessions, send CLOSE to every client, wait for them to go
+        (at most `shutdown_timeout_ms`), drop the rest, and let `run()` return.
+
+        Cancellation stops the waiting; the remaining sessions are then dropped.
+        """
+        self._accepting = False
+        now = trio.current_time()
+        for socket in list(self._sessions.values()):
+            socket._core.close(now, CloseReason.SERVER_SHUTDOWN)
+            socket._after_core()
+        try:
+            with trio.move_on_after(self.config.shutdown_timeout_s):
+                while self._sessions:
+                    await self._sessions_changed.wait()
+        finally:
+            for socket in list(self._sessions.values()):
+                socket._core.fail(CloseReason.SERVER_SHUTDOWN)
+                socket._after_core()
+            self._stopped.set()
+
+    @property
+    def sessions(self) -> dict[str, EngineIOSocket]:
+        """Live sessions by sid (read-only use)."""
+        return self._sessions
+
+    def _forget(self, socket: EngineIOSocket) -> None:
+        if self._sessions.get(socket.sid) is socket:
+            del self._sessions[socket.sid]
+            self._sessions_changed.fire()
+
+    # --- ASGI --------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request or websocket.
+
+        Cancelled (the server dropping the connection): a held GET or a websocket is
+        treated as a client that went away; a session's own tasks are not affected.
+        """
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            raise RuntimeError(f"EngineIOApp cannot serve {scope['type']!r} scopes")
+
+    def _cors_headers(self, scope: Scope) -> Headers:
+        origin = header(scope, b"origin")
+        if origin is None:
+            return []
+        return [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"Origin"),
+        ]
+
+    def _check_query(self, scope: Scope, *, websocket: bool) -> dict[str, str]:
+        params = query_params(scope)
+        if scope.get("path") not in self._paths:
+            raise RemoteProtocolError("Not found", http_status=404)
+        if params.get("EIO") != "4":
+            raise RemoteProtocolError(
+                "Unsupported protocol version", code=EioErrorCode.UNSUPPORTED_PROTOCOL_VERSION
+            )
+        transport = params.get("transport")
+        if transport not in ("polling", "websocket") or (
+            transport == "websocket" and not websocket
+        ):
+            raise RemoteProtocolError("Transport unknown", code=EioErrorCode.UNKNOWN_TRANSPORT)
+        if not origin_allowed(scope, self.config.cors_origins):
+            raise RemoteProtocolError("Forbidden", http_status=403, code=EioErrorCode.FORBIDDEN)
+        return params
+
+    async def _error(self, scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+        headers = [APPLICATION_JSON, *self._cors_headers(scope)]
+        await send_response(receive, send, http_status_for(exc), error_body(exc), headers)
+
+    async def _ok(self, scope: Scope, receive: Receive, send: Send, body: str) -> None:
+        headers = [TEXT_PLAIN, *self._cors_headers(scope)]
+        await send_response(receive, send, 200, body.encode(), headers)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope.get("method", "GET")
+        if method == "OPTIONS":
+            await self._preflight(scope, receive, send)
+            return
+        try:
+            params = self._check_query(scope, websocket=False)
+            sid = params.get("sid")
+            if sid is None:
+                if method != "GET":
+                    raise RemoteProtocolError(
+                        "Bad handshake method", code=EioErrorCode.BAD_HANDSHAKE_METHOD
+                    )
+                await self._handshake(scope, receive, send)
+                return
+            socket = self._sessions.get(sid)
+            if socket is None:
+                raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+            if method == "GET":
+                await self._poll(socket, scope, receive, send)
+            elif method == "POST":
+                await self._post(socket, scope, receive, send)
+            else:
+                raise RemoteProtocolError("Bad request")
+        except ProtocolError as exc:
+            await self._error(scope, receive, send, exc)
+
+    async def _preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not origin_allowed(scope, self.config.cors_origins):
+            exc = RemoteProtocolError("Forbidden", http_status=403, code=EioErrorCode.FORBIDDEN)
+            await self._error(scope, receive, send, exc)
+            return
+        requested = header(scope, b"access-control-request-headers") or "content-type"
+        headers = [
+            *self._cors_headers(scope),
+            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-headers", requested.encode("latin-1")),
+            (b"access-control-max-age", b"86400"),
+        ]
+        await send_response(receive, send, 204, b"", headers)
+
+    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A new polling session: its task starts in the service nursery, then the OPEN
+        packet is the answer (503 without a running service nursery)."""
+        nursery = self._service_nursery
+        if nursery is None or not self._accepting:
+            raise RemoteProtocolError("Server not accepting sessions", http_status=503)
+        now = trio.current_time()
+        core = EngineIOSession(
+            sid=new_sid(), transport=Transport.POLLING, config=self.config, now=now
+        )
+        socket = EngineIOSocket(self, core, dict(scope))
+        open_packet = core.handshake(now)
+        self._sessions[core.sid] = socket
+        await nursery.start(socket._run, self.handler)
+        await self._ok(scope, receive, send, open_packet)
+
+    async def _poll(
+        self, socket: EngineIOSocket, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A polling GET: held until the session has something to say.
+
+        The request's receive() is watched concurrently: a client that goes away while
+        its GET is held ends the session (hypercorn only reports the disconnect to an app
+        that keeps receiving).
+        """
+        core = socket._core
+        try:
+            core.begin_get(trio.current_time())
+        finally:
+            socket._after_core()
+        answer: str | None = None
+        disconnected = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                nonlocal disconnected
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                disconnected = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            while (answer := core.poll_response(trio.current_time())) is None:
+                await socket._output.wait()
+            socket._after_core()
+            nursery.cancel_scope.cancel()
+        if disconnected or answer is None:
+            core.abandon_get(trio.current_time())
+            socket._after_core()
+            return
+        await self._ok(scope, receive, send, answer)
+
+    async def _post(
+        self, socket: EngineIOSocket, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A polling POST: read at most maxPayload bytes (answer 413 the moment the body
+        grows past it), hand the packets to the session, answer `ok`."""
+        core = socket._core
+        length = header(scope, b"content-length")
+        try:
+            core.begin_post(trio.current_time(), int(length) if length is not None else None)
+        except ValueError:
+            core.end_post()
+            raise RemoteProtocolError("invalid content-length") from None
+        finally:
+            socket._after_core()
+        try:
+            body = bytearray()
+            with trio.move_on_after(self.config.body_timeout_s) as timer:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    if len(body) > self.config.max_payload_bytes:
+                        raise core.payload_too_large()
+                    if not message.get("more_body", False):
+                        break
+            if timer.cancelled_caught:
+                raise RemoteProtocolError("request body timeout", http_status=408)
+            core.receive_payload(bytes(body), trio.current_time())
+            await socket._after_input()
+        finally:
+            core.end_post()
+            socket._after_core()
+        await self._ok(scope, receive, send, "ok")
+
+    # --- websocket ---------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A websocket: a new session (its task then lives in this request's nursery) or
+        an upgrade probe of a polling session. Refused before accept (HTTP 403) on a bad
+        query, a foreign Origin, an unknown sid, or a second websocket."""
+        connect = await receive()
+        if connect["type"] != "websocket.connect":
+            return
+        try:
+            params = self._check_query(scope, websocket=True)
+            sid = params.get("sid")
+            if sid is None:
+                if not self._accepting:
+                    raise RemoteProtocolError("Server not accepting sessions", http_status=503)
+                now = trio.current_time()
+                core = EngineIOSession(
+                    sid=new_sid(), transport=Transport.WEBSOCKET, config=self.config, now=now
+                )
+                socket = EngineIOSocket(self, core, dict(scope))
+                token = core.attach_websocket(now)
+            else:
+                existing = self._sessions.get(sid)
+                if existing is None:
+                    raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+                socket = existing
+                token = socket._core.attach_websocket(trio.current_time())
+        except ProtocolError as exc:
+            code = WS_POLICY_VIOLATION if http_status_for(exc) == 403 else ws_close_code_for(exc)
+            await send({"type": "websocket.close", "code": code})
+            return
+        await send({"type": "websocket.accept"})
+        if sid is not None:
+            await self._pump_websocket(socket, token, receive, send)
+            return
+        await send({"type": "websocket.send", "text": socket._core.handshake(trio.current_time())})
+        self._sessions[socket.sid] = socket
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(socket._run, self.handler)
+                await self._pump_websocket(socket, token, receive, send)
+        finally:
+            self._forget(socket)
+
+    async def _pump_websocket(
+        self, socket: EngineIOSocket, token: int, receive: Receive, send: Send
+    ) -> None:
+        """Move frames until this websocket is no longer the session's (closed, failed,
+        or a dropped probe). Cancellation detaches it from the session."""
+        core = socket._core
+        state = _WsState()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ws_reader, socket, token, receive, state)
+                await self._ws_writer(socket, token, send, state)
+                nursery.cancel_scope.cancel()
+        finally:
+            core.websocket_closed(token, trio.current_time())
+            socket._after_core()
+
+    async def _ws_reader(
+        self, socket: EngineIOSocket, token: int, receive: Receive, state: _WsState
+    ) -> None:
+        """Frames into the session, with backpressure; cancelled by `_pump_websocket`."""
+        core = socket._core
+        while core.ws_active(token):
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                state.client_gone = True
+                core.websocket_closed(token, trio.current_time())
+                socket._after_core()
+                return
+            if message["type"] != "websocket.receive":
+                continue
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            try:
+                core.receive_ws_message(token, data, trio.current_time())
+            except RemoteProtocolError as exc:
+                state.close_code = ws_close_code_for(exc)
+                if core.ws_active(token):  # a probe error: drop this websocket only
+                    core.websocket_closed(token, trio.current_time())
+                socket._after_core()
+                return
+            await socket._after_input()
+
+    async def _ws_writer(
+        self, socket: EngineIOSocket, token: int, send: Send, state: _WsState
+    ) -> None:
+        """Session output onto the websocket, then the close. Frames taken from the core
+        are lost if cancelled mid-write (the websocket is going away then anyway)."""
+        core = socket._core
+        while True:
+            frames = core.take_ws_output(token)
+            if frames:
+                socket._after_core()
+            for frame in frames:
+                key = "text" if isinstance(frame, str) else "bytes"
+                if not await _ws_send(send, {"type": "websocket.send", key: frame}, state):
+                    return
+            if not core.ws_active(token):
+                await _ws_send(send, {"type": "websocket.close", "code": state.close_code}, state)
+                return
+            await socket._output.wait()
+
+
+async def _ws_send(send: Send, message: Message, state: _WsState) -> bool:
+    """Send one websocket message; False once the client is known to be gone.
+
+    A client that closes while we write can make the server raise here (Hypercorn's trio
+    worker may even report `BusyResourceError` when its own close races our write); the
+    connection is over either way, so the error ends this websocket quietly.
+    """
+    if state.client_gone:
+        return False
+    try:
+        await send(message)
+    except Exception as exc:
+        logger.debug("websocket write failed, client gone: %r", exc)
+        state.client_gone = True
+        return False
+    return True
+
+
+class _WsState:
+    """What the reader tells the writer about one websocket."""
+
+    def __init__(self) -> None:
+        self.client_gone = False
+        self.close_code = WS_NORMAL_CLOSURE
+
+
+__all__ = [
+    "EngineIOApp",
+    "EngineIOSocket",
+    "LocalProtocolError",
+    "SessionEnded",
+    "SessionHandler",
+    "State",
+    "new_sid",
+]

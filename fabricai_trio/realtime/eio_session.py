@@ -1,0 +1,592 @@
+"""Sans-IO Engine.IO v4 session: no trio, no sockets, no clock (time is passed in).
+
+One `EngineIOSession` is one client session. The transport feeds it what arrived (a poll
+request starting, a POST body, a websocket message, the passing of time) and reads back
+what to send (`poll_response()`, `take_ws_output()`) and what happened (`next_event()`),
+the way h11's `Connection` works. Every state change goes through `_TRANSITIONS`.
+
+Packets are `engineio.packet.Packet` objects and polling responses are encoded with
+`engineio.payload.Payload`. Incoming payloads are *not* decoded with `Payload.decode`: it
+refuses more than 16 packets (a client burst would be lost) and JSON-decodes message
+bodies (`4{"a": 1}` would come back re-serialised); `decode_packet` keeps them verbatim.
+
+Outbound buffer policy: a session holds at most `max_buffered_packets` packets and
+`max_buffered_bytes` bytes waiting for the client. Going over closes the session with
+`CloseReason.BUFFER_OVERFLOW`: a slow consumer is disconnected, never silently skipped, and
+the producer never blocks on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import enum
+import json
+from dataclasses import dataclass
+from typing import Final
+
+from engineio import packet as eio_packet
+from engineio.payload import Payload
+
+from .config import RealtimeConfig
+from .errors import EioErrorCode, LocalProtocolError, RemoteProtocolError
+
+OPEN: Final = eio_packet.OPEN
+CLOSE: Final = eio_packet.CLOSE
+PING: Final = eio_packet.PING
+PONG: Final = eio_packet.PONG
+MESSAGE: Final = eio_packet.MESSAGE
+UPGRADE: Final = eio_packet.UPGRADE
+NOOP: Final = eio_packet.NOOP
+
+SEPARATOR: Final = "\x1e"
+PROBE: Final = "probe"
+
+
+class State(enum.Enum):
+    OPENING = "opening"
+    OPEN = "open"
+    UPGRADING = "upgrading"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Trigger(enum.Enum):
+    HANDSHAKE = "handshake"  # the OPEN packet was handed to the transport
+    PROBE = "probe"  # `2probe` arrived on the websocket being probed
+    UPGRADE = "upgrade"  # `5` arrived on the probed websocket: it is the transport now
+    PROBE_FAILED = "probe failed"  # the probe websocket went away or timed out
+    CLOSE = "close"  # the server starts a graceful close: CLOSE is queued
+    CLOSE_SENT = "close sent"  # the queued CLOSE was handed to the transport
+    ABORT = "abort"  # client CLOSE, protocol error, timeout: the session ends at once
+
+
+_TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
+    (State.OPENING, Trigger.HANDSHAKE): State.OPEN,
+    (State.OPEN, Trigger.PROBE): State.UPGRADING,
+    (State.UPGRADING, Trigger.UPGRADE): State.OPEN,
+    (State.UPGRADING, Trigger.PROBE_FAILED): State.OPEN,
+    (State.OPEN, Trigger.CLOSE): State.CLOSING,
+    (State.UPGRADING, Trigger.CLOSE): State.CLOSING,
+    (State.CLOSING, Trigger.CLOSE_SENT): State.CLOSED,
+    (State.OPENING, Trigger.ABORT): State.CLOSED,
+    (State.OPEN, Trigger.ABORT): State.CLOSED,
+    (State.UPGRADING, Trigger.ABORT): State.CLOSED,
+    (State.CLOSING, Trigger.ABORT): State.CLOSED,
+}
+
+
+class Transport(enum.Enum):
+    POLLING = "polling"
+    WEBSOCKET = "websocket"
+
+
+class CloseReason(enum.StrEnum):
+    """Why a session ended (Socket.IO passes it on to disconnect handlers)."""
+
+    CLIENT_CLOSE = "client close"  # the client sent CLOSE
+    TRANSPORT_CLOSE = "transport close"  # the connection went away
+    TRANSPORT_ERROR = "transport error"  # the transport was misused (e.g. two GETs)
+    PARSE_ERROR = "parse error"  # an invalid or oversized packet
+    PING_TIMEOUT = "ping timeout"
+    BUFFER_OVERFLOW = "buffer overflow"  # the client could not keep up
+    SERVER_CLOSE = "server close"  # the application closed the session
+    SERVER_SHUTDOWN = "server shutting down"
+
+
+# --- events (what the session reports to its transport) ---------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageReceived:
+    """A MESSAGE packet from the client: text or binary."""
+
+    data: str | bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upgraded:
+    """The session now runs over the websocket it probed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionClosed:
+    """The session ended; nothing more will be delivered either way."""
+
+    reason: CloseReason
+
+
+Event = MessageReceived | Upgraded | SessionClosed
+
+
+# --- packet codec ----------------------------------------------------------------------
+
+
+def decode_packet(raw: str | bytes) -> eio_packet.Packet:
+    """One packet from a websocket frame or a polling payload segment.
+
+    Binary frames and `b`-prefixed base64 segments are MESSAGE packets; text message
+    bodies stay as sent. Raises `RemoteProtocolError` on anything else malformed.
+    """
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return eio_packet.Packet(MESSAGE, bytes(raw))
+    if not raw:
+        raise RemoteProtocolError("empty packet")
+    head = raw[0]
+    if head == "b":
+        try:
+            data = base64.b64decode(raw[1:], validate=True)
+        except (binascii.Error, ValueError):
+            raise RemoteProtocolError("invalid base64 packet") from None
+        return eio_packet.Packet(MESSAGE, data)
+    if head not in "0123456":
+        raise RemoteProtocolError("invalid packet type")
+    return eio_packet.Packet(int(head), raw[1:])
+
+
+def encode_ws(pkt: eio_packet.Packet) -> str | bytes:
+    """A packet as one websocket frame (binary messages go as binary frames)."""
+    encoded: str | bytes = pkt.encode(b64=False)
+    return encoded
+
+
+def _packet_size(pkt: eio_packet.Packet) -> int:
+    data = pkt.data
+    if isinstance(data, (bytes, bytearray)):
+        return len(data) * 4 // 3 + 2
+    if isinstance(data, str):
+        return len(data.encode()) + 1
+    return 1
+
+
+def _message_size(data: str | bytes) -> int:
+    return len(data.encode()) if isinstance(data, str) else len(data)
+
+
+class EngineIOSession:
+    """The protocol state of one Engine.IO session (see the module docstring)."""
+
+    def __init__(
+        self, *, sid: str, transport: Transport, config: RealtimeConfig, now: float
+    ) -> None:
+        self.sid = sid
+        self.config = config
+        self.transport = transport
+        self.created_at = now
+        self._state = State.OPENING
+        self._close_reason: CloseReason | None = None
+        self._events: collections.deque[Event] = collections.deque()
+        self._outbound: collections.deque[eio_packet.Packet] = collections.deque()
+        self._outbound_bytes = 0
+        # polling
+        self._get_active = False
+        self._post_active = False
+        self._final_poll_answer: str | None = None
+        # websocket (one at a time; each gets a token so a stale one can tell it is stale)
+        self._ws_token = 0
+        self._ws_attached = False
+        self._probe_output: collections.deque[str] = collections.deque()
+        # timers (absolute times on the caller's clock)
+        self._next_ping_at: float | None = None
+        self._pong_deadline: float | None = None
+        self._upgrade_deadline: float | None = None
+        self._close_deadline: float | None = None
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        return self._close_reason
+
+    @property
+    def is_open(self) -> bool:
+        """True while the application may still send messages."""
+        return self._state in (State.OPEN, State.UPGRADING)
+
+    def _is_closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    @property
+    def upgraded(self) -> bool:
+        return self.transport is Transport.WEBSOCKET
+
+    def _transition(self, trigger: Trigger) -> None:
+        try:
+            self._state = _TRANSITIONS[(self._state, trigger)]
+        except KeyError:
+            raise LocalProtocolError(
+                f"cannot {trigger.value} in state {self._state.value}"
+            ) from None
+
+    def _abort(self, reason: CloseReason, *, poll_answer: str = "1") -> None:
+        """End the session now; a held GET gets `poll_answer` (CLOSE, or NOOP)."""
+        if self._state is State.CLOSED:
+            return
+        self._transition(Trigger.ABORT)
+        self._close_reason = reason
+        self._final_poll_answer = poll_answer
+        self._outbound.clear()
+        self._outbound_bytes = 0
+        self._probe_output.clear()
+        self._next_ping_at = self._pong_deadline = None
+        self._upgrade_deadline = self._close_deadline = None
+        self._events.append(SessionClosed(reason=reason))
+
+    def _remote_error(
+        self,
+        message: str,
+        reason: CloseReason,
+        *,
+        status: int = 400,
+        close: bool = True,
+        code: EioErrorCode = EioErrorCode.BAD_REQUEST,
+    ) -> RemoteProtocolError:
+        if close:
+            self._abort(reason)
+        return RemoteProtocolError(message, http_status=status, code=code)
+
+    def next_event(self) -> Event | None:
+        """The next thing that happened, or None."""
+        return self._events.popleft() if self._events else None
+
+    # --- handshake ---------------------------------------------------------------------
+
+    def handshake(self, now: float) -> str:
+        """The encoded OPEN packet; the session is open and its heartbeat starts."""
+        self._transition(Trigger.HANDSHAKE)
+        self._next_ping_at = now + self.config.ping_interval_s
+        upgrades = ["websocket"] if self.transport is Transport.POLLING else []
+        info = {
+            "sid": self.sid,
+            "upgrades": upgrades,
+            "pingInterval": self.config.ping_interval_ms,
+            "pingTimeout": self.config.ping_timeout_ms,
+            "maxPayload": self.config.max_payload_bytes,
+        }
+        encoded: str = eio_packet.Packet(OPEN, json.dumps(info, separators=(",", ":"))).encode()
+        return encoded
+
+    # --- application output ------------------------------------------------------------
+
+    def send(self, data: str | bytes) -> None:
+        """Queue a MESSAGE for the client.
+
+        Raises `LocalProtocolError` unless the session `is_open`. Over the buffer limits
+        the session closes with `BUFFER_OVERFLOW` instead of queueing.
+        """
+        if not self.is_open:
+            raise LocalProtocolError(f"cannot send in state {self._state.value}")
+        self._queue(eio_packet.Packet(MESSAGE, data))
+
+    def _queue(self, pkt: eio_packet.Packet, *, force: bool = False) -> None:
+        size = _packet_size(pkt)
+        if not force and (
+            len(self._outbound) + 1 > self.config.max_buffered_packets
+            or self._outbound_bytes + size > self.config.max_buffered_bytes
+        ):
+            self._abort(CloseReason.BUFFER_OVERFLOW)
+            return
+        self._outbound.append(pkt)
+        self._outbound_bytes += size
+
+    def close(self, now: float, reason: CloseReason = CloseReason.SERVER_CLOSE) -> None:
+        """Start a graceful close: CLOSE goes out after what is already queued."""
+        if self._state in (State.CLOSING, State.CLOSED):
+            return
+        if self._state is State.OPENING:
+            self._abort(reason)
+            return
+        if self._ws_attached and self.transport is Transport.POLLING:
+            self._drop_probe()
+        self._transition(Trigger.CLOSE)
+        self._close_reason = reason
+        self._queue(eio_packet.Packet(CLOSE), force=True)
+        self._next_ping_at = self._pong_deadline = self._upgrade_deadline = None
+        self._close_deadline = now + self.config.close_grace_s
+
+    def fail(self, reason: CloseReason) -> None:
+        """End the session at once (the transport saw it die, or the server gives up)."""
+        self._abort(reason)
+
+    # --- incoming packets (both transports) --------------------------------------------
+
+    def _receive_packet(self, pkt: eio_packet.Packet, now: float) -> None:
+        ptype = pkt.packet_type
+        if ptype == MESSAGE:
+            if self._state is not State.CLOSED:
+                self._events.append(MessageReceived(data=pkt.data))
+        elif ptype == PONG:
+            if self._pong_deadline is not None:
+                self._pong_deadline = None
+                if self.is_open:
+                    self._next_ping_at = now + self.config.ping_interval_s
+        elif ptype == CLOSE:
+            # the client is leaving: a GET it left pending is answered NOOP, not CLOSE
+            self._abort(CloseReason.CLIENT_CLOSE, poll_answer="6")
+        elif ptype == PING:
+            if self.is_open:
+                self._queue(eio_packet.Packet(PONG, pkt.data or None))
+        elif ptype == NOOP:
+            pass
+        else:
+            raise self._remote_error(f"unexpected packet type {ptype}", CloseReason.PARSE_ERROR)
+
+    # --- polling -----------------------------------------------------------------------
+
+    def _check_polling(self, what: str) -> None:
+        if self._state is State.CLOSED:
+            raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+        if self.transport is not Transport.POLLING:
+            # the reference suite expects the upgraded session to live on
+            raise self._remote_error(
+                f"{what} after upgrade", CloseReason.TRANSPORT_ERROR, close=False
+            )
+
+    def begin_get(self, now: float) -> None:
+        """A polling GET arrived; a second concurrent one closes the session (400)."""
+        self._check_polling("GET")
+        if self._get_active:
+            raise self._remote_error("overlapping GET", CloseReason.TRANSPORT_ERROR)
+        self._get_active = True
+
+    def poll_response(self, now: float) -> str | None:
+        """The body answering the held GET, or None while there is nothing to send.
+
+        A non-None answer ends the GET. During an upgrade the answer is NOOP (`6`) and the
+        queued packets stay for the websocket; after a CLOSE or an abort it is the last
+        word (`1`, or `6` when the client closed).
+        """
+        if not self._get_active:
+            raise LocalProtocolError("no GET is active")
+        if self._state is State.CLOSED:
+            answer = self._final_poll_answer or "1"
+        elif self._state is State.UPGRADING or self.transport is Transport.WEBSOCKET:
+            answer = "6"
+        elif self._outbound:
+            answer = self._take_polling_payload()
+        else:
+            return None
+        self._get_active = False
+        return answer
+
+    def _take_polling_payload(self) -> str:
+        packets: list[eio_packet.Packet] = []
+        size = 0
+        while self._outbound and len(packets) < self.config.max_packets_per_poll:
+            pkt = self._outbound[0]
+            pkt_size = _packet_size(pkt)
+            if packets and size + pkt_size > self.config.max_payload_bytes:
+                break
+            self._outbound.popleft()
+            self._outbound_bytes -= pkt_size
+            packets.append(pkt)
+            size += pkt_size
+        if packets[-1].packet_type == CLOSE and self._state is State.CLOSING:
+            self._transition(Trigger.CLOSE_SENT)
+            self._events.append(
+                SessionClosed(reason=self._close_reason or CloseReason.SERVER_CLOSE)
+            )
+        encoded: str = Payload(packets=packets).encode()
+        return encoded
+
+    def abandon_get(self, now: float) -> None:
+        """The client went away while its GET was held: the session ends."""
+        if self._get_active:
+            self._get_active = False
+            self._abort(CloseReason.TRANSPORT_CLOSE)
+
+    def begin_post(self, now: float, content_length: int | None = None) -> None:
+        """A polling POST arrived; a second concurrent one closes the session (400)."""
+        self._check_polling("POST")
+        if self._post_active:
+            raise self._remote_error("overlapping POST", CloseReason.TRANSPORT_ERROR)
+        if content_length is not None and content_length > self.config.max_payload_bytes:
+            raise self.payload_too_large()
+        self._post_active = True
+
+    def payload_too_large(self) -> RemoteProtocolError:
+        """The POST body grew past maxPayload: the session ends; raise what this returns."""
+        self._post_active = False
+        return self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
+
+    def receive_payload(self, body: bytes, now: float) -> None:
+        """The complete body of the POST begun with `begin_post`.
+
+        Every packet is delivered however many there are. Raises `RemoteProtocolError`
+        (and the session ends) if the body is too large or any packet is invalid.
+        """
+        if not self._post_active:
+            raise LocalProtocolError("no POST is active")
+        self._post_active = False
+        if self._state is State.CLOSED:
+            raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+        if len(body) > self.config.max_payload_bytes:
+            raise self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._remote_error("payload is not UTF-8", CloseReason.PARSE_ERROR) from None
+        try:
+            packets = [decode_packet(seg) for seg in text.split(SEPARATOR)]
+        except RemoteProtocolError as exc:
+            raise self._remote_error(exc.message, CloseReason.PARSE_ERROR) from None
+        for pkt in packets:
+            if pkt.packet_type in (OPEN, UPGRADE):
+                raise self._remote_error("unexpected packet type", CloseReason.PARSE_ERROR)
+        for pkt in packets:
+            self._receive_packet(pkt, now)
+            if self._is_closed():
+                break
+
+    def end_post(self) -> None:
+        """The POST is over, whatever happened to it."""
+        self._post_active = False
+
+    # --- websocket ---------------------------------------------------------------------
+
+    def attach_websocket(self, now: float) -> int:
+        """A websocket for this session arrived; returns its token for later calls.
+
+        For a websocket-only session this is its transport; for a polling session it is an
+        upgrade probe. Raises `RemoteProtocolError` (the session is untouched) when a
+        websocket is already attached or the session cannot be upgraded.
+        """
+        if self._state is State.CLOSED:
+            raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+        if self._ws_attached:
+            raise RemoteProtocolError("a websocket is already attached")
+        if self.transport is Transport.POLLING:
+            if self._state is not State.OPEN:
+                raise RemoteProtocolError(f"cannot upgrade in state {self._state.value}")
+            self._upgrade_deadline = now + self.config.upgrade_timeout_s
+        self._ws_attached = True
+        self._ws_token += 1
+        return self._ws_token
+
+    def ws_active(self, token: int) -> bool:
+        """Whether the websocket holding `token` should stay open."""
+        return self._ws_attached and token == self._ws_token and self._state is not State.CLOSED
+
+    def _drop_probe(self) -> None:
+        self._ws_attached = False
+        self._probe_output.clear()
+        self._upgrade_deadline = None
+        if self._state is State.UPGRADING:
+            self._transition(Trigger.PROBE_FAILED)
+
+    def receive_ws_message(self, token: int, data: str | bytes, now: float) -> None:
+        """One websocket message. Raises `RemoteProtocolError` on a protocol violation.
+
+        On the session's own websocket a violation ends the session; on an upgrade probe
+        it only drops the probe (polling carries on).
+        """
+        if not self.ws_active(token):
+            return
+        if _message_size(data) > self.config.max_payload_bytes:
+            if self.transport is Transport.WEBSOCKET:
+                raise self._remote_error("message too large", CloseReason.PARSE_ERROR, status=413)
+            self._drop_probe()
+            raise RemoteProtocolError("message too large", http_status=413)
+        if self.transport is Transport.POLLING:
+            self._receive_probe_message(data, now)
+            return
+        try:
+            pkt = decode_packet(data)
+        except RemoteProtocolError as exc:
+            raise self._remote_error(exc.message, CloseReason.PARSE_ERROR) from None
+        if pkt.packet_type in (OPEN, UPGRADE):
+            raise self._remote_error("unexpected packet type", CloseReason.PARSE_ERROR)
+        self._receive_packet(pkt, now)
+
+    def _receive_probe_message(self, data: str | bytes, now: float) -> None:
+        if data == f"{PING}{PROBE}" and self._state is State.OPEN:
+            self._transition(Trigger.PROBE)
+            self._probe_output.append(f"{PONG}{PROBE}")
+        elif data == str(UPGRADE) and self._state is State.UPGRADING:
+            self._transition(Trigger.UPGRADE)
+            self.transport = Transport.WEBSOCKET
+            self._upgrade_deadline = None
+            self._events.append(Upgraded())
+        elif data == str(NOOP) or self._state is State.CLOSING:
+            pass
+        else:
+            self._drop_probe()
+            raise RemoteProtocolError("unexpected packet during upgrade")
+
+    def take_ws_output(self, token: int) -> list[str | bytes]:
+        """Frames to write on the websocket holding `token` (may be empty).
+
+        Before an upgrade completes this is only the probe's `3probe`; afterwards it is the
+        session's queue, in order. Handing out a queued CLOSE ends the session.
+        """
+        if not self.ws_active(token):
+            return []
+        if self.transport is Transport.POLLING:
+            frames: list[str | bytes] = list(self._probe_output)
+            self._probe_output.clear()
+            return frames
+        out: list[str | bytes] = []
+        while self._outbound:
+            pkt = self._outbound.popleft()
+            self._outbound_bytes -= _packet_size(pkt)
+            out.append(encode_ws(pkt))
+            if pkt.packet_type == CLOSE and self._state is State.CLOSING:
+                self._transition(Trigger.CLOSE_SENT)
+                self._events.append(
+                    SessionClosed(reason=self._close_reason or CloseReason.SERVER_CLOSE)
+                )
+                break
+        return out
+
+    def websocket_closed(self, token: int, now: float) -> None:
+        """The websocket holding `token` went away."""
+        if not self._ws_attached or token != self._ws_token:
+            return
+        if self.transport is Transport.WEBSOCKET:
+            self._ws_attached = False
+            self._abort(CloseReason.TRANSPORT_CLOSE)
+        else:
+            self._drop_probe()
+
+    # --- time --------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `tick()` must next be called, or None if no timer is running."""
+        times = [
+            t
+            for t in (
+                self._next_ping_at,
+                self._pong_deadline,
+                self._upgrade_deadline,
+                self._close_deadline,
+            )
+            if t is not None
+        ]
+        return min(times) if times else None
+
+    def tick(self, now: float) -> None:
+        """Let time pass: send a PING, or end the session on a missed PONG, etc."""
+        if self._state is State.CLOSED:
+            return
+        if self._close_deadline is not None and now >= self._close_deadline:
+            self._abort(self._close_reason or CloseReason.SERVER_CLOSE)
+            return
+        if self._pong_deadline is not None and now >= self._pong_deadline:
+            self._abort(CloseReason.PING_TIMEOUT)
+            return
+        if self._upgrade_deadline is not None and now >= self._upgrade_deadline:
+            self._drop_probe()
+        if (
+            self._next_ping_at is not None
+            and now >= self._next_ping_at
+            and self._pong_deadline is None
+            and self.is_open
+        ):
+            self._next_ping_at = None
+            self._pong_deadline = now + self.config.ping_timeout_s
+            self._queue(eio_packet.Packet(PING))

@@ -1,0 +1,72 @@
+"""Real Hypercorn (trio worker) on a free port, started inside the test's nursery."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from fabricai_trio.realtime.asgi import ASGIApp, PrefixDispatcher
+
+
+class Service(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@asynccontextmanager
+async def hypercorn_server(
+    routes: dict[str, ASGIApp], *services: Service
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve `routes` on 127.0.0.1:<free port>; yields (host, port)."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 1.0
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for service in services:
+            await nursery.start(service.run)
+        app: Any = PrefixDispatcher(routes)
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        url = urlsplit(binds[0])
+        assert url.hostname is not None and url.port is not None
+        try:
+            yield url.hostname, url.port
+        finally:
+            with trio.move_on_after(3):
+                for service in services:
+                    await service.shutdown()
+            stop.set()
+            nursery.cancel_scope.deadline = trio.current_time() + 3
+
+
+async def raw_request(host: str, port: int, request: bytes) -> bytes:
+    """Send one HTTP/1.1 request (Connection: close) and read the whole answer."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+        return data
+
+
+def get_request(path: str, *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def body_of(response: bytes) -> bytes:
+    return response.split(b"\r\n\r\n", 1)[1]
