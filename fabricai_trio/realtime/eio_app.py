@@ -593,10 +593,13 @@ class EngineIOApp:
             frames = core.take_ws_output(token)
             if frames:
                 socket._after_core()
-            for frame in frames:
-                key = "text" if isinstance(frame, str) else "bytes"
-                if not await _ws_send(send, {"type": "websocket.send", key: frame}, state):
-                    return
+                for frame in frames:
+                    key = "text" if isinstance(frame, str) else "bytes"
+                    if not await _ws_send(send, {"type": "websocket.send", key: frame}, state):
+                        return
+                # Output queued while we were writing fired the signal with nobody
+                # waiting: look again before waiting.
+                continue
             if not core.ws_active(token):
                 await _ws_send(send, {"type": "websocket.close", "code": state.close_code}, state)
                 return

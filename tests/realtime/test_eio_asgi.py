@@ -433,3 +433,41 @@ async def test_prefix_dispatcher_routes_and_falls_back(app: EngineIOApp) -> None
     assert seen == ["/v1/status"]
     bare = PrefixDispatcher({"/socket.io/": app})
     assert (await http(bare, "", path="/elsewhere")).status == 404
+
+
+async def test_websocket_output_queued_during_a_write_is_not_stranded(
+    handler: Recorder,
+) -> None:
+    """A frame queued while the writer is inside `send()` goes out without waiting for
+    the next, unrelated output (a lost wakeup once held a Socket.IO `complete` event
+    until the next ping, 25 s later)."""
+    from .asgi_harness import WsCall
+
+    release = trio.Event()
+    writes = 0
+
+    class SlowWs(WsCall):
+        async def _send(self, message: dict[str, Any]) -> None:
+            nonlocal writes
+            if message["type"] == "websocket.send":
+                writes += 1
+                if writes == 2:  # the first frame after the handshake
+                    await release.wait()
+            await super()._send(message)
+
+    app = EngineIOApp(handler, RealtimeConfig())  # default 25 s pings: no accidental wakeup
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.run)
+        ws = SlowWs(app, make_scope("websocket", "EIO=4&transport=websocket"))
+        await nursery.start(ws.run)
+        await ws.receive()  # handshake
+        await handler.connected.wait()
+        socket = handler.sockets[0]
+        socket.send("first")
+        await trio.testing.wait_all_tasks_blocked()  # the writer is stuck in send()
+        socket.send("second")
+        release.set()
+        with trio.fail_after(2):
+            assert await ws.receive() == "4first"
+            assert await ws.receive() == "4second"
+        nursery.cancel_scope.cancel()
