@@ -23,9 +23,9 @@ import llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fabricai_trio.engine.model_files import embedded_model_path  # noqa: E402
-from fabricai_trio.settings import Settings  # noqa: E402
-from tests.server_process import ServerProcess  # noqa: E402
+from fabricai_trio.engine.model_files import embedded_model_path
+from fabricai_trio.settings import Settings
+from tests.server_process import ServerProcess
 
 PROMPT = "Once upon a time"
 

@@ -24,12 +24,21 @@ import trio
 from quart import Quart
 from quart_trio import QuartTrio
 
+from . import auth, request_log
 from .admission import Admission
 from .api.error_handlers import register_error_handlers
+from .api.openai.routes import blueprint as openai_blueprint
+from .api.openapi import blueprint as openapi_blueprint
 from .api.routes import blueprint
+from .api.sessions import blueprint as sessions_blueprint
+from .api.socketio_events import create_socketio
 from .engine.base import Engine, ModelLoadError
 from .engine.loader import create_engine
 from .generation import GenerationService
+from .metrics import Metrics
+from .metrics import blueprint as metrics_blueprint
+from .realtime import SocketIOServer
+from .request_log import RequestObserver
 from .sessions import SessionStore, create_store
 from .settings import Settings
 
@@ -48,9 +57,12 @@ class AppState:
     store: SessionStore
     admission: Admission
     service: GenerationService
+    metrics: Metrics
+    auth: auth.Authenticator
     started_at: float = field(default_factory=time.time)
     load_error: str | None = None
     store_healthy: bool = True
+    socketio: SocketIOServer | None = None
     fatal: trio.Event = field(default_factory=trio.Event)
     services_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -72,11 +84,27 @@ class FabricApp:
         self.quart = quart_app
         self.state = state
         self.mounts: dict[str, ASGIApp] = {}
+        self.requests = RequestObserver(state.settings, state.metrics)
 
     def mount(self, prefix: str, app: ASGIApp) -> None:
         self.mounts[prefix] = app
 
+    async def begin_shutdown(self) -> None:
+        """Called when shutdown starts, before Hypercorn waits for connections: Socket.IO
+        clients get a CLOSE packet now instead of being cut at the grace deadline."""
+        self.state.service.begin_shutdown()
+        if self.state.socketio is not None:
+            await self.state.socketio.shutdown()
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """HTTP calls go through `RequestObserver` (X-Request-Id, log line, metrics)."""
+        if scope["type"] == "http":
+            mount = next((p for p in self.mounts if scope["path"].startswith(p)), None)
+            await self.requests(scope, receive, send, self._dispatch, mount=mount)
+        else:
+            await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
             for prefix, mounted in self.mounts.items():
                 if scope["path"].startswith(prefix):
@@ -112,14 +140,27 @@ def create_app(
     admission = Admission(
         max_concurrent=settings.max_concurrent_requests, max_queue=settings.max_queue_size
     )
-    service = GenerationService(settings=settings, engine=engine, admission=admission, store=store)
+    metrics = Metrics(admission)
+    authenticator = auth.Authenticator.from_settings(settings)
+    service = GenerationService(
+        settings=settings, engine=engine, admission=admission, store=store, observer=metrics
+    )
     state = AppState(
-        settings=settings, engine=engine, store=store, admission=admission, service=service
+        settings=settings, engine=engine, store=store, admission=admission, service=service,
+        metrics=metrics, auth=authenticator,
     )
     quart_app.extensions["fabricai"] = state
     quart_app.register_blueprint(blueprint)
+    quart_app.register_blueprint(sessions_blueprint)
+    quart_app.register_blueprint(openai_blueprint)
+    quart_app.register_blueprint(metrics_blueprint)
+    quart_app.register_blueprint(openapi_blueprint)
+    request_log.init_app(quart_app)  # before auth: a 401 is logged with its route
+    auth.init_app(quart_app, authenticator, settings)
     register_error_handlers(quart_app)
     app = FabricApp(quart_app, state)
+    state.socketio = create_socketio(state)
+    app.mount("/socket.io/", state.socketio.asgi_app)
 
     @quart_app.before_serving
     async def start_services() -> None:
@@ -142,6 +183,8 @@ async def run_services(
     with state.services_scope:
         async with trio.open_nursery() as nursery:
             await nursery.start(state.admission.run)
+            if state.socketio is not None:
+                await nursery.start(state.socketio.run)
             nursery.start_soon(load_engine, state)
             nursery.start_soon(watch_store, state)
             task_status.started()

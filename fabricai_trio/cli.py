@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import urllib.request
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import trio
 
 from . import __version__
 from .engine.base import ModelLoadError
+from .engine.loader import LLAMA_ENGINES
 from .engine.model_files import resolve_model_path
 from .settings import ConfigError, Settings, load_settings
 
@@ -36,11 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """LOG_LEVEL and LOG_FORMAT (`text` or `json`) for the whole process."""
+    from .request_log import configure_logging as configure
+
+    configure(settings)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -54,7 +53,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         # Fail before listening when the file is missing or not a model; the embedded
         # model is assembled here, once, with a progress message.
-        resolve_model_path(settings.llm_model, settings.model_cache_dir)
+        if settings.engine in LLAMA_ENGINES:
+            resolve_model_path(settings.llm_model, settings.model_cache_dir)
     except ModelLoadError as exc:
         print(f"fabricai-trio: {exc}", file=sys.stderr)
         return 2

@@ -56,6 +56,10 @@ async def serve_app(settings: Settings, app: FabricApp | None = None) -> int:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wait_for_stop)
-        await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+            await app.begin_shutdown()
+
+        await serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
     return exit_code

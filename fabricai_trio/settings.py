@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["text", "json"]
 StoreBackend = Literal["memory", "redis", "sql"]
 
 
@@ -39,7 +40,8 @@ class Settings(BaseSettings):
     )
     engine: str = Field(
         "llama",
-        description="Engine backend: `llama` (llama.cpp context pool) or `module:Class`.",
+        description="Engine backend: `llama` (llama.cpp context pool), `batched` (continuous "
+        "batching on one context, docs/performance-batching.md) or `module:Class`.",
     )
     n_ctx: int = Field(4096, ge=64, le=1_048_576, description="Context window per slot.")
     n_threads: int = Field(
@@ -53,6 +55,16 @@ class Settings(BaseSettings):
     )
     model_alias: str | None = Field(
         None, description="Model name reported by the API. Unset: the file name."
+    )
+    prefill_chunk_tokens: int = Field(
+        128, ge=1, le=65_536,
+        description="ENGINE=batched: prompt tokens evaluated per step (all new requests "
+        "together), so a long prompt never stalls running streams.",
+    )
+    prefix_cache_sequences: int = Field(
+        4, ge=0, le=128,
+        description="ENGINE=batched: finished sequences whose KV cache is kept for prefix "
+        "reuse (each costs N_CTX of KV memory); 0: off.",
     )
 
     # --- admission ---
@@ -127,6 +139,33 @@ class Settings(BaseSettings):
         "same-origin only.",
     )
 
+    # --- authentication (docs/auth.md); any of these set: every route but /health needs it ---
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys accepted as `Bearer` or `X-Api-Key`."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of API keys, one per line (`#` comments allowed)."
+    )
+    jwt_secret: SecretStr | None = Field(
+        None, description="Accept HS256 JWTs signed with this secret; `sub` is the owner."
+    )
+    jwt_public_key: str | None = Field(
+        None, description="Accept RS256 JWTs: a PEM public key, or the path of one."
+    )
+    jwt_audience: str | None = Field(None, description="Required JWT `aud` claim.")
+    jwt_issuer: str | None = Field(None, description="Required JWT `iss` claim.")
+    metrics_require_auth: bool = Field(
+        True, description="`GET /metrics` needs credentials too (when auth is on)."
+    )
+
+    # --- logging ---
+    log_format: LogFormat = Field(
+        "text", description="`text`, or `json`: one JSON object per log line."
+    )
+    log_prompts: bool = Field(
+        False, description="Put prompt text in the request log lines (off: never logged)."
+    )
+
     @field_validator("llm_model", mode="before")
     @classmethod
     def _empty_model_is_unset(cls, value: Any) -> Any:
@@ -137,8 +176,24 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _public_key_pem_or_file(cls, value: str | None) -> str | None:
+        if value and not value.lstrip().startswith("-----BEGIN") and not Path(value).is_file():
+            raise ValueError("must be a PEM public key or the path of a PEM file")
+        return value or None
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ValueError("set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256), not both")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("DEFAULT_MAX_TOKENS must not exceed MAX_TOKENS_LIMIT")
         if self.resolved_session_store == "redis" and not self.redis_url:
@@ -187,7 +242,8 @@ def _type_name(annotation: Any) -> str:
     if args:
         return " or ".join(_type_name(a) for a in args)
     return {"Path": "path", "str": "string", "int": "integer", "float": "number",
-            "bool": "boolean"}.get(getattr(annotation, "__name__", ""), str(annotation))
+            "bool": "boolean", "SecretStr": "secret string"}.get(
+                getattr(annotation, "__name__", ""), str(annotation))
 
 
 def settings_markdown() -> str:

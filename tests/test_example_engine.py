@@ -20,7 +20,7 @@ def test_engine_loads_by_module_and_class(server_logs: Path) -> None:
             json={"prompt": "one two three four", "max_tokens": 3},
         )
         events = list(parse_lines(iter(response.text.splitlines())))
-        complete = [e for e in events if e.event == "complete"][0].data
+        complete = next(e for e in events if e.event == "complete").data
         assert complete["text"] == "one two three"
         assert complete["finish_reason"] == "length"
         assert complete["usage"] == {"prompt_tokens": 4, "completion_tokens": 3,

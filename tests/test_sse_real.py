@@ -236,21 +236,25 @@ async def test_disconnect_while_queued_leaves_the_queue(client: httpx.AsyncClien
         for _ in range(2):
             nursery.start_soon(
                 stream_events, client,
-                {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0},
+                {"prompt": "Once upon a time", "max_tokens": 96, "temperature": 0},
             )
-        await trio.sleep(0.3)
+        with trio.fail_after(10):  # both slots busy before the third request arrives
+            while (await status(client))["concurrency"]["active"] != 2:
+                await trio.sleep(0.02)
         async with client.stream(
             "POST", "/v1/inference_sse", json={"prompt": "queued one", "max_tokens": 200}
         ) as response:
-            first = await aparse(response.aiter_lines()).__anext__()
+            events = aparse(response.aiter_lines())  # keep a reference: dropping the
+            first = await events.__anext__()  # iterator would close the connection
             assert first.event == "queued" and first.data["position"] == 0
             assert (await status(client))["concurrency"]["queued"] == 1
         with trio.fail_after(2):
             while (await status(client))["concurrency"]["queued"] != 0:
                 await trio.sleep(0.02)
+        assert (await status(client))["concurrency"]["active"] == 2
     after = await wait_idle(client)
     # Only the two running requests decoded: the queued one never reached the engine.
-    assert after["engine"]["tokens_generated"] - before == 96
+    assert after["engine"]["tokens_generated"] - before == 2 * 96
 
 
 async def test_keepalive_comments_while_queued(client: httpx.AsyncClient) -> None:

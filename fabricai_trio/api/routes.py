@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any, cast
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from .. import __version__
+from ..auth import ANONYMOUS as ANONYMOUS  # re-exported: the owner when auth is off
+from ..auth import current_identity
 from ..generation import Generation, Keepalive
+from ..request_log import attach_generation, request_id
 from . import errors, sse
 from .schemas import EVENT_NAMES, GenerationRequest, TokenEvent, parse_generation_request
 
 blueprint = Blueprint("api", __name__)
-
-ANONYMOUS = "anonymous"
 
 
 if TYPE_CHECKING:
@@ -53,8 +54,16 @@ def query_as_body() -> dict[str, Any]:
 
 
 def current_owner() -> str:
-    """The identity a request acts as (auth plugs in here)."""
-    return ANONYMOUS
+    """The identity a request acts as: the authenticated one (auth.py), else anonymous."""
+    return current_identity().owner
+
+
+def with_request_id(body: Any) -> Any:
+    """A body without `request_id` takes the request's own (its `X-Request-Id`), so the
+    events and the response header agree."""
+    if isinstance(body, dict) and "request_id" not in body:
+        return {**body, "request_id": request_id()}
+    return body
 
 
 async def start_stream(generation_request: GenerationRequest) -> Generation:
@@ -62,6 +71,7 @@ async def start_stream(generation_request: GenerationRequest) -> Generation:
     generation = await state.service.prepare(generation_request, owner=current_owner())
     scope = cast(dict[str, Any], request.scope)
     scope["fabricai.cleanups"].append(generation.close)
+    attach_generation(scope, generation)
     return generation
 
 
@@ -88,7 +98,7 @@ def sse_response(generation: Generation) -> Response:
 async def inference_sse_post() -> Response:
     body = await read_json_body()
     generation_request = parse_generation_request(
-        body, max_tokens_limit=_state().settings.max_tokens_limit
+        with_request_id(body), max_tokens_limit=_state().settings.max_tokens_limit
     )
     return sse_response(await start_stream(generation_request))
 
@@ -96,7 +106,7 @@ async def inference_sse_post() -> Response:
 @blueprint.get("/v1/inference_sse")
 async def inference_sse_get() -> Response:
     generation_request = parse_generation_request(
-        query_as_body(), max_tokens_limit=_state().settings.max_tokens_limit
+        with_request_id(query_as_body()), max_tokens_limit=_state().settings.max_tokens_limit
     )
     return sse_response(await start_stream(generation_request))
 

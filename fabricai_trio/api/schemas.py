@@ -172,3 +172,67 @@ EVENT_NAMES: dict[type[BaseModel], str] = {
     CompleteEvent: "complete",
     ErrorEvent: "error",
 }
+
+
+# --- sessions API: request and response bodies of /v1/sessions ---
+
+#: The session ids a client may choose: those `GenerationRequest.session_id` accepts, so
+#: every session created over HTTP can be named by a generation request.
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
+
+
+class SessionCreateRequest(BaseModel):
+    """`POST /v1/sessions` body; every field is optional (so is the body)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system_prompt: str | None = Field(None, max_length=1_000_000)
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+
+
+class SessionObject(BaseModel):
+    """A session without its messages (read from a store's `Session`/`SessionInfo`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    object: Literal["session"] = "session"
+    id: str
+    owner: str
+    created_at: float
+    updated_at: float
+    message_count: int
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+
+
+class SessionMessage(BaseModel):
+    """One stored message; assistant messages say how their generation ended."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    role: Role
+    content: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    created_at: float
+    request_id: str | None = None
+
+
+class SessionMessages(BaseModel):
+    object: Literal["list"] = "list"
+    session_id: str
+    data: list[SessionMessage]
+
+
+def parse_session_create(data: Any) -> SessionCreateRequest:
+    """Validate a `POST /v1/sessions` body; 400/422 `ApiError` like generation requests."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    try:
+        return SessionCreateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None

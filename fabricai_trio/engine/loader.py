@@ -7,16 +7,25 @@ import importlib
 from ..settings import Settings
 from .base import Engine, ModelLoadError
 
+LLAMA_ENGINES = frozenset({"llama", "batched"})
+"""Built-in engines that read LLM_MODEL."""
+
 
 def create_engine(settings: Settings) -> Engine:
-    """`llama` (the default), or `module:Class` constructed with the settings."""
+    """`llama` (the default), `batched`, or `module:Class` constructed with the settings."""
     if settings.engine == "llama":
         from .llama import LlamaEngine
 
         return LlamaEngine(settings)
+    if settings.engine == "batched":
+        from .batched import BatchedEngine
+
+        return BatchedEngine(settings)
     module_name, _, class_name = settings.engine.partition(":")
     if not module_name or not class_name:
-        raise ModelLoadError(f"ENGINE: expected `llama` or `module:Class`, got {settings.engine!r}")
+        raise ModelLoadError(
+            f"ENGINE: expected `llama`, `batched` or `module:Class`, got {settings.engine!r}"
+        )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:

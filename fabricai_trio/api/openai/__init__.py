@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API: `protocol` (bodies), `serving` (events → bodies), `routes`."""

@@ -1,0 +1,383 @@
+"""OpenAI-compatible request and response bodies (chat completions, completions, models).
+
+Requests are validated here, before any conversion: fields we do not implement are
+refused by name (400 `unsupported_parameter` / `unsupported_value`) instead of being
+silently ignored, and unknown fields are refused as OpenAI does. `to_generation_request()`
+is the one conversion into our `GenerationRequest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
+
+from ..errors import ApiError, validation_error
+from ..schemas import SESSION_ID_PATTERN, ChatMessage, GenerationRequest, Role, Usage
+
+OpenAIFinishReason = Literal["stop", "length"]
+
+
+def unsupported(param: str, message: str, *, code: str = "unsupported_parameter") -> ApiError:
+    return ApiError(400, code, message, param)
+
+
+def openai_validation_error(exc: ValidationError) -> ApiError:
+    """OpenAI answers every invalid request with 400; the field is named as ours are."""
+    error = validation_error(exc)
+    return ApiError(400, error.code, error.message, error.param)
+
+
+# --- requests ---
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    """A message content part; only `{"type": "text", "text": …}` is supported."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatCompletionMessageParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+
+
+def _never(value: Any) -> bool:
+    return value is None
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _false(value: Any) -> bool:
+    return value is None or value is False
+
+
+#: OpenAI fields we recognise but do not implement: accepted only with a value that
+#: asks for nothing (the test says which), else 400 naming the field.
+UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "tools": _empty,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "parallel_tool_calls": lambda v: True,
+    "functions": _empty,
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "logprobs": _false,
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": _empty,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": _never,
+    "prediction": _never,
+    "reasoning_effort": _never,
+    "web_search_options": _never,
+    "store": _false,
+    "metadata": lambda v: True,
+    "service_tier": lambda v: v in (None, "auto", "default"),
+    "verbosity": _never,
+}
+
+UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
+    "logprobs": lambda v: v in (None, 0),
+    "echo": _false,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: v in (None, ""),
+    "logit_bias": _empty,
+}
+
+
+class _SamplingFields(BaseModel):
+    """What chat and completion requests share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Accepted and ignored: one model is served.")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 is supported (see `repeat_penalty`)."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 is supported (see `repeat_penalty`)."
+    )
+    user: str | None = Field(None, description="Accepted and ignored.")
+    # llama.cpp server extensions
+    top_k: int | None = Field(None, ge=0, le=1000, description="Extension (llama.cpp).")
+    repeat_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="Extension (llama.cpp)."
+    )
+
+    def _check_common(self) -> None:
+        if self.n not in (None, 1):
+            raise unsupported("n", "only n=1 is supported", code="unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise unsupported(
+                    name,
+                    f"{name} is not supported (llama.cpp's `repeat_penalty` extension is): "
+                    "omit it or send 0",
+                    code="unsupported_value",
+                )
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "invalid_value", "stream_options is only allowed with "
+                           "stream=true", "stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling(self) -> dict[str, Any]:
+        fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty")
+        values = {name: getattr(self, name) for name in fields}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """`POST /v1/chat/completions`; `session_id` (extension) continues a stored session."""
+
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    session_id: str | None = Field(
+        None,
+        pattern=SESSION_ID_PATTERN,
+        description="Extension: continue this stored session (send only the new turn).",
+    )
+
+    def to_generation_request(
+        self, *, request_id: str, max_tokens_limit: int
+    ) -> GenerationRequest:
+        self._check_common()
+        messages = [_to_chat_message(i, m) for i, m in enumerate(self.messages)]
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        return _build(
+            {
+                **self._sampling(),
+                "messages": [m.model_dump() for m in messages],
+                "max_tokens": max_tokens,
+                "session_id": self.session_id,
+                "request_id": request_id,
+            },
+            max_tokens_limit,
+            rename={"max_tokens": param},
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    """`POST /v1/completions`: a raw prompt (a string, or a list of one string)."""
+
+    prompt: str | list[str]
+
+    def to_generation_request(
+        self, *, request_id: str, max_tokens_limit: int
+    ) -> GenerationRequest:
+        self._check_common()
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise unsupported("prompt", "only one prompt per request is supported",
+                                  code="unsupported_value")
+            prompt = prompt[0]
+        return _build(
+            {
+                **self._sampling(),
+                "prompt": prompt,
+                "max_tokens": self.max_tokens,
+                "request_id": request_id,
+            },
+            max_tokens_limit,
+        )
+
+
+R = TypeVar("R", bound=_SamplingFields)
+
+ROLES: dict[str, Role] = {
+    "system": "system", "developer": "system", "user": "user", "assistant": "assistant"
+}
+
+
+def _to_chat_message(index: int, message: ChatCompletionMessageParam) -> ChatMessage:
+    where = f"messages.{index}"
+    if message.role in ("tool", "function"):
+        raise unsupported(f"{where}.role", f"role `{message.role}` is not supported (no tool "
+                          "calling)", code="unsupported_value")
+    if message.tool_calls or message.function_call is not None:
+        name = "tool_calls" if message.tool_calls else "function_call"
+        raise unsupported(f"{where}.{name}", f"{name} is not supported (no tool calling)")
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise unsupported(f"{where}.content.{j}.type", f"content parts of type "
+                                  f"`{part.type}` are not supported (text only)",
+                                  code="unsupported_value")
+            texts.append(part.text)
+        content = "\n".join(texts)
+    role = ROLES[message.role]
+    return ChatMessage(role=role, content=content or "")
+
+
+def _build(
+    data: dict[str, Any], max_tokens_limit: int, rename: dict[str, str] | None = None
+) -> GenerationRequest:
+    try:
+        return GenerationRequest.model_validate(
+            {k: v for k, v in data.items() if v is not None},
+            context={"max_tokens_limit": max_tokens_limit},
+        )
+    except ValidationError as exc:
+        error = openai_validation_error(exc)
+        if error.param in (rename or {}):
+            new = (rename or {})[error.param]
+            error = ApiError(400, error.code, error.message.replace(error.param, new, 1), new)
+        raise error from None
+
+
+def parse_request(
+    model: type[R], data: Any, unsupported_fields: dict[str, Callable[[Any], bool]]
+) -> R:
+    """Validate a decoded JSON body; 400 naming the field on any failure."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    body = dict(data)
+    for name, accepts in unsupported_fields.items():
+        if name in body:
+            if not accepts(body[name]):
+                raise unsupported(name, f"{name} is not supported by this server")
+            del body[name]
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise openai_validation_error(exc) from None
+
+
+def parse_chat_request(data: Any) -> ChatCompletionRequest:
+    return parse_request(ChatCompletionRequest, data, UNSUPPORTED_CHAT)
+
+
+def parse_completion_request(data: Any) -> CompletionRequest:
+    return parse_request(CompletionRequest, data, UNSUPPORTED_COMPLETION)
+
+
+# --- responses ---
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: OpenAIFinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    """A chunk's delta: only the keys that are set are sent (as OpenAI does)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: OpenAIFinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` line of a chat stream; with `include_usage`, the last one before
+    `[DONE]` has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: OpenAIFinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(CompletionResponse):
+    """One `data:` line of a completion stream (same shape as the response)."""
+
+
+class StreamError(BaseModel):
+    """Sent as a `data:` line when a stream fails after it started."""
+
+    error: dict[str, Any]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fabricai-trio"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,101 @@
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/models`: parse, prepare, frame.
+
+Generations start through `routes.start_stream()` like the SSE route's (same owner, same
+admission, same cleanup on disconnect); streams are framed by `api/sse.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+
+from pydantic import BaseModel
+from quart import Blueprint, Response, jsonify
+
+from ...generation import Generation, Keepalive
+from ...request_log import request_id
+from .. import sse
+from ..routes import _state, read_json_body, start_stream
+from . import serving
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    StreamError,
+    parse_chat_request,
+    parse_completion_request,
+)
+
+blueprint = Blueprint("openai", __name__)
+
+DONE = sse.encode_event(None, "[DONE]")
+
+
+def json_response(body: BaseModel) -> Response:
+    return jsonify(body.model_dump(mode="json"))
+
+
+async def sse_frames(
+    chunks: AsyncGenerator[BaseModel | Keepalive, None], *, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """`data: {chunk}` lines, then `data: [DONE]` (not after an error)."""
+    exclude = None if include_usage else {"usage"}
+    async with aclosing(chunks) as items:
+        async for item in items:
+            if isinstance(item, Keepalive):
+                yield sse.KEEPALIVE
+                continue
+            yield sse.encode_event(None, item.model_dump(mode="json", exclude=exclude))
+            if isinstance(item, StreamError):
+                return
+    yield DONE
+
+
+async def respond(
+    generation: Generation,
+    fmt: serving.Format,
+    openai_request: ChatCompletionRequest | CompletionRequest,
+) -> Response:
+    if not openai_request.stream:
+        return json_response(await serving.complete(generation, fmt))
+    include_usage = openai_request.include_usage
+    chunks = serving.stream(generation, fmt, include_usage=include_usage)
+    response = Response(sse_frames(chunks, include_usage=include_usage), headers=sse.SSE_HEADERS)
+    response.headers["X-Request-Id"] = generation.request_id
+    response.timeout = None
+    return response
+
+
+def model_name() -> str:
+    return _state().engine.info().model
+
+
+@blueprint.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    openai_request = parse_chat_request(await read_json_body())
+    generation = await start_stream(
+        openai_request.to_generation_request(
+            request_id=request_id(), max_tokens_limit=_state().settings.max_tokens_limit
+        )
+    )
+    return await respond(generation, serving.chat_format(generation, model_name()), openai_request)
+
+
+@blueprint.post("/v1/completions")
+async def completions() -> Response:
+    openai_request = parse_completion_request(await read_json_body())
+    generation = await start_stream(
+        openai_request.to_generation_request(
+            request_id=request_id(), max_tokens_limit=_state().settings.max_tokens_limit
+        )
+    )
+    fmt = serving.completion_format(generation, model_name())
+    return await respond(generation, fmt, openai_request)
+
+
+@blueprint.get("/v1/models")
+async def list_models() -> Response:
+    state = _state()
+    card = ModelCard(id=state.engine.info().model, created=int(state.started_at))
+    return json_response(ModelList(data=[card]))

@@ -1,0 +1,429 @@
+"""`GET /openapi.json` and `GET /docs`, built from the route table below and the same
+pydantic models the routes validate with.
+
+Why not quart-schema: it works under quart-trio, but it documents routes through its
+own validation decorators (another error shape than our one error body, and decorators
+on every route of every module), and its docs pages load their UI from a CDN. Here the
+document is generated from `OPERATIONS` and the app's `url_map`: a route missing from
+the table still appears (marked `x-undocumented`), and a test fails on it. `/docs` is
+plain HTML rendered on the server from the document: it loads nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from quart import Blueprint, Quart, Response, current_app, jsonify
+
+from .. import __version__
+from . import schemas
+from .openai import protocol as oai
+
+if TYPE_CHECKING:
+    from ..app import AppState
+
+# --- bodies that routes build by hand (documented, and checked against live answers) ---
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error, from every route."""
+
+    error: ErrorDetail
+
+
+class StoreHealth(BaseModel):
+    backend: str
+    healthy: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "loading", "error"]
+    store: StoreHealth
+    error: str | None = None
+
+
+class ModelStatus(BaseModel):
+    name: str
+    path: str | None
+    loaded: bool
+    n_ctx: int
+    chat_format: str | None
+    load_error: str | None
+
+
+class ConcurrencyStatus(BaseModel):
+    max: int
+    active: int
+    queued: int
+    queue_capacity: int
+
+
+class EngineStatus(BaseModel):
+    tokens_generated: int
+    slots: int
+
+
+class StatusResponse(BaseModel):
+    model: ModelStatus
+    concurrency: ConcurrencyStatus
+    engine: EngineStatus
+    store: StoreHealth
+    uptime_seconds: float
+    version: str
+
+
+# --- the route table ---
+
+Body = type[BaseModel] | str  # a model, or a media type with no schema (e.g. "text/plain")
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    request: type[BaseModel] | None = None
+    request_required: bool = True
+    query: type[BaseModel] | None = None
+    ok_status: int = 200
+    ok: Body | None = None
+    stream: type[BaseModel] | None = None  # also answers text/event-stream, `data:` of this
+    sse_events: tuple[type[BaseModel], ...] = ()  # answers only text/event-stream, named events
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    public: bool = False  # needs no credentials, ever
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_GEN_ERRORS = (400, 403, 404, 409, 413, 422, 429, 503)
+_OAI_ERRORS = (400, 403, 404, 409, 413, 429, 503)
+_SSE_EVENTS = (schemas.QueuedEvent, schemas.TokenEvent, schemas.CompleteEvent, schemas.ErrorEvent)
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("GET", "/health"): Operation(
+        "Liveness: 200 once the model is loaded, 503 before", "status", ok=HealthResponse,
+        errors=(503,), public=True,
+    ),
+    ("GET", "/v1/status"): Operation(
+        "Model, concurrency, store and version", "status", ok=StatusResponse,
+    ),
+    ("POST", "/v1/inference_sse"): Operation(
+        "Stream one generation as server-sent events", "generation",
+        request=schemas.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
+        description="Events: `queued`, `token` (SSE `id` = index), `complete` or `error`; "
+        "`: keepalive` comments while queued. Closing the connection cancels the generation.",
+    ),
+    ("GET", "/v1/inference_sse"): Operation(
+        "The same, with the fields as query parameters (for EventSource)", "generation",
+        query=schemas.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
+    ),
+    ("POST", "/v1/sessions"): Operation(
+        "Create a session", "sessions", request=schemas.SessionCreateRequest,
+        request_required=False, ok_status=201, ok=schemas.SessionObject,
+        errors=(400, 409, 413, 422, 503),
+    ),
+    ("GET", "/v1/sessions"): Operation(
+        "The caller's sessions, most recent first", "sessions", ok=schemas.SessionList,
+        errors=(503,),
+    ),
+    ("GET", "/v1/sessions/<session_id>"): Operation(
+        "One session (without messages)", "sessions", ok=schemas.SessionObject,
+        errors=(403, 404, 503),
+    ),
+    ("GET", "/v1/sessions/<session_id>/messages"): Operation(
+        "A session's messages, oldest first", "sessions", ok=schemas.SessionMessages,
+        errors=(403, 404, 503),
+    ),
+    ("DELETE", "/v1/sessions/<session_id>"): Operation(
+        "Delete a session", "sessions", ok_status=204, errors=(403, 404, 503),
+    ),
+    ("POST", "/v1/chat/completions"): Operation(
+        "OpenAI-compatible chat completion", "openai", request=oai.ChatCompletionRequest,
+        ok=oai.ChatCompletionResponse, stream=oai.ChatCompletionChunk, errors=_OAI_ERRORS,
+        description="`stream: true` answers `data: {chunk}` lines and `data: [DONE]`. "
+        "Unsupported fields (tools, logprobs, n > 1, penalties ≠ 0, …) are a 400 naming "
+        "the field. `session_id` (extension) continues a stored session.",
+    ),
+    ("POST", "/v1/completions"): Operation(
+        "OpenAI-compatible text completion", "openai", request=oai.CompletionRequest,
+        ok=oai.CompletionResponse, stream=oai.CompletionChunk, errors=_OAI_ERRORS,
+    ),
+    ("GET", "/v1/models"): Operation("The served model", "openai", ok=oai.ModelList),
+    ("GET", "/metrics"): Operation(
+        "Prometheus metrics (text exposition format)", "operations", ok="text/plain",
+    ),
+    ("GET", "/openapi.json"): Operation(
+        "This document", "operations", ok="application/json",
+    ),
+    ("GET", "/static/<path:filename>"): Operation(
+        "Static files (Quart's default route; the server ships none)", "operations",
+        ok="application/octet-stream", errors=(404,),
+    ),
+    ("GET", "/docs"): Operation(
+        "This document as a web page (no external resources)", "operations", ok="text/html",
+    ),
+}
+
+_STATUS_TEXT = {
+    200: "OK", 201: "Created", 204: "No content", 400: "Bad request (names the field)",
+    401: "Missing or invalid credentials (`WWW-Authenticate` says why)",
+    403: "Another identity's session", 404: "Not found", 409: "Session busy or exists",
+    413: "Body too large", 422: "Invalid field", 429: "Queue full (`Retry-After`)",
+    503: "Model loading, store down, or draining (`Retry-After`)",
+}
+
+
+# --- building the document ---
+
+
+def _path(rule: str) -> tuple[str, list[str]]:
+    names = re.findall(r"<(?:[^:<>]+:)?([^<>]+)>", rule)
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule), names
+
+
+def _models() -> list[type[BaseModel]]:
+    found: list[type[BaseModel]] = [ErrorBody]
+    for op in OPERATIONS.values():
+        for model in (op.request, op.query, op.ok, op.stream, *op.sse_events):
+            if isinstance(model, type) and model not in found:
+                found.append(model)
+    return found
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def build_document(app: Quart, *, auth_enabled: bool, metrics_public: bool) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route in `app.url_map`."""
+    models = _models()
+    refs, defs = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    components = dict(defs.get("$defs", {}))
+    ref_of = {m: refs[(m, "validation")] for m in models}
+    query_schema = schemas.GenerationRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in app.url_map.iter_rules():
+        path, params = _path(rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            op = OPERATIONS.get((method, rule.rule))
+            entry = _operation(op, rule.endpoint, params, ref_of, query_schema)
+            if op is not None and auth_enabled and (
+                op.public or (rule.rule == "/metrics" and metrics_public)
+            ):
+                entry["security"] = []
+            if auth_enabled and (op is None or not op.public):
+                entry["responses"]["401"] = _error_response(401)
+            paths.setdefault(path, {})[method.lower()] = entry
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fabricai-trio",
+            "version": __version__,
+            "description": "Local LLM inference: SSE, OpenAI-compatible routes, sessions.",
+        },
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "An API key, or a JWT"},
+                "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+            },
+        },
+    }
+    if auth_enabled:
+        document["security"] = [{"bearerAuth": []}, {"apiKeyAuth": []}]
+    return document
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    return {
+        "description": _STATUS_TEXT.get(status, "Error"),
+        "content": {"application/json": {"schema": _ref("ErrorBody")}},
+    }
+
+
+def _content(body: Body, ref_of: dict[type[BaseModel], Any]) -> dict[str, Any]:
+    if isinstance(body, str):
+        return {body: {"schema": {"type": "object"} if body.endswith("json") else {
+            "type": "string"}}}
+    return {"application/json": {"schema": ref_of[body]}}
+
+
+def _operation(
+    op: Operation | None,
+    endpoint: str,
+    params: list[str],
+    ref_of: dict[type[BaseModel], Any],
+    query_schema: dict[str, Any],
+) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in params
+    ]
+    if op is None:
+        return {
+            "operationId": endpoint, "summary": endpoint, "x-undocumented": True,
+            "parameters": parameters, "responses": {"default": {"description": "undocumented"}},
+        }
+    entry: dict[str, Any] = {"operationId": endpoint, "summary": op.summary, "tags": [op.tag]}
+    if op.description:
+        entry["description"] = op.description
+    if op.query is not None:
+        for name, schema in query_schema["properties"].items():
+            if name == "messages":
+                continue
+            parameters.append({
+                "name": name, "in": "query", "required": name == "prompt", "schema": schema,
+                **({"style": "form", "explode": True} if name == "stop" else {}),
+            })
+    if parameters:
+        entry["parameters"] = parameters
+    if op.request is not None:
+        entry["requestBody"] = {
+            "required": op.request_required,
+            "content": {"application/json": {"schema": ref_of[op.request]}},
+        }
+    ok: dict[str, Any] = {"description": _STATUS_TEXT[op.ok_status]}
+    if op.ok is not None:
+        ok["content"] = _content(op.ok, ref_of)
+    if op.stream is not None:
+        ok.setdefault("content", {})["text/event-stream"] = {
+            "schema": {"type": "string", "description": "`data: <chunk JSON>` lines, then "
+                       "`data: [DONE]`"},
+            "x-data-schema": ref_of[op.stream],
+        }
+    if op.sse_events:
+        ok["content"] = {"text/event-stream": {
+            "schema": {"type": "string", "description": "Named SSE events"},
+            "x-events": {
+                name: ref_of[model]
+                for model, name in schemas.EVENT_NAMES.items() if model in op.sse_events
+            },
+        }}
+    responses: dict[str, Any] = {str(op.ok_status): ok}
+    for status in op.errors:
+        responses[str(status)] = _error_response(status)
+    entry["responses"] = responses
+    return entry
+
+
+def document_for(app: Quart) -> dict[str, Any]:
+    """The app's document, built once (the url_map is fixed once serving starts)."""
+    cached = app.extensions.get("fabricai.openapi")
+    if cached is None:
+        state = cast("AppState", app.extensions["fabricai"])
+        cached = build_document(
+            app,
+            auth_enabled=state.auth.enabled,
+            metrics_public=not state.settings.metrics_require_auth,
+        )
+        app.extensions["fabricai.openapi"] = cached
+    return cast(dict[str, Any], cached)
+
+
+# --- the docs page ---
+
+_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;
+color:#1d232a}h1{margin-bottom:0}code,pre{font:13px ui-monospace,monospace}
+pre{background:#f4f6f8;padding:.6rem;overflow:auto;border-radius:4px}
+.op{border:1px solid #d8dde3;border-radius:6px;margin:.8rem 0;padding:.4rem .8rem}
+.m{display:inline-block;min-width:4.2rem;font-weight:700}.GET{color:#1769aa}
+.POST{color:#2e7d32}.DELETE{color:#c62828}table{border-collapse:collapse}
+td,th{border-bottom:1px solid #e4e7eb;padding:.2rem .6rem;text-align:left;vertical-align:top}
+summary{cursor:pointer}
+"""
+
+
+def _schema_link(schema: Any) -> str:
+    ref = schema.get("$ref", "") if isinstance(schema, dict) else ""
+    if ref.startswith("#/components/schemas/"):
+        name = html.escape(ref.rsplit("/", 1)[1])
+        return f'<a href="#schema-{name}">{name}</a>'
+    return f"<code>{html.escape(json.dumps(schema))}</code>"
+
+
+def render_docs(document: dict[str, Any]) -> str:
+    """A self-contained HTML page: inline CSS, no script, no external resource."""
+    e = html.escape
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>{e(document['info']['title'])} API</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(document['info']['title'])} <small>{e(document['info']['version'])}</small></h1>",
+        f"<p>{e(document['info'].get('description', ''))} "
+        '<a href="/openapi.json">openapi.json</a></p>',
+    ]
+    if document.get("security"):
+        out.append("<p>Authentication: <code>Authorization: Bearer &lt;API key or JWT&gt;</code>"
+                   " or <code>X-Api-Key</code>.</p>")
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            verb = method.upper()
+            out.append(f'<div class=op><h3><span class="m {verb}">{verb}</span>'
+                       f"<code>{e(path)}</code></h3><p>{e(op.get('summary', ''))}</p>")
+            if op.get("description"):
+                out.append(f"<p>{e(op['description'])}</p>")
+            if op.get("parameters"):
+                out.append("<table><tr><th>Parameter</th><th>In</th><th>Schema</th></tr>")
+                for p in op["parameters"]:
+                    req = " (required)" if p.get("required") else ""
+                    out.append(f"<tr><td><code>{e(p['name'])}</code>{req}</td>"
+                               f"<td>{e(p['in'])}</td><td>{_schema_link(p['schema'])}</td></tr>")
+                out.append("</table>")
+            body = op.get("requestBody")
+            if body:
+                schema = body["content"]["application/json"]["schema"]
+                out.append(f"<p>Body: {_schema_link(schema)}</p>")
+            out.append("<table><tr><th>Status</th><th>Meaning</th><th>Body</th></tr>")
+            for status, response in op["responses"].items():
+                bodies = []
+                for media, content in response.get("content", {}).items():
+                    schema = content.get("x-data-schema") or content.get("schema", {})
+                    events = content.get("x-events")
+                    shown = (", ".join(f"{e(k)}: {_schema_link(v)}" for k, v in events.items())
+                             if events else _schema_link(schema))
+                    bodies.append(f"<code>{e(media)}</code> {shown}")
+                out.append(f"<tr><td>{e(status)}</td><td>{e(response['description'])}</td>"
+                           f"<td>{'<br>'.join(bodies)}</td></tr>")
+            out.append("</table></div>")
+    out.append("<h2>Schemas</h2>")
+    for name, schema in document["components"]["schemas"].items():
+        out.append(f'<details id="schema-{e(name)}"><summary><code>{e(name)}</code></summary>'
+                   f"<pre>{e(json.dumps(schema, indent=2))}</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+blueprint = Blueprint("openapi", __name__)
+
+#: The page may not load anything: not a script, a style sheet, a font or an image.
+DOCS_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
+@blueprint.get("/openapi.json")
+async def openapi_json() -> Response:
+    return jsonify(document_for(current_app))
+
+
+@blueprint.get("/docs")
+async def docs() -> Response:
+    page = render_docs(document_for(current_app))
+    return Response(page, content_type="text/html; charset=utf-8",
+                    headers={"Content-Security-Policy": DOCS_CSP})

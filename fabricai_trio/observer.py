@@ -1,0 +1,50 @@
+"""The hooks the generation path calls so that metrics stay out of it.
+
+`GenerationService` takes one `GenerationObserver`; `metrics.Metrics` is the real one,
+`NullObserver` the default (tests, embedding). Hooks are synchronous, cheap and must not
+raise: they run inside shielded cleanup code and between two tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .generation import Generation
+
+StoreErrorKind = Literal["unavailable", "timeout", "write_failed"]
+
+
+class GenerationObserver(Protocol):
+    def on_rejected(self) -> None:
+        """A request was refused because the queue was full (a 429)."""
+
+    def on_token_timing(self, seconds: float, tokens: int) -> None:
+        """`tokens` more tokens were decoded `seconds` after the previous ones
+        (the first chunk of a generation is not reported: that is its TTFT)."""
+
+    def on_finished(self, generation: Generation, *, admitted: bool) -> None:
+        """A generation ended (completed, failed, or cancelled, then with
+        `finish_reason` `cancelled` or None); `admitted`: it held a slot."""
+
+    def on_store_error(self, kind: StoreErrorKind) -> None:
+        """A session store call failed or timed out."""
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def on_rejected(self) -> None:
+        pass
+
+    def on_token_timing(self, seconds: float, tokens: int) -> None:
+        pass
+
+    def on_finished(self, generation: Generation, *, admitted: bool) -> None:
+        pass
+
+    def on_store_error(self, kind: StoreErrorKind) -> None:
+        pass
+
+
+NULL_OBSERVER: GenerationObserver = NullObserver()

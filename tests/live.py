@@ -1,0 +1,50 @@
+"""Helpers for tests against a live server: idle polling and /metrics parsing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def status(client: httpx.Client) -> dict[str, Any]:
+    response = client.get("/v1/status")
+    assert response.status_code == 200, response.text
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def wait_for(client: httpx.Client, *, active: int, queued: int, timeout: float = 5.0) -> None:
+    """Poll /v1/status until it shows `active` running and `queued` waiting (or fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        concurrency = status(client)["concurrency"]
+        if concurrency["active"] == active and concurrency["queued"] == queued:
+            return
+        assert time.monotonic() < deadline, f"status stuck at {concurrency}"
+        time.sleep(0.02)
+
+
+def wait_idle(client: httpx.Client, timeout: float = 5.0) -> None:
+    wait_for(client, active=0, queued=0, timeout=timeout)
+
+
+def scrape(client: httpx.Client) -> Samples:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 when absent (a labelled counter not incremented yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

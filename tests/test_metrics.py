@@ -1,0 +1,145 @@
+"""/metrics on a real server: the values move as they should across a stream, a 429 and
+a cancellation (parsed with prometheus_client's parser)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from fabricai_trio.app import create_app
+from fabricai_trio.sessions import MemorySessionStore, SessionInfo, StoreUnavailable
+from fabricai_trio.settings import Settings
+
+from .fakes import FakeEngine
+from .live import Samples, scrape, value, wait_for, wait_idle
+from .server_process import ServerProcess
+from .sse_client import parse_lines
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 512, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
+    env = {
+        "LLM_MODEL": str(model_path),
+        "CHAT_FORMAT": "gemma",
+        "MAX_CONCURRENT_REQUESTS": "1",
+        "MAX_QUEUE_SIZE": "1",
+        "N_CTX": "1024",
+        "MAX_TOKENS_LIMIT": "512",
+    }
+    with ServerProcess(env, log_dir=server_logs) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+@pytest.mark.model
+def test_a_stream_moves_tokens_latency_and_requests(http: httpx.Client) -> None:
+    wait_idle(http)
+    before = scrape(http)
+    response = http.post("/v1/inference_sse", json={**LONG, "max_tokens": 8})
+    complete = list(parse_lines(iter(response.text.splitlines())))[-1].data
+    after = scrape(http)
+    assert delta(before, after, "fabricai_generation_tokens_total") == 8
+    assert delta(before, after, "fabricai_prompt_tokens_total") == (
+        complete["usage"]["prompt_tokens"]
+    )
+    assert delta(before, after, "fabricai_generations_total", finish_reason="length") == 1
+    assert delta(before, after, "fabricai_time_to_first_token_seconds_count") == 1
+    ttft = delta(before, after, "fabricai_time_to_first_token_seconds_sum")
+    assert 0 < ttft <= complete["timings"]["total_ms"] / 1000
+    # One latency sample per token after the first (the last, empty chunk carries none).
+    assert delta(before, after, "fabricai_time_per_output_token_seconds_count") == 7
+    assert delta(before, after, "fabricai_http_requests_total",
+                 route="/v1/inference_sse", method="POST", status="200") == 1
+    assert value(after, "fabricai_active_generations") == 0
+    assert value(after, "fabricai_queue_depth") == 0
+    assert value(after, "fabricai_queue_capacity") == 1
+    assert value(after, "fabricai_max_concurrent_generations") == 1
+    # The scrape itself was counted by the time of the next one.
+    assert value(scrape(http), "fabricai_http_requests_total",
+                 route="/metrics", method="GET", status="200") >= 2
+
+
+@pytest.mark.model
+def test_gauges_429_and_cancellations(http: httpx.Client, server: ServerProcess) -> None:
+    wait_idle(http)
+    before = scrape(http)
+    with httpx.Client(base_url=server.url, timeout=60) as holders, \
+            holders.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as running:
+        assert running.status_code == 200
+        wait_for(http, active=1, queued=0)
+        with holders.stream("POST", "/v1/inference_sse", json=LONG) as queued:
+            assert queued.status_code == 200
+            wait_for(http, active=1, queued=1)
+            during = scrape(http)
+            assert value(during, "fabricai_active_generations") == 1
+            assert value(during, "fabricai_queue_depth") == 1
+            rejected = http.post("/v1/chat/completions",
+                                 json={"messages": [{"role": "user", "content": "hi"}]})
+            assert rejected.status_code == 429
+    # Both streams closed: the running one cancelled mid-decode, the queued one in line.
+    wait_idle(http)
+    after = scrape(http)
+    assert delta(before, after, "fabricai_queue_rejections_total") == 1
+    assert delta(before, after, "fabricai_http_requests_total",
+                 route="/v1/chat/completions", method="POST", status="429") == 1
+    assert delta(before, after, "fabricai_cancellations_total", cause="disconnect") == 2
+    assert delta(before, after, "fabricai_cancellations_total", cause="cancel") == 0
+    assert delta(before, after, "fabricai_generations_total", finish_reason="cancelled") == 2
+    generated = delta(before, after, "fabricai_generation_tokens_total")
+    assert 0 < generated < 512
+    # Only the running request was admitted, so only its prompt counts.
+    prompt = delta(before, after, "fabricai_prompt_tokens_total")
+    assert 0 < prompt < 20
+    assert value(after, "fabricai_active_generations") == 0
+    assert value(after, "fabricai_queue_depth") == 0
+
+
+@pytest.mark.model
+def test_known_label_values_start_at_zero(http: httpx.Client) -> None:
+    samples = scrape(http)
+    for cause in ("disconnect", "cancel", "shutdown"):
+        assert ("fabricai_cancellations_total", frozenset({("cause", cause)})) in samples
+    for kind in ("unavailable", "timeout", "write_failed"):
+        assert value(samples, "fabricai_session_store_errors_total", kind=kind) == 0
+        assert ("fabricai_session_store_errors_total", frozenset({("kind", kind)})) in samples
+
+
+class DownStore(MemorySessionStore):
+    """A store that is down: every listing fails as Redis would when unreachable."""
+
+    async def list_sessions(self, owner: str) -> list[SessionInfo]:
+        await trio.lowlevel.checkpoint()
+        raise StoreUnavailable("down")
+
+
+async def test_session_store_errors_are_counted() -> None:
+    config = Settings(session_store="memory")
+    app = create_app(config, engine=FakeEngine(config), store=DownStore())
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/v1/sessions")).status_code == 503
+        assert (await client.get("/v1/sessions")).status_code == 503
+        text = (await client.get("/metrics")).text
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+    assert value(samples, "fabricai_session_store_errors_total", kind="unavailable") == 2
+    assert value(samples, "fabricai_http_requests_total",
+                 route="/v1/sessions", method="GET", status="503") == 2
