@@ -28,9 +28,9 @@ import wsproto.events as ws
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fabricai_trio.engine.model_files import embedded_model_path  # noqa: E402
-from fabricai_trio.settings import Settings  # noqa: E402
-from tests.server_process import ServerProcess  # noqa: E402
+from fabricai_trio.engine.model_files import embedded_model_path
+from fabricai_trio.settings import Settings
+from tests.server_process import ServerProcess
 
 BODY = {"prompt": "Once upon a time", "temperature": 0}
 
@@ -61,7 +61,21 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-async def idle_client(port: int, connected: trio.Semaphore, hold: trio.Event) -> None:
+class Counter:
+    """Counts connected clients; `all_in` is set when `target` have connected."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.all_in = trio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count == self.target:
+            self.all_in.set()
+
+
+async def idle_client(port: int, connected: Counter, hold: trio.Event) -> None:
     """A Socket.IO client over a raw websocket: handshake, CONNECT, then wait."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
@@ -77,23 +91,20 @@ async def idle_client(port: int, connected: trio.Semaphore, hold: trio.Event) ->
                     await stream.send_all(conn.send(ws.Message(data="40")))
                 elif event.data.startswith("40"):
                     seen_connect = True
-    connected.release()
+    connected.add()
     async with stream:
         await hold.wait()
 
 
 async def idle_memory(port: int, pid: int, clients: int) -> dict[str, float]:
     before = rss_kib(pid)
-    connected = trio.Semaphore(clients, max_value=clients)
-    for _ in range(clients):
-        connected.acquire_nowait()
+    connected = Counter(clients)
     hold = trio.Event()
     async with trio.open_nursery() as nursery:
         for _ in range(clients):
             nursery.start_soon(idle_client, port, connected, hold)
         with trio.fail_after(120):
-            while connected.value < clients:
-                await trio.sleep(0.05)
+            await connected.all_in.wait()
         await trio.sleep(1)
         after = rss_kib(pid)
         hold.set()
