@@ -1,9 +1,8 @@
 """Redis session store: redis-py's blocking client, run in trio worker threads.
 
-redis-py has no trio support, so every call runs in `trio.to_thread.run_sync` behind a
-`CapacityLimiter` of the store's own (sized like its connection pool, so a thread never
-waits for a connection). Threads are never abandoned: a cancelled call still finishes
-its Redis command, which keeps every write all-or-nothing.
+redis-py has no trio support, so every call runs in a worker thread
+(`ThreadedSessionStore`), never abandoned: a cancelled call still finishes its Redis
+command, which keeps every write all-or-nothing.
 
 Keys, all under `prefix`:
   `{p}session:{id}`           hash: owner, created_at, updated_at
@@ -21,15 +20,12 @@ connection and the next call connects again, so the store recovers when Redis re
 
 from __future__ import annotations
 
-import functools
 import random
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
-import trio
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,14 +38,10 @@ from .base import (
     SessionNotFound,
     SessionStoreError,
     StoreUnavailable,
-    check_owner,
-    check_session_id,
-    check_token,
     check_ttl,
-    check_turn,
-    is_valid_session_id,
 )
 from .models import Message, Session, SessionInfo
+from .threaded import ThreadedSessionStore
 
 T = TypeVar("T")
 
@@ -64,7 +56,7 @@ return 0
 """
 
 
-class RedisSessionStore:
+class RedisSessionStore(ThreadedSessionStore):
     """Sessions in Redis; see the module docstring for keys and failure policy."""
 
     backend = "redis"
@@ -78,10 +70,9 @@ class RedisSessionStore:
         timeout_seconds: float = 2.0,
         max_connections: int = 16,
     ) -> None:
+        super().__init__(timeout_seconds=timeout_seconds, max_threads=max_connections)
         self._prefix = prefix
         self._ttl_ms = max(1, round(check_ttl(ttl_seconds) * 1000))
-        self._timeout = check_ttl(timeout_seconds)
-        self._limiter = trio.CapacityLimiter(max_connections)
         self._client: redis.Redis = redis.Redis.from_url(
             url,
             decode_responses=True,
@@ -106,76 +97,16 @@ class RedisSessionStore:
     def _lock_key(self, sid: str) -> str:
         return f"{self._prefix}lock:{sid}"
 
-    # --- the protocol ---
+    # --- threads (see ThreadedSessionStore) ---
 
-    async def create(
-        self, owner: str, *, system_prompt: str | None = None, session_id: str | None = None
-    ) -> Session:
-        check_owner(owner)
-        sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
-        first = () if system_prompt is None else (Message(role="system", content=system_prompt),)
-        return await self._call(functools.partial(self._create_sync, owner, sid, first))
-
-    async def get(self, session_id: str) -> Session | None:
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            return None
-        return await self._call(functools.partial(self._get_sync, session_id))
-
-    async def list_sessions(self, owner: str) -> list[SessionInfo]:
-        return await self._call(functools.partial(self._list_sync, owner))
-
-    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
-        turn = check_turn(messages)
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            raise SessionNotFound(session_id)
-        return await self._call(functools.partial(self._append_sync, session_id, turn))
-
-    async def delete(self, session_id: str) -> bool:
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            return False
-        return await self._call(functools.partial(self._delete_sync, session_id))
-
-    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
-        key = self._lock_key(check_session_id(session_id))
-        px = max(1, round(check_ttl(ttl_seconds) * 1000))
-        check_token(token)
-        return await self._call(lambda: bool(self._client.set(key, token, nx=True, px=px)))
-
-    async def unlock(self, session_id: str, token: str) -> None:
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            return
-        key = self._lock_key(session_id)
-        await self._call(lambda: self._unlock_script(keys=[key], args=[token]))
-
-    async def ping(self) -> bool:
-        """Waits at most about two store timeouts (limiter queue, then one PING)."""
-        answered = False
-        with trio.move_on_after(self._timeout):
-            try:
-                answered = await self._call(lambda: bool(self._client.ping()))
-            except SessionStoreError:
-                answered = False
-        return answered
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-        self._client.close()
-
-    # --- threads ---
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
-        except WatchError as exc:  # raised by redis-py when a connection dies mid-WATCH
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        except RedisError as exc:
-            raise SessionStoreError(f"redis: {exc}") from exc
+    def _store_error(self, exc: Exception) -> SessionStoreError | None:
+        if isinstance(exc, WatchError):  # redis-py: the connection died mid-WATCH
+            return StoreUnavailable(f"redis: {exc}")
+        if isinstance(exc, _UNAVAILABLE):
+            return StoreUnavailable(f"redis: {exc}")
+        if isinstance(exc, RedisError):
+            return SessionStoreError(f"redis: {exc}")
+        return None
 
     def _transaction(self, body: Callable[[Pipeline], T]) -> T:
         """Run `body` as a WATCH/MULTI/EXEC transaction, again while another client wins.
@@ -286,6 +217,19 @@ class RedisSessionStore:
             return owner is not None and int(pipe.execute()[0]) > 0
 
         return self._transaction(body)
+
+    def _try_lock_sync(self, sid: str, token: str, ttl: float) -> bool:
+        px = max(1, round(ttl * 1000))
+        return bool(self._client.set(self._lock_key(sid), token, nx=True, px=px))
+
+    def _unlock_sync(self, sid: str, token: str) -> None:
+        self._unlock_script(keys=[self._lock_key(sid)], args=[token])
+
+    def _ping_sync(self) -> bool:
+        return bool(self._client.ping())
+
+    def _close_sync(self) -> None:
+        self._client.close()
 
     def _queue_refresh(self, pipe: Pipeline, sid: str, owner: str, now: float) -> None:
         """Queue the TTL refresh every write does: both session keys and the owner index."""

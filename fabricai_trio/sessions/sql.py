@@ -1,9 +1,9 @@
 """SQL session store: SQLAlchemy Core 2.x on a sync engine, run in trio worker threads.
 
 Works on SQLite (a file, or `sqlite://` in memory) and PostgreSQL (psycopg 3). Each call
-is one transaction in one worker thread behind the store's own `CapacityLimiter`
-(sized like the connection pool). Threads are never abandoned: a cancelled call still
-commits or rolls back its transaction, so a write is all or nothing.
+is one transaction in one worker thread (`ThreadedSessionStore`), never abandoned: a
+cancelled call still commits or rolls back its transaction, so a write is all or
+nothing.
 
 Tables (created on first use): `sessions` (one row per session, with `message_count`
 and `expires_at`), `messages` (session_id, seq) -> message, deleted in cascade, and
@@ -17,11 +17,9 @@ import functools
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import trio
 from sqlalchemy import (
     Column,
     Double,
@@ -56,14 +54,10 @@ from .base import (
     SessionNotFound,
     SessionStoreError,
     StoreUnavailable,
-    check_owner,
-    check_session_id,
-    check_token,
     check_ttl,
-    check_turn,
-    is_valid_session_id,
 )
 from .models import Message, Session, SessionInfo
+from .threaded import ThreadedSessionStore
 
 T = TypeVar("T")
 
@@ -114,7 +108,7 @@ locks = Table(
 )
 
 
-class SqlSessionStore:
+class SqlSessionStore(ThreadedSessionStore):
     """Sessions in SQL tables; see the module docstring. `engine` is public for tests."""
 
     backend = "sql"
@@ -127,83 +121,29 @@ class SqlSessionStore:
         timeout_seconds: float = 2.0,
         pool_size: int = 8,
     ) -> None:
+        engine = _make_engine(url, timeout_seconds, pool_size)
+        threads = 1 if isinstance(engine.pool, StaticPool) else pool_size
+        super().__init__(timeout_seconds=timeout_seconds, max_threads=threads)
         self._ttl = check_ttl(ttl_seconds)
-        self._timeout = check_ttl(timeout_seconds)
-        self.engine = _make_engine(url, timeout_seconds, pool_size)
-        threads = 1 if isinstance(self.engine.pool, StaticPool) else pool_size
-        self._limiter = trio.CapacityLimiter(threads)
+        self.engine = engine
         self._schema_lock = threading.Lock()
         self._schema_ready = False
         self._next_purge = 0.0
 
-    # --- the protocol ---
-
-    async def create(
-        self, owner: str, *, system_prompt: str | None = None, session_id: str | None = None
-    ) -> Session:
-        check_owner(owner)
-        sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
-        first = () if system_prompt is None else (Message(role="system", content=system_prompt),)
-        return await self._call(functools.partial(self._create_sync, owner, sid, first))
-
-    async def get(self, session_id: str) -> Session | None:
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            return None
-        return await self._call(functools.partial(self._get_sync, session_id))
-
-    async def list_sessions(self, owner: str) -> list[SessionInfo]:
-        return await self._call(functools.partial(self._list_sync, owner))
-
-    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
-        turn = check_turn(messages)
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            raise SessionNotFound(session_id)
-        return await self._call(functools.partial(self._append_sync, session_id, turn))
-
-    async def delete(self, session_id: str) -> bool:
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            return False
-        return await self._call(functools.partial(self._delete_sync, session_id))
-
-    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
-        check_session_id(session_id)
-        check_token(token)
-        ttl = check_ttl(ttl_seconds)
-        return await self._call(functools.partial(self._try_lock_sync, session_id, token, ttl))
-
-    async def unlock(self, session_id: str, token: str) -> None:
-        if not is_valid_session_id(session_id):
-            await trio.lowlevel.checkpoint()
-            return
-        await self._call(functools.partial(self._unlock_sync, session_id, token))
-
-    async def ping(self) -> bool:
-        """Waits at most about two store timeouts (limiter queue, then one query)."""
-        answered = False
-        with trio.move_on_after(self._timeout):
-            try:
-                answered = await self._call(self._ping_sync)
-            except SessionStoreError:
-                answered = False
-        return answered
-
-    async def aclose(self) -> None:
-        """Waits for a free thread slot, then closes the pooled connections."""
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.engine.dispose, limiter=self._limiter)
-
-    # --- threads ---
+    # --- threads (see ThreadedSessionStore) ---
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return await trio.to_thread.run_sync(self._with_schema, fn, limiter=self._limiter)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"sql: {_short(exc)}") from exc
-        except SQLAlchemyError as exc:
-            raise SessionStoreError(f"sql: {_short(exc)}") from exc
+        return await super()._call(functools.partial(self._with_schema, fn))
+
+    def _store_error(self, exc: Exception) -> SessionStoreError | None:
+        if isinstance(exc, _UNAVAILABLE):
+            return StoreUnavailable(f"sql: {_short(exc)}")
+        if isinstance(exc, SQLAlchemyError):
+            return SessionStoreError(f"sql: {_short(exc)}")
+        return None
+
+    def _close_sync(self) -> None:
+        self.engine.dispose()
 
     def _with_schema(self, fn: Callable[[], T]) -> T:
         """Create the tables on first use, so the server starts while the DB is down."""
