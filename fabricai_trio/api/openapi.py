@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 from quart import Blueprint, Quart, Response, current_app, jsonify
 
@@ -72,6 +72,11 @@ class ConcurrencyStatus(BaseModel):
 
 
 class EngineStatus(BaseModel):
+    """Engine counters; `ENGINE=batched` adds its batching figures (`steps`,
+    `batch_size_last`, `batch_size_mean`, `batch_size_max`, prefix-cache counters...)."""
+
+    model_config = ConfigDict(extra="allow")
+
     tokens_generated: int
     slots: int
 

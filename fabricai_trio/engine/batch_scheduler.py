@@ -1,0 +1,454 @@
+"""Continuous-batching bookkeeping with no I/O: which sequence feeds which tokens each step.
+
+`BatchScheduler` knows nothing about trio or llama.cpp, so it is tested without a model.
+It owns the sequence ids of one llama.cpp context (`n_seq_max = slots + cache_slots`):
+
+* ids `0 .. slots-1` belong to running sequences. llama.cpp (non-unified KV) decodes a
+  batch in one pass only over *consecutive* sequence ids, so a running sequence is moved
+  down into a hole left by one that ended (`SeqCopy` + `SeqRemove`) when nobody waits to
+  fill it: one full-stream copy instead of an extra forward pass on every later step.
+* ids `slots ..` hold the prefix cache: the KV of finished sequences, keyed by their
+  tokens, least recently used first. A new prompt that shares at least `min_reuse_tokens`
+  with an entry starts from a copy of it and evaluates only the rest.
+
+Each `plan()` returns a `StepPlan`: KV operations to apply in order, then one batch (one
+token per decoding sequence, then prompt chunks of newly admitted sequences up to
+`prefill_tokens` in all, so a long prompt never stalls the decoding ones). `complete()`
+records what the step sampled. A sequence released at any time (finished, cancelled)
+gets its KV ops queued for the *next* plan, so the context is only ever touched by the
+step that applies a plan.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+class Phase(Enum):
+    WAITING = "waiting"  # no sequence id yet
+    PREFILL = "prefill"  # prompt partly evaluated
+    DECODE = "decode"  # sampling one token per step
+    DONE = "done"  # ended by itself or by `finish()`; waits for `release()`
+    FAILED = "failed"  # the step that carried it failed
+
+
+@dataclass(frozen=True, slots=True)
+class SeqRemove:
+    """Drop every KV cell of `seq_id`."""
+
+    seq_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeqCopy:
+    """Copy the whole KV stream `src` to `dst`, then drop positions >= `keep` in `dst`."""
+
+    src: int
+    dst: int
+    keep: int
+
+
+KvOp = SeqRemove | SeqCopy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchEntry:
+    """Tokens of one sequence in one step, at positions `pos ..`; `sample`: logits wanted."""
+
+    handle: int
+    seq_id: int
+    tokens: tuple[int, ...]
+    pos: int
+    sample: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepPlan:
+    ops: tuple[KvOp, ...]
+    entries: tuple[BatchEntry, ...]  # sorted by seq_id
+    released: tuple[int, ...]  # handles whose per-sequence state (sampler) can be freed
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e.tokens) for e in self.entries)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ops or self.entries or self.released)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """What a step produced for one sequence; `finish` is set when it ended by itself."""
+
+    handle: int
+    token: int
+    eog: bool
+    finish: FinishReason | None
+
+
+@dataclass(slots=True)
+class _Seq:
+    handle: int
+    prompt: tuple[int, ...]
+    max_tokens: int
+    phase: Phase = Phase.WAITING
+    seq_id: int | None = None
+    n_past: int = 0  # tokens of (prompt + generated) held in the KV cache
+    generated: list[int] = field(default_factory=list)
+    backlog: int = 0  # sampled tokens the consumer has not taken yet
+    reused: int = 0  # prompt tokens taken from the prefix cache
+
+    def tokens(self) -> tuple[int, ...]:
+        return (self.prompt + tuple(self.generated))[: self.n_past]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerStats:
+    steps: int
+    batch_tokens_last: int
+    batch_seqs_last: int
+    batch_seqs_mean: float
+    batch_seqs_max: int
+    prompt_tokens_evaluated: int
+    prompt_tokens_reused: int
+    prefix_hits: int
+    kv_copies: int
+    running: int
+    waiting: int
+    cached: int
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix (binary search on C-speed slice compares)."""
+    a, b = tuple(a), tuple(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class BatchScheduler:
+    """Sequences, their ids and the prefix cache; `plan()`/`complete()` bracket each step.
+
+    Not thread-safe: call it from one thread (the trio thread), never during the worker
+    step except `release()`/`finish()`/`consumed()`, which only queue work for `plan()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        slots: int,
+        cache_slots: int = 0,
+        prefill_tokens: int = 128,
+        max_backlog: int = 4,
+        min_reuse_tokens: int = 32,
+    ) -> None:
+        if slots < 1 or cache_slots < 0 or prefill_tokens < 1 or max_backlog < 1:
+            raise ValueError("slots, prefill_tokens and max_backlog must be >= 1")
+        self.slots = slots
+        self.cache_slots = cache_slots
+        self.prefill_tokens = prefill_tokens
+        self.max_backlog = max_backlog
+        self.min_reuse_tokens = max(1, min_reuse_tokens)
+        self._seqs: dict[int, _Seq] = {}
+        self._waiting: deque[int] = deque()
+        self._running: dict[int, int] = {}  # seq_id -> handle, ids < slots
+        self._cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # seq_id -> tokens, LRU
+        self._ops: list[KvOp] = []
+        self._released: list[int] = []
+        self._next_handle = 0
+        self._in_flight = False
+        # statistics
+        self._steps = 0
+        self._batch_tokens_last = 0
+        self._batch_seqs_last = 0
+        self._batch_seqs_sum = 0
+        self._batch_seqs_max = 0
+        self._prompt_evaluated = 0
+        self._prompt_reused = 0
+        self._prefix_hits = 0
+        self._copies = 0
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.slots + self.cache_slots
+
+    # --- sequences come and go ---
+
+    def add(self, prompt: Sequence[int], max_tokens: int) -> int:
+        """Register a sequence; it gets an id (and maybe a cached prefix) in a later plan."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        handle = self._next_handle
+        self._next_handle += 1
+        self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens)
+        self._waiting.append(handle)
+        return handle
+
+    def finish(self, handle: int) -> None:
+        """The consumer saw a stop string: decode no more for this sequence."""
+        seq = self._seqs.get(handle)
+        if seq is not None and seq.phase in (Phase.PREFILL, Phase.DECODE, Phase.WAITING):
+            seq.phase = Phase.DONE
+
+    def consumed(self, handle: int, n: int = 1) -> None:
+        seq = self._seqs.get(handle)
+        if seq is not None:
+            seq.backlog = max(0, seq.backlog - n)
+
+    def release(self, handle: int, *, cache: bool = True) -> None:
+        """The stream ended (any reason). Its KV goes to the prefix cache (if `cache` and it
+        can be reused) or is dropped; either way by the ops of the next plan."""
+        seq = self._seqs.pop(handle, None)
+        if seq is None:
+            return
+        self._released.append(handle)
+        if seq.seq_id is None:
+            self._waiting.remove(handle)
+            return
+        seq_id = seq.seq_id
+        del self._running[seq_id]
+        if cache and seq.phase is not Phase.FAILED:
+            self._park(seq_id, seq.tokens())
+        self._ops.append(SeqRemove(seq_id))
+
+    def _park(self, seq_id: int, tokens: tuple[int, ...]) -> None:
+        if self.cache_slots == 0 or len(tokens) < self.min_reuse_tokens:
+            return
+        target: int | None = None
+        for cid, cached in list(self._cache.items()):
+            n = common_prefix(cached, tokens)
+            if n == len(tokens):
+                self._cache.move_to_end(cid)  # the new one adds nothing
+                return
+            if n == len(cached) and target is None:
+                target = cid  # the cached one is a prefix of the new one: replace it
+        if target is None:
+            free = sorted(set(range(self.slots, self.n_seq_max)) - set(self._cache))
+            target = free[0] if free else next(iter(self._cache))  # else evict the LRU
+        self._cache.pop(target, None)
+        self._cache[target] = tokens
+        self._ops.append(SeqCopy(seq_id, target, len(tokens)))
+        self._copies += 1
+
+    # --- steps ---
+
+    def has_pending_ops(self) -> bool:
+        return bool(self._ops or self._released)
+
+    def needs_step(self) -> bool:
+        """True if a plan would do something (ops, a batch)."""
+        return not self._peek_empty()
+
+    def _peek_empty(self) -> bool:
+        if self._ops or self._released:
+            return False
+        if self._waiting and len(self._running) < self.slots:
+            return False
+        return not any(self._schedulable(s) for s in self._seqs.values())
+
+    def _schedulable(self, seq: _Seq) -> bool:
+        if seq.phase is Phase.PREFILL:
+            return True
+        return seq.phase is Phase.DECODE and seq.backlog < self.max_backlog
+
+    def plan(self, *, ops_only: bool = False) -> StepPlan:
+        """Admit waiting sequences, compact ids, build the batch. `ops_only`: KV ops only."""
+        if self._in_flight:
+            raise RuntimeError("a step is already in flight")
+        entries: list[BatchEntry] = []
+        if not ops_only:
+            self._admit()
+            self._compact()
+            entries = self._build_batch()
+        plan = StepPlan(ops=tuple(self._ops), entries=tuple(entries),
+                        released=tuple(self._released))
+        self._ops.clear()
+        self._released.clear()
+        self._in_flight = True
+        return plan
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.slots:
+            handle = self._waiting.popleft()
+            seq = self._seqs[handle]
+            seq_id = min(set(range(self.slots)) - set(self._running))
+            self._running[seq_id] = handle
+            seq.seq_id = seq_id
+            seq.phase = Phase.PREFILL if seq.phase is Phase.WAITING else seq.phase
+            best_id, best = None, 0
+            for cid, cached in self._cache.items():
+                n = common_prefix(cached, seq.prompt)
+                if n > best:
+                    best_id, best = cid, n
+            keep = min(best, len(seq.prompt) - 1)
+            if best_id is not None and keep >= self.min_reuse_tokens:
+                self._cache.move_to_end(best_id)
+                self._ops.append(SeqCopy(best_id, seq_id, keep))
+                seq.n_past = seq.reused = keep
+                self._prompt_reused += keep
+                self._prefix_hits += 1
+                self._copies += 1
+
+    def _compact(self) -> None:
+        """Move the highest live sequences down into holes, so ids stay consecutive.
+
+        Sequences that are done (waiting for their consumer to release them) stay put:
+        they leave soon, and copying them would be wasted.
+        """
+        while True:
+            live = [i for i, h in self._running.items()
+                    if self._seqs[h].phase in (Phase.PREFILL, Phase.DECODE)]
+            if not live:
+                return
+            src = max(live)
+            holes = sorted(set(range(src)) - set(self._running))
+            if not holes:
+                return
+            dst = holes[0]
+            handle = self._running.pop(src)
+            seq = self._seqs[handle]
+            self._ops += [SeqCopy(src, dst, seq.n_past), SeqRemove(src)]
+            self._copies += 1
+            self._running[dst] = handle
+            seq.seq_id = dst
+
+    def _build_batch(self) -> list[BatchEntry]:
+        entries: list[BatchEntry] = []
+        budget = self.prefill_tokens
+        by_id = sorted(self._running.items())
+        for _, handle in by_id:
+            seq = self._seqs[handle]
+            if seq.phase is Phase.DECODE and seq.backlog < self.max_backlog:
+                assert seq.seq_id is not None
+                entries.append(BatchEntry(handle=handle, seq_id=seq.seq_id,
+                                          tokens=(seq.generated[-1],), pos=seq.n_past,
+                                          sample=True))
+        # Prompt chunks in arrival order (handles grow with time).
+        for handle in sorted(h for _, h in by_id):
+            seq = self._seqs[handle]
+            if seq.phase is not Phase.PREFILL or budget == 0:
+                continue
+            assert seq.seq_id is not None
+            chunk = seq.prompt[seq.n_past : seq.n_past + budget]
+            budget -= len(chunk)
+            last = seq.n_past + len(chunk) == len(seq.prompt)
+            entries.append(BatchEntry(handle=handle, seq_id=seq.seq_id, tokens=chunk,
+                                      pos=seq.n_past, sample=last))
+        entries.sort(key=lambda e: e.seq_id)
+        return entries
+
+    def complete(self, plan: StepPlan, sampled: Mapping[int, tuple[int, bool]]) -> list[Sampled]:
+        """Record a finished step: `sampled[handle] = (token, is_end_of_generation)`."""
+        self._in_flight = False
+        self._record_stats(plan)
+        out: list[Sampled] = []
+        for entry in plan.entries:
+            seq = self._seqs.get(entry.handle)
+            if seq is None:  # released while the step ran; its KV is already queued to go
+                continue
+            seq.n_past = entry.pos + len(entry.tokens)
+            if seq.phase is Phase.PREFILL:
+                self._prompt_evaluated += len(entry.tokens)
+            if not entry.sample or seq.phase not in (Phase.PREFILL, Phase.DECODE):
+                continue
+            token, eog = sampled[entry.handle]
+            seq.generated.append(token)
+            seq.backlog += 1
+            finish: FinishReason | None = None
+            if eog:
+                finish = "stop"
+            elif len(seq.generated) >= seq.max_tokens:
+                finish = "length"
+            seq.phase = Phase.DONE if finish else Phase.DECODE
+            out.append(Sampled(entry.handle, token, eog, finish))
+        return out
+
+    def fail(self, plan: StepPlan) -> list[int]:
+        """The step failed: every sequence it carried fails; their KV is dropped."""
+        self._in_flight = False
+        failed = []
+        for entry in plan.entries:
+            seq = self._seqs.get(entry.handle)
+            if seq is not None:
+                seq.phase = Phase.FAILED
+                failed.append(entry.handle)
+        return failed
+
+    def abort(self) -> None:
+        """The step raised before it ran; allow the next plan."""
+        self._in_flight = False
+
+    # --- introspection ---
+
+    def phase(self, handle: int) -> Phase | None:
+        seq = self._seqs.get(handle)
+        return None if seq is None else seq.phase
+
+    def seq_id(self, handle: int) -> int | None:
+        seq = self._seqs.get(handle)
+        return None if seq is None else seq.seq_id
+
+    def reused(self, handle: int) -> int:
+        seq = self._seqs.get(handle)
+        return 0 if seq is None else seq.reused
+
+    def n_generated(self, handle: int) -> int:
+        seq = self._seqs.get(handle)
+        return 0 if seq is None else len(seq.generated)
+
+    def generated(self, handle: int) -> list[int]:
+        seq = self._seqs.get(handle)
+        return [] if seq is None else list(seq.generated)
+
+    def running_ids(self) -> dict[int, int]:
+        return dict(self._running)
+
+    def cached(self) -> dict[int, tuple[int, ...]]:
+        """Prefix cache, least recently used first."""
+        return dict(self._cache)
+
+    def _record_stats(self, plan: StepPlan) -> None:
+        if not plan.entries:
+            return
+        self._steps += 1
+        n = len(plan.entries)
+        self._batch_tokens_last = plan.n_tokens
+        self._batch_seqs_last = n
+        self._batch_seqs_sum += n
+        self._batch_seqs_max = max(self._batch_seqs_max, n)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            steps=self._steps,
+            batch_tokens_last=self._batch_tokens_last,
+            batch_seqs_last=self._batch_seqs_last,
+            batch_seqs_mean=round(self._batch_seqs_sum / self._steps, 3) if self._steps else 0.0,
+            batch_seqs_max=self._batch_seqs_max,
+            prompt_tokens_evaluated=self._prompt_evaluated,
+            prompt_tokens_reused=self._prompt_reused,
+            prefix_hits=self._prefix_hits,
+            kv_copies=self._copies,
+            running=len(self._running),
+            waiting=len(self._waiting),
+            cached=len(self._cache),
+        )
+
+
+def runs(ids: Iterable[int]) -> int:
+    """Number of runs of consecutive ids (llama.cpp forward passes for one batch)."""
+    s = sorted(set(ids))
+    return sum(1 for i, x in enumerate(s) if i == 0 or s[i - 1] != x - 1)

@@ -1,0 +1,241 @@
+"""The llama.cpp side of the batched engine: one model, one context, one step at a time.
+
+`BatchRunner.run()` applies one `StepPlan` (KV ops, one `llama_decode`, one sample per
+sequence that asked for logits) and is the only code that touches the context. The
+engine calls it through `trio.to_thread.run_sync`, one call at a time, and never
+abandons it, so the context is never used from two threads.
+
+The context has one KV stream per sequence id (`kv_unified=false`): a sequence's
+attention spans only its own cells, parked prefix-cache entries cost no compute, and a
+copy between ids is a full-stream copy (the only kind llama.cpp supports across streams).
+`swa_full` stays on (the llama.cpp default, as `LlamaEngine` uses), so a copied prefix
+is always complete for Gemma's sliding-window layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from .base import EngineError, ModelLoadError
+from .batch_scheduler import SeqCopy, SeqRemove, StepPlan
+
+RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
+PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size` default, as LlamaEngine has
+MIN_P = 0.05  # Llama.generate defaults, kept so sampled output matches LlamaEngine
+TYPICAL_P = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    repeat_penalty: float
+    seed: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepResult:
+    sampled: dict[int, tuple[int, bool]]  # handle -> (token, end of generation)
+    pieces: dict[int, bytes]  # handle -> the token's text bytes ("" for EOG)
+    error: str | None = None
+    margins: dict[int, float] | None = None  # top-1 minus top-2 logit, if recorded
+    kv: dict[int, tuple[int, int]] | None = None  # `kv_positions()` after the step, if asked
+
+
+class BatchRunner:
+    """Owns the llama model, context, batch and samplers; every method is blocking."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_seq_max: int,
+        n_ctx_seq: int,
+        n_batch: int,
+        n_outputs: int,
+        n_threads: int,
+    ) -> None:
+        if n_seq_max > llama_cpp.llama_max_parallel_sequences():
+            raise ModelLoadError(
+                f"MAX_CONCURRENT_REQUESTS + PREFIX_CACHE_SEQUENCES = {n_seq_max} exceeds "
+                f"llama.cpp's {llama_cpp.llama_max_parallel_sequences()} sequences"
+            )
+        _quiet_llama_logs()
+        mparams = llama_cpp.llama_model_default_params()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"LLM_MODEL: cannot load {path}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx_seq * n_seq_max
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_outputs_max = max(n_outputs, n_seq_max)  # llama.cpp reserves n_seq_max
+        cparams.n_outputs_max_per_seq = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.kv_unified = False
+        cparams.swa_full = True
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as LlamaEngine
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise ModelLoadError(f"cannot create a llama.cpp context for {path}")
+        self._model = model
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._samplers: dict[int, Any] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.n_seq_max = n_seq_max
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)
+        self.record_margins = False  # tests: how close each greedy pick was to a tie
+
+    # --- one step ---
+
+    def run(
+        self, plan: StepPlan, sampling: Mapping[int, Sampling], *, snapshot: bool = False
+    ) -> StepResult:
+        """Apply the plan's KV ops, decode its batch once, sample. Never raises for a
+        failed decode: the result carries the error and the KV is as llama.cpp left it.
+        `snapshot`: also report which sequence ids hold cells afterwards."""
+        result = self._run(plan, sampling)
+        if snapshot:
+            return StepResult(sampled=result.sampled, pieces=result.pieces, error=result.error,
+                              margins=result.margins, kv=self.kv_positions())
+        return result
+
+    def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling]) -> StepResult:
+        for handle in plan.released:
+            chain = self._samplers.pop(handle, None)
+            if chain is not None:
+                llama_cpp.llama_sampler_free(chain)
+        for op in plan.ops:
+            if isinstance(op, SeqCopy):
+                llama_cpp.llama_memory_seq_cp(self._mem, op.src, op.dst, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self._mem, op.dst, op.keep, -1)
+            elif isinstance(op, SeqRemove):
+                llama_cpp.llama_memory_seq_rm(self._mem, op.seq_id, -1, -1)
+        if not plan.entries:
+            return StepResult(sampled={}, pieces={})
+        batch = self._batch
+        n = 0
+        out_index: dict[int, int] = {}
+        for entry in plan.entries:
+            for k, token in enumerate(entry.tokens):
+                batch.token[n] = token
+                batch.pos[n] = entry.pos + k
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = entry.seq_id
+                batch.logits[n] = 0
+                n += 1
+            if entry.sample:
+                batch.logits[n - 1] = 1
+                out_index[entry.handle] = n - 1
+        if n > self._n_batch:
+            return StepResult(sampled={}, pieces={}, error=f"batch of {n} tokens > {self._n_batch}")
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            return StepResult(sampled={}, pieces={}, error=f"llama_decode returned {rc}")
+        sampled: dict[int, tuple[int, bool]] = {}
+        pieces: dict[int, bytes] = {}
+        margins: dict[int, float] | None = {} if self.record_margins else None
+        for handle, index in out_index.items():
+            if margins is not None:
+                margins[handle] = self._margin(index)
+            chain = self._samplers.get(handle)
+            if chain is None:
+                chain = self._samplers[handle] = self._new_chain(sampling[handle])
+            token = int(llama_cpp.llama_sampler_sample(chain, self._ctx, index))
+            eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+            sampled[handle] = (token, eog)
+            pieces[handle] = b"" if eog else self._piece(token)
+        return StepResult(sampled=sampled, pieces=pieces, margins=margins)
+
+    def _margin(self, index: int) -> float:
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
+        )
+        top2 = np.partition(logits, -2)[-2:]
+        return float(top2[1] - top2[0])
+
+    def _new_chain(self, s: Sampling) -> Any:
+        """The same chain `Llama.generate` builds, so output matches `LlamaEngine`."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        if s.repeat_penalty > 1.0 and (s.temperature == 0 or s.top_k > 0):
+            # The penalty scan over the whole vocabulary (262k for Gemma) costs ~2 ms a
+            # token. It only lowers the logits of at most PENALTY_LAST_N distinct tokens,
+            # so the top (k + PENALTY_LAST_N) candidates hold every token the later
+            # top-k (or greedy) can pick, in the same order: prefiltering changes nothing.
+            keep = PENALTY_LAST_N + (1 if s.temperature == 0 else s.top_k)
+            add(llama_cpp.llama_sampler_init_top_k(keep))
+        add(llama_cpp.llama_sampler_init_penalties(
+            self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0))
+        seed = RANDOM_SEED if s.seed is None else s.seed
+        if s.temperature < 0:
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        elif s.temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(s.top_k))
+            add(llama_cpp.llama_sampler_init_typical(TYPICAL_P, 1))
+            add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+            add(llama_cpp.llama_sampler_init_temp(s.temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _piece(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    # --- introspection and teardown ---
+
+    def kv_positions(self) -> dict[int, tuple[int, int]]:
+        """(pos_min, pos_max) of every sequence id that holds cells."""
+        out = {}
+        for seq_id in range(self.n_seq_max):
+            hi = llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)
+            if hi >= 0:
+                out[seq_id] = (llama_cpp.llama_memory_seq_pos_min(self._mem, seq_id), hi)
+        return out
+
+    def close(self) -> None:
+        for chain in self._samplers.values():
+            llama_cpp.llama_sampler_free(chain)
+        self._samplers.clear()
+        if self._ctx is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+
+def _quiet_llama_logs() -> None:
+    """What `Llama(verbose=False)` does: llama.cpp logs errors only (process-wide)."""
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
+    if prompt_tokens + max_tokens > n_ctx:
+        raise EngineError("prompt and max_tokens do not fit the context window")

@@ -1,0 +1,368 @@
+"""`BatchedEngine`: continuous batching over ONE llama.cpp context (`ENGINE=batched`).
+
+Every running generation is a sequence of one context (`n_seq_max = slots + prefix
+cache`). Each step decodes one batch holding one token of every decoding sequence plus
+prompt chunks of newly admitted ones, so N streams cost about one forward pass per token
+instead of N. `BatchScheduler` (pure) decides what goes into a step; `BatchRunner`
+(llama.cpp calls) runs it in a worker thread; this module is the trio glue.
+
+Who drives the steps: the streams themselves, no background task. A `generate_stream`
+that needs a token and finds no step in flight runs the next step (for every sequence)
+in a worker thread; the others wait for that step's `trio.Event`. So the only thread
+that touches the context belongs to a request task, steps never overlap, there is no
+task without a parent, and the app needs no extra wiring. The step's thread call is
+shielded: if its task is cancelled, the step still finishes and its tokens still reach
+every other stream, then `Cancelled` propagates.
+
+Cancellation of a stream takes effect between two steps: its sequence is released at
+once (so the next step no longer carries it), and before `aclose()` returns the KV ops
+that free its cells (or park them in the prefix cache) have been applied, waiting at
+most for the step in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import llama_cpp
+import trio
+
+from ..api.schemas import ChatMessage
+from ..settings import Settings
+from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish, ModelLoadError
+from .batch_scheduler import BatchScheduler, Sampled, StepPlan
+from .batch_step import BatchRunner, Sampling, StepResult, check_fits
+from .chat import ChatTemplate
+from .model_files import EMBEDDED_ALIAS, EMBEDDED_CHAT_FORMAT, resolve_model_path
+from .textstream import TextAssembler
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG = 4  # tokens decoded ahead of a slow consumer before its sequence pauses
+
+
+@dataclass(frozen=True, slots=True)
+class KvSnapshot:
+    """Which sequence ids hold KV cells after a step, and who owned ids at its plan."""
+
+    cells: dict[int, tuple[int, int]]  # seq_id -> (pos_min, pos_max)
+    running: frozenset[int]  # ids of running sequences when the step was planned
+    cached: dict[int, tuple[int, ...]]  # prefix-cache ids and their tokens after the step
+
+
+@dataclass(eq=False)
+class _Stream:
+    """The trio side of one sequence: text assembly and the items not yet yielded."""
+
+    handle: int
+    assembler: TextAssembler
+    items: deque[Chunk | Finish] = field(default_factory=deque)
+    error: str | None = None  # the step carrying it failed
+
+
+class BatchedEngine:
+    """Continuous batching on one context, with a prefix cache of finished sequences."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._slots = settings.max_concurrent_requests
+        self._scheduler = BatchScheduler(
+            slots=self._slots,
+            cache_slots=settings.prefix_cache_sequences,
+            prefill_tokens=settings.prefill_chunk_tokens,
+            max_backlog=MAX_BACKLOG,
+        )
+        self._path: Path | None = None
+        self._vocab: llama_cpp.Llama | None = None
+        self._template: ChatTemplate | None = None
+        self._runner: BatchRunner | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._sampling: dict[int, Sampling] = {}
+        self._stepping = False
+        self._plans_started = 0
+        self._plans_done = 0
+        self._snapshot_requests: list[list[KvSnapshot]] = []
+        self._step_done = trio.Event()
+        self._changed = trio.Event()  # something a blocked step could be waiting for
+        self._tokens_generated = 0
+        self._loaded = False
+
+    # --- lifecycle ---
+
+    async def load(self) -> None:
+        """Tokenizer (a vocab-only `Llama`) and the `BatchRunner` (model + one context),
+        each in a worker thread. If cancelled, the load in progress finishes in its
+        thread and is then dropped."""
+        s = self._settings
+        path = await trio.to_thread.run_sync(resolve_model_path, s.llm_model, s.model_cache_dir)
+        self._path = path
+        vocab = await trio.to_thread.run_sync(self._open_vocab, path)
+        chat_format = s.chat_format or (EMBEDDED_CHAT_FORMAT if s.llm_model is None else None)
+        self._template = ChatTemplate.select(
+            chat_format,
+            vocab.metadata,
+            bos=_piece(vocab, vocab.token_bos()),
+            eos=_piece(vocab, vocab.token_eos()),
+        )
+        self._vocab = vocab
+        sched = self._scheduler
+        self._runner = await trio.to_thread.run_sync(
+            partial(
+                BatchRunner,
+                path,
+                n_seq_max=sched.n_seq_max,
+                n_ctx_seq=s.n_ctx,
+                n_batch=sched.prefill_tokens + self._slots,
+                n_outputs=sched.n_seq_max,
+                n_threads=s.n_threads,
+            )
+        )
+        self._loaded = True
+        log.info(
+            "model %s loaded (batched): %d slot(s) + %d prefix-cache sequence(s), n_ctx %d each",
+            path.name, self._slots, sched.cache_slots, s.n_ctx,
+        )
+
+    def _open_vocab(self, path: Path) -> llama_cpp.Llama:
+        try:
+            return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
+
+    async def aclose(self) -> None:
+        """Free the model; waits for the step in flight. Streams still open then fail."""
+        self._loaded = False
+        while self._stepping:
+            await self._step_done.wait()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await trio.to_thread.run_sync(runner.close)
+        if self._vocab is not None:
+            await trio.to_thread.run_sync(self._vocab.close)
+            self._vocab = None
+        self._changed.set()
+
+    # --- metadata and text ---
+
+    def info(self) -> EngineInfo:
+        s = self._settings
+        name = s.model_alias or (
+            EMBEDDED_ALIAS if s.llm_model is None else (self._path or Path("model")).stem
+        )
+        st = self._scheduler.stats()
+        return EngineInfo(
+            model=name,
+            model_path=str(self._path) if self._path else None,
+            n_ctx=s.n_ctx,
+            slots=self._slots,
+            chat_format=self._template.name if self._template else None,
+            loaded=self._loaded,
+            tokens_generated=self._tokens_generated,
+            extra={
+                "backend": "batched",
+                "steps": st.steps,
+                "batch_size_last": st.batch_seqs_last,
+                "batch_size_mean": st.batch_seqs_mean,
+                "batch_size_max": st.batch_seqs_max,
+                "batch_tokens_last": st.batch_tokens_last,
+                "running": st.running,
+                "waiting": st.waiting,
+                "prefix_cache_entries": st.cached,
+                "prefix_cache_hits": st.prefix_hits,
+                "prompt_tokens_evaluated": st.prompt_tokens_evaluated,
+                "prompt_tokens_reused": st.prompt_tokens_reused,
+                "kv_copies": st.kv_copies,
+            },
+        )
+
+    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        vocab = self._require_vocab()
+        return await trio.to_thread.run_sync(
+            partial(vocab.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
+        )
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        if self._template is None:
+            raise EngineError("the model is not loaded")
+        return self._template.render(messages)
+
+    def _require_vocab(self) -> llama_cpp.Llama:
+        if self._vocab is None:
+            raise EngineError("the model is not loaded")
+        return self._vocab
+
+    # --- generation ---
+
+    async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
+        """Decode with every other running stream; see the module doc for cancellation."""
+        if not self._loaded:
+            raise EngineError("the model is not loaded")
+        check_fits(len(request.prompt_tokens), request.max_tokens, self._settings.n_ctx)
+        if not request.prompt_tokens:
+            raise EngineError("empty prompt")
+        handle = self._scheduler.add(request.prompt_tokens, request.max_tokens)
+        stream = _Stream(handle, TextAssembler(request.stop))
+        self._streams[handle] = stream
+        self._sampling[handle] = Sampling(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            repeat_penalty=request.repeat_penalty,
+            seed=request.seed,
+        )
+        self._poke()
+        try:
+            while True:
+                item = await self._next_item(stream)
+                yield item
+                if isinstance(item, Finish):
+                    return
+        finally:
+            del self._streams[handle]
+            self._sampling.pop(handle, None)
+            self._scheduler.release(handle, cache=stream.error is None)
+            self._poke()
+            with trio.CancelScope(shield=True):
+                await self._flush_ops(self._plans_started + 1)
+
+    async def _next_item(self, stream: _Stream) -> Chunk | Finish:
+        """The stream's next item, running or awaiting steps until there is one.
+
+        Checks for cancellation first: a stream that has tokens buffered, or that runs
+        the (shielded) steps itself, would otherwise never reach a cancellation point.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not stream.items:
+            if stream.error is not None:
+                raise EngineError(stream.error)
+            if not self._loaded or self._runner is None:
+                raise EngineError("the engine is closed")
+            if self._stepping:
+                await self._step_done.wait()
+            elif self._scheduler.needs_step():
+                await self._step()
+            else:
+                # Nothing can run (every other sequence waits for its consumer, or no
+                # id is free): wait until a consumer takes a token or a stream ends.
+                if self._changed.is_set():
+                    self._changed = trio.Event()
+                await self._changed.wait()
+        item = stream.items.popleft()
+        if isinstance(item, Chunk) and item.tokens:
+            self._scheduler.consumed(stream.handle, item.tokens)
+            self._poke()
+        return item
+
+    async def _flush_ops(self, plan_number: int) -> None:
+        """Return once plan `plan_number` (which carries the ops just queued: every plan
+        takes all pending ops) has run: by another stream's step, or an ops-only one."""
+        while self._plans_done < plan_number and self._runner is not None:
+            if self._stepping:
+                await self._step_done.wait()
+            else:
+                await self._step(ops_only=True)
+
+    async def _step(self, *, ops_only: bool = False) -> None:
+        """Plan, run in a worker thread (shielded: never abandoned), deliver. Only one at
+        a time; the caller checked `self._stepping` is False without a checkpoint since."""
+        runner = self._runner
+        assert runner is not None and not self._stepping
+        self._stepping = True
+        done = self._step_done = trio.Event()
+        plan = self._scheduler.plan(ops_only=ops_only)
+        self._plans_started += 1
+        snapshots, self._snapshot_requests = self._snapshot_requests, []
+        running = frozenset(self._scheduler.running_ids())
+        try:
+            sampling = {e.handle: self._sampling[e.handle]
+                        for e in plan.entries if e.sample and e.handle in self._sampling}
+            try:
+                with trio.CancelScope(shield=True):
+                    result = await trio.to_thread.run_sync(
+                        partial(runner.run, plan, sampling, snapshot=bool(snapshots))
+                    )
+            except BaseException as exc:
+                self._fail(plan, f"decode failed: {exc!r}")
+                raise
+            self._deliver(plan, result)
+            if result.kv is not None:
+                snap = KvSnapshot(result.kv, running, self._scheduler.cached())
+                for box in snapshots:
+                    box.append(snap)
+        finally:
+            if snapshots and not snapshots[0]:
+                self._snapshot_requests += snapshots  # the step failed: the next one serves
+            self._plans_done = self._plans_started
+            self._stepping = False
+            done.set()
+
+    def _deliver(self, plan: StepPlan, result: StepResult) -> None:
+        """Turn sampled tokens into each stream's items (synchronous: no checkpoint)."""
+        if result.error is not None:
+            log.error("batched step failed: %s", result.error)
+            self._fail(plan, result.error)
+            return
+        for sampled in self._scheduler.complete(plan, result.sampled):
+            stream = self._streams.get(sampled.handle)
+            if stream is None:
+                continue
+            self._tokens_generated += 1
+            self._emit(stream, sampled, result.pieces.get(sampled.handle, b""))
+
+    def _emit(self, stream: _Stream, sampled: Sampled, piece: bytes) -> None:
+        """Mirror `LlamaEngine`: one Chunk per token; EOG counts as a completion token."""
+        produced = self._scheduler.n_generated(stream.handle)
+        items = stream.items
+        if sampled.eog:
+            items += [Chunk(stream.assembler.flush(), 1), Finish("stop", produced)]
+            return
+        text = stream.assembler.feed(piece)
+        if stream.assembler.stopped:
+            self._scheduler.finish(stream.handle)
+            items += [Chunk(text, 1), Finish("stop", produced)]
+            return
+        items.append(Chunk(text, 1))
+        if sampled.finish == "length":
+            items += [Chunk(stream.assembler.flush(), 0), Finish("length", produced)]
+
+    def _fail(self, plan: StepPlan, message: str) -> None:
+        for handle in self._scheduler.fail(plan):
+            stream = self._streams.get(handle)
+            if stream is not None:
+                stream.error = message
+
+    def _poke(self) -> None:
+        self._changed.set()
+
+    # --- test and status helpers ---
+
+    async def kv_snapshot(self) -> KvSnapshot:
+        """The KV cells after the next step (another stream's, or an ops-only one run
+        here), which applies every KV op queued so far. For tests and debugging."""
+        box: list[KvSnapshot] = []
+        self._snapshot_requests.append(box)
+        while not box and self._runner is not None:
+            if self._stepping:
+                await self._step_done.wait()
+            else:
+                with trio.CancelScope(shield=True):
+                    await self._step(ops_only=True)
+        if not box:
+            raise EngineError("the engine is closed")
+        return box[0]
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        return self._scheduler
+
+
+def _piece(vocab: llama_cpp.Llama, token: int) -> str:
+    if token < 0:
+        return ""
+    return vocab.detokenize([token], special=True).decode("utf-8", errors="replace")
+

@@ -1,0 +1,322 @@
+"""The continuous-batching scheduler, with no model: plans checked against a fake KV cache.
+
+`FakeKV` applies a plan the way `BatchRunner` does (ops in order, then the batch) and
+checks that every batch entry continues exactly the tokens its sequence id holds, so the
+id juggling (compaction, prefix-cache copies, releases mid-step) is verified end to end.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fabricai_trio.engine.batch_scheduler import (
+    BatchScheduler,
+    Phase,
+    Sampled,
+    SeqCopy,
+    SeqRemove,
+    StepPlan,
+    common_prefix,
+    runs,
+)
+
+EOG = -1
+
+
+class FakeKV:
+    """Token lists per sequence id; `run()` mimics BatchRunner.run and samples tokens."""
+
+    def __init__(self, n_seq: int) -> None:
+        self.cells: dict[int, list[int]] = {i: [] for i in range(n_seq)}
+        self.next_token = 1000
+
+    def apply(
+        self, plan: StepPlan, *, eog: frozenset[int] = frozenset()
+    ) -> dict[int, tuple[int, bool]]:
+        for op in plan.ops:
+            if isinstance(op, SeqCopy):
+                self.cells[op.dst] = list(self.cells[op.src][: op.keep])
+            else:
+                self.cells[op.seq_id] = []
+        ids = [e.seq_id for e in plan.entries]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        sampled = {}
+        for e in plan.entries:
+            assert len(self.cells[e.seq_id]) == e.pos, "entry does not continue its KV"
+            self.cells[e.seq_id] += e.tokens
+            if e.sample:
+                self.next_token += 1
+                sampled[e.handle] = (self.next_token, e.handle in eog)
+        return sampled
+
+
+def step(s: BatchScheduler, kv: FakeKV, **kw: frozenset[int]) -> tuple[StepPlan, list[Sampled]]:
+    plan = s.plan()
+    return plan, s.complete(plan, kv.apply(plan, **kw))
+
+
+def test_prefill_in_chunks_then_one_token_per_step_until_length() -> None:
+    s, kv = BatchScheduler(slots=2, prefill_tokens=4), FakeKV(2)
+    h = s.add(list(range(10)), max_tokens=3)
+    plans = [step(s, kv) for _ in range(5)]
+    assert [p.entries[0].tokens for p, _ in plans[:3]] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+    assert [p.entries[0].sample for p, _ in plans[:3]] == [False, False, True]
+    sampled = [out[0] for _, out in plans[2:]]
+    assert [x.finish for x in sampled] == [None, None, "length"]
+    # Each decode step feeds the previously sampled token at the next position.
+    assert plans[3][0].entries[0].tokens == (sampled[0].token,)
+    assert plans[3][0].entries[0].pos == 10
+    assert s.phase(h) is Phase.DONE
+    assert not s.needs_step() or s.plan().entries == ()
+
+
+def test_end_of_generation_stops_and_is_not_fed_back() -> None:
+    s, kv = BatchScheduler(slots=1), FakeKV(1)
+    h = s.add([1, 2, 3], max_tokens=10)
+    _, out = step(s, kv, eog=frozenset({h}))
+    assert out[0].eog and out[0].finish == "stop"
+    assert s.phase(h) is Phase.DONE
+    s.release(h, cache=False)
+    plan = s.plan()
+    assert plan.entries == () and plan.ops == (SeqRemove(0),) and plan.released == (h,)
+
+
+def test_decoding_sequences_go_first_and_prefill_shares_one_budget() -> None:
+    s, kv = BatchScheduler(slots=4, prefill_tokens=5), FakeKV(4)
+    a = s.add([1, 2], max_tokens=50)
+    step(s, kv)  # a is decoding now
+    b = s.add(list(range(8)), max_tokens=50)
+    c = s.add(list(range(8)), max_tokens=50)
+    plan, _ = step(s, kv)
+    by_handle = {e.handle: e for e in plan.entries}
+    assert len(by_handle[a].tokens) == 1  # decoding streams never wait for a prompt
+    assert len(by_handle[b].tokens) == 5 and c not in by_handle  # the prompt budget is 5
+    plan, _ = step(s, kv)
+    by_handle = {e.handle: e for e in plan.entries}
+    assert len(by_handle[a].tokens) == 1
+    assert by_handle[b].tokens == (5, 6, 7) and by_handle[b].sample
+    assert by_handle[c].tokens == (0, 1) and not by_handle[c].sample
+    assert plan.n_tokens == 1 + 5
+
+
+def test_join_and_leave_between_steps_with_a_step_in_flight() -> None:
+    s, kv = BatchScheduler(slots=2), FakeKV(2)
+    a = s.add([1, 2, 3], max_tokens=50)
+    b = s.add([4, 5, 6], max_tokens=50)
+    step(s, kv)
+    plan = s.plan()
+    # While the step runs: b is cancelled, c arrives.
+    s.release(b, cache=False)
+    c = s.add([7, 8], max_tokens=50)
+    with pytest.raises(RuntimeError):
+        s.plan()
+    out = s.complete(plan, kv.apply(plan))
+    assert [x.handle for x in out] == [a]  # b's token is dropped
+    plan, _ = step(s, kv)
+    assert SeqRemove(1) in plan.ops
+    assert plan.ops == (SeqRemove(1),)  # before c's prompt lands in id 1
+    assert {e.handle: e.seq_id for e in plan.entries} == {a: 0, c: 1}
+
+
+def test_more_sequences_than_slots_wait_for_an_id() -> None:
+    s, kv = BatchScheduler(slots=2), FakeKV(2)
+    hs = [s.add([i, i + 1], max_tokens=50) for i in range(3)]
+    plan, _ = step(s, kv)
+    assert {e.handle for e in plan.entries} == set(hs[:2])
+    assert s.phase(hs[2]) is Phase.WAITING and s.stats().waiting == 1
+    s.release(hs[0], cache=False)
+    plan, _ = step(s, kv)
+    assert s.seq_id(hs[2]) == 0 and hs[2] in {e.handle for e in plan.entries}
+
+
+def test_slow_consumer_pauses_its_sequence_only() -> None:
+    s, kv = BatchScheduler(slots=2, max_backlog=2), FakeKV(2)
+    fast = s.add([1, 2], max_tokens=50)
+    slow = s.add([3, 4], max_tokens=50)
+    for _ in range(4):
+        plan, _ = step(s, kv)
+        s.consumed(fast)
+    assert {e.handle for e in plan.entries} == {fast}
+    s.consumed(slow, 2)
+    plan, _ = step(s, kv)
+    assert {e.handle for e in plan.entries} == {fast, slow}
+
+
+def test_a_hole_is_compacted_so_ids_stay_consecutive() -> None:
+    s, kv = BatchScheduler(slots=4), FakeKV(4)
+    hs = [s.add([i, i + 1, i + 2], max_tokens=50) for i in range(4)]
+    step(s, kv)
+    s.release(hs[1], cache=False)
+    plan, _ = step(s, kv)
+    assert plan.ops == (SeqRemove(1), SeqCopy(3, 1, 3), SeqRemove(3))
+    assert sorted(e.seq_id for e in plan.entries) == [0, 1, 2]
+    assert runs(e.seq_id for e in plan.entries) == 1
+    assert kv.cells[1][:3] == [3, 4, 5]  # hs[3]'s prompt moved with it
+
+
+def test_a_waiting_sequence_fills_the_hole_instead_of_a_move() -> None:
+    s, kv = BatchScheduler(slots=2), FakeKV(2)
+    a, b, c = (s.add([i], max_tokens=50) for i in range(3))
+    step(s, kv)
+    s.release(a, cache=False)
+    plan, _ = step(s, kv)
+    assert plan.ops == (SeqRemove(0),)
+    assert s.seq_id(c) == 0 and s.seq_id(b) == 1
+
+
+def test_done_sequences_are_not_moved() -> None:
+    s, kv = BatchScheduler(slots=3), FakeKV(3)
+    a, b, c = (s.add([i, i], max_tokens=50) for i in range(3))
+    step(s, kv)
+    s.finish(c)  # waits for its consumer to release it
+    s.release(a, cache=False)
+    plan, _ = step(s, kv)
+    assert plan.ops == (SeqRemove(0), SeqCopy(1, 0, 2), SeqRemove(1))
+    assert {e.handle for e in plan.entries} == {b}
+
+
+PROMPT = tuple(range(100, 140))  # 40 tokens
+
+
+def test_prefix_cache_parks_then_reuses_a_finished_sequence() -> None:
+    s, kv = BatchScheduler(slots=1, cache_slots=2, prefill_tokens=64, min_reuse_tokens=8), FakeKV(3)
+    a = s.add(PROMPT, max_tokens=3)
+    for _ in range(3):
+        step(s, kv)
+    parked = PROMPT + tuple(s.generated(a)[:2])  # the last sampled token was never fed
+    s.release(a)
+    follow_up = (*parked, s.generated(a)[2] if s.generated(a) else 7, 1, 2, 3)
+    b = s.add(follow_up, max_tokens=2)
+    plan, _ = step(s, kv)
+    assert plan.ops[:2] == (SeqCopy(0, 1, len(parked)), SeqRemove(0))
+    assert plan.ops[2] == SeqCopy(1, 0, len(parked))
+    (entry,) = plan.entries
+    assert entry.pos == len(parked) and entry.tokens == follow_up[len(parked):]
+    assert s.reused(b) == len(parked)
+    assert s.stats().prompt_tokens_reused == len(parked) and s.stats().prefix_hits == 1
+    assert kv.cells[1] == list(parked)
+
+
+def test_identical_prompt_reuses_all_but_its_last_token() -> None:
+    s, kv = BatchScheduler(slots=1, cache_slots=1, prefill_tokens=64, min_reuse_tokens=8), FakeKV(2)
+    a = s.add(PROMPT, max_tokens=2)
+    step(s, kv)
+    step(s, kv)
+    s.release(a)
+    b = s.add(PROMPT, max_tokens=2)
+    plan, _ = step(s, kv)
+    assert plan.entries[0].pos == len(PROMPT) - 1 and plan.entries[0].sample
+    assert s.reused(b) == len(PROMPT) - 1
+
+
+def test_short_matches_and_short_sequences_are_not_cached() -> None:
+    s, kv = BatchScheduler(slots=1, cache_slots=2, min_reuse_tokens=8), FakeKV(3)
+    a = s.add([1, 2, 3], max_tokens=2)
+    step(s, kv)
+    s.release(a)
+    assert s.cached() == {}
+    b = s.add(PROMPT, max_tokens=1)
+    step(s, kv)
+    s.release(b)
+    assert list(s.cached().values()) == [PROMPT]
+    c = s.add((*PROMPT[:5], 9, 9, 9, 9, 9), max_tokens=1)
+    plan, _ = step(s, kv)
+    assert s.reused(c) == 0 and plan.entries[0].pos == 0
+
+
+def test_cache_evicts_least_recently_used_and_replaces_dominated_entries() -> None:
+    s, kv = BatchScheduler(slots=1, cache_slots=2, prefill_tokens=64, min_reuse_tokens=4), FakeKV(3)
+
+    def run(prompt: tuple[int, ...]) -> None:
+        h = s.add(prompt, max_tokens=1)
+        step(s, kv)
+        s.release(h)
+
+    p1, p2, p3 = (tuple(range(k, k + 10)) for k in (0, 100, 200))
+    run(p1)
+    run(p2)
+    assert list(s.cached().values()) == [p1, p2]
+    run((*p1, 5, 5))  # reuses p1, and its longer sequence replaces p1
+    assert list(s.cached().values()) == [p2, (*p1, 5, 5)]
+    run(p3)  # evicts p2, the least recently used
+    assert list(s.cached().values()) == [(*p1, 5, 5), p3]
+    plan = s.plan()
+    kv.apply(plan)
+    for cid, tokens in s.cached().items():
+        assert cid >= 1 and kv.cells[cid] == list(tokens)
+
+
+def test_failed_step_fails_its_sequences_and_they_are_not_cached() -> None:
+    s = BatchScheduler(slots=1, cache_slots=1, min_reuse_tokens=1)
+    a = s.add([1, 2, 3], max_tokens=5)
+    plan = s.plan()
+    assert s.fail(plan) == [a]
+    assert s.phase(a) is Phase.FAILED
+    s.release(a)
+    assert s.cached() == {}
+    assert s.plan().ops == (SeqRemove(0),)
+
+
+def test_helpers() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert runs([0, 1, 2, 5, 6, 9]) == 3 and runs([]) == 0
+    with pytest.raises(ValueError):
+        BatchScheduler(slots=1).add([], max_tokens=1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
+    """Random joins, cancels, stops and slow consumers; every step must continue exactly
+    the tokens each id holds, and cached entries must match their KV."""
+    rng = random.Random(seed)
+    slots, cache = rng.randint(1, 4), rng.randint(0, 3)
+    s = BatchScheduler(slots=slots, cache_slots=cache, prefill_tokens=rng.choice([3, 8, 64]),
+                       max_backlog=rng.randint(1, 3), min_reuse_tokens=rng.choice([1, 4]))
+    kv = FakeKV(slots + cache)
+    base = [rng.randrange(50) for _ in range(20)]
+    live: list[int] = []
+    prompts: dict[int, tuple[int, ...]] = {}
+    for _ in range(120):
+        r = rng.random()
+        if r < 0.25 and len(live) < slots + 2:
+            prompt = tuple(base[: rng.randint(1, 20)] + [rng.randrange(50) for _ in range(3)])
+            h = s.add(prompt, max_tokens=rng.randint(1, 8))
+            live.append(h)
+            prompts[h] = prompt
+        elif r < 0.35 and live:
+            h = live.pop(rng.randrange(len(live)))
+            s.release(h, cache=rng.random() < 0.7)
+        elif r < 0.4 and live:
+            s.finish(rng.choice(live))
+        if live and rng.random() < 0.5:
+            s.consumed(rng.choice(live), rng.randint(1, 2))
+        plan = s.plan()
+        released_mid_step = [h for h in live if rng.random() < 0.05]
+        for h in released_mid_step:
+            live.remove(h)
+            s.release(h)
+        eog = frozenset(h for h in live if rng.random() < 0.05)
+        s.complete(plan, kv.apply(plan, eog=eog))
+        running = s.running_ids()
+        assert all(0 <= i < slots for i in running)
+        for seq_id, h in running.items():
+            if s.phase(h) in (Phase.PREFILL, Phase.DECODE):
+                held = kv.cells[seq_id]
+                assert tuple(held) == (prompts[h] + tuple(s.generated(h)))[: len(held)]
+        for h in list(live):
+            if s.phase(h) is Phase.DONE and rng.random() < 0.5:
+                live.remove(h)
+                s.release(h)
+    for h in live:
+        s.release(h)
+    plan = s.plan(ops_only=True)
+    kv.apply(plan)
+    s.complete(plan, {})
+    assert s.running_ids() == {}
+    assert all(kv.cells[i] == [] for i in range(slots))
+    for cid, tokens in s.cached().items():
+        assert slots <= cid < slots + cache and kv.cells[cid] == list(tokens)
