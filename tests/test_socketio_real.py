@@ -296,3 +296,34 @@ def test_connect_needs_credentials_when_auth_is_on(model_path: Path, server_logs
         bearer = socketio.Client(reconnection=False)
         bearer.connect(proc.url, auth={"token": "k-two"}, transports=["polling"], wait_timeout=10)
         bearer.disconnect()
+
+
+def test_session_room_spans_server_processes(model_path: Path, server_logs: Path) -> None:
+    """Two servers on one Redis: a watcher on one sees a generation run on the other."""
+    from .redis_server import RedisServer
+
+    with RedisServer() as redis:
+        env = {"LLM_MODEL": str(model_path), "REDIS_URL": redis.url, "N_CTX": "1024",
+               "SESSION_AUTOCREATE": "true"}
+        with ServerProcess(env, log_dir=server_logs) as one, \
+                ServerProcess(env, log_dir=server_logs) as two:
+            writer = Recorder(two.url, ["websocket"])
+            watcher = Recorder(one.url, ["websocket"])
+            try:
+                assert "error" not in writer.prompt(prompt="Hi", session_id="x-proc",
+                                                    max_tokens=2)
+                assert writer.done.wait(30)
+                joined = watcher.client.call("join_session", {"session_id": "x-proc"},
+                                             timeout=10)
+                assert joined == {"session_id": "x-proc", "joined": True}
+                writer.done.clear()
+                writer.prompt(prompt="Again", session_id="x-proc", max_tokens=6,
+                              request_id="cross-2")
+                assert writer.done.wait(30) and watcher.done.wait(30)
+                assert {d["request_id"] for _, d in watcher.events} == {"cross-2"}
+                assert watcher.events[-1][1]["text"] == writer.events[-1][1]["text"]
+                tokens = [d for n, d in watcher.events if n == "inference_token"]
+                assert "".join(t["text"] for t in tokens) == watcher.events[-1][1]["text"]
+            finally:
+                writer.close()
+                watcher.close()

@@ -47,7 +47,11 @@ def error_payload(request_id: str | None, error: ApiError) -> dict[str, Any]:
 def create_socketio(state: AppState) -> SocketIOServer:
     """The app's Socket.IO server with the inference events registered."""
     settings = state.settings
-    pubsub = RedisPubSub(settings.redis_url) if settings.redis_url else None
+    pubsub = (
+        RedisPubSub(settings.redis_url, channel=f"{settings.redis_prefix}socketio")
+        if settings.redis_url
+        else None
+    )
     server = SocketIOServer(RealtimeConfig.from_settings(settings), pubsub=pubsub)
     InferenceEvents(server, state).register()
     return server
