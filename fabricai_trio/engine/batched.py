@@ -27,18 +27,15 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
-import llama_cpp
 import trio
 
 from ..api.schemas import ChatMessage
 from ..settings import Settings
-from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish, ModelLoadError
+from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish
 from .batch_scheduler import BatchScheduler, Sampled, StepPlan
 from .batch_step import BatchRunner, Sampling, StepResult, check_fits
-from .chat import ChatTemplate
-from .model_files import EMBEDDED_ALIAS, EMBEDDED_CHAT_FORMAT, resolve_model_path
+from .model_text import ModelText
 from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -77,9 +74,7 @@ class BatchedEngine:
             prefill_tokens=settings.prefill_chunk_tokens,
             max_backlog=MAX_BACKLOG,
         )
-        self._path: Path | None = None
-        self._vocab: llama_cpp.Llama | None = None
-        self._template: ChatTemplate | None = None
+        self._text = ModelText(settings)
         self._runner: BatchRunner | None = None
         self._streams: dict[int, _Stream] = {}
         self._sampling: dict[int, Sampling] = {}
@@ -99,17 +94,7 @@ class BatchedEngine:
         each in a worker thread. If cancelled, the load in progress finishes in its
         thread and is then dropped."""
         s = self._settings
-        path = await trio.to_thread.run_sync(resolve_model_path, s.llm_model, s.model_cache_dir)
-        self._path = path
-        vocab = await trio.to_thread.run_sync(self._open_vocab, path)
-        chat_format = s.chat_format or (EMBEDDED_CHAT_FORMAT if s.llm_model is None else None)
-        self._template = ChatTemplate.select(
-            chat_format,
-            vocab.metadata,
-            bos=_piece(vocab, vocab.token_bos()),
-            eos=_piece(vocab, vocab.token_eos()),
-        )
-        self._vocab = vocab
+        path = await self._text.load()
         sched = self._scheduler
         self._runner = await trio.to_thread.run_sync(
             partial(
@@ -128,12 +113,6 @@ class BatchedEngine:
             path.name, self._slots, sched.cache_slots, s.n_ctx,
         )
 
-    def _open_vocab(self, path: Path) -> llama_cpp.Llama:
-        try:
-            return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
-
     async def aclose(self) -> None:
         """Free the model; waits for the step in flight. Streams still open then fail."""
         self._loaded = False
@@ -142,25 +121,20 @@ class BatchedEngine:
         runner, self._runner = self._runner, None
         if runner is not None:
             await trio.to_thread.run_sync(runner.close)
-        if self._vocab is not None:
-            await trio.to_thread.run_sync(self._vocab.close)
-            self._vocab = None
+        await self._text.aclose()
         self._changed.set()
 
     # --- metadata and text ---
 
     def info(self) -> EngineInfo:
-        s = self._settings
-        name = s.model_alias or (
-            EMBEDDED_ALIAS if s.llm_model is None else (self._path or Path("model")).stem
-        )
+        text = self._text
         st = self._scheduler.stats()
         return EngineInfo(
-            model=name,
-            model_path=str(self._path) if self._path else None,
-            n_ctx=s.n_ctx,
+            model=text.name,
+            model_path=str(text.path) if text.path else None,
+            n_ctx=self._settings.n_ctx,
             slots=self._slots,
-            chat_format=self._template.name if self._template else None,
+            chat_format=text.template.name if text.template else None,
             loaded=self._loaded,
             tokens_generated=self._tokens_generated,
             extra={
@@ -181,20 +155,10 @@ class BatchedEngine:
         )
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        vocab = self._require_vocab()
-        return await trio.to_thread.run_sync(
-            partial(vocab.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
-        )
+        return await self._text.tokenize(text, add_bos=add_bos)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        if self._template is None:
-            raise EngineError("the model is not loaded")
-        return self._template.render(messages)
-
-    def _require_vocab(self) -> llama_cpp.Llama:
-        if self._vocab is None:
-            raise EngineError("the model is not loaded")
-        return self._vocab
+        return self._text.format_chat(messages)
 
     # --- generation ---
 
@@ -359,10 +323,3 @@ class BatchedEngine:
     @property
     def scheduler(self) -> BatchScheduler:
         return self._scheduler
-
-
-def _piece(vocab: llama_cpp.Llama, token: int) -> str:
-    if token < 0:
-        return ""
-    return vocab.detokenize([token], special=True).decode("utf-8", errors="replace")
-

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ import trio
 from ..api.schemas import ChatMessage
 from ..settings import Settings
 from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish, ModelLoadError
-from .chat import ChatTemplate
-from .model_files import EMBEDDED_ALIAS, EMBEDDED_CHAT_FORMAT, resolve_model_path
+from .model_text import ModelText
 from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -40,9 +38,7 @@ class LlamaEngine:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._slots = settings.max_concurrent_requests
-        self._path: Path | None = None
-        self._vocab: llama_cpp.Llama | None = None
-        self._template: ChatTemplate | None = None
+        self._text = ModelText(settings)
         self._contexts: list[llama_cpp.Llama] = []
         self._free_in, self._free_out = trio.open_memory_channel[llama_cpp.Llama](self._slots)
         self._tokens_generated = 0
@@ -52,30 +48,19 @@ class LlamaEngine:
 
     async def load(self) -> None:
         s = self._settings
-        path = await trio.to_thread.run_sync(resolve_model_path, s.llm_model, s.model_cache_dir)
-        self._path = path
-        vocab = await trio.to_thread.run_sync(self._open, path, True)
-        chat_format = s.chat_format or (EMBEDDED_CHAT_FORMAT if s.llm_model is None else None)
-        self._template = ChatTemplate.select(
-            chat_format,
-            vocab.metadata,
-            bos=_piece(vocab, vocab.token_bos()),
-            eos=_piece(vocab, vocab.token_eos()),
-        )
-        self._vocab = vocab
+        path = await self._text.load()
         for _ in range(self._slots):
-            ctx = await trio.to_thread.run_sync(self._open, path, False)
+            ctx = await trio.to_thread.run_sync(self._open, path)
             self._contexts.append(ctx)
             self._free_in.send_nowait(ctx)
         self._loaded = True
         log.info("model %s loaded: %d slot(s), n_ctx %d", path.name, self._slots, s.n_ctx)
 
-    def _open(self, path: Path, vocab_only: bool) -> llama_cpp.Llama:
+    def _open(self, path: Path) -> llama_cpp.Llama:
         s = self._settings
         try:
             return llama_cpp.Llama(
                 model_path=str(path),
-                vocab_only=vocab_only,
                 n_ctx=s.n_ctx,
                 n_batch=min(s.n_batch, s.n_ctx),
                 n_threads=s.n_threads,
@@ -91,42 +76,27 @@ class LlamaEngine:
         contexts, self._contexts = self._contexts, []
         for ctx in contexts:
             await trio.to_thread.run_sync(ctx.close)
-        if self._vocab is not None:
-            await trio.to_thread.run_sync(self._vocab.close)
-            self._vocab = None
+        await self._text.aclose()
 
     # --- metadata and text ---
 
     def info(self) -> EngineInfo:
-        s = self._settings
-        name = s.model_alias or (
-            EMBEDDED_ALIAS if s.llm_model is None else (self._path or Path("model")).stem
-        )
+        text = self._text
         return EngineInfo(
-            model=name,
-            model_path=str(self._path) if self._path else None,
-            n_ctx=s.n_ctx,
+            model=text.name,
+            model_path=str(text.path) if text.path else None,
+            n_ctx=self._settings.n_ctx,
             slots=self._slots,
-            chat_format=self._template.name if self._template else None,
+            chat_format=text.template.name if text.template else None,
             loaded=self._loaded,
             tokens_generated=self._tokens_generated,
         )
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        vocab = self._require_vocab()
-        return await trio.to_thread.run_sync(
-            partial(vocab.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
-        )
+        return await self._text.tokenize(text, add_bos=add_bos)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        if self._template is None:
-            raise EngineError("the model is not loaded")
-        return self._template.render(messages)
-
-    def _require_vocab(self) -> llama_cpp.Llama:
-        if self._vocab is None:
-            raise EngineError("the model is not loaded")
-        return self._vocab
+        return self._text.format_chat(messages)
 
     # --- generation ---
 
@@ -233,9 +203,3 @@ class _Decoder:
         if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token):
             return (b"", True)
         return (ctx.detokenize([token]), False)
-
-
-def _piece(vocab: llama_cpp.Llama, token: int) -> str:
-    if token < 0:
-        return ""
-    return vocab.detokenize([token], special=True).decode("utf-8", errors="replace")
