@@ -82,6 +82,8 @@ def test_gauges_429_and_cancellations(http: httpx.Client, server: ServerProcess)
     with httpx.Client(base_url=server.url, timeout=60) as holders, \
             holders.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as running:
         assert running.status_code == 200
+        lines = running.iter_lines()  # decoding has begun once the first chunk is here
+        assert next(line for line in lines if line.startswith("data: "))
         wait_for(http, active=1, queued=0)
         with holders.stream("POST", "/v1/inference_sse", json=LONG) as queued:
             assert queued.status_code == 200
