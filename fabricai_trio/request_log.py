@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 import uuid
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 import trio
 from quart import Quart, request
 
+from .api.schemas import REQUEST_ID_PATTERN
 from .auth import IDENTITY_SCOPE_KEY, Identity
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 REQUEST_ID_SCOPE_KEY = "fabricai.request_id"
 ROUTE_SCOPE_KEY = "fabricai.route"
 GENERATION_SCOPE_KEY = "fabricai.generation"
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 #: Status logged when the client left before a response started (nginx's convention).
 CLIENT_CLOSED = 499
 #: How long a finished response waits for an unread request body (see the docstring).

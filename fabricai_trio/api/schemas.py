@@ -25,7 +25,9 @@ from .errors import ApiError, validation_error
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+#: The API's session ids (a subset of what the stores accept).
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 
@@ -79,13 +81,13 @@ class GenerationRequest(SamplingParams):
 
     prompt: str | None = Field(None, max_length=1_000_000)
     messages: list[ChatMessage] | None = Field(None, max_length=10_000)
-    session_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]{1,128}$")
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
     @field_validator("request_id")
     @classmethod
     def _request_id_shape(cls, value: str) -> str:
-        if not _REQUEST_ID.match(value):
+        if not REQUEST_ID_PATTERN.match(value):
             raise ValueError("must be 1-128 characters of letters, digits and _.:-")
         return value
 
@@ -178,7 +180,6 @@ EVENT_NAMES: dict[type[BaseModel], str] = {
 
 #: The session ids a client may choose: those `GenerationRequest.session_id` accepts, so
 #: every session created over HTTP can be named by a generation request.
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
 
 
 class SessionCreateRequest(BaseModel):
