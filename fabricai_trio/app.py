@@ -29,9 +29,12 @@ from .admission import Admission
 from .api.error_handlers import register_error_handlers
 from .api.openai.routes import blueprint as openai_blueprint
 from .api.openapi import blueprint as openapi_blueprint
+from .api.playground import ASSET_PREFIX, PAGE_PATH
+from .api.playground import blueprint as playground_blueprint
 from .api.routes import blueprint
 from .api.sessions import blueprint as sessions_blueprint
 from .api.socketio_events import create_socketio
+from .api.stream_registry import StreamRegistry
 from .engine.base import Engine, ModelLoadError
 from .engine.loader import create_engine
 from .generation import GenerationService
@@ -63,6 +66,7 @@ class AppState:
     load_error: str | None = None
     store_healthy: bool = True
     socketio: SocketIOServer | None = None
+    streams: StreamRegistry = field(default_factory=StreamRegistry)  # cancellable SSE streams
     fatal: trio.Event = field(default_factory=trio.Event)
     services_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -155,8 +159,10 @@ def create_app(
     quart_app.register_blueprint(openai_blueprint)
     quart_app.register_blueprint(metrics_blueprint)
     quart_app.register_blueprint(openapi_blueprint)
+    quart_app.register_blueprint(playground_blueprint)
     request_log.init_app(quart_app)  # before auth: a 401 is logged with its route
-    auth.init_app(quart_app, authenticator, settings)
+    auth.init_app(quart_app, authenticator, settings, public_paths={PAGE_PATH},
+                  public_prefixes=(ASSET_PREFIX,))
     register_error_handlers(quart_app)
     app = FabricApp(quart_app, state)
     state.socketio = create_socketio(state)

@@ -2,8 +2,10 @@
 
 With no `API_KEYS`, `API_KEYS_FILE`, `JWT_SECRET` or `JWT_PUBLIC_KEY` set, everyone is
 `anonymous` (fine on loopback; we warn otherwise). With any of them set, every HTTP route
-except `/health` (and `/metrics` when `METRICS_REQUIRE_AUTH=false`) needs
-`Authorization: Bearer <key or JWT>` or `X-Api-Key: <key>`.
+needs `Authorization: Bearer <key or JWT>` or `X-Api-Key: <key>`, except `/health`, the
+playground page and its files (`/`, `/playground/…`: they hold no data, and a browser
+cannot send a bearer token with a page load), and `/metrics` when
+`METRICS_REQUIRE_AUTH=false`.
 
 The owner of an API key is `key:<sha256 prefix>` (stable, not secret: it is stored with
 sessions); the owner of a JWT is its `sub` claim. `Authenticator.authenticate()` takes
@@ -201,21 +203,31 @@ def current_identity() -> Identity:
     return identity if isinstance(identity, Identity) else ANONYMOUS_IDENTITY
 
 
-def init_app(app: Quart, authenticator: Authenticator, settings: Settings) -> None:
-    """Authenticate every request before its route runs (a 401 never reaches a route)."""
+def init_app(
+    app: Quart,
+    authenticator: Authenticator,
+    settings: Settings,
+    *,
+    public_paths: Iterable[str] = (),
+    public_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Authenticate every request before its route runs (a 401 never reaches a route).
+
+    `public_paths` (exact) and `public_prefixes` need no credentials, like `/health`:
+    the playground page and its files, which a browser loads without a bearer token."""
     if not authenticator.enabled and not is_loopback(settings.host):
         log.warning(
             "no API_KEYS, API_KEYS_FILE, JWT_SECRET or JWT_PUBLIC_KEY is set and HOST=%s is "
             "not a loopback address: anyone who can reach the server can use it",
             settings.host,
         )
-    open_paths = {"/health"}
+    open_paths = {"/health", *public_paths}
     if not settings.metrics_require_auth:
         open_paths.add("/metrics")
 
     @app.before_request
     async def _authenticate() -> None:
-        if request.path in open_paths:
+        if request.path in open_paths or request.path.startswith(public_prefixes):
             return
         scope = cast(dict[str, Any], request.scope)
         scope[IDENTITY_SCOPE_KEY] = authenticator.authenticate(dict(request.headers.items()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,14 +73,14 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def routes(http: httpx.Client) -> list[tuple[str, str]]:
-    """Every (method, path) of the server, from its OpenAPI document (which test_openapi
-    checks against the url_map); path parameters filled with an unknown session."""
+def routes(http: httpx.Client) -> list[tuple[str, str, bool]]:
+    """Every (method, path, public) of the server, from its OpenAPI document (which
+    test_openapi checks against the url_map); path parameters filled with unknown ids."""
     document = http.get("/openapi.json", headers=bearer(ALPHA)).json()
     return [
-        (method.upper(), path.replace("{session_id}", "no-such-session"))
+        (method.upper(), re.sub(r"\{(\w+)\}", r"no-such-\1", path), op.get("security") == [])
         for path, methods in document["paths"].items()
-        for method in methods
+        for method, op in methods.items()
     ]
 
 
@@ -101,14 +102,17 @@ BAD: dict[str, tuple[dict[str, str], str]] = {
 @pytest.mark.model
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_credentials_are_401_on_every_route(
-    http: httpx.Client, routes: list[tuple[str, str]], case: str
+    http: httpx.Client, routes: list[tuple[str, str, bool]], case: str
 ) -> None:
     headers, code = BAD[case]
-    assert len(routes) >= 14
-    for method, path in routes:
+    assert len(routes) >= 17
+    assert {path for _, path, public in routes if public} == {
+        "/health", "/", "/playground/no-such-asset"}
+    for method, path, public in routes:
         response = http.request(method, path, headers=headers, json={"prompt": "hi"})
-        if path == "/health":
-            assert response.status_code == 200, response.text
+        if public:  # needs no credentials, so bad ones do not matter
+            expected = 404 if "no-such" in path else 200
+            assert response.status_code == expected, (path, response.text)
             continue
         assert response.status_code == 401, (method, path, response.text)
         error = response.json()["error"]
@@ -130,9 +134,9 @@ GOOD = {
 @pytest.mark.model
 @pytest.mark.parametrize("case", list(GOOD))
 def test_good_credentials_pass_on_every_route(
-    http: httpx.Client, routes: list[tuple[str, str]], case: str
+    http: httpx.Client, routes: list[tuple[str, str, bool]], case: str
 ) -> None:
-    for method, path in routes:
+    for method, path, _ in routes:
         # An empty body: routes answer with their own 4xx, never 401/403.
         response = http.request(method, path, headers=GOOD[case], json={})
         assert response.status_code not in (401, 403), (method, path, response.text)

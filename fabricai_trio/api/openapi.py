@@ -134,6 +134,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "The same, with the fields as query parameters (for EventSource)", "generation",
         query=schemas.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
     ),
+    ("POST", "/v1/inference_sse/<request_id>/cancel"): Operation(
+        "Cancel one of your running SSE streams", "generation", ok=schemas.CancelResult,
+        errors=(404,),
+        description="The stream stops within one token (or leaves the queue) and ends with "
+        "`complete`, `finish_reason: cancelled`; a session turn is stored as cancelled. "
+        "404 `request_not_found` when none of your streams with this id is running.",
+    ),
     ("POST", "/v1/sessions"): Operation(
         "Create a session", "sessions", request=schemas.SessionCreateRequest,
         request_required=False, ok_status=201, ok=schemas.SessionObject,
@@ -178,6 +185,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/docs"): Operation(
         "This document as a web page (no external resources)", "operations", ok="text/html",
+    ),
+    ("GET", "/"): Operation(
+        "The playground: a chat page (no credentials needed to load it)", "playground",
+        ok="text/html", public=True,
+    ),
+    ("GET", "/playground/<asset>"): Operation(
+        "The playground's script (`playground.js`) and style sheet (`playground.css`)",
+        "playground", ok="text/javascript", errors=(404,), public=True,
     ),
 }
 

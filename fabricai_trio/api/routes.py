@@ -1,4 +1,4 @@
-"""HTTP routes: the SSE inference endpoint, status and health.
+"""HTTP routes: the SSE inference endpoint and its cancel, status and health.
 
 Thin by design: parse and validate into a `GenerationRequest`, hand it to the
 `GenerationService`, and frame what comes back.
@@ -20,7 +20,18 @@ from ..auth import current_identity
 from ..generation import Generation, Keepalive
 from ..request_log import attach_generation, request_id
 from . import errors, sse
-from .schemas import EVENT_NAMES, GenerationRequest, TokenEvent, parse_generation_request
+from .errors import ApiError
+from .schemas import (
+    EVENT_NAMES,
+    CancelResult,
+    CompleteEvent,
+    ErrorEvent,
+    GenerationRequest,
+    StreamEvent,
+    TokenEvent,
+    parse_generation_request,
+)
+from .stream_registry import StreamHandle
 
 blueprint = Blueprint("api", __name__)
 
@@ -75,20 +86,56 @@ async def start_stream(generation_request: GenerationRequest) -> Generation:
     return generation
 
 
-async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
-    """The SSE framing of a generation's events (Quart closes it on disconnect)."""
-    async with aclosing(generation.events()) as events:
-        async for event in events:
-            if isinstance(event, Keepalive):
-                yield sse.KEEPALIVE
-                continue
-            name = EVENT_NAMES[type(event)]
-            event_id = event.index if isinstance(event, TokenEvent) else None
-            yield sse.encode_event(name, event.model_dump(), event_id=event_id)
+async def start_cancellable_stream(
+    generation_request: GenerationRequest,
+) -> tuple[Generation, StreamHandle]:
+    """`start_stream()`, registered for `POST /v1/inference_sse/{id}/cancel`.
+
+    Registered before the response starts, so a cancel sent as soon as the client has
+    its `request_id` finds it; a per-request cleanup unregisters it even if the body
+    never starts."""
+    generation = await start_stream(generation_request)
+    handle = _state().streams.register(generation)
+    cast(dict[str, Any], request.scope)["fabricai.cleanups"].append(handle.aclose)
+    return generation, handle
 
 
-def sse_response(generation: Generation) -> Response:
-    response = Response(sse_body(generation), headers=sse.SSE_HEADERS)
+def _frame(event: StreamEvent | Keepalive) -> bytes:
+    if isinstance(event, Keepalive):
+        return sse.KEEPALIVE
+    event_id = event.index if isinstance(event, TokenEvent) else None
+    return sse.encode_event(EVENT_NAMES[type(event)], event.model_dump(), event_id=event_id)
+
+
+async def sse_body(generation: Generation, handle: StreamHandle) -> AsyncIterator[bytes]:
+    """The SSE framing of a generation's events (Quart closes it on disconnect).
+
+    Each step of `events()` runs in the handle's cancel scope (never a `yield`: see
+    stream_registry.py). A cancel ends the stream with the `complete` event of what was
+    generated so far, `finish_reason: cancelled`; the turn is already stored by then.
+    The stream leaves the registry before its last event, so once a client has read
+    `complete` (or `error`) a cancel for it is a 404.
+    """
+    try:
+        async with aclosing(generation.events()) as events:
+            while True:
+                with handle.step() as scope:
+                    event = await anext(events, None)
+                if scope.cancelled_caught:
+                    handle.unregister()
+                    yield _frame(generation.complete_event())
+                    return
+                if event is None:
+                    return
+                if isinstance(event, CompleteEvent | ErrorEvent):
+                    handle.unregister()
+                yield _frame(event)
+    finally:
+        handle.unregister()
+
+
+def sse_response(generation: Generation, handle: StreamHandle) -> Response:
+    response = Response(sse_body(generation, handle), headers=sse.SSE_HEADERS)
     response.headers["X-Request-Id"] = generation.request_id
     response.timeout = None
     return response
@@ -100,7 +147,7 @@ async def inference_sse_post() -> Response:
     generation_request = parse_generation_request(
         with_request_id(body), max_tokens_limit=_state().settings.max_tokens_limit
     )
-    return sse_response(await start_stream(generation_request))
+    return sse_response(*await start_cancellable_stream(generation_request))
 
 
 @blueprint.get("/v1/inference_sse")
@@ -108,7 +155,18 @@ async def inference_sse_get() -> Response:
     generation_request = parse_generation_request(
         with_request_id(query_as_body()), max_tokens_limit=_state().settings.max_tokens_limit
     )
-    return sse_response(await start_stream(generation_request))
+    return sse_response(*await start_cancellable_stream(generation_request))
+
+
+@blueprint.post("/v1/inference_sse/<request_id>/cancel")
+async def inference_sse_cancel(request_id: str) -> Response:
+    """Cancel the caller's running SSE stream(s) with this id; that stream then ends with
+    `complete`, `finish_reason: cancelled`. 404 if none is running (or it is another
+    identity's: the answer does not tell them apart)."""
+    if not _state().streams.cancel(current_owner(), request_id):
+        raise ApiError(404, "request_not_found", "no running SSE generation of yours has this "
+                       "request_id", "request_id")
+    return jsonify(CancelResult(request_id=request_id, cancelled=True).model_dump())
 
 
 @blueprint.get("/v1/status")

@@ -168,6 +168,15 @@ class ErrorEvent(BaseModel):
 
 StreamEvent = QueuedEvent | TokenEvent | CompleteEvent | ErrorEvent
 
+
+class CancelResult(BaseModel):
+    """`POST /v1/inference_sse/{request_id}/cancel`: the stream will end with `complete`,
+    `finish_reason: cancelled` (or as it was already ending)."""
+
+    request_id: str
+    cancelled: bool
+
+
 EVENT_NAMES: dict[type[BaseModel], str] = {
     QueuedEvent: "queued",
     TokenEvent: "token",
