@@ -3,9 +3,9 @@ prefix reuse, and the SSE path through a real `ENGINE=batched` server.
 
 About exactness. Alone, the batched engine gives exactly `LlamaEngine`'s tokens (same
 sampler chain, same shapes). In a batch it cannot promise bit-identical tokens: ggml
-picks matmul kernels by batch shape (repacked Q4_K gemm for 4-row tiles, gemv for the
-rest), so a sequence's logits move by float noise with the *shape* of the batch, and
-Gemma 3 amplifies that noise. What holds exactly, and is asserted: the *content* of the
+picks matmul kernels by the number of rows in a step (docs/performance-batching.md has
+the table), so a sequence's logits move by float noise with the *shape* of the batch,
+and Gemma 3 amplifies that noise. What holds exactly, and is asserted: the *content* of the
 other sequences never changes a sequence's tokens; what holds up to noise, and is
 asserted: a greedy token differs from the alone run only where the alone run was a near
 tie. docs/performance-batching.md has the details.
@@ -26,7 +26,7 @@ import trio
 
 from fabricai_trio.engine.base import Chunk, EngineRequest, Finish
 from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase
-from fabricai_trio.engine.batch_step import BatchRunner, Sampling
+from fabricai_trio.engine.batch_step import PENALTY_LAST_N, BatchRunner, Sampling
 from fabricai_trio.engine.batched import BatchedEngine, KvSnapshot
 from fabricai_trio.engine.llama import LlamaEngine
 from fabricai_trio.settings import Settings
@@ -132,13 +132,14 @@ def tokenize_all(model_path: Path, texts: Sequence[str]) -> list[list[int]]:
         vocab.close()
 
 
-def greedy(runner: BatchRunner, prompts: Sequence[Sequence[int]], n: int
-           ) -> list[tuple[list[int], list[float]]]:
-    """Decode all prompts together, greedily, with no repeat penalty: (tokens, margins)."""
+def greedy(runner: BatchRunner, prompts: Sequence[Sequence[int]], n: int, *,
+           repeat_penalty: float = 1.0) -> list[tuple[list[int], list[float]]]:
+    """Decode all prompts together, greedily (no repeat penalty unless asked):
+    (tokens, margins)."""
     sched = BatchScheduler(slots=len(prompts), prefill_tokens=256)
     handles = [sched.add(p, n) for p in prompts]
-    sampling = {h: Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=1.0, seed=0)
-                for h in handles}
+    sampling = {h: Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=repeat_penalty,
+                            seed=0) for h in handles}
     margins: dict[int, list[float]] = {h: [] for h in handles}
     while any(sched.phase(h) is not Phase.DONE for h in handles):
         plan = sched.plan()
@@ -157,6 +158,43 @@ def greedy(runner: BatchRunner, prompts: Sequence[Sequence[int]], n: int
     sched.complete(plan, {})
     assert runner.kv_positions() == {}
     return out
+
+
+def test_numpy_greedy_picks_what_the_llama_cpp_chain_picks(
+    runner: BatchRunner, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temperature 0 is sampled in numpy. A llama.cpp chain (penalties + greedy) fed the
+    same logits picks the same token at every step, and the penalty does change picks."""
+    import llama_cpp
+    import numpy as np
+
+    chains: dict[int, Any] = {}
+    picks: list[tuple[int, int, int]] = []  # (unpenalised argmax, chain, numpy)
+    sample = runner._sample
+
+    def both(handle: int, sampling: Any, index: int) -> int:
+        chain = chains.get(handle)
+        if chain is None:
+            chain = chains[handle] = llama_cpp.llama_sampler_chain_init(
+                llama_cpp.llama_sampler_chain_default_params())
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+                runner._n_vocab, PENALTY_LAST_N, sampling[handle].repeat_penalty, 0.0, 0.0))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        raw = int(np.argmax(runner._logits(index)))
+        expected = int(llama_cpp.llama_sampler_sample(chain, runner._ctx, index))
+        got = sample(handle, sampling, index)
+        picks.append((raw, expected, got))
+        return got
+
+    monkeypatch.setattr(runner, "_sample", both)
+    try:
+        greedy(runner, tokenize_all(model_path, PROMPTS[2:5]), 80, repeat_penalty=1.3)
+    finally:
+        for chain in chains.values():
+            llama_cpp.llama_sampler_free(chain)
+    assert len(picks) == 3 * 80
+    assert all(expected == got for _, expected, got in picks)
+    assert any(raw != got for raw, _, got in picks)
 
 
 def test_other_sequences_content_never_changes_a_sequence(

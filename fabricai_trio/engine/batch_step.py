@@ -15,8 +15,9 @@ is always complete for Gemma's sliding-window layers.
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,17 @@ class Sampling:
     top_k: int
     repeat_penalty: float
     seed: int | None
+
+
+@dataclass(slots=True)
+class _Greedy:
+    """Temperature 0, sampled in numpy: the repeat penalty on the recent tokens, then
+    argmax. The llama.cpp chain (penalties + greedy) picks the same token, but scans the
+    whole 262k-token vocabulary in several passes: ~0.4 ms a sequence per step, against
+    ~0.03 ms here, which at 8 sequences is about 5% of a step."""
+
+    penalty: np.float32
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,7 +106,8 @@ class BatchRunner:
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._samplers: dict[int, Any] = {}
+        self._samplers: dict[int, Any] = {}  # handle -> llama.cpp sampler chain
+        self._greedy: dict[int, _Greedy] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self.n_seq_max = n_seq_max
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)
@@ -116,6 +129,7 @@ class BatchRunner:
 
     def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling]) -> StepResult:
         for handle in plan.released:
+            self._greedy.pop(handle, None)
             chain = self._samplers.pop(handle, None)
             if chain is not None:
                 llama_cpp.llama_sampler_free(chain)
@@ -153,43 +167,59 @@ class BatchRunner:
         for handle, index in out_index.items():
             if margins is not None:
                 margins[handle] = self._margin(index)
-            chain = self._samplers.get(handle)
-            if chain is None:
-                chain = self._samplers[handle] = self._new_chain(sampling[handle])
-            token = int(llama_cpp.llama_sampler_sample(chain, self._ctx, index))
+            token = self._sample(handle, sampling, index)
             eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
             sampled[handle] = (token, eog)
             pieces[handle] = b"" if eog else self._piece(token)
         return StepResult(sampled=sampled, pieces=pieces, margins=margins)
 
-    def _margin(self, index: int) -> float:
-        logits = np.ctypeslib.as_array(
+    def _sample(self, handle: int, sampling: Mapping[int, Sampling], index: int) -> int:
+        greedy = self._greedy.get(handle)
+        if greedy is None and handle not in self._samplers:
+            s = sampling[handle]
+            if s.temperature == 0:
+                greedy = self._greedy[handle] = _Greedy(np.float32(s.repeat_penalty))
+            else:
+                self._samplers[handle] = self._new_chain(s)
+        if greedy is None:
+            return int(llama_cpp.llama_sampler_sample(self._samplers[handle], self._ctx, index))
+        logits = self._logits(index)  # ours until the next decode: penalise in place
+        if greedy.recent and greedy.penalty != 1:
+            ids = np.fromiter(set(greedy.recent), dtype=np.intp)
+            values = logits[ids]
+            logits[ids] = np.where(values <= 0, values * greedy.penalty, values / greedy.penalty)
+        token = int(np.argmax(logits))
+        greedy.recent.append(token)
+        return token
+
+    def _logits(self, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return np.ctypeslib.as_array(
             llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
         )
-        top2 = np.partition(logits, -2)[-2:]
+
+    def _margin(self, index: int) -> float:
+        top2 = np.partition(self._logits(index), -2)[-2:]
         return float(top2[1] - top2[0])
 
     def _new_chain(self, s: Sampling) -> Any:
-        """The same chain `Llama.generate` builds, so output matches `LlamaEngine`."""
+        """For temperature != 0: the chain `Llama.generate` builds, so output matches
+        `LlamaEngine`."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
             llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-        if s.repeat_penalty > 1.0 and (s.temperature == 0 or s.top_k > 0):
+        if s.repeat_penalty > 1.0 and s.temperature > 0 and s.top_k > 0:
             # The penalty scan over the whole vocabulary (262k for Gemma) costs ~2 ms a
             # token. It only lowers the logits of at most PENALTY_LAST_N distinct tokens,
             # so the top (k + PENALTY_LAST_N) candidates hold every token the later
-            # top-k (or greedy) can pick, in the same order: prefiltering changes nothing.
-            keep = PENALTY_LAST_N + (1 if s.temperature == 0 else s.top_k)
-            add(llama_cpp.llama_sampler_init_top_k(keep))
+            # top-k can pick, in the same order: prefiltering changes nothing.
+            add(llama_cpp.llama_sampler_init_top_k(PENALTY_LAST_N + s.top_k))
         add(llama_cpp.llama_sampler_init_penalties(
             self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0))
         seed = RANDOM_SEED if s.seed is None else s.seed
         if s.temperature < 0:
             add(llama_cpp.llama_sampler_init_dist(seed))
-        elif s.temperature == 0:
-            add(llama_cpp.llama_sampler_init_greedy())
         else:
             add(llama_cpp.llama_sampler_init_top_k(s.top_k))
             add(llama_cpp.llama_sampler_init_typical(TYPICAL_P, 1))
@@ -222,6 +252,7 @@ class BatchRunner:
         for chain in self._samplers.values():
             llama_cpp.llama_sampler_free(chain)
         self._samplers.clear()
+        self._greedy.clear()
         if self._ctx is not None:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
