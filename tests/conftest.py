@@ -10,7 +10,7 @@ import pytest
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
 
-from .server_process import ServerProcess
+from .server_process import ServerProcess, model_env
 
 
 @pytest.fixture(scope="session")
@@ -27,15 +27,13 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
     """A real server on the real model: 2 slots, a queue of 2."""
-    env = {
-        "LLM_MODEL": str(model_path),
-        "CHAT_FORMAT": "gemma",
-        "MAX_CONCURRENT_REQUESTS": "2",
-        "MAX_QUEUE_SIZE": "2",
-        "N_CTX": "1024",
-        "MAX_TOKENS_LIMIT": "512",
-        "MAX_BODY_BYTES": "4096",
-        "SSE_KEEPALIVE_SECONDS": "0.2",
-    }
+    env = model_env(
+        model_path,
+        MAX_CONCURRENT_REQUESTS="2",
+        MAX_QUEUE_SIZE="2",
+        MAX_TOKENS_LIMIT="512",
+        MAX_BODY_BYTES="4096",
+        SSE_KEEPALIVE_SECONDS="0.2",
+    )
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc

@@ -22,6 +22,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def model_env(model_path: Path, **settings: str) -> dict[str, str]:
+    """A server's environment on the embedded model (gemma chat format, N_CTX 1024),
+    plus `settings` by name: `model_env(path, MAX_QUEUE_SIZE="0")`."""
+    return {"LLM_MODEL": str(model_path), "CHAT_FORMAT": "gemma", "N_CTX": "1024", **settings}
+
+
 class ServerProcess:
     """A server subprocess; `url` is its base URL once `start()` returns."""
 

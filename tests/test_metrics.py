@@ -17,7 +17,7 @@ from fabricai_trio.settings import Settings
 
 from .fakes import FakeEngine
 from .live import Samples, scrape, value, wait_for, wait_idle
-from .server_process import ServerProcess
+from .server_process import ServerProcess, model_env
 from .sse_client import parse_lines
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 512, "temperature": 0}
@@ -25,14 +25,12 @@ LONG = {"prompt": "Once upon a time", "max_tokens": 512, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
-    env = {
-        "LLM_MODEL": str(model_path),
-        "CHAT_FORMAT": "gemma",
-        "MAX_CONCURRENT_REQUESTS": "1",
-        "MAX_QUEUE_SIZE": "1",
-        "N_CTX": "1024",
-        "MAX_TOKENS_LIMIT": "512",
-    }
+    env = model_env(
+        model_path,
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_SIZE="1",
+        MAX_TOKENS_LIMIT="512",
+    )
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from .live import status, wait_for, wait_idle
-from .server_process import ServerProcess
+from .server_process import ServerProcess, model_env
 from .sse_client import parse_lines
 
 pytestmark = pytest.mark.model
@@ -30,16 +30,14 @@ CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
-    env = {
-        "LLM_MODEL": str(model_path),
-        "CHAT_FORMAT": "gemma",
-        "MAX_CONCURRENT_REQUESTS": "1",
-        "MAX_QUEUE_SIZE": "1",
-        "N_CTX": "1024",
-        "MAX_TOKENS_LIMIT": "512",
-        "SSE_KEEPALIVE_SECONDS": "0.2",
-        "API_KEYS": KEY,
-    }
+    env = model_env(
+        model_path,
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_SIZE="1",
+        MAX_TOKENS_LIMIT="512",
+        SSE_KEEPALIVE_SECONDS="0.2",
+        API_KEYS=KEY,
+    )
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from .server_process import ServerProcess
+from .server_process import ServerProcess, model_env
 
 pytestmark = pytest.mark.model
 
@@ -45,14 +45,12 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def guarded(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
     """API keys on, one slot and no queue: the second request is a 429."""
-    env = {
-        "LLM_MODEL": str(model_path),
-        "CHAT_FORMAT": "gemma",
-        "MAX_CONCURRENT_REQUESTS": "1",
-        "MAX_QUEUE_SIZE": "0",
-        "N_CTX": "1024",
-        "API_KEYS": KEY,
-    }
+    env = model_env(
+        model_path,
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_SIZE="0",
+        API_KEYS=KEY,
+    )
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
 

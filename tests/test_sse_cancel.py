@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from .server_process import ServerProcess
+from .server_process import ServerProcess, model_env
 from .sse_client import SSEEvent, aparse
 
 pytestmark = pytest.mark.model
@@ -23,16 +23,14 @@ BETA = {"Authorization": "Bearer beta-key"}
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
-    env = {
-        "LLM_MODEL": str(model_path),
-        "CHAT_FORMAT": "gemma",
-        "MAX_CONCURRENT_REQUESTS": "1",
-        "MAX_QUEUE_SIZE": "1",
-        "N_CTX": "1024",
-        "MAX_TOKENS_LIMIT": "512",
-        "SSE_KEEPALIVE_SECONDS": "0.2",
-        "API_KEYS": "alpha-key,beta-key",
-    }
+    env = model_env(
+        model_path,
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_SIZE="1",
+        MAX_TOKENS_LIMIT="512",
+        SSE_KEEPALIVE_SECONDS="0.2",
+        API_KEYS="alpha-key,beta-key",
+    )
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
 
