@@ -4,15 +4,15 @@
         [--llama-server /path/to/llama-server] [--turns 10] [--system short,long]
 
 For each stream count N, one server per engine is started with MAX_CONCURRENT_REQUESTS=N
-(same model, prompt, token count, thread count) and rounds alternate between them, so
-machine noise hits both alike; N streams start at once from one reused
+(same model, prompt, token count, thread count), and with `--llama-server` llama.cpp's
+own server (`-np N`, streaming `/completion`) beside them; rounds alternate between all
+of them, so machine noise hits each alike. N streams start at once from one reused
 `httpx.AsyncClient`. Aggregate tok/s = tokens received / wall time of the round; TTFT
-is per stream, from sending the request to its first token event. With
-`--llama-server`, llama.cpp's own server (`-np N`, streaming `/completion`) is measured
-the same way. Then a 10-turn chat session (full history each turn) compares the TTFT of
-turns 2.. with the batched engine's prefix cache on and off, and the pool for reference,
-once with a one-line system prompt and once with a ~400-token one (what chat front-ends
-send). `--streams ""` skips the throughput part.
+is per stream, from sending the request to its first token event. Then a 10-turn chat
+session (full history each turn) compares the TTFT of turns 2.. with the batched
+engine's prefix cache on and off, and the pool for reference, once with a one-line
+system prompt and once with a ~400-token one (what chat front-ends send).
+`--streams ""` skips the throughput part.
 Prints a table of medians and ratios, and the raw figures as JSON.
 """
 
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -262,25 +262,21 @@ def main() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         for n in stream_counts:
 
-            def ours(n: int = n) -> dict[str, list[Round]]:
-                with our_server("batched", n, model, logs, threads) as b_url, \
-                        our_server("llama", n, model, logs, threads) as l_url:
-                    servers = {"batched": (b_url, sse_stream), "llama": (l_url, sse_stream)}
+            def run_all(n: int = n) -> dict[str, list[Round]]:
+                """All servers up at once, so their rounds alternate within one block."""
+                with ExitStack() as stack:
+                    servers: dict[str, tuple[str, Streamer]] = {
+                        engine: (stack.enter_context(
+                            our_server(engine, n, model, logs, threads)), sse_stream)
+                        for engine in ("batched", "llama")
+                    }
+                    if args.llama_server:
+                        url = stack.enter_context(
+                            llama_cpp_server(args.llama_server, n, model, logs, threads))
+                        servers["llama-server"] = (url, llama_server_stream)
                     return trio.run(measure, servers, n, args)
 
-            raw["throughput"][n] = retried(ours)
-            if args.llama_server:
-
-                def theirs(n: int = n) -> dict[str, list[Round]]:
-                    with llama_cpp_server(args.llama_server, n, model, logs, threads) as url:
-                        servers = {"llama-server": (url, llama_server_stream)}
-                        return trio.run(measure, servers, n, args)
-
-                try:
-                    raw["throughput"][n].update(retried(theirs))
-                except (RuntimeError, httpx.HTTPError, ExceptionGroup) as exc:
-                    print(f"llama-server skipped at {n} streams: {leaves(exc)}",
-                          file=sys.stderr, flush=True)
+            raw["throughput"][n] = retried(run_all)
             print(f"streams={n}: done", file=sys.stderr, flush=True)
 
         extra = {"N_CTX": str(SESSION_N_CTX)}

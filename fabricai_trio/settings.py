@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         description="ENGINE=batched: prompt tokens evaluated per step (all new requests "
         "together), so a long prompt never stalls running streams.",
     )
+    batch_invariant: bool = Field(
+        False,
+        description="ENGINE=batched: a sequence's tokens never depend on what else is in "
+        "the batch (bit-identical to decoding it alone at temperature 0), at the cost of "
+        "decoding a lone stream at about half speed.",
+    )
     prefix_cache_sequences: int = Field(
         4, ge=0, le=128,
         description="ENGINE=batched: finished sequences whose KV cache is kept for prefix "

@@ -36,6 +36,11 @@ from .sse_client import SSEEvent, aparse
 
 pytestmark = pytest.mark.model
 
+# Batch-invariant mode turns ggml's "tiled" K-quant kernel off through this variable,
+# which ggml reads once per process at its first matmul. Set it before any test runs
+# (collection comes first), as the engine does before its model loads in a server.
+os.environ["GGML_CPU_TILED_MM"] = "0"
+
 SLOTS = 4
 CACHE = 2
 THREADS = 1  # ggml's spinning thread barriers crawl when the CPUs are shared (CI, other jobs)
@@ -133,10 +138,11 @@ def tokenize_all(model_path: Path, texts: Sequence[str]) -> list[list[int]]:
 
 
 def greedy(runner: BatchRunner, prompts: Sequence[Sequence[int]], n: int, *,
-           repeat_penalty: float = 1.0) -> list[tuple[list[int], list[float]]]:
+           repeat_penalty: float = 1.0, invariant: bool = False
+           ) -> list[tuple[list[int], list[float]]]:
     """Decode all prompts together, greedily (no repeat penalty unless asked):
     (tokens, margins)."""
-    sched = BatchScheduler(slots=len(prompts), prefill_tokens=256)
+    sched = BatchScheduler(slots=len(prompts), prefill_tokens=256, invariant=invariant)
     handles = [sched.add(p, n) for p in prompts]
     sampling = {h: Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=repeat_penalty,
                             seed=0) for h in handles}
@@ -229,6 +235,76 @@ def test_batched_tokens_match_alone_up_to_near_ties(runner: BatchRunner, model_p
             else:  # only float noise: the two candidates were nearly tied
                 assert min(alone_margins[diverge], margins[diverge]) < TIE, (n, diverge)
     assert identical >= 4  # most sequences are unaffected at all
+
+
+# --- batch-invariant mode ---
+
+
+@pytest.fixture(scope="module")
+def invariant_runner(model_path: Path) -> Any:
+    r = BatchRunner(model_path, n_seq_max=8, n_ctx_seq=512, n_batch=264, n_outputs=8,
+                    n_threads=THREADS, invariant=True)
+    r.record_margins = True
+    yield r
+    r.close()
+
+
+def test_batch_invariant_tokens_are_identical_alone_and_in_any_batch(
+    invariant_runner: BatchRunner, model_path: Path
+) -> None:
+    prompts = tokenize_all(model_path, PROMPTS)
+    alone = [greedy(invariant_runner, [p], 40, invariant=True)[0][0] for p in prompts]
+    for group in (prompts[:2], prompts[3:6], prompts, prompts[::-1]):
+        together = [t for t, _ in greedy(invariant_runner, group, 40, invariant=True)]
+        assert together == [alone[prompts.index(p)] for p in group]
+
+
+async def test_batch_invariant_engine_under_staggered_traffic(model_path: Path) -> None:
+    """Streams join and leave at random moments (holes, lone decoders, prompts being
+    evaluated next to decoding streams); each gets exactly the tokens it gets alone."""
+    engine = BatchedEngine(make_settings(model_path, batch_invariant=True,
+                                         prefix_cache_sequences=0))
+    await engine.load()
+    try:
+        rng = random.Random(7)
+        reqs = [request(await engine.tokenize(p), rng.randint(6, 30)) for p in PROMPTS]
+        alone = [await collect(engine, r) for r in reqs]
+        got: dict[int, tuple[str, Finish | None]] = {}
+        limiter = trio.CapacityLimiter(SLOTS)
+
+        async def one(i: int, delay: float) -> None:
+            await trio.sleep(delay)
+            async with limiter:
+                got[i] = await collect(engine, reqs[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(reqs)):
+                nursery.start_soon(one, i, rng.uniform(0, 0.6))
+        assert [got[i] for i in range(len(reqs))] == alone
+        assert stat(engine, "batch_size_max") >= 3
+    finally:
+        await engine.aclose()
+
+
+async def test_batch_invariant_prefix_reuse_matches_a_cold_run_at_any_boundary(
+    model_path: Path
+) -> None:
+    """Unlike the default mode, the reused prefix need not end on a chunk boundary."""
+    texts: list[tuple[str, Finish | None]] = []
+    for cache in (2, 0):
+        engine = BatchedEngine(make_settings(model_path, batch_invariant=True,
+                                             prefix_cache_sequences=cache))
+        await engine.load()
+        try:
+            system = (await engine.tokenize("You are a helpful assistant. " * 30))[:101]
+            q1 = await engine.tokenize(" Question: the capital of Italy? Answer:", add_bos=False)
+            q2 = await engine.tokenize(" Tell me about the moon:", add_bos=False)
+            await collect(engine, request(system + q1, 8))
+            texts.append(await collect(engine, request(system + q2, 24)))
+            assert stat(engine, "prefix_cache_hits") == (1 if cache else 0)
+        finally:
+            await engine.aclose()
+    assert texts[0] == texts[1]
 
 
 # --- the engine ---

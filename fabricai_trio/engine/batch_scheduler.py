@@ -59,13 +59,26 @@ KvOp = SeqRemove | SeqCopy
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatchEntry:
-    """Tokens of one sequence in one step, at positions `pos ..`; `sample`: logits wanted."""
+    """Tokens of one sequence in one step, at positions `pos ..`; `sample`: logits wanted.
+    A `prefill` entry (a prompt chunk) is decoded in a `llama_decode` of its own."""
 
     handle: int
     seq_id: int
     tokens: tuple[int, ...]
     pos: int
     sample: bool
+    prefill: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PadRow:
+    """A throw-away token at `pos` of `seq_id`, decoded with the decode rows and removed
+    right after (batch-invariant mode): it makes the decode rows one run of consecutive
+    ids with at least two rows, so every step uses the same matmul kernels."""
+
+    seq_id: int
+    pos: int
+    output: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +86,7 @@ class StepPlan:
     ops: tuple[KvOp, ...]
     entries: tuple[BatchEntry, ...]  # sorted by seq_id
     released: tuple[int, ...]  # handles whose per-sequence state (sampler) can be freed
+    pads: tuple[PadRow, ...] = ()  # sorted by seq_id
 
     @property
     def n_tokens(self) -> int:
@@ -153,6 +167,7 @@ class BatchScheduler:
         prefill_tokens: int = 128,
         max_backlog: int = 4,
         min_reuse_tokens: int = 32,
+        invariant: bool = False,
     ) -> None:
         if slots < 1 or cache_slots < 0 or prefill_tokens < 1 or max_backlog < 1:
             raise ValueError("slots, prefill_tokens and max_backlog must be >= 1")
@@ -161,6 +176,7 @@ class BatchScheduler:
         self.prefill_tokens = prefill_tokens
         self.max_backlog = max_backlog
         self.min_reuse_tokens = max(1, min_reuse_tokens)
+        self.invariant = invariant
         self._seqs: dict[int, _Seq] = {}
         self._waiting: deque[int] = deque()
         self._running: dict[int, int] = {}  # seq_id -> handle, ids < slots
@@ -182,7 +198,10 @@ class BatchScheduler:
 
     @property
     def n_seq_max(self) -> int:
-        return self.slots + self.cache_slots
+        """Running ids, cache ids, and in batch-invariant mode a spare id when there would
+        be no neighbour for a pad row."""
+        spare = self.invariant and self.slots + self.cache_slots < 2
+        return self.slots + self.cache_slots + spare
 
     # --- sequences come and go ---
 
@@ -237,7 +256,8 @@ class BatchScheduler:
             if n == len(cached) and target is None:
                 target = cid  # the cached one is a prefix of the new one: replace it
         if target is None:
-            free = sorted(set(range(self.slots, self.n_seq_max)) - set(self._cache))
+            free = sorted(set(range(self.slots, self.slots + self.cache_slots))
+                          - set(self._cache))
             target = free[0] if free else next(iter(self._cache))  # else evict the LRU
         self._cache.pop(target, None)
         self._cache[target] = tokens
@@ -274,8 +294,9 @@ class BatchScheduler:
             self._admit()
             self._compact()
             entries = self._build_batch()
+        pads = self._pads(entries) if self.invariant else ()
         plan = StepPlan(ops=tuple(self._ops), entries=tuple(entries),
-                        released=tuple(self._released))
+                        released=tuple(self._released), pads=pads)
         self._ops.clear()
         self._released.clear()
         self._in_flight = True
@@ -294,7 +315,7 @@ class BatchScheduler:
                 n = common_prefix(cached, seq.prompt)
                 if n > best:
                     best_id, best = cid, n
-            keep = min(best, len(seq.prompt) - 1)
+            keep = min(best, len(seq.prompt) - 2)  # leave a chunk of two (see _chunk)
             if best_id is not None and keep >= self.min_reuse_tokens:
                 self._cache.move_to_end(best_id)
                 self._ops.append(SeqCopy(best_id, seq_id, keep))
@@ -340,16 +361,41 @@ class BatchScheduler:
         # Prompt chunks in arrival order (handles grow with time).
         for handle in sorted(h for _, h in by_id):
             seq = self._seqs[handle]
-            if seq.phase is not Phase.PREFILL or budget == 0:
+            if seq.phase is not Phase.PREFILL:
                 continue
             assert seq.seq_id is not None
-            chunk = seq.prompt[seq.n_past : seq.n_past + budget]
-            budget -= len(chunk)
-            last = seq.n_past + len(chunk) == len(seq.prompt)
+            take = _chunk(len(seq.prompt) - seq.n_past, budget)
+            if take == 0:
+                continue
+            budget = max(0, budget - take)
+            chunk = seq.prompt[seq.n_past : seq.n_past + take]
+            last = seq.n_past + take == len(seq.prompt)
             entries.append(BatchEntry(handle=handle, seq_id=seq.seq_id, tokens=chunk,
-                                      pos=seq.n_past, sample=last))
+                                      pos=seq.n_past, sample=last, prefill=True))
         entries.sort(key=lambda e: e.seq_id)
         return entries
+
+    def _pads(self, entries: Sequence[BatchEntry]) -> tuple[PadRow, ...]:
+        """Pad rows for the ids between the lowest and highest decoding id that are not
+        decoding (free, prefilling, paused or done: each gets a token at its next
+        position, removed after the step), and a neighbour with logits when only one
+        sequence decodes. Then the decode rows are always one ubatch of >= 2 rows."""
+        ids = [e.seq_id for e in entries if not e.prefill]
+        if not ids:
+            return ()
+        lo, hi = min(ids), max(ids)
+        pads = [PadRow(i, self._next_pos(i), False) for i in range(lo, hi) if i not in ids]
+        if lo == hi:
+            neighbour = lo + 1 if lo + 1 < self.n_seq_max else lo - 1
+            pads.append(PadRow(neighbour, self._next_pos(neighbour), True))
+        return tuple(sorted(pads, key=lambda p: p.seq_id))
+
+    def _next_pos(self, seq_id: int) -> int:
+        """The position after the cells `seq_id` holds once this plan's ops are applied."""
+        handle = self._running.get(seq_id)
+        if handle is not None:
+            return self._seqs[handle].n_past
+        return len(self._cache.get(seq_id, ()))
 
     def complete(self, plan: StepPlan, sampled: Mapping[int, tuple[int, bool]]) -> list[Sampled]:
         """Record a finished step: `sampled[handle] = (token, is_end_of_generation)`."""
@@ -446,6 +492,19 @@ class BatchScheduler:
             waiting=len(self._waiting),
             cached=len(self._cache),
         )
+
+
+def _chunk(remaining: int, budget: int) -> int:
+    """Prompt tokens to evaluate now: at most `budget`, but never a lone token while more
+    follow, nor a lone last one (take it with the chunk before, one over budget). A
+    one-token chunk goes through other matmul kernels than a longer one (ggml picks them
+    by row count), so avoiding it keeps prefix reuse identical to a cold run."""
+    if remaining <= 1:
+        return remaining
+    take = min(budget, remaining)
+    if remaining - take == 1:
+        take += 1
+    return take if take >= 2 else 0
 
 
 def runs(ids: Iterable[int]) -> int:

@@ -1,6 +1,7 @@
 """The llama.cpp side of the batched engine: one model, one context, one step at a time.
 
-`BatchRunner.run()` applies one `StepPlan` (KV ops, one `llama_decode`, one sample per
+`BatchRunner.run()` applies one `StepPlan` (KV ops; one `llama_decode` for the decoding
+sequences, with the plan's pad rows, and one for each prompt chunk; one sample per
 sequence that asked for logits) and is the only code that touches the context. The
 engine calls it through `trio.to_thread.run_sync`, one call at a time, and never
 abandons it, so the context is never used from two threads.
@@ -15,8 +16,9 @@ is always complete for Gemma's sliding-window layers.
 from __future__ import annotations
 
 import ctypes
+import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,13 @@ import llama_cpp
 import numpy as np
 
 from .base import EngineError, ModelLoadError
-from .batch_scheduler import SeqCopy, SeqRemove, StepPlan
+from .batch_scheduler import BatchEntry, PadRow, SeqCopy, SeqRemove, StepPlan
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size` default, as LlamaEngine has
 MIN_P = 0.05  # Llama.generate defaults, kept so sampled output matches LlamaEngine
 TYPICAL_P = 1.0
+PAD_TOKEN = 2  # any valid token: a pad row's cell is dropped right after its step
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +77,7 @@ class BatchRunner:
         n_batch: int,
         n_outputs: int,
         n_threads: int,
+        invariant: bool = False,
     ) -> None:
         if n_seq_max > llama_cpp.llama_max_parallel_sequences():
             raise ModelLoadError(
@@ -82,6 +86,8 @@ class BatchRunner:
             )
         _quiet_llama_logs()
         mparams = llama_cpp.llama_model_default_params()
+        if invariant:
+            _batch_invariant_kernels(mparams)
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"LLM_MODEL: cannot load {path}")
@@ -139,39 +145,54 @@ class BatchRunner:
                 llama_cpp.llama_memory_seq_rm(self._mem, op.dst, op.keep, -1)
             elif isinstance(op, SeqRemove):
                 llama_cpp.llama_memory_seq_rm(self._mem, op.seq_id, -1, -1)
-        if not plan.entries:
-            return StepResult(sampled={}, pieces={})
-        batch = self._batch
-        n = 0
-        out_index: dict[int, int] = {}
-        for entry in plan.entries:
-            for k, token in enumerate(entry.tokens):
-                batch.token[n] = token
-                batch.pos[n] = entry.pos + k
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = entry.seq_id
-                batch.logits[n] = 0
-                n += 1
-            if entry.sample:
-                batch.logits[n - 1] = 1
-                out_index[entry.handle] = n - 1
-        if n > self._n_batch:
-            return StepResult(sampled={}, pieces={}, error=f"batch of {n} tokens > {self._n_batch}")
-        batch.n_tokens = n
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            return StepResult(sampled={}, pieces={}, error=f"llama_decode returned {rc}")
         sampled: dict[int, tuple[int, bool]] = {}
         pieces: dict[int, bytes] = {}
         margins: dict[int, float] | None = {} if self.record_margins else None
-        for handle, index in out_index.items():
-            if margins is not None:
-                margins[handle] = self._margin(index)
-            token = self._sample(handle, sampling, index)
-            eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
-            sampled[handle] = (token, eog)
-            pieces[handle] = b"" if eog else self._piece(token)
+        decoding = [e for e in plan.entries if not e.prefill]
+        calls = [(decoding, plan.pads)] if decoding else []
+        calls += [([e], ()) for e in plan.entries if e.prefill]
+        for entries, pads in calls:
+            out_index = self._decode(entries, pads)
+            if isinstance(out_index, str):
+                return StepResult(sampled={}, pieces={}, error=out_index)
+            for handle, index in out_index.items():  # before the next call overwrites them
+                if margins is not None:
+                    margins[handle] = self._margin(index)
+                token = self._sample(handle, sampling, index)
+                eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+                sampled[handle] = (token, eog)
+                pieces[handle] = b"" if eog else self._piece(token)
         return StepResult(sampled=sampled, pieces=pieces, margins=margins)
+
+    def _decode(
+        self, entries: Sequence[BatchEntry], pads: Sequence[PadRow]
+    ) -> dict[int, int] | str:
+        """One `llama_decode` of `entries` and `pads` (in seq_id order), then the pads'
+        cells are dropped again. Returns handle -> logits row, or an error message."""
+        batch = self._batch
+        rows: list[BatchEntry | PadRow] = sorted([*entries, *pads], key=lambda r: r.seq_id)
+        n = 0
+        out_index: dict[int, int] = {}
+        for row in rows:
+            if isinstance(row, PadRow):
+                batch.token[n], batch.pos[n], batch.logits[n] = PAD_TOKEN, row.pos, row.output
+                batch.n_seq_id[n], batch.seq_id[n][0] = 1, row.seq_id
+                n += 1
+                continue
+            for k, token in enumerate(row.tokens):
+                batch.token[n], batch.pos[n], batch.logits[n] = token, row.pos + k, 0
+                batch.n_seq_id[n], batch.seq_id[n][0] = 1, row.seq_id
+                n += 1
+            if row.sample:
+                batch.logits[n - 1] = 1
+                out_index[row.handle] = n - 1
+        if n > self._n_batch:
+            return f"batch of {n} tokens > {self._n_batch}"
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        for pad in pads:
+            llama_cpp.llama_memory_seq_rm(self._mem, pad.seq_id, pad.pos, -1)
+        return f"llama_decode returned {rc}" if rc != 0 else out_index
 
     def _sample(self, handle: int, sampling: Mapping[int, Sampling], index: int) -> int:
         greedy = self._greedy.get(handle)
@@ -258,6 +279,15 @@ class BatchRunner:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
+
+
+def _batch_invariant_kernels(mparams: Any) -> None:
+    """Keep to the matmul kernels that compute a row the same way for any row count >= 2
+    (docs/performance-batching.md): no repacked weights, and no "tiled" K-quant kernel,
+    which ggml takes from 8 rows on. Its switch is an environment variable that ggml
+    reads once per process, at the first matmul: this runs before ours."""
+    mparams.use_extra_bufts = False
+    os.environ["GGML_CPU_TILED_MM"] = "0"
 
 
 def _quiet_llama_logs() -> None:

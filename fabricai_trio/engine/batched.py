@@ -73,6 +73,7 @@ class BatchedEngine:
             cache_slots=settings.prefix_cache_sequences,
             prefill_tokens=settings.prefill_chunk_tokens,
             max_backlog=MAX_BACKLOG,
+            invariant=settings.batch_invariant,
         )
         self._text = ModelText(settings)
         self._runner: BatchRunner | None = None
@@ -105,6 +106,7 @@ class BatchedEngine:
                 n_batch=sched.prefill_tokens + self._slots,
                 n_outputs=sched.n_seq_max,
                 n_threads=s.n_threads,
+                invariant=s.batch_invariant,
             )
         )
         self._loaded = True
@@ -139,6 +141,7 @@ class BatchedEngine:
             tokens_generated=self._tokens_generated,
             extra={
                 "backend": "batched",
+                "batch_invariant": self._settings.batch_invariant,
                 "steps": st.steps,
                 "batch_size_last": st.batch_seqs_last,
                 "batch_size_mean": st.batch_seqs_mean,

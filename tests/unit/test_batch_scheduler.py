@@ -42,6 +42,7 @@ class FakeKV:
                 self.cells[op.seq_id] = []
         ids = [e.seq_id for e in plan.entries]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        self.check_pads(plan)
         sampled = {}
         for e in plan.entries:
             assert len(self.cells[e.seq_id]) == e.pos, "entry does not continue its KV"
@@ -50,6 +51,21 @@ class FakeKV:
                 self.next_token += 1
                 sampled[e.handle] = (self.next_token, e.handle in eog)
         return sampled
+
+    def check_pads(self, plan: StepPlan) -> None:
+        """Pad rows continue their id's KV (they are dropped after the step, so they leave
+        no trace here), and with them the decode rows are one run of >= 2 ids, >= 2 of
+        them with logits, and never a one-token prompt chunk while more follow."""
+        if not plan.pads:
+            return
+        decode = [e for e in plan.entries if not e.prefill]
+        pad_ids = [p.seq_id for p in plan.pads]
+        assert pad_ids == sorted(pad_ids) and not set(pad_ids) & {e.seq_id for e in decode}
+        for pad in plan.pads:
+            assert len(self.cells[pad.seq_id]) == pad.pos, "pad does not continue its KV"
+        ids = sorted([e.seq_id for e in decode] + pad_ids)
+        assert len(ids) >= 2 and runs(ids) == 1
+        assert len(decode) + sum(p.output for p in plan.pads) >= 2
 
 
 def step(s: BatchScheduler, kv: FakeKV, **kw: frozenset[int]) -> tuple[StepPlan, list[Sampled]]:
@@ -199,7 +215,7 @@ def test_prefix_cache_parks_then_reuses_a_finished_sequence() -> None:
     assert kv.cells[1] == list(parked)
 
 
-def test_identical_prompt_reuses_all_but_its_last_token() -> None:
+def test_identical_prompt_reuses_all_but_its_last_two_tokens() -> None:
     s, kv = BatchScheduler(slots=1, cache_slots=1, prefill_tokens=64, min_reuse_tokens=8), FakeKV(2)
     a = s.add(PROMPT, max_tokens=2)
     step(s, kv)
@@ -207,8 +223,9 @@ def test_identical_prompt_reuses_all_but_its_last_token() -> None:
     s.release(a)
     b = s.add(PROMPT, max_tokens=2)
     plan, _ = step(s, kv)
-    assert plan.entries[0].pos == len(PROMPT) - 1 and plan.entries[0].sample
-    assert s.reused(b) == len(PROMPT) - 1
+    # Two, not one: a one-token chunk would go through other matmul kernels.
+    assert plan.entries[0].pos == len(PROMPT) - 2 and plan.entries[0].sample
+    assert len(plan.entries[0].tokens) == 2 and s.reused(b) == len(PROMPT) - 2
 
 
 def test_short_matches_and_short_sequences_are_not_cached() -> None:
@@ -274,9 +291,12 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
     the tokens each id holds, and cached entries must match their KV."""
     rng = random.Random(seed)
     slots, cache = rng.randint(1, 4), rng.randint(0, 3)
+    invariant = seed % 2 == 1
     s = BatchScheduler(slots=slots, cache_slots=cache, prefill_tokens=rng.choice([3, 8, 64]),
-                       max_backlog=rng.randint(1, 3), min_reuse_tokens=rng.choice([1, 4]))
-    kv = FakeKV(slots + cache)
+                       max_backlog=rng.randint(1, 3), min_reuse_tokens=rng.choice([1, 4]),
+                       invariant=invariant)
+    kv = FakeKV(s.n_seq_max)
+    pads = 0
     base = [rng.randrange(50) for _ in range(20)]
     live: list[int] = []
     prompts: dict[int, tuple[int, ...]] = {}
@@ -301,6 +321,10 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
             s.release(h)
         eog = frozenset(h for h in live if rng.random() < 0.05)
         s.complete(plan, kv.apply(plan, eog=eog))
+        pads += len(plan.pads)
+        assert invariant or not plan.pads
+        for e in plan.entries:
+            assert len(e.tokens) >= 2 or not e.prefill or e.pos + 1 == len(prompts[e.handle])
         running = s.running_ids()
         assert all(0 <= i < slots for i in running)
         for seq_id, h in running.items():
@@ -320,3 +344,39 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
     assert all(kv.cells[i] == [] for i in range(slots))
     for cid, tokens in s.cached().items():
         assert slots <= cid < slots + cache and kv.cells[cid] == list(tokens)
+    assert pads > 0 or not invariant
+
+
+def test_batch_invariant_pads_a_lone_decoder_and_the_gaps() -> None:
+    s, kv = BatchScheduler(slots=3, prefill_tokens=64, invariant=True), FakeKV(3)
+    a = s.add(PROMPT, max_tokens=8)
+    plan, _ = step(s, kv)  # prefill: its own llama_decode, nothing to pad
+    assert plan.entries[0].prefill and plan.pads == ()
+    plan, _ = step(s, kv)  # alone: a neighbour with logits makes it two rows
+    assert [p.seq_id for p in plan.pads] == [1] and plan.pads[0].output
+    b, c = s.add(PROMPT[:10], max_tokens=8), s.add(PROMPT[:12], max_tokens=8)
+    for _ in range(3):
+        step(s, kv)
+        for h in (a, b, c):
+            s.consumed(h, 1)
+    s.finish(b)  # id 1 is done but not released yet: a hole between 0 and 2
+    plan, _ = step(s, kv)
+    assert [e.seq_id for e in plan.entries] == [0, 2]
+    assert plan.pads[0].seq_id == 1 and not plan.pads[0].output
+    assert plan.pads[0].pos == len(kv.cells[1])
+    s.release(a)
+    s.release(b)
+    s.release(c)
+
+
+def test_prompt_chunks_are_never_a_lone_token() -> None:
+    s, kv = BatchScheduler(slots=1, prefill_tokens=len(PROMPT) - 1), FakeKV(1)
+    s.add(PROMPT, max_tokens=1)
+    plan, _ = step(s, kv)  # one over budget rather than a lone last token
+    assert len(plan.entries[0].tokens) == len(PROMPT)
+    s2, kv2 = BatchScheduler(slots=2, prefill_tokens=5), FakeKV(2)
+    h1, h2 = s2.add(PROMPT[:4], max_tokens=1), s2.add(PROMPT[:9], max_tokens=1)
+    plan, _ = step(s2, kv2)  # 4 tokens leave a budget of 1: the next prompt waits
+    assert [len(e.tokens) for e in plan.entries] == [4]
+    s2.release(h1)
+    s2.release(h2)
