@@ -144,7 +144,7 @@ def create_app(
     admission = Admission(
         max_concurrent=settings.max_concurrent_requests, max_queue=settings.max_queue_size
     )
-    metrics = Metrics(admission)
+    metrics = Metrics(admission, engine.info)
     authenticator = auth.Authenticator.from_settings(settings)
     service = GenerationService(
         settings=settings, engine=engine, admission=admission, store=store, observer=metrics

@@ -3,23 +3,28 @@
 `Metrics` is the `GenerationObserver` the `GenerationService` calls (tokens, latency,
 outcomes, cancellations, 429s, store errors) and what the request wrapper reports HTTP
 requests to. Queue depth and active generations are gauges read from the admission
-stats at scrape time, so they can never drift from the truth. A per-app registry (not
-prometheus_client's global one) lets several apps live in one process (tests).
+stats at scrape time, so they can never drift from the truth; so are the batched
+engine's figures (sequences per decode step, prefix-cache reuse), from `Engine.info()`.
+A per-app registry (not prometheus_client's global one) lets several apps live in one
+process (tests).
 See docs/metrics.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from quart import Blueprint, Response, current_app
 
 from .observer import StoreErrorKind
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .engine.base import EngineInfo
     from .generation import Generation
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,17 +34,48 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _stat(admission: Admission, attribute: str) -> Callable[[], float]:
     return lambda: float(getattr(admission.stats(), attribute))
 
 
+class BatchingCollector(Collector):
+    """The batched engine's step figures, read from `Engine.info().extra` at scrape time
+    (nothing for an engine that does not batch)."""
+
+    def __init__(self, engine_info: Callable[[], EngineInfo]) -> None:
+        self._engine_info = engine_info
+
+    def collect(self) -> Iterator[Metric]:
+        extra = self._engine_info().extra
+        steps = extra.get("batch_size_steps")
+        if not isinstance(steps, dict):
+            return
+        counts = {int(size): int(n) for size, n in steps.items()}
+        yield HistogramMetricFamily(
+            "fabricai_batch_size", "Sequences decoded together, per decode step.",
+            buckets=[(str(float(le)), sum(n for size, n in counts.items() if size <= le))
+                     for le in BATCH_BUCKETS] + [("+Inf", sum(counts.values()))],
+            sum_value=sum(size * n for size, n in counts.items()),
+        )
+        for name, key, doc in (
+            ("fabricai_prefix_cache_hits", "prefix_cache_hits",
+             "Prompts that started from a cached prefix."),
+            ("fabricai_prompt_tokens_reused", "prompt_tokens_reused",
+             "Prompt tokens taken from the prefix cache instead of evaluated."),
+        ):
+            value = extra.get(key)
+            yield CounterMetricFamily(name, doc, value=value if isinstance(value, int) else 0)
+
+
 class Metrics:
     """Every instrument of one app; implements `observer.GenerationObserver`."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, engine_info: Callable[[], EngineInfo]) -> None:
         self.registry = registry = CollectorRegistry()
+        registry.register(BatchingCollector(engine_info))
         self.http_requests = Counter(
             "fabricai_http_requests", "HTTP requests by route template, method and status.",
             ["route", "method", "status"], registry=registry,

@@ -24,8 +24,8 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
-@pytest.fixture(scope="module")
-def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
+def serve_real_model(model_path: Path, server_logs: Path, **settings: str
+                     ) -> Iterator[ServerProcess]:
     """A real server on the real model: 2 slots, a queue of 2."""
     env = model_env(
         model_path,
@@ -34,6 +34,20 @@ def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
         MAX_TOKENS_LIMIT="512",
         MAX_BODY_BYTES="4096",
         SSE_KEEPALIVE_SECONDS="0.2",
+        **settings,
     )
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
+    """A real server on the real model, default engine: 2 slots, a queue of 2."""
+    yield from serve_real_model(model_path, server_logs)
+
+
+@pytest.fixture(scope="module", params=["batched", "llama"])
+def each_engine_server(request: pytest.FixtureRequest, model_path: Path, server_logs: Path
+                       ) -> Iterator[ServerProcess]:
+    """The same, once per built-in engine (ENGINE=batched, the default, and the pool)."""
+    yield from serve_real_model(model_path, server_logs, ENGINE=request.param)

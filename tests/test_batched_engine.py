@@ -1,14 +1,15 @@
 """`BatchedEngine` on the real model: batching numerics, join/leave/cancel, KV hygiene,
 prefix reuse, and the SSE path through a real `ENGINE=batched` server.
 
-About exactness. Alone, the batched engine gives exactly `LlamaEngine`'s tokens (same
-sampler chain, same shapes). In a batch it cannot promise bit-identical tokens: ggml
-picks matmul kernels by the number of rows in a step (docs/performance-batching.md has
-the table), so a sequence's logits move by float noise with the *shape* of the batch,
-and Gemma 3 amplifies that noise. What holds exactly, and is asserted: the *content* of the
-other sequences never changes a sequence's tokens; what holds up to noise, and is
-asserted: a greedy token differs from the alone run only where the alone run was a near
-tie. docs/performance-batching.md has the details.
+About exactness. Alone and without flash attention, the batched engine gives exactly
+`LlamaEngine`'s tokens (same sampler chain, same kernels). In a batch, by default, it
+cannot promise bit-identical tokens: ggml picks matmul kernels by the number of rows in
+a step (docs/performance-batching.md has the table), so a sequence's logits move by
+float noise with the *shape* of the batch, and Gemma 3 amplifies that noise. What holds
+exactly, and is asserted: the *content* of the other sequences never changes a
+sequence's tokens; what holds up to noise: a greedy token differs from the alone run
+only where the alone run was a near tie. With BATCH_INVARIANT=true every token is
+identical to the alone run, whatever the batch holds (asserted too).
 """
 
 from __future__ import annotations
@@ -310,7 +311,9 @@ async def test_batch_invariant_prefix_reuse_matches_a_cold_run_at_any_boundary(
 # --- the engine ---
 
 
-async def test_alone_it_matches_llama_engine(engine: BatchedEngine, model_path: Path) -> None:
+async def test_alone_without_flash_attention_it_matches_llama_engine(
+    engine: BatchedEngine, model_path: Path
+) -> None:
     requests = [
         request(await engine.tokenize(PROMPTS[0]), 48),
         request(await engine.tokenize(PROMPTS[1]), 48, temperature=0.9, seed=7),
@@ -319,13 +322,17 @@ async def test_alone_it_matches_llama_engine(engine: BatchedEngine, model_path: 
         request(await engine.tokenize(PROMPTS[2]), 48, temperature=1.2, top_k=5, seed=3),
     ]
     pool = LlamaEngine(make_settings(model_path, max_concurrent_requests=len(requests)))
+    # With the pool's attention kernels (no flash attention), a lone stream is exact.
+    exact = BatchedEngine(make_settings(model_path, flash_attn=False))
+    await exact.load()
     await pool.load()
     try:
         # Each pool context is fresh for its first request, like the batched engine.
         for req in requests:
-            assert await collect(engine, req) == await collect(pool, req)
+            assert await collect(exact, req) == await collect(pool, req)
     finally:
         await pool.aclose()
+        await exact.aclose()
 
 
 async def test_stop_string_and_end_of_generation(engine: BatchedEngine) -> None:
@@ -533,6 +540,17 @@ async def test_sse_streams_two_at_once(client: httpx.AsyncClient) -> None:
     assert engine["backend"] == "batched"
     assert engine["steps"] > 0 and engine["batch_size_max"] == 2
     assert 1 <= engine["batch_size_mean"] <= 2
+    # /metrics: a histogram of sequences per step, one observation per step.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = text_string_to_metric_families((await client.get("/metrics")).text)
+    samples = {(s.name, s.labels.get("le")): s.value for f in metrics for s in f.samples}
+    steps = engine["batch_size_steps"]
+    assert samples[("fabricai_batch_size_count", None)] == engine["steps"] == sum(steps.values())
+    assert samples[("fabricai_batch_size_sum", None)] == sum(int(k) * v for k, v in steps.items())
+    assert samples[("fabricai_batch_size_bucket", "1.0")] == steps.get("1", 0)
+    assert samples[("fabricai_batch_size_bucket", "2.0")] == engine["steps"]
+    assert samples[("fabricai_prefix_cache_hits_total", None)] == engine["prefix_cache_hits"]
 
 
 async def test_sse_queue_full_is_429(client: httpx.AsyncClient) -> None:

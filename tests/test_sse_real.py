@@ -47,6 +47,12 @@ async def wait_idle(client: httpx.AsyncClient, timeout: float = 5.0) -> dict[str
             await trio.sleep(0.02)
 
 
+@pytest.fixture(scope="module")
+def server(each_engine_server: ServerProcess) -> ServerProcess:
+    """Every test here runs on both built-in engines."""
+    return each_engine_server
+
+
 @pytest.fixture
 async def client(server: ServerProcess) -> Any:
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:

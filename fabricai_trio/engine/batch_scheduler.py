@@ -130,6 +130,7 @@ class SchedulerStats:
     batch_seqs_last: int
     batch_seqs_mean: float
     batch_seqs_max: int
+    batch_sizes: dict[int, int]  # sequences per step -> how many steps had that many
     prompt_tokens_evaluated: int
     prompt_tokens_reused: int
     prefix_hits: int
@@ -190,6 +191,7 @@ class BatchScheduler:
         self._batch_tokens_last = 0
         self._batch_seqs_last = 0
         self._batch_seqs_sum = 0
+        self._batch_sizes: dict[int, int] = {}  # sequences per step -> steps
         self._batch_seqs_max = 0
         self._prompt_evaluated = 0
         self._prompt_reused = 0
@@ -475,6 +477,7 @@ class BatchScheduler:
         self._batch_tokens_last = plan.n_tokens
         self._batch_seqs_last = n
         self._batch_seqs_sum += n
+        self._batch_sizes[n] = self._batch_sizes.get(n, 0) + 1
         self._batch_seqs_max = max(self._batch_seqs_max, n)
 
     def stats(self) -> SchedulerStats:
@@ -484,6 +487,7 @@ class BatchScheduler:
             batch_seqs_last=self._batch_seqs_last,
             batch_seqs_mean=round(self._batch_seqs_sum / self._steps, 3) if self._steps else 0.0,
             batch_seqs_max=self._batch_seqs_max,
+            batch_sizes=dict(sorted(self._batch_sizes.items())),
             prompt_tokens_evaluated=self._prompt_evaluated,
             prompt_tokens_reused=self._prompt_reused,
             prefix_hits=self._prefix_hits,

@@ -78,6 +78,7 @@ class BatchRunner:
         n_outputs: int,
         n_threads: int,
         invariant: bool = False,
+        flash_attn: bool = True,
     ) -> None:
         if n_seq_max > llama_cpp.llama_max_parallel_sequences():
             raise ModelLoadError(
@@ -100,7 +101,11 @@ class BatchRunner:
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.kv_unified = False
         cparams.swa_full = True
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as LlamaEngine
+        # Flash attention: 10-20 % more tok/s at 8 sequences. Not in batch-invariant mode:
+        # its CPU kernel changes with the number of query rows of a prompt chunk.
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                                   if flash_attn and not invariant
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)

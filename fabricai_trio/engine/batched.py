@@ -107,6 +107,7 @@ class BatchedEngine:
                 n_outputs=sched.n_seq_max,
                 n_threads=s.n_threads,
                 invariant=s.batch_invariant,
+                flash_attn=s.flash_attn,
             )
         )
         self._loaded = True
@@ -142,10 +143,12 @@ class BatchedEngine:
             extra={
                 "backend": "batched",
                 "batch_invariant": self._settings.batch_invariant,
+                "flash_attn": self._settings.flash_attn and not self._settings.batch_invariant,
                 "steps": st.steps,
                 "batch_size_last": st.batch_seqs_last,
                 "batch_size_mean": st.batch_seqs_mean,
                 "batch_size_max": st.batch_seqs_max,
+                "batch_size_steps": {str(k): v for k, v in st.batch_sizes.items()},
                 "batch_tokens_last": st.batch_tokens_last,
                 "running": st.running,
                 "waiting": st.waiting,
