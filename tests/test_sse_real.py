@@ -195,9 +195,13 @@ async def test_429_body(client: httpx.AsyncClient) -> None:
         for _ in range(4):
             nursery.start_soon(
                 stream_events, client,
-                {"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0},
+                {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0},
             )
-        await trio.sleep(0.3)
+        with trio.fail_after(30):  # both slots busy and the queue full, however slow the machine
+            while (await status(client))["concurrency"] != {
+                "max": 2, "active": 2, "queued": 2, "queue_capacity": 2
+            }:
+                await trio.sleep(0.05)
         response = await client.post("/v1/inference_sse", json={"prompt": "Hi"})
         assert response.status_code == 429
         assert response.headers["retry-after"]
@@ -208,6 +212,7 @@ async def test_429_body(client: httpx.AsyncClient) -> None:
             "message": error["message"],
             "param": None,
         }
+        nursery.cancel_scope.cancel()  # the four streams disconnect
     await wait_idle(client)
 
 
