@@ -10,6 +10,8 @@ It owns the sequence ids of one llama.cpp context (`n_seq_max = slots + cache_sl
 * ids `slots ..` hold the prefix cache: the KV of finished sequences, keyed by their
   tokens, least recently used first. A new prompt that shares at least `min_reuse_tokens`
   with an entry starts from a copy of it and evaluates only the rest.
+* in batch-invariant mode (`invariant=True`) each plan also carries pad rows (`_pads`),
+  and a spare id is added if there would be no neighbour for one.
 
 Each `plan()` returns a `StepPlan`: KV operations to apply in order, then one batch (one
 token per decoding sequence, then prompt chunks of newly admitted sequences up to
