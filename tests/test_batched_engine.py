@@ -1,5 +1,6 @@
 """`BatchedEngine` on the real model: batching numerics, join/leave/cancel, KV hygiene,
-prefix reuse, and the SSE path through a real `ENGINE=batched` server.
+prefix reuse, and the batching figures of a real server (`/v1/status`, `/metrics`); the
+SSE behaviour itself (429, disconnects, ...) is tests/test_sse_real.py, on both engines.
 
 About exactness. Alone and without flash attention, the batched engine gives exactly
 `LlamaEngine`'s tokens (same sampler chain, same kernels). In a batch, by default, it
@@ -551,47 +552,3 @@ async def test_sse_streams_two_at_once(client: httpx.AsyncClient) -> None:
     assert samples[("fabricai_batch_size_bucket", "1.0")] == steps.get("1", 0)
     assert samples[("fabricai_batch_size_bucket", "2.0")] == engine["steps"]
     assert samples[("fabricai_prefix_cache_hits_total", None)] == engine["prefix_cache_hits"]
-
-
-async def test_sse_queue_full_is_429(client: httpx.AsyncClient) -> None:
-    await wait_idle(client)
-    async with trio.open_nursery() as nursery:
-        for _ in range(3):  # two run, one waits
-            nursery.start_soon(stream_events, client,
-                               {"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0})
-            await trio.sleep(0.1)  # arrive in order (a queue of 1 holds one arrival at once)
-        with trio.fail_after(10):
-            while (await client.get("/v1/status")).json()["concurrency"]["queued"] < 1:
-                await trio.sleep(0.02)
-        response = await client.post("/v1/inference_sse", json={"prompt": "Hi"})
-        assert response.status_code == 429
-        assert response.headers["retry-after"]
-        assert response.json()["error"]["code"] == "queue_full"
-    await wait_idle(client)
-
-
-async def test_sse_disconnect_frees_the_slot(client: httpx.AsyncClient) -> None:
-    await wait_idle(client)
-    before = (await client.get("/v1/status")).json()["engine"]["tokens_generated"]
-    async with client.stream(
-        "POST", "/v1/inference_sse", json={"prompt": PROMPTS[0], "max_tokens": 400}
-    ) as response:
-        seen = 0
-        async for event in aparse(response.aiter_lines()):
-            if event.event == "token":
-                seen += 1
-                if seen == 5:
-                    break
-    after = await wait_idle(client, timeout=3.0)
-    assert after["engine"]["tokens_generated"] - before < 30
-    # Both slots work again, at once.
-    results: list[tuple[int, list[SSEEvent]]] = []
-
-    async def one(prompt: str) -> None:
-        results.append(await stream_events(client, {"prompt": prompt, "max_tokens": 8}))
-
-    async with trio.open_nursery() as nursery:
-        for p in PROMPTS[2:4]:
-            nursery.start_soon(one, p)
-    assert [events[-1].event for _, events in results] == ["complete", "complete"]
-    await wait_idle(client)
