@@ -189,7 +189,11 @@ async def test_six_requests_two_slots_two_queued_two_refused(
     await wait_idle(client)
 
 
-async def test_429_body(client: httpx.AsyncClient) -> None:
+async def test_429_body(client: httpx.AsyncClient, server: ServerProcess) -> None:
+    if server.env.get("ENGINE") == "llama":
+        # The body comes from admission, not the engine; the pool's 429s are covered by
+        # test_six_requests_two_slots_two_queued_two_refused.
+        pytest.skip("engine-independent: run on the default engine only")
     await wait_idle(client)
     async with trio.open_nursery() as nursery:
         for _ in range(4):
@@ -198,9 +202,7 @@ async def test_429_body(client: httpx.AsyncClient) -> None:
                 {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0},
             )
         with trio.fail_after(30):  # both slots busy and the queue full, however slow the machine
-            while (await status(client))["concurrency"] != {
-                "max": 2, "active": 2, "queued": 2, "queue_capacity": 2
-            }:
+            while (await status(client))["concurrency"]["queued"] < 2:
                 await trio.sleep(0.05)
         response = await client.post("/v1/inference_sse", json={"prompt": "Hi"})
         assert response.status_code == 429
