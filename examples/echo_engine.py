@@ -11,9 +11,9 @@ from collections.abc import AsyncGenerator, Sequence
 
 import trio
 
-from fabricai_trio.api.schemas import ChatMessage
-from fabricai_trio.engine import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
-from fabricai_trio.engine.textstream import StopMatcher
+from fabricai_trio.core.engine import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
+from fabricai_trio.core.messages import ChatMessage
+from fabricai_trio.core.textstream import StopMatcher
 from fabricai_trio.settings import Settings
 
 

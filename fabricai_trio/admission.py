@@ -1,17 +1,21 @@
-"""Admission control: a bounded memory channel (the queue) feeding a CapacityLimiter.
+"""Admission control: the one queue in front of the engine.
 
-* `try_enter()` puts a `Ticket` into a `trio` memory channel of capacity
-  `MAX_QUEUE_SIZE` with `send_nowait()`; `trio.WouldBlock` means the queue is full and
-  becomes `QueueFull` (HTTP 429). It never blocks, so the 429 is immediate.
-* A dispatcher task (`run()`, in the app's service nursery) borrows a limiter token
-  (`MAX_CONCURRENT_REQUESTS` in all), takes the oldest ticket from the channel and
-  grants it the token. Tickets are served first-in first-out.
+* A bounded `trio` memory channel counts the queue: `try_enter()` puts a marker in it
+  with `send_nowait()`, and `trio.WouldBlock` means the queue is full: `QueueFull` (a
+  429) at once, never a wait. Markers are interchangeable; *which* waiting ticket runs
+  next is the `QueuePolicy`'s decision (FIFO today, see queue_policy.py).
+* A dispatcher task (`run()`, in the app's services nursery) borrows a token of the
+  `CapacityLimiter` (as many as the engine can run at once: no engine keeps a waiting
+  line of its own), takes one marker and grants the token to the ticket the policy
+  picks.
 * `Ticket.wait()` waits for the grant on a `trio.Event`, so it can be cancelled and
-  called again (e.g. to send keepalives) without losing the ticket's place.
-* `Ticket.release()` is synchronous and idempotent: it frees the token, or marks a
-  queued ticket abandoned so the dispatcher skips it. A request cancelled while queued
-  therefore never reaches the engine. Abandoned tickets still in the channel are
-  compacted away when they would make a live request look like a full queue.
+  called again (to send keepalives) without losing the ticket's place.
+* `Ticket.release()` is synchronous and idempotent: it frees the token, or takes the
+  ticket out of the policy; its marker then stays in the channel as an abandoned one,
+  which the dispatcher skips, and which `try_enter()` drains when the channel is full.
+  A request cancelled while queued therefore never reaches the engine.
+
+Invariant: markers in the channel = tickets waiting in the policy + `_abandoned`.
 """
 
 from __future__ import annotations
@@ -20,13 +24,8 @@ from dataclasses import dataclass
 
 import trio
 
-
-class QueueFull(Exception):
-    """Every slot is busy and the queue is at capacity."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__(f"the queue is full ({capacity} waiting)")
-        self.capacity = capacity
+from .core.errors import QueueFull
+from .queue_policy import FifoPolicy, QueuePolicy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,7 +45,8 @@ class _Token:
 class Ticket:
     """One request's place: queued, then admitted (holding a token), then released."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, principal: str) -> None:
+        self.principal = principal
         self._admission = admission
         self._granted = trio.Event()
         self._token: _Token | None = None
@@ -59,7 +59,7 @@ class Ticket:
     @property
     def position(self) -> int:
         """Requests ahead of this one in the queue (0 when next, or admitted)."""
-        return self._admission._position(self)
+        return self._admission._policy.position(self)
 
     async def wait(self) -> None:
         """Wait until admitted. Cancel-safe: the ticket keeps its place in the queue."""
@@ -77,8 +77,7 @@ class Ticket:
             token, self._token = self._token, None
             admission._active -= 1
             admission._limiter.release_on_behalf_of(token)
-        elif self in admission._waiting:
-            del admission._waiting[self]
+        elif admission._policy.remove(self):
             admission._abandoned += 1
 
     def _grant(self, token: _Token) -> None:
@@ -89,78 +88,75 @@ class Ticket:
 class Admission:
     """The queue and the limiter; `run()` must be running for anything to be admitted."""
 
-    def __init__(self, *, max_concurrent: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_concurrent: int,
+        max_queue: int,
+        retry_after: int = 1,
+        policy: QueuePolicy[Ticket] | None = None,
+    ) -> None:
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._max_queue = max_queue
-        self._queue_in, self._queue_out = trio.open_memory_channel[Ticket](max_queue)
-        self._waiting: dict[Ticket, None] = {}  # live queued tickets, oldest first
-        self._abandoned = 0  # released tickets still sitting in the channel
+        self._retry_after = retry_after
+        self._queue_in, self._queue_out = trio.open_memory_channel[None](max_queue)
+        self._policy: QueuePolicy[Ticket] = policy if policy is not None else FifoPolicy()
+        self._abandoned = 0  # markers in the channel whose ticket left the queue
         self._active = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Grant limiter tokens to queued tickets, oldest first, until cancelled.
+        """Grant limiter tokens to queued tickets, in the policy's order, until cancelled.
 
-        A token is borrowed *before* a ticket is taken, so a ticket leaves the channel
-        only when it can run: the channel alone holds the queue.
+        A token is borrowed *before* a marker is taken, so a ticket leaves the queue
+        only when it can run: the channel alone bounds the queue.
         """
         task_status.started()
         while True:
             token = _Token()
             await self._limiter.acquire_on_behalf_of(token)
             try:
-                ticket = await self._queue_out.receive()
-                while ticket._released:
+                while True:
+                    await self._queue_out.receive()
+                    ticket = self._policy.pop()
+                    if ticket is not None:
+                        break
                     self._abandoned -= 1
-                    ticket = await self._queue_out.receive()
             except BaseException:
                 self._limiter.release_on_behalf_of(token)
                 raise
-            del self._waiting[ticket]
             self._active += 1
             ticket._grant(token)
 
-    def try_enter(self) -> Ticket:
+    def try_enter(self, *, principal: str = "anonymous") -> Ticket:
         """Join the queue now, or raise `QueueFull`. Never blocks, never checkpoints."""
-        ticket = Ticket(self)
         try:
-            self._queue_in.send_nowait(ticket)
+            self._queue_in.send_nowait(None)
         except trio.WouldBlock:
-            if self._abandoned == 0 or not self._compact():
-                raise QueueFull(self._max_queue) from None
-            self._queue_in.send_nowait(ticket)
-        self._waiting[ticket] = None
+            if not self._drain_abandoned():
+                raise QueueFull(self._retry_after) from None
+            self._queue_in.send_nowait(None)
+        ticket = Ticket(self, principal)
+        self._policy.push(ticket)
         return ticket
 
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
             max_concurrent=int(self._limiter.total_tokens),
             active=self._active,
-            queued=len(self._waiting),
+            queued=len(self._policy),
             queue_capacity=self._max_queue,
         )
 
-    def _position(self, ticket: Ticket) -> int:
-        for index, waiting in enumerate(self._waiting):
-            if waiting is ticket:
-                return index
-        return 0
+    def _drain_abandoned(self) -> bool:
+        """Take abandoned markers out of a full channel; True if room was made.
 
-    def _compact(self) -> bool:
-        """Drop abandoned tickets from the channel, keeping order; True if room was made.
-
-        Synchronous, so the dispatcher cannot interleave: the channel ends up holding
-        exactly the live tickets, oldest first.
-        """
-        live: list[Ticket] = []
-        while True:
+        Synchronous, so the dispatcher cannot interleave."""
+        drained = False
+        while self._abandoned:
             try:
-                ticket = self._queue_out.receive_nowait()
+                self._queue_out.receive_nowait()
             except trio.WouldBlock:
                 break
-            if ticket._released:
-                self._abandoned -= 1
-            else:
-                live.append(ticket)
-        for ticket in live:
-            self._queue_in.send_nowait(ticket)
-        return len(live) < self._max_queue
+            self._abandoned -= 1
+            drained = True
+        return drained

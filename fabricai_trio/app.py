@@ -1,15 +1,18 @@
-"""The application: services, their lifespan, and the ASGI entry point.
+"""The composition layer: builds the services and the transports, and runs them.
 
 Nursery tree (see docs/architecture.md):
 
     hypercorn serve
-    └── lifespan nursery (QuartTrio `app.nursery`)
-        └── services nursery (`run_services`): admission dispatcher, model load,
-            Socket.IO timers, store health
+    ├── lifespan (QuartTrio `app.nursery`)
+    │   └── services nursery (`run_services`): admission dispatcher, model load,
+    │       Socket.IO timers and fan-out, cross-replica cancel, store health
     └── per connection (hypercorn) → per request (quart-trio): handler + body stream
 
-The services nursery is cancelled in `after_serving`, so shutdown never waits on a
-task nobody owns.
+The services nursery owns the engine, the session store and the Redis client: when it
+is cancelled (`after_serving`, which Hypercorn runs after its server nursery, i.e. every
+request, has ended) its tasks end first and only then are those resources closed, in
+`run_services`' own `finally`; `after_serving` waits for that. A SIGTERM during the model
+load therefore waits for the load's thread and frees what it allocated.
 """
 
 from __future__ import annotations
@@ -17,31 +20,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from quart import Quart
 from quart_trio import QuartTrio
 
-from . import auth, request_log
 from .admission import Admission
-from .api.error_handlers import register_error_handlers
+from .api import auth_hook, request_log
+from .api.http_errors import register_error_handlers
 from .api.openai.routes import blueprint as openai_blueprint
 from .api.openapi import blueprint as openapi_blueprint
 from .api.playground import ASSET_PREFIX, PAGE_PATH
 from .api.playground import blueprint as playground_blueprint
+from .api.request_log import RequestObserver
 from .api.routes import blueprint
 from .api.sessions import blueprint as sessions_blueprint
 from .api.socketio_events import create_socketio
-from .api.stream_registry import StreamRegistry
-from .engine.base import Engine, ModelLoadError
+from .api.state import EXTENSION_KEY, AppState
+from .auth import Authenticator
+from .core.engine import Engine, ModelLoadError
 from .engine.loader import create_engine
 from .generation import GenerationService
 from .metrics import Metrics
-from .metrics import blueprint as metrics_blueprint
 from .realtime import SocketIOServer
-from .request_log import RequestObserver
+from .redis_channels import RedisChannels
+from .remote_cancel import RedisRemoteCancel
 from .sessions import SessionStore, create_store
 from .settings import Settings
 
@@ -49,31 +52,6 @@ log = logging.getLogger(__name__)
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 CLEANUPS = "fabricai.cleanups"
-
-
-@dataclass
-class AppState:
-    """Everything a route needs; one per app, in `app.extensions["fabricai"]`."""
-
-    settings: Settings
-    engine: Engine
-    store: SessionStore
-    admission: Admission
-    service: GenerationService
-    metrics: Metrics
-    auth: auth.Authenticator
-    started_at: float = field(default_factory=time.time)
-    load_error: str | None = None
-    store_healthy: bool = True
-    socketio: SocketIOServer | None = None
-    streams: StreamRegistry = field(default_factory=StreamRegistry)  # cancellable SSE streams
-    fatal: trio.Event = field(default_factory=trio.Event)
-    services_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-
-def get_state(app: Quart) -> AppState:
-    state: AppState = app.extensions["fabricai"]
-    return state
 
 
 class FabricApp:
@@ -84,21 +62,34 @@ class FabricApp:
     when the ASGI call ends for any reason, even if the body never started.
     """
 
-    def __init__(self, quart_app: Quart, state: AppState) -> None:
+    def __init__(
+        self,
+        quart_app: QuartTrio,
+        state: AppState,
+        socketio: SocketIOServer,
+        redis: RedisChannels | None,
+        remote: RedisRemoteCancel | None,
+    ) -> None:
         self.quart = quart_app
         self.state = state
-        self.mounts: dict[str, ASGIApp] = {}
+        self.socketio = socketio
+        self.redis = redis
+        self.remote = remote
+        self.mounts: dict[str, ASGIApp] = {"/socket.io/": socketio.asgi_app}
         self.requests = RequestObserver(state.settings, state.metrics)
-
-    def mount(self, prefix: str, app: ASGIApp) -> None:
-        self.mounts[prefix] = app
+        #: Set when start-up failed for good (the model cannot load): the server stops.
+        self.fatal = trio.Event()
+        self.services_scope = trio.CancelScope()
+        self.services_done = trio.Event()
 
     async def begin_shutdown(self) -> None:
-        """Called when shutdown starts, before Hypercorn waits for connections: Socket.IO
-        clients get a CLOSE packet now instead of being cut at the grace deadline."""
-        self.state.service.begin_shutdown()
-        if self.state.socketio is not None:
-            await self.state.socketio.shutdown()
+        """Called when shutdown starts, before Hypercorn stops serving: new generations
+        are refused (503 `draining`), running ones may finish until
+        SHUTDOWN_GRACE_SECONDS, what is left then ends with `finish_reason: cancelled`,
+        and Socket.IO clients get a CLOSE packet."""
+        grace = self.state.settings.shutdown_grace_seconds
+        await self.state.service.drain(trio.current_time() + grace)
+        await self.socketio.shutdown()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """HTTP calls go through `RequestObserver` (X-Request-Id, log line, metrics)."""
@@ -131,7 +122,10 @@ class FabricApp:
 def create_app(
     settings: Settings, *, engine: Engine | None = None, store: SessionStore | None = None
 ) -> FabricApp:
-    """Build the app; the engine loads in the background once serving starts."""
+    """Build the app; the engine loads in the background once serving starts.
+
+    Admission is sized from what the engine says it can run at once: it is the only
+    queue (no engine keeps a waiting line of its own)."""
     quart_app = QuartTrio(__name__)
     quart_app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -142,69 +136,84 @@ def create_app(
     engine = engine or create_engine(settings)
     store = store or create_store(settings)
     admission = Admission(
-        max_concurrent=settings.max_concurrent_requests, max_queue=settings.max_queue_size
+        max_concurrent=engine.info().slots,
+        max_queue=settings.max_queue_size,
+        retry_after=settings.retry_after_seconds,
     )
+    redis = RedisChannels(settings.redis_url) if settings.redis_url else None
+    remote = RedisRemoteCancel(redis, prefix=settings.redis_prefix) if redis else None
     metrics = Metrics(admission, engine.info)
-    authenticator = auth.Authenticator.from_settings(settings)
+    authenticator = Authenticator.from_settings(settings)
     service = GenerationService(
-        settings=settings, engine=engine, admission=admission, store=store, observer=metrics
+        settings=settings, engine=engine, admission=admission, store=store, observer=metrics,
+        remote=remote,
     )
     state = AppState(
         settings=settings, engine=engine, store=store, admission=admission, service=service,
         metrics=metrics, auth=authenticator,
     )
-    quart_app.extensions["fabricai"] = state
-    quart_app.register_blueprint(blueprint)
-    quart_app.register_blueprint(sessions_blueprint)
-    quart_app.register_blueprint(openai_blueprint)
-    quart_app.register_blueprint(metrics_blueprint)
-    quart_app.register_blueprint(openapi_blueprint)
-    quart_app.register_blueprint(playground_blueprint)
+    quart_app.extensions[EXTENSION_KEY] = state
+    for bp in (blueprint, sessions_blueprint, openai_blueprint, openapi_blueprint,
+               playground_blueprint):
+        quart_app.register_blueprint(bp)
     request_log.init_app(quart_app)  # before auth: a 401 is logged with its route
-    auth.init_app(quart_app, authenticator, settings, public_paths={PAGE_PATH},
-                  public_prefixes=(ASSET_PREFIX,))
+    auth_hook.install(quart_app, authenticator, settings, public_paths={PAGE_PATH},
+                      public_prefixes=(ASSET_PREFIX,))
     register_error_handlers(quart_app)
-    app = FabricApp(quart_app, state)
-    state.socketio = create_socketio(state)
-    app.mount("/socket.io/", state.socketio.asgi_app)
+    app = FabricApp(quart_app, state, create_socketio(state, redis), redis, remote)
 
     @quart_app.before_serving
     async def start_services() -> None:
-        await quart_app.nursery.start(run_services, state)  # type: ignore[attr-defined]
+        await quart_app.nursery.start(run_services, app)
 
     @quart_app.after_serving
     async def stop_services() -> None:
-        state.services_scope.cancel()
+        app.services_scope.cancel()
         with trio.CancelScope(shield=True):
-            await state.engine.aclose()
-            await state.store.aclose()
+            await app.services_done.wait()
 
     return app
 
 
 async def run_services(
-    state: AppState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    app: FabricApp, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """The long-lived tasks, in one nursery that `after_serving` cancels."""
-    with state.services_scope:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(state.admission.run)
-            if state.socketio is not None:
-                await nursery.start(state.socketio.run)
-            nursery.start_soon(load_engine, state)
-            nursery.start_soon(watch_store, state)
-            task_status.started()
-
-
-async def load_engine(state: AppState) -> None:
-    """Load the model; a failure is fatal: the server stops with a clear message."""
-    started = time.monotonic()
+    """The long-lived tasks, in one nursery that `after_serving` cancels; then the
+    resources they used are closed, in the reverse order of their use."""
+    state = app.state
     try:
-        await state.engine.load()
+        with app.services_scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(state.admission.run)
+                await nursery.start(app.socketio.run)
+                if app.remote is not None:
+                    await nursery.start(app.remote.run, state.service)
+                nursery.start_soon(load_engine, app)
+                nursery.start_soon(watch_store, state)
+                task_status.started()
+    finally:
+        with trio.CancelScope(shield=True):
+            await state.engine.aclose()
+            await state.store.aclose()
+            if app.redis is not None:
+                await app.redis.aclose()
+            log.info("services stopped: engine, session store and Redis client closed")
+            app.services_done.set()
+
+
+async def load_engine(app: FabricApp) -> None:
+    """Load the model; a failure is fatal: the server stops with a clear message.
+
+    If cancelled, the engine finishes the step in its thread (never abandoned) and the
+    services nursery then closes it."""
+    started = time.monotonic()
+    log.info("loading the model")
+    try:
+        await app.state.engine.load()
     except ModelLoadError as exc:
-        state.load_error = str(exc)
+        app.state.load_error = str(exc)
         log.critical("%s", exc)
-        state.fatal.set()
+        app.fatal.set()
         return
     log.info("engine ready in %.1f s", time.monotonic() - started)
 

@@ -21,20 +21,17 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import jwt
-from quart import Quart, request
 
-from .api.errors import ApiError
+from .core.errors import Unauthenticated
 from .sessions.base import MAX_OWNER_LENGTH
 from .settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
-IDENTITY_SCOPE_KEY = "fabricai.identity"
-REALM = "fabricai-trio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +50,8 @@ def key_owner(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def unauthorized(code: str, message: str, *, invalid: bool) -> ApiError:
-    """A 401 with the `WWW-Authenticate` challenge RFC 6750 asks for."""
-    challenge = f'Bearer realm="{REALM}"'
-    if invalid:
-        challenge += ', error="invalid_token"'
-    return ApiError(401, code, message, headers={"WWW-Authenticate": challenge})
+def unauthorized(code: str, message: str, *, invalid: bool) -> Unauthenticated:
+    return Unauthenticated(message, code=code, invalid_token=invalid)
 
 
 class Authenticator:
@@ -113,7 +106,7 @@ class Authenticator:
         return bool(self._keys) or self._jwt_key is not None
 
     def authenticate(self, headers: Mapping[str, str]) -> Identity:
-        """The identity behind `Authorization: Bearer …` or `X-Api-Key`; 401 `ApiError`
+        """The identity behind `Authorization: Bearer …` or `X-Api-Key`; `Unauthenticated`
         if credentials are missing or wrong (anonymous when auth is off)."""
         lowered = {name.lower(): value for name, value in headers.items()}
         authorization = lowered.get("authorization")
@@ -195,39 +188,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def current_identity() -> Identity:
-    """The identity the auth hook stored for the current request."""
-    identity = request.scope.get(IDENTITY_SCOPE_KEY)
-    return identity if isinstance(identity, Identity) else ANONYMOUS_IDENTITY
-
-
-def init_app(
-    app: Quart,
-    authenticator: Authenticator,
-    settings: Settings,
-    *,
-    public_paths: Iterable[str] = (),
-    public_prefixes: tuple[str, ...] = (),
-) -> None:
-    """Authenticate every request before its route runs (a 401 never reaches a route).
-
-    `public_paths` (exact) and `public_prefixes` need no credentials, like `/health`:
-    the playground page and its files, which a browser loads without a bearer token."""
-    if not authenticator.enabled and not is_loopback(settings.host):
-        log.warning(
-            "no API_KEYS, API_KEYS_FILE, JWT_SECRET or JWT_PUBLIC_KEY is set and HOST=%s is "
-            "not a loopback address: anyone who can reach the server can use it",
-            settings.host,
-        )
-    open_paths = {"/health", *public_paths}
-    if not settings.metrics_require_auth:
-        open_paths.add("/metrics")
-
-    @app.before_request
-    async def _authenticate() -> None:
-        if request.path in open_paths or request.path.startswith(public_prefixes):
-            return
-        scope = cast(dict[str, Any], request.scope)
-        scope[IDENTITY_SCOPE_KEY] = authenticator.authenticate(dict(request.headers.items()))

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .engine.base import ModelLoadError
+from .core.engine import ModelLoadError
 from .engine.loader import LLAMA_ENGINES
 from .engine.model_files import resolve_model_path
 from .settings import ConfigError, Settings, load_settings
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(settings: Settings) -> None:
     """LOG_LEVEL and LOG_FORMAT (`text` or `json`) for the whole process."""
-    from .request_log import configure_logging as configure
+    from .api.request_log import configure_logging as configure
 
     configure(settings)
 

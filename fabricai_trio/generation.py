@@ -1,11 +1,22 @@
-"""The one generation path shared by SSE, Socket.IO and the OpenAI-style routes.
+"""The generation service: the one path, and the one owner, of every live generation.
 
-`GenerationService.prepare()` does everything that can refuse a request before a
-response starts (model loading, session checks and lock, context length, the queue),
-so transports can answer with a plain HTTP status. `Generation.events()` then waits
-for a slot, streams the engine's tokens and ends with `complete` or `error`; when it
-ends for any reason (done, cancelled, failed) the session turn is written once and the
-slot, the session lock and the queue place are released.
+SSE, Socket.IO and the OpenAI-style routes all go through it:
+
+* `GenerationService.prepare()` does everything that can refuse a request before a
+  response starts (model loading, session checks and lock, context length, the queue)
+  and registers the generation under (owner, request_id). It raises domain errors
+  (`core.errors`); transports render them through the one error table.
+* `Generation.events()` waits for a slot, streams the engine's tokens and ends with
+  `complete` or `error`; when it ends for any reason (done, cancelled, failed) the
+  session turn is written once and the slot, the session lock and the queue place are
+  released, and the generation leaves the registry.
+* `GenerationService.cancel(owner, request_id, cause)` is the only way to stop a
+  generation on purpose: SSE's cancel route, Socket.IO's `inference_cancel` and
+  shutdown use it. A generation cancelled so ends with a `complete` event whose
+  `finish_reason` is `cancelled`. With a `RemoteCancel` (Redis), a cancel for a
+  generation that runs on another replica is forwarded there. A transport that is cut
+  (a client disconnects) cancels the task consuming `events()`; that is recorded as the
+  cause `disconnect`.
 """
 
 from __future__ import annotations
@@ -16,27 +27,38 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
-from .admission import Admission, QueueFull, Ticket
-from .api import errors
-from .api.errors import ApiError
-from .api.schemas import (
-    ChatMessage,
+from .admission import Admission, Ticket
+from .core.engine import Chunk, Engine, EngineError, EngineRequest
+from .core.errors import (
+    ContextLengthExceeded,
+    DomainError,
+    Draining,
+    DuplicateRequestId,
+    EngineFailed,
+    ModelLoading,
+    NotFound,
+    QueueFull,
+    SessionBusy,
+    SessionForbidden,
+    SessionStoreUnavailable,
+    error_event,
+)
+from .core.events import (
     CompleteEvent,
-    ErrorEvent,
     FinishReason,
-    GenerationRequest,
     QueuedEvent,
     StreamEvent,
     Timings,
     TokenEvent,
     Usage,
 )
-from .engine.base import Chunk, Engine, EngineError, EngineRequest
-from .observer import NULL_OBSERVER, GenerationObserver
+from .core.messages import ChatMessage
+from .core.requests import GenerationRequest
+from .observer import NULL_OBSERVER, CancelCause, GenerationObserver
 from .sessions import (
     Message,
     Session,
@@ -51,7 +73,22 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CancelCause = Literal["disconnect", "cancel", "shutdown"]
+Key = tuple[str, str]  # (owner, request_id)
+
+
+class RemoteCancel(Protocol):
+    """Where live generations are announced so that any replica can cancel them."""
+
+    def announce(self, owner: str, request_id: str) -> None:
+        """This replica now runs (owner, request_id). Synchronous, never raises."""
+
+    def withdraw(self, owner: str, request_id: str) -> None:
+        """It no longer does. Synchronous, never raises."""
+
+    async def forward(self, owner: str, request_id: str, cause: CancelCause) -> bool:
+        """Ask the replica running it to cancel it; False if no replica does.
+
+        Cancellation may leave the cancel sent or not."""
 
 
 class Keepalive:
@@ -61,7 +98,7 @@ class Keepalive:
 KEEPALIVE = Keepalive()
 
 
-@dataclass(eq=False)  # hashable by identity: the service keeps a set of live ones
+@dataclass(eq=False)
 class Generation:
     """A prepared request: it holds a queue place (and a session lock) until it ends."""
 
@@ -73,13 +110,17 @@ class Generation:
     new_messages: list[ChatMessage]
     session: Session | None = None
     lock_token: str | None = None
-    cancel_cause: CancelCause = "disconnect"
+    #: Why it was stopped: set by `cancel()`; a transport cut from outside is a disconnect.
+    cancel_cause: CancelCause | None = None
     text: str = ""
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    #: What ended it with an `error` event (then `finish_reason` is `error`).
+    error: DomainError | None = None
     created_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # monotonic, like created_at
-    first_token_at: float | None = None  # monotonic, like created_at (logs, metrics)
+    first_token_at: float | None = None  # monotonic, like created_at
+    _step_scope: trio.CancelScope | None = None
     _closed: bool = False
 
     @property
@@ -87,31 +128,75 @@ class Generation:
         return self.request.request_id
 
     @property
+    def key(self) -> Key:
+        return (self.owner, self.request_id)
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.engine_request.prompt_tokens)
+
+    @property
+    def ttft_seconds(self) -> float | None:
+        """Accepted → first token: what the client waited (queue included)."""
+        return None if self.first_token_at is None else self.first_token_at - self.created_at
+
+    def cancel(self, cause: CancelCause) -> None:
+        """Stop at the next checkpoint (while queued, or between two tokens); `events()`
+        then ends with `complete`, `finish_reason: cancelled`. Idempotent."""
+        if self.cancel_cause is None:
+            self.cancel_cause = cause
+        if self._step_scope is not None:
+            self._step_scope.cancel()
+
+    @contextmanager
+    def _step(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope around one wait inside `events()`, never around a `yield`
+        (a scope must not span what the consumer does between two events)."""
+        scope = trio.CancelScope()
+        if self.cancel_cause is not None:
+            scope.cancel()
+        self._step_scope = scope
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._step_scope = None
 
     async def events(self) -> AsyncGenerator[StreamEvent | Keepalive, None]:
         """Queue, decode, complete. Close it with `aclosing()` (Quart does).
 
-        Cancellation (a disconnect, `inference_cancel`, shutdown) takes effect while
-        queued or between two tokens; the partial turn is still stored, shielded.
+        `cancel()` ends it with a `complete` event (`finish_reason: cancelled`). If the
+        consumer is cancelled instead (a disconnect), `Cancelled` propagates; either
+        way the partial turn is stored, shielded, and everything is released.
         """
         rid = self.request_id
         service = self.service
         started = False
         try:
             yield QueuedEvent(request_id=rid, position=self.ticket.position)
-            while not self.ticket.admitted:
-                with trio.move_on_after(service.settings.sse_keepalive_seconds):
+            while not self.ticket.admitted and self.cancel_cause is None:
+                with trio.move_on_after(service.settings.sse_keepalive_seconds), self._step():
                     await self.ticket.wait()
-                if not self.ticket.admitted:
+                if not self.ticket.admitted and self.cancel_cause is None:
                     yield KEEPALIVE
-            self.admitted_at = last_chunk_at = time.monotonic()
-            started = True
-            index = 0
-            try:
+            if self.cancel_cause is None:
+                self.admitted_at = last_chunk_at = time.monotonic()
+                started = True
+                index = 0
                 async with aclosing(service.engine.generate_stream(self.engine_request)) as stream:
-                    async for item in stream:
+                    while True:
+                        try:
+                            with self._step():
+                                item = await anext(stream, None)
+                        except EngineError as exc:
+                            log.error("request %s: engine error: %s", rid, exc)
+                            self.finish_reason = "error"
+                            self.error = EngineFailed(str(exc))
+                            await self._end()
+                            yield error_event(self.error, rid)
+                            return
+                        if item is None or self.cancel_cause is not None:
+                            break
                         if isinstance(item, Chunk):
                             now = time.monotonic()
                             if self.completion_tokens:
@@ -127,19 +212,16 @@ class Generation:
                         else:
                             self.finish_reason = item.reason
                             self.completion_tokens = item.completion_tokens
-            except EngineError as exc:
-                log.error("request %s: engine error: %s", rid, exc)
-                self.finish_reason = "error"
-                await self._end()
-                yield ErrorEvent(request_id=rid, code=500, error="engine_error", message=str(exc))
-                return
-            self.finish_reason = self.finish_reason or "stop"
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled" if self.cancel_cause is not None else "stop"
             complete = self.complete_event()
-            await self._end()
+            await self._end(store_turn=started)
             yield complete
         except BaseException:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
+            if self.cancel_cause is None:
+                self.cancel_cause = "disconnect"
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -161,12 +243,12 @@ class Generation:
                              done, self.completion_tokens),
         )
 
-    async def _end(self) -> None:
+    async def _end(self, *, store_turn: bool = True) -> None:
         """Store the turn and release slot and lock *before* the last event: a client
         that sends its next turn as soon as it reads `complete` (or `error`) must find
         this turn stored and the session free, not a 409."""
         with trio.CancelScope(shield=True):
-            await self.close(store_turn=True)
+            await self.close(store_turn=store_turn)
 
     async def close(self, *, store_turn: bool = False) -> None:
         """Release the queue place or slot, store the turn, unlock. Idempotent.
@@ -177,7 +259,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        self.service.live.discard(self)
+        self.service.unregister(self)
         self.service.observer.on_finished(self, admitted=self.ticket.admitted)
         self.ticket.release()
         if self.session is None:
@@ -223,7 +305,7 @@ def _timings(
     decode_s = done - (first or admitted)
     return Timings(
         queued_ms=round((admitted - created) * 1000, 3),
-        ttft_ms=None if first is None else round((first - admitted) * 1000, 3),
+        ttft_ms=None if first is None else round((first - created) * 1000, 3),
         total_ms=round((done - created) * 1000, 3),
         tokens_per_second=(
             round((tokens - 1) / decode_s, 2) if tokens > 1 and decode_s > 0 else None
@@ -242,24 +324,35 @@ class GenerationService:
         admission: Admission,
         store: SessionStore,
         observer: GenerationObserver = NULL_OBSERVER,
+        remote: RemoteCancel | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.admission = admission
         self.store = store
         self.observer = observer
-        self.live: set[Generation] = set()  # prepared and not yet closed
+        self.remote = remote
+        self.draining = False
+        self._live: dict[Key, Generation] = {}  # prepared and not yet closed
+        self._idle = trio.Event()  # set whenever nothing is live
+        self._idle.set()
         # session id -> token of a lock `unlock` could not release (store down then).
         self._unreleased: dict[str, str] = {}
 
     async def prepare(self, request: GenerationRequest, *, owner: str) -> Generation:
-        """Check and admit a request; raises `ApiError` (503/404/403/409/400/429).
+        """Check and admit a request, and register it under (owner, request_id).
 
-        On success the caller owns the returned `Generation` and must either iterate
-        `events()` or call `close()`.
+        Raises a domain error: `Draining`, `ModelLoading`, `DuplicateRequestId`, session
+        errors, `ContextLengthExceeded`, `QueueFull`. On success the caller owns the
+        returned `Generation` and must either iterate `events()` or call `close()`.
+        If cancelled, nothing is held (a session lock taken is released, shielded).
         """
+        if self.draining:
+            raise Draining()
         if not self.engine.info().loaded:
-            raise errors.unavailable("model_loading", "the model is still loading")
+            raise ModelLoading()
+        if (owner, request.request_id) in self._live:
+            raise DuplicateRequestId()
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         session: Session | None = None
         lock_token: str | None = None
@@ -272,8 +365,7 @@ class GenerationService:
             if not await self.store_call(
                 self.store.try_lock(session.id, lock_token, self.settings.session_lock_seconds)
             ):
-                raise ApiError(409, "session_busy", "a generation is already running on this "
-                               "session", "session_id")
+                raise SessionBusy()
         try:
             if session is not None:
                 # Again, under the lock: a turn that ended after the first read is history.
@@ -281,10 +373,13 @@ class GenerationService:
             new_messages = request.new_messages()
             tokens, stop = await self._prompt_tokens(request, session, new_messages, max_tokens)
             try:
-                ticket = self.admission.try_enter()
+                ticket = self.admission.try_enter(principal=owner)
             except QueueFull:
                 self.observer.on_rejected()
-                raise errors.queue_full(self.settings.retry_after_seconds) from None
+                raise
+            if (owner, request.request_id) in self._live:  # registered while we awaited
+                ticket.release()
+                raise DuplicateRequestId()
         except BaseException:
             if session is not None and lock_token is not None:
                 with trio.CancelScope(shield=True):
@@ -311,13 +406,55 @@ class GenerationService:
             session=session,
             lock_token=lock_token,
         )
-        self.live.add(generation)
+        self._live[generation.key] = generation
+        self._idle = trio.Event()
+        if self.remote is not None:
+            self.remote.announce(owner, generation.request_id)
         return generation
 
-    def begin_shutdown(self) -> None:
-        """Generations cancelled from now on were cut by the shutdown (for metrics)."""
-        for generation in self.live:
-            generation.cancel_cause = "shutdown"
+    def unregister(self, generation: Generation) -> None:
+        """Called by `Generation.close()`: from now on a cancel for it is a miss."""
+        if self._live.get(generation.key) is generation:
+            del self._live[generation.key]
+            if self.remote is not None:
+                self.remote.withdraw(*generation.key)
+            if not self._live:
+                self._idle.set()
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    def cancel_local(self, owner: str, request_id: str, cause: CancelCause) -> bool:
+        """Cancel the owner's generation with this id if it runs here."""
+        generation = self._live.get((owner, request_id))
+        if generation is None:
+            return False
+        generation.cancel(cause)
+        return True
+
+    async def cancel(self, owner: str, request_id: str, cause: CancelCause) -> bool:
+        """Cancel the owner's generation with this id, here or (with a `RemoteCancel`)
+        on the replica running it; False if none runs. Another owner's generation is
+        never found: the answer cannot tell it apart from one that does not exist."""
+        if self.cancel_local(owner, request_id, cause):
+            await trio.lowlevel.checkpoint()
+            return True
+        if self.remote is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self.remote.forward(owner, request_id, cause)
+
+    async def drain(self, deadline: float) -> None:
+        """Refuse new generations (`Draining`), let live ones run until `deadline`
+        (`trio.current_time()` clock), then cancel what is left with the cause
+        `shutdown` and wait for it to end. Cancellation stops the wait, not the drain."""
+        self.draining = True
+        with trio.move_on_at(deadline):
+            await self._idle.wait()
+        for generation in list(self._live.values()):
+            generation.cancel("shutdown")
+        await self._idle.wait()
 
     async def unlock(self, session_id: str, token: str) -> None:
         """Release a session lock. If the store is down, the lock is remembered and
@@ -337,15 +474,17 @@ class GenerationService:
                 await self.unlock(session_id, token)
 
     async def store_call(self, call: Awaitable[T]) -> T:
-        """Await one store call with the store timeout; 503 if the store is down."""
+        """Await one store call with the store timeout; `SessionStoreUnavailable` if the
+    store is down."""
         with store_deadline(self.settings.store_timeout_seconds, self.observer):
             return await call
 
     async def open_session(
         self, session_id: str, owner: str, *, autocreate: bool = False
     ) -> Session:
-        """The caller's session: 404 if unknown (unless `autocreate`), 403 if another
-        owner's, 503 if the store is down; used by generations and the session routes."""
+        """The caller's session: `NotFound` if unknown (unless `autocreate`),
+        `SessionForbidden` if another owner's, `SessionStoreUnavailable` if the store is
+        down; used by generations and the session routes."""
         with store_deadline(self.settings.store_timeout_seconds, self.observer):
             session = await self.store.get(session_id)
             if session is None and autocreate:
@@ -354,10 +493,9 @@ class GenerationService:
                 except SessionExists:  # a concurrent first use created it: use that one
                     session = await self.store.get(session_id)
         if session is None:
-            raise errors.not_found("session", "session_id")
+            raise NotFound("session not found", code="session_not_found", param="session_id")
         if session.owner != owner:
-            raise ApiError(403, "session_forbidden", "this session belongs to another identity",
-                           "session_id")
+            raise SessionForbidden()
         return session
 
     async def _prompt_tokens(
@@ -401,22 +539,18 @@ def store_deadline(
     timeout: float, observer: GenerationObserver = NULL_OBSERVER
 ) -> Iterator[None]:
     """Bound the store calls inside by `timeout`; a store that is down or too slow
-    becomes a 503 `session_store_unavailable` (the one place that mapping lives)."""
+    becomes `SessionStoreUnavailable` (the one place that mapping lives)."""
     try:
         with trio.fail_after(timeout):
             yield
     except (StoreUnavailable, trio.TooSlowError) as exc:
         observer.on_store_error("timeout" if isinstance(exc, trio.TooSlowError) else "unavailable")
-        raise errors.unavailable(
-            "session_store_unavailable", "the session store is unavailable"
-        ) from None
+        raise SessionStoreUnavailable() from None
 
 
-def _too_long(prompt_tokens: int, max_tokens: int, n_ctx: int) -> ApiError:
-    return ApiError(
-        400,
-        "context_length_exceeded",
+def _too_long(prompt_tokens: int, max_tokens: int, n_ctx: int) -> ContextLengthExceeded:
+    return ContextLengthExceeded(
         f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) does not fit "
         f"the context window ({n_ctx} tokens)",
-        "max_tokens",
+        param="max_tokens",
     )

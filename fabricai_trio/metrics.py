@@ -1,4 +1,5 @@
-"""Prometheus metrics: one `CollectorRegistry` per app, served at `GET /metrics`.
+"""Prometheus metrics: one `CollectorRegistry` per app (served at `GET /metrics` by
+api/routes.py).
 
 `Metrics` is the `GenerationObserver` the `GenerationService` calls (tokens, latency,
 outcomes, cancellations, 429s, store errors) and what the request wrapper reports HTTP
@@ -18,14 +19,12 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from quart import Blueprint, Response, current_app
 
-from .observer import StoreErrorKind
+from .observer import FinishedGeneration, StoreErrorKind
 
 if TYPE_CHECKING:
     from .admission import Admission
-    from .engine.base import EngineInfo
-    from .generation import Generation
+    from .core.engine import EngineInfo
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CANCEL_CAUSES = ("disconnect", "cancel", "shutdown")
@@ -144,17 +143,17 @@ class Metrics:
         for _ in range(tokens):  # 0 for a final flush, which decoded nothing
             self.token_latency.observe(seconds / tokens)
 
-    def on_finished(self, generation: Generation, *, admitted: bool) -> None:
+    def on_finished(self, generation: FinishedGeneration, *, admitted: bool) -> None:
         reason = generation.finish_reason
         if reason is None or reason == "cancelled":
             reason = "cancelled"
-            self.cancellations.labels(generation.cancel_cause).inc()
+            self.cancellations.labels(generation.cancel_cause or "disconnect").inc()
         self.generations.labels(reason).inc()
         self.completion_tokens.inc(generation.completion_tokens)
         if admitted:
             self.prompt_tokens.inc(generation.prompt_tokens)
-        if generation.first_token_at is not None:
-            self.ttft.observe(generation.first_token_at - generation.created_at)
+        if generation.ttft_seconds is not None:
+            self.ttft.observe(generation.ttft_seconds)
 
     def on_store_error(self, kind: StoreErrorKind) -> None:
         self.store_errors.labels(kind).inc()
@@ -167,13 +166,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-blueprint = Blueprint("metrics", __name__)
-
-
-@blueprint.get("/metrics")
-async def metrics() -> Response:
-    """Prometheus text exposition of this app's registry."""
-    registry: Metrics = current_app.extensions["fabricai"].metrics
-    return Response(registry.render(), content_type=CONTENT_TYPE)

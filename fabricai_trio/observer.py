@@ -7,12 +7,27 @@ raise: they run inside shielded cleanup code and between two tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
-if TYPE_CHECKING:
-    from .generation import Generation
+from .core.events import FinishReason
 
 StoreErrorKind = Literal["unavailable", "timeout", "write_failed"]
+CancelCause = Literal["disconnect", "cancel", "shutdown"]
+
+
+class FinishedGeneration(Protocol):
+    """What an observer may read of a generation that ended (`generation.Generation`)."""
+
+    @property
+    def finish_reason(self) -> FinishReason | None: ...
+    @property
+    def cancel_cause(self) -> CancelCause | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def ttft_seconds(self) -> float | None: ...
 
 
 class GenerationObserver(Protocol):
@@ -23,7 +38,7 @@ class GenerationObserver(Protocol):
         """`tokens` more tokens were decoded `seconds` after the previous ones
         (the first chunk of a generation is not reported: that is its TTFT)."""
 
-    def on_finished(self, generation: Generation, *, admitted: bool) -> None:
+    def on_finished(self, generation: FinishedGeneration, *, admitted: bool) -> None:
         """A generation ended (completed, failed, or cancelled, then with
         `finish_reason` `cancelled` or None); `admitted`: it held a slot."""
 
@@ -40,7 +55,7 @@ class NullObserver:
     def on_token_timing(self, seconds: float, tokens: int) -> None:
         pass
 
-    def on_finished(self, generation: Generation, *, admitted: bool) -> None:
+    def on_finished(self, generation: FinishedGeneration, *, admitted: bool) -> None:
         pass
 
     def on_store_error(self, kind: StoreErrorKind) -> None:

@@ -46,7 +46,7 @@ async def serve_app(settings: Settings, app: FabricApp | None = None) -> int:
 
             async def on_fatal() -> None:
                 nonlocal exit_code
-                await app.state.fatal.wait()
+                await app.fatal.wait()
                 exit_code = 1
                 nursery.cancel_scope.cancel()
 

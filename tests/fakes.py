@@ -11,8 +11,8 @@ from collections.abc import AsyncGenerator, Sequence
 import trio
 import trio.lowlevel
 
-from fabricai_trio.api.schemas import ChatMessage
-from fabricai_trio.engine.base import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
+from fabricai_trio.core.engine import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
+from fabricai_trio.core.messages import ChatMessage
 from fabricai_trio.settings import Settings
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]

@@ -19,9 +19,9 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fabricai_trio.api.errors import ApiError
 from fabricai_trio.app import create_app
 from fabricai_trio.auth import Authenticator, key_owner
+from fabricai_trio.core.errors import DomainError
 from fabricai_trio.settings import ConfigError, Settings, load_settings
 
 from .fakes import FakeEngine
@@ -231,9 +231,9 @@ def test_rs256_public_key_from_pem_or_file(tmp_path: Path) -> None:
         )
         identity = auth.authenticate({"authorization": f"Bearer {good}"})
         assert (identity.owner, identity.kind) == ("rs-user", "jwt")
-        with pytest.raises(ApiError) as info:  # no algorithm confusion
+        with pytest.raises(DomainError) as info:  # no algorithm confusion
             auth.authenticate({"Authorization": f"Bearer {hs}"})
-        assert info.value.status == 401
+        assert info.value.status_hint == 401
 
 
 def test_socketio_payload_and_anonymous() -> None:
@@ -243,9 +243,9 @@ def test_socketio_payload_and_anonymous() -> None:
     assert auth.authenticate_payload({"token": ALPHA}).owner == key_owner(ALPHA)
     assert auth.authenticate_payload({"token": token("sio-user")}).owner == "sio-user"
     for payload in (None, {}, {"token": 5}, {"apiKey": "nope"}):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(DomainError) as info:
             auth.authenticate_payload(payload)
-        assert info.value.status == 401
+        assert info.value.status_hint == 401
     assert key_owner(ALPHA) == key_owner(ALPHA) != key_owner(BETA)
     assert key_owner(ALPHA).startswith("key:") and len(key_owner(ALPHA)) == 20
     anonymous = Authenticator()

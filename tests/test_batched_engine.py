@@ -26,7 +26,7 @@ import httpx
 import pytest
 import trio
 
-from fabricai_trio.engine.base import Chunk, EngineRequest, Finish
+from fabricai_trio.core.engine import Chunk, EngineRequest, Finish
 from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase
 from fabricai_trio.engine.batch_step import PENALTY_LAST_N, BatchRunner, Sampling
 from fabricai_trio.engine.batched import BatchedEngine, KvSnapshot
@@ -452,7 +452,7 @@ async def test_prefix_reuse_is_identical_to_a_cold_run_and_cheaper(
 
 
 async def test_next_session_turn_reuses_the_previous_turn(engine: BatchedEngine) -> None:
-    from fabricai_trio.api.schemas import ChatMessage
+    from fabricai_trio.core.messages import ChatMessage
 
     history = [ChatMessage(role="user", content="Name a fruit that is yellow. " * 4)]
     first = engine.format_chat(history)

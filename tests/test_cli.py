@@ -96,3 +96,38 @@ def test_embedded_default_model_serves_and_stops_cleanly(
         code = proc.stop(sig)
     assert code == 0, proc.log()
     assert "Traceback" not in proc.log()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("engine", ["batched", "llama"])
+def test_sigterm_during_model_load_exits_cleanly_and_frees_the_engine(
+    engine: str, server_logs: Path, model_path: Path
+) -> None:
+    """SIGTERM while the model loads: the load's thread is waited for (never
+    abandoned), then the services nursery closes the engine, and the process exits 0."""
+    proc = ServerProcess(
+        {"LLM_MODEL": str(model_path), "CHAT_FORMAT": "gemma", "ENGINE": engine},
+        log_dir=server_logs,
+    )
+    proc.proc = subprocess.Popen(
+        [sys.executable, "-m", "fabricai_trio", "serve"], env=proc.env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.proc.stdout is not None
+    lines = []
+    for line in proc.proc.stdout:
+        lines.append(line)
+        if "loading the model" in line:
+            proc.proc.send_signal(signal.SIGTERM)
+            break
+    try:
+        rest, _ = proc.proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.proc.kill()
+        raise
+    log = "".join(lines) + rest
+    assert proc.proc.returncode == 0, log
+    assert "Traceback" not in log
+    # The engine was closed after the load task ended, not beside it.
+    assert "services stopped: engine, session store and Redis client closed" in log, log
+    assert log.index("loading the model") < log.index("services stopped")

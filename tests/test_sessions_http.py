@@ -18,10 +18,12 @@ import httpx
 import pytest
 import trio
 
-from fabricai_trio.api.errors import ApiError
-from fabricai_trio.api.schemas import ChatMessage, CompleteEvent, GenerationRequest
 from fabricai_trio.app import create_app, run_services
-from fabricai_trio.engine.base import ChatPrompt
+from fabricai_trio.core.engine import ChatPrompt
+from fabricai_trio.core.errors import DomainError
+from fabricai_trio.core.events import CompleteEvent
+from fabricai_trio.core.messages import ChatMessage
+from fabricai_trio.core.requests import GenerationRequest
 from fabricai_trio.generation import Generation, GenerationService
 from fabricai_trio.sessions import (
     MemorySessionStore,
@@ -106,7 +108,7 @@ async def client(store: FlakyStore) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(config, engine=engine, store=store)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_services, app.state)  # what the lifespan starts
+        await nursery.start(run_services, app)  # what the lifespan starts
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             yield c
         nursery.cancel_scope.cancel()
@@ -358,7 +360,7 @@ async def service() -> AsyncIterator[tuple[GenerationService, SlowReadStore, Ren
     store = SlowReadStore()
     app = create_app(config, engine=engine, store=store)
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_services, app.state)
+        await nursery.start(run_services, app)
         yield app.state.service, store, engine
         nursery.cancel_scope.cancel()
 
@@ -410,22 +412,22 @@ async def test_concurrent_first_use_with_autocreate_is_one_turn_and_one_409(
     """Two requests create the same new session at once: one streams, one is busy."""
     svc, store, _ = service
     store.read_delay = 0.05  # both read "no such session" before either creates it
-    outcomes: list[Generation | ApiError] = []
+    outcomes: list[Generation | DomainError] = []
 
     async def one(text: str) -> None:
         try:
             outcomes.append(await svc.prepare(
                 GenerationRequest(prompt=text, session_id="fresh", max_tokens=2), owner="bob"
             ))
-        except ApiError as exc:
+        except DomainError as exc:
             outcomes.append(exc)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one, "a")
         nursery.start_soon(one, "b")
-    errors = [o for o in outcomes if isinstance(o, ApiError)]
+    errors = [o for o in outcomes if isinstance(o, DomainError)]
     generations = [o for o in outcomes if isinstance(o, Generation)]
-    assert [(e.status, e.code) for e in errors] == [(409, "session_busy")]
+    assert [(e.status_hint, e.code) for e in errors] == [(409, "session_busy")]
     assert len(generations) == 1
     await run_to_end(generations[0])
     session = await store.get("fresh")
@@ -446,7 +448,7 @@ async def test_a_lock_left_by_an_outage_is_released_when_the_store_returns(
     svc = app.state.service
     await store.create("alice", session_id="s")
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_services, app.state)
+        await nursery.start(run_services, app)
         request = GenerationRequest(prompt="before", session_id="s", max_tokens=2)
         await run_to_end(await svc.prepare(request, owner="alice"))
         during = await svc.prepare(

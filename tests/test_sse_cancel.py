@@ -141,7 +141,7 @@ async def test_unknown_id_and_another_owner_are_404(client: httpx.AsyncClient) -
     assert unknown.status_code == 404
     assert unknown.json()["error"] == {
         "type": "not_found_error", "code": "request_not_found",
-        "message": "no running SSE generation of yours has this request_id",
+        "message": "no running generation of yours has this request_id",
         "param": "request_id",
     }
     await wait_concurrency(client, active=0, queued=0)

@@ -1,6 +1,7 @@
 """The SSE cancel registry never leaks: whatever ends a stream (completion, a cancel, a
 disconnect, an engine error, a refusal), its entry is gone. Real Hypercorn on a socket,
-in process with the fake engine, so the test can look inside `AppState.streams`."""
+in process with the fake engine, so the test can look inside the generation service's
+registry of live generations."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from fabricai_trio.app import FabricApp, create_app
-from fabricai_trio.engine.base import Chunk, EngineError, EngineRequest, Finish
+from fabricai_trio.core.engine import Chunk, EngineError, EngineRequest, Finish
 from fabricai_trio.settings import Settings
 
 from .fakes import FakeEngine
@@ -77,11 +78,11 @@ async def test_completed_stream_leaves_the_registry_before_its_last_event() -> N
             async for event in aparse(response.aiter_lines()):
                 if event.event == "complete":
                     # Read `complete`, the stream is already gone: a cancel is a 404.
-                    assert len(app.state.streams) == 0
+                    assert app.state.service.live_count == 0
                     late = await cancel(client, "done-1")
                     assert late.status_code == 404
                     assert late.json()["error"]["param"] == "request_id"
-        assert len(app.state.streams) == 0
+        assert app.state.service.live_count == 0
 
 
 async def test_cancel_ends_with_cancelled_complete_and_frees_everything() -> None:
@@ -93,7 +94,7 @@ async def test_cancel_ends_with_cancelled_complete_and_frees_everything() -> Non
             async for event in aparse(response.aiter_lines()):
                 events.append(event)
                 if event.event == "token" and event.data["index"] == 2:
-                    assert len(app.state.streams) == 1
+                    assert app.state.service.live_count == 1
                     answer = await cancel(client, "c-1")
                     assert answer.status_code == 200
                     assert answer.json() == {"request_id": "c-1", "cancelled": True}
@@ -103,7 +104,7 @@ async def test_cancel_ends_with_cancelled_complete_and_frees_everything() -> Non
         assert complete["finish_reason"] == "cancelled"
         tokens = [e.data["text"] for e in events if e.event == "token"]
         assert complete["text"] == "".join(tokens) and len(tokens) < 100
-        assert len(app.state.streams) == 0
+        assert app.state.service.live_count == 0
         assert app.state.admission.stats().active == 0
         messages = (await client.get(f"/v1/sessions/{sid}/messages")).json()["data"]
         assert [m["role"] for m in messages] == ["user", "assistant"]
@@ -121,9 +122,9 @@ async def test_disconnect_leaves_the_registry() -> None:
         async with client.stream("POST", "/v1/inference_sse", json=body) as response:
             async for event in aparse(response.aiter_lines()):
                 if event.event == "token":
-                    assert len(app.state.streams) == 1
+                    assert app.state.service.live_count == 1
                     break
-        await wait_for(lambda: len(app.state.streams) == 0)
+        await wait_for(lambda: app.state.service.live_count == 0)
         await wait_for(lambda: app.state.admission.stats().active == 0)
         assert (await cancel(client, "gone-1")).status_code == 404
 
@@ -134,8 +135,8 @@ async def test_engine_error_leaves_the_registry() -> None:
         async with client.stream("POST", "/v1/inference_sse", json=body) as response:
             events = data_events([e async for e in aparse(response.aiter_lines())])
         assert events[-1].event == "error"
-        assert events[-1].data["error"] == "engine_error"
-        assert len(app.state.streams) == 0
+        assert events[-1].data["code"] == "engine_error" and events[-1].data["status"] == 500
+        assert app.state.service.live_count == 0
         assert (await cancel(client, "err-1")).status_code == 404
 
 
@@ -162,7 +163,7 @@ async def test_cancel_while_queued_frees_the_queue_place() -> None:
                     # The queue (size 1) is full: a third request is refused, unregistered.
                     full = await client.post("/v1/inference_sse", json={"prompt": "x"})
                     assert full.status_code == 429
-                    assert len(app.state.streams) == 2
+                    assert app.state.service.live_count == 2
                     assert (await cancel(client, "queued-1")).status_code == 200
         events = data_events(events)
         assert [e.event for e in events] == ["queued", "complete"]
@@ -171,7 +172,7 @@ async def test_cancel_while_queued_frees_the_queue_place() -> None:
         assert app.state.admission.stats().queued == 0
         engine = app.state.engine
         assert isinstance(engine, FakeEngine) and "queued-1" not in engine.started
-        assert len(app.state.streams) == 1
+        assert app.state.service.live_count == 1
         # The place is free: a new request may queue again.
         async with client.stream("POST", "/v1/inference_sse",
                                  json={"prompt": "next", "max_tokens": 1}) as response:
@@ -179,7 +180,7 @@ async def test_cancel_while_queued_frees_the_queue_place() -> None:
             assert (await cancel(client, "hold-1")).status_code == 200
             await response.aread()
         await holder_done.wait()
-        assert len(app.state.streams) == 0
+        assert app.state.service.live_count == 0
         assert app.state.admission.stats().active == 0
 
 
@@ -187,22 +188,24 @@ async def test_a_cancel_before_the_first_step_still_ends_the_stream() -> None:
     """Registered before the response starts: a cancel that beats the body is kept."""
     async with served() as (app, client):
         generation_seen = trio.Event()
-        original = app.state.streams.register
+        service = app.state.service
+        original = service.prepare
 
-        def register(generation: Any) -> Any:
-            handle = original(generation)
-            handle.cancel()  # as if a cancel arrived between the route and the body
+        async def prepare(request: Any, *, owner: str) -> Any:
+            generation = await original(request, owner=owner)
+            # as if a cancel arrived between the route and the body
+            assert await service.cancel(owner, generation.request_id, "cancel")
             generation_seen.set()
-            return handle
+            return generation
 
-        app.state.streams.register = register  # type: ignore[method-assign]
+        service.prepare = prepare  # type: ignore[method-assign]
         body = {"prompt": "hello", "max_tokens": 500, "request_id": "early-1"}
         async with client.stream("POST", "/v1/inference_sse", json=body) as response:
             events = data_events([e async for e in aparse(response.aiter_lines())])
         assert generation_seen.is_set()
         assert [e.event for e in events] == ["queued", "complete"]
         assert events[-1].data["finish_reason"] == "cancelled"
-        assert len(app.state.streams) == 0
+        assert app.state.service.live_count == 0
         assert app.state.admission.stats().active == 0
 
 
@@ -221,8 +224,8 @@ async def test_owners_are_apart() -> None:
             other = await cancel(client, "shared-id", headers=beta)
             assert other.status_code == 404
             assert other.json()["error"]["code"] == "request_not_found"
-            assert len(app.state.streams) == 1
+            assert app.state.service.live_count == 1
             assert (await cancel(client, "shared-id", headers=alpha)).status_code == 200
             rest = data_events([e async for e in events])
         assert rest[-1].data["finish_reason"] == "cancelled"
-        await wait_for(lambda: len(app.state.streams) == 0)
+        await wait_for(lambda: app.state.service.live_count == 0)

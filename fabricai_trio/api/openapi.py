@@ -15,18 +15,17 @@ import html
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 from quart import Blueprint, Quart, Response, current_app, jsonify
 
 from .. import __version__
+from ..core import events, requests
 from . import schemas
 from .openai import protocol as oai
-
-if TYPE_CHECKING:
-    from ..app import AppState
+from .state import EXTENSION_KEY, AppState
 
 # --- bodies that routes build by hand (documented, and checked against live answers) ---
 
@@ -114,7 +113,7 @@ class Operation:
 
 _GEN_ERRORS = (400, 403, 404, 409, 413, 422, 429, 503)
 _OAI_ERRORS = (400, 403, 404, 409, 413, 429, 503)
-_SSE_EVENTS = (schemas.QueuedEvent, schemas.TokenEvent, schemas.CompleteEvent, schemas.ErrorEvent)
+_SSE_EVENTS = (events.QueuedEvent, events.TokenEvent, events.CompleteEvent, events.ErrorEvent)
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/health"): Operation(
@@ -126,13 +125,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("POST", "/v1/inference_sse"): Operation(
         "Stream one generation as server-sent events", "generation",
-        request=schemas.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
+        request=requests.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
         description="Events: `queued`, `token` (SSE `id` = index), `complete` or `error`; "
         "`: keepalive` comments while queued. Closing the connection cancels the generation.",
     ),
     ("GET", "/v1/inference_sse"): Operation(
         "The same, with the fields as query parameters (for EventSource)", "generation",
-        query=schemas.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
+        query=requests.GenerationRequest, sse_events=_SSE_EVENTS, errors=_GEN_ERRORS,
     ),
     ("POST", "/v1/inference_sse/<request_id>/cancel"): Operation(
         "Cancel one of your running SSE streams", "generation", ok=schemas.CancelResult,
@@ -234,7 +233,7 @@ def build_document(app: Quart, *, auth_enabled: bool, metrics_public: bool) -> d
     )
     components = dict(defs.get("$defs", {}))
     ref_of = {m: refs[(m, "validation")] for m in models}
-    query_schema = schemas.GenerationRequest.model_json_schema(
+    query_schema = requests.GenerationRequest.model_json_schema(
         ref_template="#/components/schemas/{model}"
     )
     paths: dict[str, dict[str, Any]] = {}
@@ -334,7 +333,7 @@ def _operation(
             "schema": {"type": "string", "description": "Named SSE events"},
             "x-events": {
                 name: ref_of[model]
-                for model, name in schemas.EVENT_NAMES.items() if model in op.sse_events
+                for model, name in events.EVENT_NAMES.items() if model in op.sse_events
             },
         }}
     responses: dict[str, Any] = {str(op.ok_status): ok}
@@ -348,7 +347,7 @@ def document_for(app: Quart) -> dict[str, Any]:
     """The app's document, built once (the url_map is fixed once serving starts)."""
     cached = app.extensions.get("fabricai.openapi")
     if cached is None:
-        state = cast("AppState", app.extensions["fabricai"])
+        state = cast(AppState, app.extensions[EXTENSION_KEY])
         cached = build_document(
             app,
             auth_enabled=state.auth.enabled,

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 from quart import Blueprint, Response
 
-from . import errors
+from ..core.errors import NotFound
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PAGE = "index.html"
@@ -57,5 +57,5 @@ async def page() -> Response:
 async def asset(asset: str) -> Response:
     content_type = ASSETS.get(asset)
     if content_type is None:
-        raise errors.not_found()
+        raise NotFound("no such route")
     return await _file(asset, content_type)

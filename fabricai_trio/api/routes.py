@@ -1,4 +1,4 @@
-"""HTTP routes: the SSE inference endpoint and its cancel, status and health.
+"""HTTP routes: the SSE inference endpoint and its cancel, status, health and metrics.
 
 Thin by design: parse and validate into a `GenerationRequest`, hand it to the
 `GenerationService`, and frame what comes back.
@@ -10,49 +10,35 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from quart import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, jsonify, request
 
 from .. import __version__
-from ..auth import ANONYMOUS as ANONYMOUS  # re-exported: the owner when auth is off
-from ..auth import current_identity
+from ..core.errors import ERROR_TABLE, ErrorKind, InvalidJson, NotFound
+from ..core.events import EVENT_NAMES, StreamEvent, TokenEvent
+from ..core.requests import GenerationRequest, parse_generation_request
 from ..generation import Generation, Keepalive
-from ..request_log import attach_generation, request_id
-from . import errors, sse
-from .errors import ApiError
-from .schemas import (
-    EVENT_NAMES,
-    CancelResult,
-    CompleteEvent,
-    ErrorEvent,
-    GenerationRequest,
-    StreamEvent,
-    TokenEvent,
-    parse_generation_request,
-)
-from .stream_registry import StreamHandle
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from . import sse
+from .auth_hook import current_identity
+from .request_log import attach_generation, request_id
+from .schemas import CancelResult
+from .state import state
 
 blueprint = Blueprint("api", __name__)
 
 
-if TYPE_CHECKING:
-    from ..app import AppState
-
-
-def _state() -> AppState:
-    return cast("AppState", current_app.extensions["fabricai"])
-
-
 async def read_json_body() -> Any:
-    """The request body as JSON; 400 names what is wrong (413 comes from Quart)."""
+    """The request body as JSON; `InvalidJson` names what is wrong (413 comes from
+    Quart)."""
     raw = await request.get_data(cache=False)
     if not raw:
-        raise errors.invalid_json("the body is empty")
+        raise InvalidJson("the body is empty")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.invalid_json(str(exc)) from None
+        raise InvalidJson(str(exc)) from None
 
 
 def query_as_body() -> dict[str, Any]:
@@ -78,26 +64,13 @@ def with_request_id(body: Any) -> Any:
 
 
 async def start_stream(generation_request: GenerationRequest) -> Generation:
-    state = _state()
-    generation = await state.service.prepare(generation_request, owner=current_owner())
+    """Prepare a generation for the current request; it is closed when the request
+    ends for any reason, even if its response body never starts."""
+    generation = await state().service.prepare(generation_request, owner=current_owner())
     scope = cast(dict[str, Any], request.scope)
     scope["fabricai.cleanups"].append(generation.close)
     attach_generation(scope, generation)
     return generation
-
-
-async def start_cancellable_stream(
-    generation_request: GenerationRequest,
-) -> tuple[Generation, StreamHandle]:
-    """`start_stream()`, registered for `POST /v1/inference_sse/{id}/cancel`.
-
-    Registered before the response starts, so a cancel sent as soon as the client has
-    its `request_id` finds it; a per-request cleanup unregisters it even if the body
-    never starts."""
-    generation = await start_stream(generation_request)
-    handle = _state().streams.register(generation)
-    cast(dict[str, Any], request.scope)["fabricai.cleanups"].append(handle.aclose)
-    return generation, handle
 
 
 def _frame(event: StreamEvent | Keepalive) -> bytes:
@@ -107,35 +80,15 @@ def _frame(event: StreamEvent | Keepalive) -> bytes:
     return sse.encode_event(EVENT_NAMES[type(event)], event.model_dump(), event_id=event_id)
 
 
-async def sse_body(generation: Generation, handle: StreamHandle) -> AsyncIterator[bytes]:
-    """The SSE framing of a generation's events (Quart closes it on disconnect).
-
-    Each step of `events()` runs in the handle's cancel scope (never a `yield`: see
-    stream_registry.py). A cancel ends the stream with the `complete` event of what was
-    generated so far, `finish_reason: cancelled`; the turn is already stored by then.
-    The stream leaves the registry before its last event, so once a client has read
-    `complete` (or `error`) a cancel for it is a 404.
-    """
-    try:
-        async with aclosing(generation.events()) as events:
-            while True:
-                with handle.step() as scope:
-                    event = await anext(events, None)
-                if scope.cancelled_caught:
-                    handle.unregister()
-                    yield _frame(generation.complete_event())
-                    return
-                if event is None:
-                    return
-                if isinstance(event, CompleteEvent | ErrorEvent):
-                    handle.unregister()
-                yield _frame(event)
-    finally:
-        handle.unregister()
+async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
+    """The SSE framing of a generation's events (Quart closes it on disconnect)."""
+    async with aclosing(generation.events()) as events:
+        async for event in events:
+            yield _frame(event)
 
 
-def sse_response(generation: Generation, handle: StreamHandle) -> Response:
-    response = Response(sse_body(generation, handle), headers=sse.SSE_HEADERS)
+def sse_response(generation: Generation) -> Response:
+    response = Response(sse_body(generation), headers=sse.SSE_HEADERS)
     response.headers["X-Request-Id"] = generation.request_id
     response.timeout = None
     return response
@@ -145,35 +98,36 @@ def sse_response(generation: Generation, handle: StreamHandle) -> Response:
 async def inference_sse_post() -> Response:
     body = await read_json_body()
     generation_request = parse_generation_request(
-        with_request_id(body), max_tokens_limit=_state().settings.max_tokens_limit
+        with_request_id(body), max_tokens_limit=state().settings.max_tokens_limit
     )
-    return sse_response(*await start_cancellable_stream(generation_request))
+    return sse_response(await start_stream(generation_request))
 
 
 @blueprint.get("/v1/inference_sse")
 async def inference_sse_get() -> Response:
     generation_request = parse_generation_request(
-        with_request_id(query_as_body()), max_tokens_limit=_state().settings.max_tokens_limit
+        with_request_id(query_as_body()), max_tokens_limit=state().settings.max_tokens_limit
     )
-    return sse_response(*await start_cancellable_stream(generation_request))
+    return sse_response(await start_stream(generation_request))
 
 
 @blueprint.post("/v1/inference_sse/<request_id>/cancel")
 async def inference_sse_cancel(request_id: str) -> Response:
-    """Cancel the caller's running SSE stream(s) with this id; that stream then ends with
-    `complete`, `finish_reason: cancelled`. 404 if none is running (or it is another
-    identity's: the answer does not tell them apart)."""
-    if not _state().streams.cancel(current_owner(), request_id):
-        raise ApiError(404, "request_not_found", "no running SSE generation of yours has this "
-                       "request_id", "request_id")
+    """Cancel the caller's running generation with this id, on any transport and (with
+    Redis) on any replica; it then ends with `complete`, `finish_reason: cancelled`.
+    `NotFound` if none is running (or it is another identity's: the answer does not
+    tell them apart)."""
+    if not await state().service.cancel(current_owner(), request_id, "cancel"):
+        raise NotFound("no running generation of yours has this request_id",
+                       code="request_not_found", param="request_id")
     return jsonify(CancelResult(request_id=request_id, cancelled=True).model_dump())
 
 
 @blueprint.get("/v1/status")
 async def status() -> Response:
-    state = _state()
-    info = state.engine.info()
-    stats = state.admission.stats()
+    app = state()
+    info = app.engine.info()
+    stats = app.admission.stats()
     return jsonify(
         {
             "model": {
@@ -182,7 +136,7 @@ async def status() -> Response:
                 "loaded": info.loaded,
                 "n_ctx": info.n_ctx,
                 "chat_format": info.chat_format,
-                "load_error": state.load_error,
+                "load_error": app.load_error,
             },
             "concurrency": {
                 "max": stats.max_concurrent,
@@ -192,8 +146,8 @@ async def status() -> Response:
             },
             "engine": {"tokens_generated": info.tokens_generated, "slots": info.slots,
                        **info.extra},
-            "store": {"backend": state.store.backend, "healthy": state.store_healthy},
-            "uptime_seconds": round(time.time() - state.started_at, 3),
+            "store": {"backend": app.store.backend, "healthy": app.store_healthy},
+            "uptime_seconds": round(time.time() - app.started_at, 3),
             "version": __version__,
         }
     )
@@ -201,15 +155,24 @@ async def status() -> Response:
 
 @blueprint.get("/health")
 async def health() -> Response:
-    state = _state()
-    info = state.engine.info()
-    store = {"backend": state.store.backend, "healthy": state.store_healthy}
-    if state.load_error is not None:
-        body, code = {"status": "error", "error": state.load_error, "store": store}, 503
-    elif not info.loaded:
-        body, code = {"status": "loading", "store": store}, 503
+    """200 once the model is loaded (`degraded` while the session store is down), else
+    503 with `Retry-After` (the table's status for an unavailable server)."""
+    app = state()
+    store = {"backend": app.store.backend, "healthy": app.store_healthy}
+    body: dict[str, Any]
+    if app.load_error is not None:
+        body = {"status": "error", "error": app.load_error, "store": store}
+    elif not app.engine.info().loaded:
+        body = {"status": "loading", "store": store}
     else:
-        body, code = {"status": "ok" if state.store_healthy else "degraded", "store": store}, 200
+        return jsonify({"status": "ok" if app.store_healthy else "degraded", "store": store})
     response = jsonify(body)
-    response.status_code = code
+    response.status_code = ERROR_TABLE[ErrorKind.UNAVAILABLE].status
+    response.headers["Retry-After"] = "1"
     return response
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus text exposition of this app's registry."""
+    return Response(state().metrics.render(), content_type=METRICS_CONTENT_TYPE)

@@ -1,7 +1,7 @@
 """HTTP routes of conversation sessions: create, list, read, read messages, delete.
 
-Thin like the SSE routes. Ownership (404 unknown, 403 another owner's) and the store
-timeout (503 `session_store_unavailable`) come from the `GenerationService`, so a
+Thin like the SSE routes. Ownership (`NotFound`, `SessionForbidden`) and the store
+timeout (`SessionStoreUnavailable`) come from the `GenerationService`, so a
 session is found, refused and timed out the same way here as in a generation request.
 The caller is `current_owner()`: when auth lands, these routes follow it unchanged.
 """
@@ -13,10 +13,9 @@ from typing import Any
 from pydantic import BaseModel
 from quart import Blueprint, Response, jsonify, request
 
+from ..core.errors import NotFound, SessionIdTaken
 from ..sessions import SessionExists
-from . import errors
-from .errors import ApiError
-from .routes import _state, current_owner, read_json_body
+from .routes import current_owner, read_json_body
 from .schemas import (
     SessionList,
     SessionMessage,
@@ -24,6 +23,7 @@ from .schemas import (
     SessionObject,
     parse_session_create,
 )
+from .state import state
 
 blueprint = Blueprint("sessions", __name__)
 
@@ -44,7 +44,7 @@ async def _optional_json_body() -> Any:
 @blueprint.post("/v1/sessions")
 async def create_session() -> Response:
     body = parse_session_create(await _optional_json_body())
-    service = _state().service
+    service = state().service
     try:
         session = await service.store_call(
             service.store.create(
@@ -52,9 +52,7 @@ async def create_session() -> Response:
             )
         )
     except SessionExists:
-        raise ApiError(
-            409, "session_exists", "a session with this id already exists", "session_id"
-        ) from None
+        raise SessionIdTaken() from None
     response = _json(SessionObject.model_validate(session.info()), 201)
     response.headers["Location"] = f"/v1/sessions/{session.id}"
     return response
@@ -62,20 +60,20 @@ async def create_session() -> Response:
 
 @blueprint.get("/v1/sessions")
 async def list_sessions() -> Response:
-    service = _state().service
+    service = state().service
     infos = await service.store_call(service.store.list_sessions(current_owner()))
     return _json(SessionList(data=[SessionObject.model_validate(i) for i in infos]))
 
 
 @blueprint.get("/v1/sessions/<session_id>")
 async def get_session(session_id: str) -> Response:
-    session = await _state().service.open_session(session_id, current_owner())
+    session = await state().service.open_session(session_id, current_owner())
     return _json(SessionObject.model_validate(session.info()))
 
 
 @blueprint.get("/v1/sessions/<session_id>/messages")
 async def get_messages(session_id: str) -> Response:
-    session = await _state().service.open_session(session_id, current_owner())
+    session = await state().service.open_session(session_id, current_owner())
     messages = [SessionMessage.model_validate(m) for m in session.messages]
     return _json(SessionMessages(session_id=session.id, data=messages))
 
@@ -83,10 +81,11 @@ async def get_messages(session_id: str) -> Response:
 @blueprint.delete("/v1/sessions/<session_id>")
 async def delete_session(session_id: str) -> Response:
     """204 once gone. A generation running on it finishes; its turn is then not stored."""
-    service = _state().service
+    service = state().service
     session = await service.open_session(session_id, current_owner())
     if not await service.store_call(service.store.delete(session.id)):
-        raise errors.not_found("session", "session_id")  # deleted meanwhile
+        raise NotFound("session not found", code="session_not_found",
+                       param="session_id")  # deleted meanwhile
     response = Response(b"", status=204)
     del response.headers["Content-Type"]  # no body, so no type
     return response

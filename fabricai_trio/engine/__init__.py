@@ -1,25 +1,5 @@
-"""Model backends behind the `Engine` protocol."""
+"""Model backends behind the `core.engine.Engine` protocol; `create_engine` picks one."""
 
-from .base import (
-    ChatPrompt,
-    Chunk,
-    Engine,
-    EngineError,
-    EngineInfo,
-    EngineRequest,
-    Finish,
-    ModelLoadError,
-)
 from .loader import create_engine
 
-__all__ = [
-    "ChatPrompt",
-    "Chunk",
-    "Engine",
-    "EngineError",
-    "EngineInfo",
-    "EngineRequest",
-    "Finish",
-    "ModelLoadError",
-    "create_engine",
-]
+__all__ = ["create_engine"]

@@ -26,7 +26,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from .base import EngineError, ModelLoadError
+from ..core.engine import EngineError, ModelLoadError
 from .batch_scheduler import BatchEntry, PadRow, SeqCopy, SeqRemove, StepPlan
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED

@@ -30,13 +30,13 @@ from functools import partial
 
 import trio
 
-from ..api.schemas import ChatMessage
+from ..core.engine import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish
+from ..core.messages import ChatMessage
+from ..core.textstream import TextAssembler
 from ..settings import Settings
-from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish
 from .batch_scheduler import BatchScheduler, Sampled, StepPlan
 from .batch_step import BatchRunner, Sampling, StepResult, check_fits
 from .model_text import ModelText
-from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from llama_cpp import llama_chat_format as formats
 
-from ..api.schemas import ChatMessage
-from .base import ChatPrompt, ModelLoadError
+from ..core.engine import ChatPrompt, ModelLoadError
+from ..core.messages import ChatMessage
 
 _NAMED: dict[str, Callable[..., Any]] = {
     "gemma": formats.format_gemma,

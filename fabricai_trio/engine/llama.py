@@ -21,11 +21,19 @@ import llama_cpp
 import outcome
 import trio
 
-from ..api.schemas import ChatMessage
+from ..core.engine import (
+    ChatPrompt,
+    Chunk,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    Finish,
+    ModelLoadError,
+)
+from ..core.messages import ChatMessage
+from ..core.textstream import TextAssembler
 from ..settings import Settings
-from .base import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish, ModelLoadError
 from .model_text import ModelText
-from .textstream import TextAssembler
 
 log = logging.getLogger(__name__)
 

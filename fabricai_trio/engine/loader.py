@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..core.engine import Engine, ModelLoadError
 from ..settings import Settings
-from .base import Engine, ModelLoadError
 
 LLAMA_ENGINES = frozenset({"llama", "batched"})
 """Built-in engines that read LLM_MODEL."""

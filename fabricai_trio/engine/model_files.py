@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .base import ModelLoadError
+from ..core.engine import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 EMBEDDED_CHAT_FORMAT = "gemma"

@@ -14,9 +14,9 @@ from pathlib import Path
 import llama_cpp
 import trio
 
-from ..api.schemas import ChatMessage
+from ..core.engine import ChatPrompt, EngineError, ModelLoadError
+from ..core.messages import ChatMessage
 from ..settings import Settings
-from .base import ChatPrompt, EngineError, ModelLoadError
 from .chat import ChatTemplate
 from .model_files import EMBEDDED_ALIAS, EMBEDDED_CHAT_FORMAT, resolve_model_path
 

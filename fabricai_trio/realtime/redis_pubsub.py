@@ -1,10 +1,8 @@
 """Redis fan-out for `SocketIOServer` broadcasts across processes.
 
-redis-py has no trio support, so its blocking client runs in worker threads under a
-dedicated `CapacityLimiter` (DESIGN §3). Threads are never abandoned: the receive loop
-polls with a short timeout, so a cancellation takes effect within `poll_interval_s`.
-Fan-out is best effort: local clients already have the message when it is published,
-so a Redis outage is logged and retried, never raised into `emit()`.
+The Redis connection and its worker threads are the app's `RedisChannels`. Fan-out is
+best effort: local clients already have the message when it is published, so a Redis
+outage is logged and retried, never raised into `emit()`.
 """
 
 from __future__ import annotations
@@ -15,9 +13,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import redis
 import trio
+from redis.exceptions import RedisError
 
+from ..redis_channels import RedisChannels
 from .pubsub import BroadcastMessage
 
 logger = logging.getLogger("fabricai_trio.realtime")
@@ -74,34 +73,21 @@ def decode_message(raw: bytes | str) -> BroadcastMessage:
 
 
 class RedisPubSub:
-    """A `PubSub` over one Redis channel."""
+    """A `PubSub` over one Redis channel of the app's `RedisChannels` (which the app
+    owns and closes)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        channel: str = "fabricai:socketio",
-        poll_interval_s: float = 0.2,
-        retry_interval_s: float = 1.0,
-        max_threads: int = 4,
-    ) -> None:
+    def __init__(self, redis: RedisChannels, *, channel: str = "fabricai:socketio") -> None:
         self.channel = channel
-        self.poll_interval_s = poll_interval_s
-        self.retry_interval_s = retry_interval_s
-        self._client: redis.Redis = redis.Redis.from_url(url)
-        self._limiter = trio.CapacityLimiter(max_threads)
+        self._redis = redis
 
     async def publish(self, message: BroadcastMessage) -> None:
         """Publish in a worker thread; a Redis error is logged, not raised.
 
         Cancellation waits for the thread's call to finish (it is short), then raises.
         """
-        payload = encode_message(message)
         try:
-            await trio.to_thread.run_sync(
-                self._client.publish, self.channel, payload, limiter=self._limiter
-            )
-        except redis.RedisError as exc:
+            await self._redis.publish(self.channel, encode_message(message))
+        except RedisError as exc:
             logger.warning("Socket.IO fan-out: publish to Redis failed: %s", exc)
 
     async def listen(
@@ -110,40 +96,14 @@ class RedisPubSub:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Subscribe and deliver until cancelled; resubscribes after a Redis outage.
+        """Deliver what other servers publish until cancelled (see `RedisChannels.listen`)."""
 
-        `started()` is called at once (before the first subscription succeeds) so that a
-        Redis outage never blocks the server from starting. Cancellation takes effect
-        within `poll_interval_s` (the polling thread finishes its wait first).
-        """
-        task_status.started()
-        while True:
+        def on_message(raw: bytes) -> None:
             try:
-                await self._listen_once(deliver)
-            except redis.RedisError as exc:
-                logger.warning("Socket.IO fan-out: Redis subscription lost: %s", exc)
-            await trio.sleep(self.retry_interval_s)
+                message = decode_message(raw)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("Socket.IO fan-out: malformed message ignored")
+                return
+            deliver(message)
 
-    async def _listen_once(self, deliver: Callable[[BroadcastMessage], None]) -> None:
-        pubsub: Any = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        try:
-            await trio.to_thread.run_sync(pubsub.subscribe, self.channel, limiter=self._limiter)
-            while True:
-                raw = await trio.to_thread.run_sync(
-                    pubsub.get_message, True, self.poll_interval_s, limiter=self._limiter
-                )
-                if raw is None or raw.get("type") != "message":
-                    continue
-                try:
-                    message = decode_message(raw["data"])
-                except (ValueError, KeyError, TypeError):
-                    logger.warning("Socket.IO fan-out: malformed message ignored")
-                    continue
-                deliver(message)
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(pubsub.close, limiter=self._limiter)
-
-    async def aclose(self) -> None:
-        """Close the connection pool (in a thread). Cancellation waits for it."""
-        await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)
+        await self._redis.listen(self.channel, on_message, task_status=task_status)

@@ -13,13 +13,11 @@ from .base import (
 )
 from .factory import create_store
 from .memory import MemorySessionStore
-from .models import FinishReason, Message, Role, Session, SessionInfo
+from .models import Message, Session, SessionInfo
 
 __all__ = [
-    "FinishReason",
     "MemorySessionStore",
     "Message",
-    "Role",
     "Session",
     "SessionExists",
     "SessionInfo",

@@ -7,12 +7,11 @@ behind the store's back; the JSON helpers are the one wire format (Redis values,
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+from ..core.events import FinishReason
+from ..core.messages import Role
 
 
 class _Frozen(BaseModel):

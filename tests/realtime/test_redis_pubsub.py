@@ -17,6 +17,7 @@ from fabricai_trio.realtime.config import RealtimeConfig
 from fabricai_trio.realtime.pubsub import BroadcastMessage
 from fabricai_trio.realtime.redis_pubsub import RedisPubSub, decode_message, encode_message
 from fabricai_trio.realtime.sio_server import SocketIOServer
+from fabricai_trio.redis_channels import RedisChannels
 
 from .test_sio_server import open_client
 
@@ -73,14 +74,13 @@ def test_message_codec_round_trip() -> None:
 
 
 async def test_broadcast_reaches_clients_of_another_server(redis_url: str) -> None:
-    hub_a = RedisPubSub(redis_url, channel="test-fanout", poll_interval_s=0.05)
-    hub_b = RedisPubSub(redis_url, channel="test-fanout", poll_interval_s=0.05)
-    a = SocketIOServer(REF, pubsub=hub_a)
-    b = SocketIOServer(REF, pubsub=hub_b)
+    redis_a = RedisChannels(redis_url, poll_interval_s=0.05)
+    redis_b = RedisChannels(redis_url, poll_interval_s=0.05)
+    a = SocketIOServer(REF, pubsub=RedisPubSub(redis_a, channel="test-fanout"))
+    b = SocketIOServer(REF, pubsub=RedisPubSub(redis_b, channel="test-fanout"))
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.run)
+        await nursery.start(a.run)  # returns once subscribed
         await nursery.start(b.run)
-        await trio.sleep(0.3)  # both subscriptions are in place
         ca = await open_client(a.asgi_app, nursery)
         cb = await open_client(b.asgi_app, nursery)
         await ca.connect()
@@ -95,13 +95,13 @@ async def test_broadcast_reaches_clients_of_another_server(redis_url: str) -> No
         await trio.sleep(0.2)
         assert ca.pending() == []  # no echo of A's own publish
         nursery.cancel_scope.cancel()
-    await hub_a.aclose()
-    await hub_b.aclose()
+    await redis_a.aclose()
+    await redis_b.aclose()
 
 
 async def test_redis_outage_does_not_break_emit() -> None:
-    hub = RedisPubSub(f"redis://127.0.0.1:{free_port()}/0", retry_interval_s=0.05)
-    server = SocketIOServer(REF, pubsub=hub)
+    redis = RedisChannels(f"redis://127.0.0.1:{free_port()}/0", retry_interval_s=0.05)
+    server = SocketIOServer(REF, pubsub=RedisPubSub(redis))
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         c = await open_client(server.asgi_app, nursery)

@@ -19,8 +19,9 @@ import trio.testing
 from trio.lowlevel import Task
 
 from fabricai_trio.admission import Admission
-from fabricai_trio.api.errors import ApiError
-from fabricai_trio.api.schemas import CompleteEvent, GenerationRequest, TokenEvent
+from fabricai_trio.core.errors import DomainError
+from fabricai_trio.core.events import CompleteEvent, TokenEvent
+from fabricai_trio.core.requests import GenerationRequest
 from fabricai_trio.generation import Generation, GenerationService, Keepalive
 from fabricai_trio.sessions import MemorySessionStore
 from fabricai_trio.settings import Settings
@@ -99,9 +100,9 @@ async def count_steps(request: GenerationRequest) -> int:
         return probe.steps
 
 
-def make_request() -> GenerationRequest:
+def make_request(request_id: str = "r1") -> GenerationRequest:
     return GenerationRequest(prompt="hello there", session_id="s1", max_tokens=4,
-                             request_id="r1")
+                             request_id=request_id)
 
 
 async def test_cancel_at_every_checkpoint_leaks_nothing(
@@ -115,7 +116,7 @@ async def test_cancel_at_every_checkpoint_leaks_nothing(
             probe = CancelAtStep(k)
             trio.lowlevel.add_instrument(probe)
             try:
-                with suppress(ApiError):
+                with suppress(DomainError):
                     await run_generation(h, make_request(), probe)
             finally:
                 trio.lowlevel.remove_instrument(probe)
@@ -157,9 +158,12 @@ async def test_second_turn_on_a_busy_session_is_409(
     async with harness() as h:
         await h.store.create("alice", session_id="s1")
         first = await h.service.prepare(make_request(), owner="alice")
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(DomainError) as info:
+            await h.service.prepare(make_request("r2"), owner="alice")
+        assert info.value.status_hint == 409 and info.value.code == "session_busy"
+        with pytest.raises(DomainError) as info:  # the same id while the first runs
             await h.service.prepare(make_request(), owner="alice")
-        assert info.value.status == 409 and info.value.code == "session_busy"
+        assert info.value.code == "duplicate_request_id"
         await first.close()
         second = await h.service.prepare(make_request(), owner="alice")
         await second.close()
@@ -172,9 +176,9 @@ async def test_queue_full_releases_the_session_lock(
         held = [await h.service.prepare(GenerationRequest(prompt="x"), owner="a")
                 for _ in range(3)]
         await h.store.create("alice", session_id="s1")
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(DomainError) as info:
             await h.service.prepare(make_request(), owner="alice")
-        assert info.value.status == 429
+        assert info.value.status_hint == 429
         assert await h.store.try_lock("s1", "probe", 5.0)
         for g in held:
             await g.close()
@@ -185,14 +189,14 @@ async def test_other_owner_is_403_and_unknown_is_404(
 ) -> None:
     async with harness() as h:
         await h.store.create("alice", session_id="s1")
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(DomainError) as info:
             await h.service.prepare(make_request(), owner="mallory")
-        assert info.value.status == 403
-        with pytest.raises(ApiError) as info:
+        assert info.value.status_hint == 403
+        with pytest.raises(DomainError) as info:
             await h.service.prepare(
                 GenerationRequest(prompt="x", session_id="nope"), owner="alice"
             )
-        assert info.value.status == 404
+        assert info.value.status_hint == 404
 
 
 async def test_keepalives_while_queued(autojump_clock: trio.testing.MockClock) -> None:

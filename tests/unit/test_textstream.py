@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fabricai_trio.engine.textstream import StopMatcher, TextAssembler
+from fabricai_trio.core.textstream import StopMatcher, TextAssembler
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

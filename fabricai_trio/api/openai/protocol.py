@@ -20,20 +20,17 @@ from pydantic import (
     model_serializer,
 )
 
-from ..errors import ApiError, validation_error
-from ..schemas import SESSION_ID_PATTERN, ChatMessage, GenerationRequest, Role, Usage
+from ...core.errors import InvalidBody, InvalidField, InvalidValue, Unsupported, invalid_field
+from ...core.events import Usage
+from ...core.ids import SESSION_ID_PATTERN
+from ...core.messages import ChatMessage, Role
+from ...core.requests import GenerationRequest
 
 OpenAIFinishReason = Literal["stop", "length"]
 
 
-def unsupported(param: str, message: str, *, code: str = "unsupported_parameter") -> ApiError:
-    return ApiError(400, code, message, param)
-
-
-def openai_validation_error(exc: ValidationError) -> ApiError:
-    """OpenAI answers every invalid request with 400; the field is named as ours are."""
-    error = validation_error(exc)
-    return ApiError(400, error.code, error.message, error.param)
+def unsupported(param: str, message: str, *, code: str = "unsupported_parameter") -> Unsupported:
+    return Unsupported(message, code=code, param=param)
 
 
 # --- requests ---
@@ -149,8 +146,8 @@ class _SamplingFields(BaseModel):
                     code="unsupported_value",
                 )
         if self.stream_options is not None and not self.stream:
-            raise ApiError(400, "invalid_value", "stream_options is only allowed with "
-                           "stream=true", "stream_options")
+            raise InvalidValue("stream_options is only allowed with stream=true",
+                               param="stream_options")
 
     @property
     def include_usage(self) -> bool:
@@ -257,19 +254,19 @@ def _build(
             context={"max_tokens_limit": max_tokens_limit},
         )
     except ValidationError as exc:
-        error = openai_validation_error(exc)
-        if error.param in (rename or {}):
-            new = (rename or {})[error.param]
-            error = ApiError(400, error.code, error.message.replace(error.param, new, 1), new)
+        error: InvalidField = invalid_field(exc)
+        if rename and error.param in rename:
+            error = error.renamed(rename[error.param])
         raise error from None
 
 
 def parse_request(
     model: type[R], data: Any, unsupported_fields: dict[str, Callable[[Any], bool]]
 ) -> R:
-    """Validate a decoded JSON body; 400 naming the field on any failure."""
+    """Validate a decoded JSON body; a domain error naming the field on any failure
+    (a 400 on these routes: see the error table's OpenAI column)."""
     if not isinstance(data, dict):
-        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+        raise InvalidBody("the body must be a JSON object")
     body = dict(data)
     for name, accepts in unsupported_fields.items():
         if name in body:
@@ -279,7 +276,7 @@ def parse_request(
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise openai_validation_error(exc) from None
+        raise invalid_field(exc) from None
 
 
 def parse_chat_request(data: Any) -> ChatCompletionRequest:

@@ -13,9 +13,11 @@ from pydantic import BaseModel
 from quart import Blueprint, Response, jsonify
 
 from ...generation import Generation, Keepalive
-from ...request_log import request_id
 from .. import sse
-from ..routes import _state, read_json_body, start_stream
+from ..http_errors import use_dialect
+from ..request_log import request_id
+from ..routes import read_json_body, start_stream
+from ..state import state
 from . import serving
 from .protocol import (
     ChatCompletionRequest,
@@ -28,6 +30,12 @@ from .protocol import (
 )
 
 blueprint = Blueprint("openai", __name__)
+
+
+@blueprint.before_request
+async def _openai_errors() -> None:
+    """Errors of these routes take the OpenAI column of the error table."""
+    use_dialect("openai")
 
 DONE = sse.encode_event(None, "[DONE]")
 
@@ -68,7 +76,7 @@ async def respond(
 
 
 def model_name() -> str:
-    return _state().engine.info().model
+    return state().engine.info().model
 
 
 @blueprint.post("/v1/chat/completions")
@@ -76,7 +84,7 @@ async def chat_completions() -> Response:
     openai_request = parse_chat_request(await read_json_body())
     generation = await start_stream(
         openai_request.to_generation_request(
-            request_id=request_id(), max_tokens_limit=_state().settings.max_tokens_limit
+            request_id=request_id(), max_tokens_limit=state().settings.max_tokens_limit
         )
     )
     return await respond(generation, serving.chat_format(generation, model_name()), openai_request)
@@ -87,7 +95,7 @@ async def completions() -> Response:
     openai_request = parse_completion_request(await read_json_body())
     generation = await start_stream(
         openai_request.to_generation_request(
-            request_id=request_id(), max_tokens_limit=_state().settings.max_tokens_limit
+            request_id=request_id(), max_tokens_limit=state().settings.max_tokens_limit
         )
     )
     fmt = serving.completion_format(generation, model_name())
@@ -96,6 +104,6 @@ async def completions() -> Response:
 
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
-    state = _state()
-    card = ModelCard(id=state.engine.info().model, created=int(state.started_at))
+    app = state()
+    card = ModelCard(id=app.engine.info().model, created=int(app.started_at))
     return json_response(ModelList(data=[card]))

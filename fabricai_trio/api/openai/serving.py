@@ -16,9 +16,9 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from ...core.errors import InternalError, error_object
+from ...core.events import CompleteEvent, ErrorEvent, FinishReason, TokenEvent, Usage
 from ...generation import KEEPALIVE, Generation, Keepalive
-from ..errors import ApiError
-from ..schemas import CompleteEvent, ErrorEvent, FinishReason, TokenEvent, Usage
 from .protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -125,10 +125,6 @@ def completion_format(generation: Generation, model: str) -> CompletionFormat:
     return CompletionFormat(f"cmpl-{generation.request_id}", model, int(time.time()))
 
 
-def _engine_error(event: ErrorEvent) -> ApiError:
-    return ApiError(event.code, event.error, event.message)
-
-
 async def complete(generation: Generation, fmt: Format) -> BaseModel:
     """Run the generation to its end and return the whole response.
 
@@ -140,8 +136,8 @@ async def complete(generation: Generation, fmt: Format) -> BaseModel:
             if isinstance(event, CompleteEvent):
                 return fmt.response(event)
             if isinstance(event, ErrorEvent):
-                raise _engine_error(event)
-    raise ApiError(500, "internal_error", "the generation ended without a result")
+                raise generation.error or InternalError()
+    raise InternalError("the generation ended without a result")
 
 
 async def stream(
@@ -164,7 +160,7 @@ async def stream(
                 if include_usage:
                     yield fmt.usage_chunk(event.usage)
             elif isinstance(event, ErrorEvent):
-                yield StreamError(error=_engine_error(event).body()["error"])
+                yield StreamError(error=error_object(generation.error or InternalError()))
                 return
             elif (chunk := fmt.chunk(first=True)) is not None:  # QueuedEvent
                 yield chunk

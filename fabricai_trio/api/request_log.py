@@ -22,20 +22,20 @@ import json
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from quart import Quart, request
 
-from .api.schemas import REQUEST_ID_PATTERN
-from .auth import IDENTITY_SCOPE_KEY, Identity
+from ..auth import Identity
+from ..core.ids import is_request_id, new_request_id
+from .auth_hook import IDENTITY_SCOPE_KEY
 
 if TYPE_CHECKING:
-    from .generation import Generation
-    from .metrics import Metrics
-    from .settings import Settings
+    from ..generation import Generation
+    from ..metrics import Metrics
+    from ..settings import Settings
 
 log = logging.getLogger("fabricai_trio.requests")
 
@@ -53,7 +53,7 @@ BODY_WAIT_SECONDS = 1.0
 def request_id() -> str:
     """The current request's id (see the module docstring)."""
     value = request.scope.get(REQUEST_ID_SCOPE_KEY)
-    return value if isinstance(value, str) else uuid.uuid4().hex
+    return value if isinstance(value, str) else new_request_id()
 
 
 def attach_generation(scope: dict[str, Any], generation: Generation) -> None:
@@ -79,7 +79,7 @@ class RequestObserver:
         self, scope: dict[str, Any], receive: Any, send: Any, app: ASGIApp, *, mount: str | None
     ) -> None:
         client_id = _header(scope, b"x-request-id")
-        rid = client_id if client_id and REQUEST_ID_PATTERN.match(client_id) else uuid.uuid4().hex
+        rid = client_id if client_id and is_request_id(client_id) else new_request_id()
         scope[REQUEST_ID_SCOPE_KEY] = rid
         started = time.monotonic()
         status: int | None = None
@@ -154,8 +154,8 @@ class RequestObserver:
                 completion_tokens=generation.completion_tokens,
                 ttft_ms=(
                     None
-                    if generation.first_token_at is None
-                    else round((generation.first_token_at - generation.created_at) * 1000, 3)
+                    if generation.ttft_seconds is None
+                    else round(generation.ttft_seconds * 1000, 3)
                 ),
             )
             if self.log_prompts:

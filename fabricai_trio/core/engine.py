@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from ..api.schemas import ChatMessage
+from .messages import ChatMessage
 
 
 class EngineError(Exception):

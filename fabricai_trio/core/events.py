@@ -1,0 +1,77 @@
+"""Stream events: the one payload shape of SSE events and Socket.IO events.
+
+A generation yields `QueuedEvent`, then `TokenEvent`s, then exactly one of
+`CompleteEvent` or `ErrorEvent`. Transports frame them (api/sse.py, the Socket.IO
+events); the event name of each type is in `EVENT_NAMES`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+#: How a generation ended. `cancelled`: a client, a disconnect or a shutdown stopped it.
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    """Milliseconds; every interval starts when the request was accepted.
+
+    `queued_ms`: accepted → admitted to a slot. `ttft_ms`: accepted → first token (what
+    a client waits for, queue included). `total_ms`: accepted → end.
+    """
+
+    queued_ms: float
+    ttft_ms: float | None
+    total_ms: float
+    tokens_per_second: float | None
+
+
+class QueuedEvent(BaseModel):
+    request_id: str
+    position: int
+
+
+class TokenEvent(BaseModel):
+    request_id: str
+    index: int
+    text: str
+
+
+class CompleteEvent(BaseModel):
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class ErrorEvent(BaseModel):
+    """A stream that ended in an error; built by `core.errors.error_event` only.
+
+    `code` is the same string as in the HTTP error body; `status` its HTTP status.
+    """
+
+    request_id: str
+    status: int
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+StreamEvent = QueuedEvent | TokenEvent | CompleteEvent | ErrorEvent
+
+EVENT_NAMES: dict[type[BaseModel], str] = {
+    QueuedEvent: "queued",
+    TokenEvent: "token",
+    CompleteEvent: "complete",
+    ErrorEvent: "error",
+}

@@ -1,0 +1,111 @@
+"""`GenerationRequest`: one generation, validated the same way for every transport.
+
+Every transport builds it with `parse_generation_request()` and gets the same errors
+for the same mistakes (`InvalidBody`, `InvalidField` naming the field).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import InvalidBody, invalid_field
+from .ids import SESSION_ID_PATTERN, is_request_id, new_request_id
+from .messages import ChatMessage
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 256
+
+
+class SamplingParams(BaseModel):
+    """What the engine needs to sample; defaults follow llama.cpp's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    repeat_penalty: float = Field(1.1, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_sane(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item or len(item) > MAX_STOP_LENGTH:
+                raise ValueError(f"each stop string must be 1 to {MAX_STOP_LENGTH} characters")
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = (info.context or {}).get("max_tokens_limit")
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(f"must be at most {limit} (MAX_TOKENS_LIMIT)")
+        return value
+
+
+class GenerationRequest(SamplingParams):
+    """One generation, from any transport: a raw `prompt` or chat `messages`."""
+
+    prompt: str | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, max_length=10_000)
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    request_id: str = Field(default_factory=new_request_id)
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_shape(cls, value: str) -> str:
+        if not is_request_id(value):
+            raise ValueError("must be 1-128 characters of letters, digits and _.:-")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("`prompt` must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` must not be empty")
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None or self.session_id is not None
+
+    def new_messages(self) -> list[ChatMessage]:
+        """The turn's own input as chat messages (a bare prompt is one user message)."""
+        if self.messages is not None:
+            return list(self.messages)
+        return [ChatMessage(role="user", content=self.prompt or "")]
+
+
+def parse_generation_request(data: Any, *, max_tokens_limit: int) -> GenerationRequest:
+    """Validate a decoded JSON body (or query mapping): `InvalidBody` / `InvalidField`."""
+    if not isinstance(data, dict):
+        raise InvalidBody("the body must be a JSON object")
+    try:
+        return GenerationRequest.model_validate(
+            data, context={"max_tokens_limit": max_tokens_limit}
+        )
+    except ValidationError as exc:
+        raise invalid_field(exc) from None
