@@ -192,16 +192,16 @@ def test_queue_full_is_an_error_event_with_429(sio_server: ServerProcess) -> Non
 
 
 @pytest.mark.parametrize(
-    ("payload", "code"),
+    ("payload", "status", "code"),
     [
-        ("not an object", 400),
-        ({"max_tokens": 3}, 422),
-        ({"prompt": "hi", "max_tokens": -2}, 422),
-        ({"prompt": "hi", "bogus": True}, 422),
+        ("not an object", 400, "invalid_body"),
+        ({"max_tokens": 3}, 422, "invalid_field"),
+        ({"prompt": "hi", "max_tokens": -2}, 422, "invalid_field"),
+        ({"prompt": "hi", "bogus": True}, 422, "invalid_field"),
     ],
 )
 def test_bad_input_is_an_error_event(
-    sio_server: ServerProcess, payload: Any, code: int
+    sio_server: ServerProcess, payload: Any, status: int, code: str
 ) -> None:
     client = Recorder(sio_server.url, ["websocket"])
     try:
@@ -209,7 +209,9 @@ def test_bad_input_is_an_error_event(
         assert ack["error"]["message"]
         assert client.done.wait(10)
         name, data = client.events[-1]
-        assert name == "inference_error" and data["code"] == code
+        assert name == "inference_error"
+        assert (data["status"], data["code"]) == (status, code)
+        assert ack["error"]["code"] == code
         ok = client.prompt(prompt="Hi", max_tokens=2)
         assert "error" not in ok
     finally:

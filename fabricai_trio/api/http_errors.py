@@ -12,7 +12,9 @@ import logging
 from typing import Any, cast
 
 from quart import Quart, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from ..core.errors import (
     BodyTooLarge,
@@ -49,12 +51,13 @@ def error_response(error: DomainError, dialect: Dialect = "native") -> Response:
 
 
 def _werkzeug_error(error: HTTPException, max_body: int) -> DomainError:
-    if error.code == 404:
+    if isinstance(error, WerkzeugNotFound):
         return NotFound("no such route")
-    if error.code == 405:
+    if isinstance(error, WerkzeugMethodNotAllowed):
         return MethodNotAllowed("method not allowed on this route")
-    if error.code == 413:
+    if isinstance(error, RequestEntityTooLarge):
         return BodyTooLarge(max_body)
+    log.error("unexpected HTTP error %s: %s", error.code, error.description)
     return InternalError()
 
 
@@ -68,10 +71,8 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
-        if error.code not in (404, 405, 413):
-            log.error("unexpected HTTP error %s: %s", error.code, error.description)
         response = respond(_werkzeug_error(error, app.config["MAX_CONTENT_LENGTH"]))
-        if error.code == 413:
+        if isinstance(error, RequestEntityTooLarge):
             # The rest of the body is unread: the connection cannot be reused safely.
             response.headers["Connection"] = "close"
         return response

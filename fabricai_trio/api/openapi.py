@@ -23,6 +23,7 @@ from quart import Blueprint, Quart, Response, current_app, jsonify
 
 from .. import __version__
 from ..core import events, requests
+from ..core.errors import ERROR_TABLE, Dialect, ErrorKind
 from . import schemas
 from .openai import protocol as oai
 from .state import EXTENSION_KEY, AppState
@@ -105,20 +106,22 @@ class Operation:
     ok: Body | None = None
     stream: type[BaseModel] | None = None  # also answers text/event-stream, `data:` of this
     sse_events: tuple[type[BaseModel], ...] = ()  # answers only text/event-stream, named events
-    errors: tuple[int, ...] = ()
+    errors: tuple[ErrorKind, ...] = ()
+    dialect: Dialect = "native"  # which column of the error table gives the statuses
     description: str = ""
     public: bool = False  # needs no credentials, ever
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_GEN_ERRORS = (400, 403, 404, 409, 413, 422, 429, 503)
-_OAI_ERRORS = (400, 403, 404, 409, 413, 429, 503)
+K = ErrorKind
+_GEN_ERRORS = (K.BAD_REQUEST, K.FORBIDDEN, K.NOT_FOUND, K.CONFLICT, K.TOO_LARGE,
+               K.INVALID_FIELD, K.OVERLOADED, K.UNAVAILABLE)
 _SSE_EVENTS = (events.QueuedEvent, events.TokenEvent, events.CompleteEvent, events.ErrorEvent)
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/health"): Operation(
         "Liveness: 200 once the model is loaded, 503 before", "status", ok=HealthResponse,
-        errors=(503,), public=True,
+        errors=(K.UNAVAILABLE,), public=True,
     ),
     ("GET", "/v1/status"): Operation(
         "Model, concurrency, store and version", "status", ok=StatusResponse,
@@ -135,7 +138,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("POST", "/v1/inference_sse/<request_id>/cancel"): Operation(
         "Cancel one of your running SSE streams", "generation", ok=schemas.CancelResult,
-        errors=(404,),
+        errors=(K.NOT_FOUND,),
         description="The stream stops within one token (or leaves the queue) and ends with "
         "`complete`, `finish_reason: cancelled`; a session turn is stored as cancelled. "
         "404 `request_not_found` when none of your streams with this id is running.",
@@ -143,33 +146,36 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/sessions"): Operation(
         "Create a session", "sessions", request=schemas.SessionCreateRequest,
         request_required=False, ok_status=201, ok=schemas.SessionObject,
-        errors=(400, 409, 413, 422, 503),
+        errors=(K.BAD_REQUEST, K.CONFLICT, K.TOO_LARGE, K.INVALID_FIELD, K.UNAVAILABLE),
     ),
     ("GET", "/v1/sessions"): Operation(
         "The caller's sessions, most recent first", "sessions", ok=schemas.SessionList,
-        errors=(503,),
+        errors=(K.UNAVAILABLE,),
     ),
     ("GET", "/v1/sessions/<session_id>"): Operation(
         "One session (without messages)", "sessions", ok=schemas.SessionObject,
-        errors=(403, 404, 503),
+        errors=(K.FORBIDDEN, K.NOT_FOUND, K.UNAVAILABLE),
     ),
     ("GET", "/v1/sessions/<session_id>/messages"): Operation(
         "A session's messages, oldest first", "sessions", ok=schemas.SessionMessages,
-        errors=(403, 404, 503),
+        errors=(K.FORBIDDEN, K.NOT_FOUND, K.UNAVAILABLE),
     ),
     ("DELETE", "/v1/sessions/<session_id>"): Operation(
-        "Delete a session", "sessions", ok_status=204, errors=(403, 404, 503),
+        "Delete a session", "sessions", ok_status=204,
+        errors=(K.FORBIDDEN, K.NOT_FOUND, K.UNAVAILABLE),
     ),
     ("POST", "/v1/chat/completions"): Operation(
         "OpenAI-compatible chat completion", "openai", request=oai.ChatCompletionRequest,
-        ok=oai.ChatCompletionResponse, stream=oai.ChatCompletionChunk, errors=_OAI_ERRORS,
+        ok=oai.ChatCompletionResponse, stream=oai.ChatCompletionChunk, errors=_GEN_ERRORS,
+        dialect="openai",
         description="`stream: true` answers `data: {chunk}` lines and `data: [DONE]`. "
         "Unsupported fields (tools, logprobs, n > 1, penalties ≠ 0, …) are a 400 naming "
         "the field. `session_id` (extension) continues a stored session.",
     ),
     ("POST", "/v1/completions"): Operation(
         "OpenAI-compatible text completion", "openai", request=oai.CompletionRequest,
-        ok=oai.CompletionResponse, stream=oai.CompletionChunk, errors=_OAI_ERRORS,
+        ok=oai.CompletionResponse, stream=oai.CompletionChunk, errors=_GEN_ERRORS,
+        dialect="openai",
     ),
     ("GET", "/v1/models"): Operation("The served model", "openai", ok=oai.ModelList),
     ("GET", "/metrics"): Operation(
@@ -180,7 +186,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/static/<path:filename>"): Operation(
         "Static files (Quart's default route; the server ships none)", "operations",
-        ok="application/octet-stream", errors=(404,),
+        ok="application/octet-stream", errors=(K.NOT_FOUND,),
     ),
     ("GET", "/docs"): Operation(
         "This document as a web page (no external resources)", "operations", ok="text/html",
@@ -191,16 +197,21 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/playground/<asset>"): Operation(
         "The playground's script (`playground.js`) and style sheet (`playground.css`)",
-        "playground", ok="text/javascript", errors=(404,), public=True,
+        "playground", ok="text/javascript", errors=(K.NOT_FOUND,), public=True,
     ),
 }
 
-_STATUS_TEXT = {
-    200: "OK", 201: "Created", 204: "No content", 400: "Bad request (names the field)",
-    401: "Missing or invalid credentials (`WWW-Authenticate` says why)",
-    403: "Another identity's session", 404: "Not found", 409: "Session busy or exists",
-    413: "Body too large", 422: "Invalid field", 429: "Queue full (`Retry-After`)",
-    503: "Model loading, store down, or draining (`Retry-After`)",
+_OK_TEXT = {200: "OK", 201: "Created", 204: "No content"}
+_ERROR_TEXT = {
+    K.BAD_REQUEST: "Bad request (names the field)",
+    K.INVALID_FIELD: "Invalid field (names it)",
+    K.UNAUTHENTICATED: "Missing or invalid credentials (`WWW-Authenticate` says why)",
+    K.FORBIDDEN: "Another identity's session",
+    K.NOT_FOUND: "Not found",
+    K.CONFLICT: "Session busy or exists, or a duplicate request_id",
+    K.TOO_LARGE: "Body too large",
+    K.OVERLOADED: "Queue full (`Retry-After`)",
+    K.UNAVAILABLE: "Model loading, store down, or draining (`Retry-After`)",
 }
 
 
@@ -247,7 +258,7 @@ def build_document(app: Quart, *, auth_enabled: bool, metrics_public: bool) -> d
             ):
                 entry["security"] = []
             if auth_enabled and (op is None or not op.public):
-                entry["responses"]["401"] = _error_response(401)
+                entry["responses"].update(_error_responses((K.UNAUTHENTICATED,), "native"))
             paths.setdefault(path, {})[method.lower()] = entry
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -271,10 +282,19 @@ def build_document(app: Quart, *, auth_enabled: bool, metrics_public: bool) -> d
     return document
 
 
-def _error_response(status: int) -> dict[str, Any]:
+def _error_responses(kinds: tuple[ErrorKind, ...], dialect: Dialect) -> dict[str, Any]:
+    """The error responses of these kinds, with the statuses the error table gives."""
+    texts: dict[str, list[str]] = {}
+    for kind in kinds:
+        row = ERROR_TABLE[kind]
+        status = row.openai_status if dialect == "openai" else row.status
+        texts.setdefault(str(status), []).append(_ERROR_TEXT[kind])
     return {
-        "description": _STATUS_TEXT.get(status, "Error"),
-        "content": {"application/json": {"schema": _ref("ErrorBody")}},
+        status: {
+            "description": "; ".join(text),
+            "content": {"application/json": {"schema": _ref("ErrorBody")}},
+        }
+        for status, text in sorted(texts.items())
     }
 
 
@@ -319,7 +339,7 @@ def _operation(
             "required": op.request_required,
             "content": {"application/json": {"schema": ref_of[op.request]}},
         }
-    ok: dict[str, Any] = {"description": _STATUS_TEXT[op.ok_status]}
+    ok: dict[str, Any] = {"description": _OK_TEXT[op.ok_status]}
     if op.ok is not None:
         ok["content"] = _content(op.ok, ref_of)
     if op.stream is not None:
@@ -337,8 +357,7 @@ def _operation(
             },
         }}
     responses: dict[str, Any] = {str(op.ok_status): ok}
-    for status in op.errors:
-        responses[str(status)] = _error_response(status)
+    responses.update(_error_responses(op.errors, op.dialect))
     entry["responses"] = responses
     return entry
 

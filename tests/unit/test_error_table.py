@@ -1,0 +1,119 @@
+"""The one error table: every domain error renders the same way on every transport,
+and no module outside the table chooses an HTTP status."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from fabricai_trio.core.errors import (
+    ERROR_TABLE,
+    DomainError,
+    ErrorKind,
+    InvalidField,
+    ModelLoading,
+    QueueFull,
+    SessionBusy,
+    Unauthenticated,
+    ack_error,
+    connect_refusal,
+    error_event,
+    http_error,
+)
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fabricai_trio"
+
+
+def domain_error_classes() -> list[type[DomainError]]:
+    found, todo = [], [DomainError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_kind_and_every_error_class_has_a_row() -> None:
+    assert set(ERROR_TABLE) == set(ErrorKind)
+    for cls in domain_error_classes():
+        assert cls.kind in ERROR_TABLE, cls
+
+
+def test_http_rendering() -> None:
+    full = http_error(QueueFull(retry_after=3))
+    assert full.status == 429
+    assert full.headers == {"Retry-After": "3"}
+    assert full.body == {"error": {"type": "rate_limit_error", "code": "queue_full",
+                                   "message": QueueFull(3).message, "param": None}}
+    loading = http_error(ModelLoading())
+    assert (loading.status, loading.headers["Retry-After"]) == (503, "1")
+    busy = http_error(SessionBusy())
+    assert (busy.status, busy.body["error"]["param"]) == (409, "session_id")
+
+
+def test_a_field_is_422_here_and_400_on_the_openai_routes() -> None:
+    error = InvalidField("temperature", "must be at most 2")
+    assert error.message == "temperature: must be at most 2"
+    assert http_error(error).status == 422
+    openai = http_error(error, dialect="openai")
+    assert openai.status == 400
+    assert openai.body == http_error(error).body  # the same object, another status
+    renamed = error.renamed("max_completion_tokens")
+    assert (renamed.param, renamed.message) == (
+        "max_completion_tokens", "max_completion_tokens: must be at most 2")
+
+
+def test_authentication_challenge() -> None:
+    missing = http_error(Unauthenticated("no", code="missing_credentials",
+                                         invalid_token=False))
+    assert missing.status == 401
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="fabricai-trio"'
+    bad = http_error(Unauthenticated("bad", code="invalid_api_key", invalid_token=True))
+    assert bad.headers["WWW-Authenticate"].endswith('error="invalid_token"')
+
+
+def test_stream_and_socketio_payloads_carry_the_same_code() -> None:
+    error = SessionBusy()
+    event = error_event(error, "r1").model_dump()
+    assert event == {"request_id": "r1", "status": 409, "type": "conflict_error",
+                     "code": "session_busy", "message": error.message, "param": "session_id"}
+    assert isinstance(event["code"], str)
+    assert ack_error(error, "r1") == {"request_id": "r1",
+                                      "error": http_error(error).body["error"]}
+    message, data = connect_refusal(error)
+    assert message == error.message and data == http_error(error).body["error"]
+
+
+@pytest.mark.parametrize("kind", list(ErrorKind))
+def test_statuses_are_client_or_server_errors(kind: ErrorKind) -> None:
+    row = ERROR_TABLE[kind]
+    assert 400 <= row.status < 600 and 400 <= row.openai_status < 600
+
+
+# Where a status may be written as a number: the table itself, the Engine.IO protocol's
+# own table (a protocol below HTTP routes, with its own error codes), and the status a
+# request log line gives a client that left before any response (nginx's 499).
+ALLOWED = {"core/errors.py", "realtime/errors.py", "settings.py"}
+ALLOWED_NAMES = {"CLIENT_CLOSED"}
+
+
+def test_no_status_is_chosen_outside_the_table() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in ALLOWED or relative.startswith("realtime/"):
+            continue
+        tree = ast.parse(path.read_text())
+        allowed_nodes = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id in ALLOWED_NAMES for t in node.targets)
+        }
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and type(node.value) is int
+                    and 400 <= node.value < 600 and id(node) not in allowed_nodes):
+                offenders.append(f"{relative}:{node.lineno}: {node.value}")
+    assert offenders == []
