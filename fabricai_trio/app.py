@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import trio
@@ -38,15 +40,17 @@ from .api.sessions import blueprint as sessions_blueprint
 from .api.socketio_events import create_socketio
 from .api.state import EXTENSION_KEY, AppState
 from .auth import Authenticator
-from .core.engine import Engine, ModelLoadError
+from .core.engine import Engine, EngineError, EngineRequest, ModelLoadError
 from .engine.loader import create_engine
 from .generation import GenerationService
 from .metrics import Metrics
 from .realtime import SocketIOServer
 from .redis_channels import RedisChannels
+from .redis_stream_log import RedisStreamLog
 from .remote_cancel import RedisRemoteCancel
 from .sessions import SessionStore, create_store
 from .settings import Settings
+from .stream_log import MemoryStreamLog
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +88,15 @@ class FabricApp:
 
     async def begin_shutdown(self) -> None:
         """Called when shutdown starts, before Hypercorn stops serving: new generations
-        are refused (503 `draining`), running ones may finish until
-        SHUTDOWN_GRACE_SECONDS, what is left then ends with `finish_reason: cancelled`,
-        and Socket.IO clients get a CLOSE packet."""
-        grace = self.state.settings.shutdown_grace_seconds
-        await self.state.service.drain(trio.current_time() + grace)
+        are refused (503 `draining`, and `/readyz` says so), running ones may finish
+        until DRAIN_TIMEOUT_SECONDS, what is left then ends with `finish_reason:
+        cancelled` (cause `shutdown`), and Socket.IO clients get a CLOSE packet."""
+        started = trio.current_time()
+        drain = self.state.settings.drain_timeout_seconds
+        log.info("draining: %d generation(s) running", self.state.service.live_count)
+        await self.state.service.drain(started + drain)
         await self.socketio.shutdown()
+        log.info("drained in %.2f s", trio.current_time() - started)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """HTTP calls go through `RequestObserver` (X-Request-Id, log line, metrics)."""
@@ -142,11 +149,17 @@ def create_app(
     )
     redis = RedisChannels(settings.redis_url) if settings.redis_url else None
     remote = RedisRemoteCancel(redis, prefix=settings.redis_prefix) if redis else None
+    local_log = MemoryStreamLog(
+        ttl_seconds=settings.resume_ttl_seconds, max_events=settings.resume_max_events
+    )
+    stream_log = (
+        RedisStreamLog(redis, local_log, prefix=settings.redis_prefix) if redis else local_log
+    )
     metrics = Metrics(admission, engine.info)
     authenticator = Authenticator.from_settings(settings)
     service = GenerationService(
         settings=settings, engine=engine, admission=admission, store=store, observer=metrics,
-        remote=remote,
+        remote=remote, stream_log=stream_log,
     )
     state = AppState(
         settings=settings, engine=engine, store=store, admission=admission, service=service,
@@ -185,9 +198,16 @@ async def run_services(
         with app.services_scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.admission.run)
+                await nursery.start(state.service.run)
                 await nursery.start(app.socketio.run)
                 if app.remote is not None:
                     await nursery.start(app.remote.run, state.service)
+                if isinstance(state.service.stream_log, RedisStreamLog):
+                    settings = state.settings
+                    await nursery.start(partial(
+                        state.service.stream_log.run, ttl_seconds=settings.resume_ttl_seconds,
+                        max_events=settings.resume_max_events,
+                    ))
                 nursery.start_soon(load_engine, app)
                 nursery.start_soon(watch_store, state)
                 task_status.started()
@@ -202,20 +222,41 @@ async def run_services(
 
 
 async def load_engine(app: FabricApp) -> None:
-    """Load the model; a failure is fatal: the server stops with a clear message.
+    """Load the model and warm it up (one token), then take traffic; a load failure is
+    fatal: the server stops with a clear message.
 
     If cancelled, the engine finishes the step in its thread (never abandoned) and the
     services nursery then closes it."""
+    state = app.state
     started = time.monotonic()
     log.info("loading the model")
     try:
-        await app.state.engine.load()
+        await state.engine.load()
     except ModelLoadError as exc:
-        app.state.load_error = str(exc)
+        state.load_error = str(exc)
+        state.enter("failed")
         log.critical("%s", exc)
         app.fatal.set()
         return
+    state.enter("warming")
+    await warm_up(state.engine)
+    state.enter("ready")
+    state.service.ready = True
     log.info("engine ready in %.1f s", time.monotonic() - started)
+
+
+async def warm_up(engine: Engine) -> None:
+    """Decode one token before the first request does: the first decode pays for
+    allocations and kernel set-up. An engine that fails here fails its requests too,
+    so the failure is logged, not fatal."""
+    request = EngineRequest(request_id="warm-up", prompt_tokens=await engine.tokenize("Hello"),
+                            max_tokens=1, temperature=0.0)
+    try:
+        async with aclosing(engine.generate_stream(request)) as stream:
+            async for _ in stream:
+                pass
+    except EngineError as exc:
+        log.error("warm-up failed: %s", exc)
 
 
 async def watch_store(state: AppState, interval: float = 2.0) -> None:

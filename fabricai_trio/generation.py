@@ -48,7 +48,9 @@ from .core.errors import (
     error_event,
 )
 from .core.events import (
+    CancelCause,
     CompleteEvent,
+    ErrorEvent,
     FinishReason,
     QueuedEvent,
     StreamEvent,
@@ -57,8 +59,9 @@ from .core.events import (
     Usage,
 )
 from .core.messages import ChatMessage
-from .core.requests import GenerationRequest
-from .observer import NULL_OBSERVER, CancelCause, GenerationObserver
+from .core.requests import GenerationRequest, parse_generation_request
+from .core.stream_ids import is_final
+from .observer import NULL_OBSERVER, GenerationObserver
 from .sessions import (
     Message,
     Session,
@@ -68,12 +71,16 @@ from .sessions import (
     StoreUnavailable,
 )
 from .settings import Settings
+from .stream_log import MemoryStreamLog, StreamLog
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", QueuedEvent, TokenEvent, CompleteEvent, ErrorEvent)
 
 Key = tuple[str, str]  # (owner, request_id)
+#: Grace of a resumable generation whose request did not name one.
+DEFAULT_RESUME_GRACE_SECONDS = 30.0
 
 
 class RemoteCancel(Protocol):
@@ -120,6 +127,12 @@ class Generation:
     created_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # monotonic, like created_at
     first_token_at: float | None = None  # monotonic, like created_at
+    #: Position of the last event yielded (see core/stream_ids.py).
+    position: int = -1
+    #: Resumable: clients that follow it now (the creator, and reconnects); see
+    #: `GenerationService.start_detached`.
+    watchers: int = 0
+    watchers_changed: trio.Event = field(default_factory=trio.Event)
     _step_scope: trio.CancelScope | None = None
     _closed: bool = False
 
@@ -139,6 +152,24 @@ class Generation:
     def ttft_seconds(self) -> float | None:
         """Accepted → first token: what the client waited (queue included)."""
         return None if self.first_token_at is None else self.first_token_at - self.created_at
+
+    @property
+    def resumable(self) -> bool:
+        return self.request.resumable
+
+    def watch(self, delta: int) -> None:
+        """One more (+1) or one fewer (-1) client follows this generation."""
+        self.watchers += delta
+        self.watchers_changed.set()
+        self.watchers_changed = trio.Event()
+
+    def _logged(self, event: E) -> E:
+        """Give `event` the next position and keep it for reconnects: every event of a
+        resumable generation, the final one of the others."""
+        self.position += 1
+        if self.resumable or is_final(event):
+            self.service.stream_log.append(self.key, self.position, event)
+        return event
 
     def cancel(self, cause: CancelCause) -> None:
         """Stop at the next checkpoint (while queued, or between two tokens); `events()`
@@ -173,7 +204,7 @@ class Generation:
         service = self.service
         started = False
         try:
-            yield QueuedEvent(request_id=rid, position=self.ticket.position)
+            yield self._logged(QueuedEvent(request_id=rid, position=self.ticket.position))
             while not self.ticket.admitted and self.cancel_cause is None:
                 with trio.move_on_after(service.settings.sse_keepalive_seconds), self._step():
                     await self.ticket.wait()
@@ -193,7 +224,7 @@ class Generation:
                             self.finish_reason = "error"
                             self.error = EngineFailed(str(exc))
                             await self._end()
-                            yield error_event(self.error, rid)
+                            yield self._logged(error_event(self.error, rid))
                             return
                         if item is None or self.cancel_cause is not None:
                             break
@@ -207,7 +238,9 @@ class Generation:
                                 if self.first_token_at is None:
                                     self.first_token_at = now
                                 self.text += item.text
-                                yield TokenEvent(request_id=rid, index=index, text=item.text)
+                                yield self._logged(
+                                    TokenEvent(request_id=rid, index=index, text=item.text)
+                                )
                                 index += 1
                         else:
                             self.finish_reason = item.reason
@@ -216,12 +249,14 @@ class Generation:
                 self.finish_reason = "cancelled" if self.cancel_cause is not None else "stop"
             complete = self.complete_event()
             await self._end(store_turn=started)
-            yield complete
+            yield self._logged(complete)
         except BaseException:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
-            if self.cancel_cause is None:
-                self.cancel_cause = "disconnect"
+                if self.cancel_cause is None:
+                    self.cancel_cause = "disconnect"
+                # A reconnect still learns how it ended, with the partial text.
+                self._logged(self.complete_event())
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -234,6 +269,7 @@ class Generation:
             request_id=self.request_id,
             text=self.text,
             finish_reason=self.finish_reason or "stop",
+            cancel_cause=self.cancel_cause if self.finish_reason == "cancelled" else None,
             usage=Usage(
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
@@ -325,6 +361,7 @@ class GenerationService:
         store: SessionStore,
         observer: GenerationObserver = NULL_OBSERVER,
         remote: RemoteCancel | None = None,
+        stream_log: StreamLog | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -332,6 +369,12 @@ class GenerationService:
         self.store = store
         self.observer = observer
         self.remote = remote
+        self.stream_log: StreamLog = stream_log or MemoryStreamLog(
+            ttl_seconds=settings.resume_ttl_seconds, max_events=settings.resume_max_events
+        )
+        self._detached: trio.Nursery | None = None
+        #: Set by the app once the model is loaded and warmed; until then `ModelLoading`.
+        self.ready = False
         self.draining = False
         self._live: dict[Key, Generation] = {}  # prepared and not yet closed
         self._idle = trio.Event()  # set whenever nothing is live
@@ -349,7 +392,7 @@ class GenerationService:
         """
         if self.draining:
             raise Draining()
-        if not self.engine.info().loaded:
+        if not self.ready:
             raise ModelLoading()
         if (owner, request.request_id) in self._live:
             raise DuplicateRequestId()
@@ -411,6 +454,95 @@ class GenerationService:
         if self.remote is not None:
             self.remote.announce(owner, generation.request_id)
         return generation
+
+    def parse(self, data: object) -> GenerationRequest:
+        """A transport's decoded payload as a request, within this server's limits."""
+        return parse_generation_request(
+            data,
+            max_tokens_limit=self.settings.max_tokens_limit,
+            resume_grace_max=self.settings.resume_grace_max_seconds,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Own the resumable generations (in the services nursery) until cancelled;
+        cancelling it cancels them (they end with `finish_reason: cancelled`)."""
+        async with trio.open_nursery() as nursery:
+            self._detached = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def start_detached(self, generation: Generation) -> None:
+        """Run a resumable generation in the service's own nursery, so that it outlives
+        its client's connection: it keeps going while nobody follows it for at most
+        its grace (`resume_grace_seconds`), then it is cancelled (cause `disconnect`).
+
+        Its creator counts as a follower until it calls `generation.watch(-1)`. Returns
+        once the first event is in the stream log, so the creator can follow it."""
+        if self._detached is None:
+            raise RuntimeError("GenerationService.run() is not running")
+        generation.watch(+1)
+        await self._detached.start(self._run_detached, generation)
+
+    async def _run_detached(
+        self, generation: Generation, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_when_unwatched, generation)
+                async with aclosing(generation.events()) as events:
+                    async for _ in events:
+                        if not started:
+                            started = True
+                            task_status.started()
+                nursery.cancel_scope.cancel()
+        finally:
+            if not started:  # it ended before its first event (or failed to start)
+                with trio.CancelScope(shield=True):
+                    await generation.close()
+                task_status.started()
+
+    async def _cancel_when_unwatched(self, generation: Generation) -> None:
+        grace = generation.request.resume_grace_seconds
+        if grace is None:
+            grace = min(DEFAULT_RESUME_GRACE_SECONDS, self.settings.resume_grace_max_seconds)
+        while True:
+            changed = generation.watchers_changed
+            if generation.watchers > 0:
+                await changed.wait()
+                continue
+            with trio.move_on_after(grace) as timer:
+                await changed.wait()
+            if timer.cancelled_caught and not await self.stream_log.watched(generation.key):
+                log.info("request %s: no client for %.1f s: cancelled",
+                         generation.request_id, grace)
+                generation.cancel("disconnect")
+                return
+
+
+    async def follow(
+        self, owner: str, request_id: str, after: int
+    ) -> AsyncGenerator[tuple[int, StreamEvent], None]:
+        """The events of the owner's stream after position `after`: replayed from the
+        stream log, then live until its final event. Never starts a generation.
+
+        Raises `NothingMissing` (the client has the final event) or `StreamNotFound`
+        before yielding. While it is iterated, a resumable generation running here
+        counts it as a follower (on another replica, the log's `watching`)."""
+        key = (owner, request_id)
+        generation = self._live.get(key)
+        if generation is not None and generation.resumable:
+            generation.watch(+1)
+            try:
+                async for item in self.stream_log.follow(key, after):
+                    yield item
+            finally:
+                generation.watch(-1)
+        else:
+            async with self.stream_log.watching(key):
+                async for item in self.stream_log.follow(key, after):
+                    yield item
 
     def unregister(self, generation: Generation) -> None:
         """Called by `Generation.close()`: from now on a cancel for it is a miss."""

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-from .core.events import FinishReason
+from .core.events import CancelCause, FinishReason
 
 StoreErrorKind = Literal["unavailable", "timeout", "write_failed"]
-CancelCause = Literal["disconnect", "cancel", "shutdown"]
 
 
 class FinishedGeneration(Protocol):

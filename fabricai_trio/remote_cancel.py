@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, cast
 import trio
 from redis.exceptions import RedisError
 
-from .observer import CancelCause
+from .core.events import CancelCause
 from .redis_channels import RedisChannels
 
 if TYPE_CHECKING:

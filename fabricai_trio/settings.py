@@ -108,8 +108,30 @@ class Settings(BaseSettings):
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, le=3600, description="Interval of `: keepalive` comments while queued."
     )
+    drain_timeout_seconds: float = Field(
+        20.0, ge=0, le=3600,
+        description="On SIGTERM/SIGINT: how long generations in flight may run to their end "
+        "(new requests get 503 `draining`); what is left then ends with `finish_reason: "
+        "cancelled`.",
+    )
     shutdown_grace_seconds: float = Field(
-        10.0, ge=0, le=3600, description="How long running streams may finish on SIGTERM."
+        5.0, ge=0, le=3600,
+        description="After the drain: how long connections may take to send their last "
+        "bytes before they are closed.",
+    )
+    resume_ttl_seconds: int = Field(
+        600, ge=1, le=86_400,
+        description="How long a stream's end (and a resumable stream's events) is kept for "
+        "a reconnect with `Last-Event-ID`.",
+    )
+    resume_max_events: int = Field(
+        8192, ge=16, le=1_000_000,
+        description="Most events kept per resumable stream (older ones are dropped).",
+    )
+    resume_grace_max_seconds: float = Field(
+        120.0, ge=0, le=3600,
+        description="Largest `resume_grace_seconds` a request may ask for: how long a "
+        "resumable generation keeps going while no client is connected.",
     )
     log_level: LogLevel = Field("INFO", description="Log level.")
 

@@ -40,3 +40,19 @@ def test_bad_engine_setting_stops_start_up(server_logs: Path) -> None:
     )
     assert result.returncode == 2
     assert "ENGINE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_example_imports_only_the_core_layer() -> None:
+    """A plug-in engine needs the engine contract and nothing of the server (DESIGN §1)."""
+    import ast
+
+    source = (Path(__file__).resolve().parent.parent / "examples" / "echo_engine.py")
+    ours = {
+        node.module
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module
+        and node.module.startswith("fabricai_trio")
+    }
+    assert ours  # it does use the contract
+    assert all(m.startswith("fabricai_trio.core.") or m == "fabricai_trio.settings"
+               for m in ours), ours

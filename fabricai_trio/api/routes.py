@@ -10,16 +10,20 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from http import HTTPStatus
 from typing import Any, cast
 
+import trio
 from quart import Blueprint, Response, jsonify, request
 
 from .. import __version__
-from ..core.errors import ERROR_TABLE, ErrorKind, InvalidJson, NotFound
-from ..core.events import EVENT_NAMES, StreamEvent, TokenEvent
-from ..core.requests import GenerationRequest, parse_generation_request
+from ..core.errors import ERROR_TABLE, ErrorKind, InvalidField, InvalidJson, NotFound
+from ..core.events import EVENT_NAMES, StreamEvent
+from ..core.requests import GenerationRequest
+from ..core.stream_ids import event_id, parse_event_id
 from ..generation import Generation, Keepalive
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..stream_log import NothingMissing
 from . import sse
 from .auth_hook import current_identity
 from .request_log import attach_generation, request_id
@@ -73,42 +77,96 @@ async def start_stream(generation_request: GenerationRequest) -> Generation:
     return generation
 
 
-def _frame(event: StreamEvent | Keepalive) -> bytes:
-    if isinstance(event, Keepalive):
-        return sse.KEEPALIVE
-    event_id = event.index if isinstance(event, TokenEvent) else None
-    return sse.encode_event(EVENT_NAMES[type(event)], event.model_dump(), event_id=event_id)
+def frame(event: StreamEvent, position: int) -> bytes:
+    """One SSE event, its id naming the stream and the position (`Last-Event-ID`)."""
+    return sse.encode_event(EVENT_NAMES[type(event)], event.model_dump(),
+                            event_id=event_id(event.request_id, position))
 
 
 async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
-    """The SSE framing of a generation's events (Quart closes it on disconnect)."""
+    """The SSE framing of a generation's events (Quart closes it on disconnect, which
+    cancels the generation)."""
     async with aclosing(generation.events()) as events:
         async for event in events:
-            yield _frame(event)
+            if isinstance(event, Keepalive):
+                yield sse.KEEPALIVE
+            else:
+                yield frame(event, generation.position)
 
 
-def sse_response(generation: Generation) -> Response:
-    response = Response(sse_body(generation), headers=sse.SSE_HEADERS)
-    response.headers["X-Request-Id"] = generation.request_id
+async def followed_body(owner: str, request_id: str, after: int) -> AsyncIterator[bytes]:
+    """The SSE framing of a stream read from the stream log (a resumable generation,
+    or a reconnect): a client that leaves stops reading, not the generation."""
+    async with aclosing(state().service.follow(owner, request_id, after)) as events:
+        async for position, event in events:
+            yield frame(event, position)
+
+
+def sse_response(body: AsyncIterator[bytes], request_id: str) -> Response:
+    response = Response(body, headers=sse.SSE_HEADERS)
+    response.headers["X-Request-Id"] = request_id
     response.timeout = None
     return response
 
 
+async def generation_response(generation_request: GenerationRequest) -> Response:
+    """Start a generation and stream it. A resumable one runs in the generation
+    service's nursery (it outlives this connection for its grace) and this response
+    follows its stream log; the others run in this request and stop with it."""
+    rid = generation_request.request_id
+    if not generation_request.resumable:
+        return sse_response(sse_body(await start_stream(generation_request)), rid)
+    service = state().service
+    generation = await service.prepare(generation_request, owner=current_owner())
+    attach_generation(cast(dict[str, Any], request.scope), generation)
+    await service.start_detached(generation)
+
+    async def creator_gone() -> None:
+        generation.watch(-1)
+        await trio.lowlevel.checkpoint()
+
+    cast(dict[str, Any], request.scope)["fabricai.cleanups"].append(creator_gone)
+    return sse_response(followed_body(generation.owner, rid, -1), rid)
+
+
+def last_event_id() -> str | None:
+    """A reconnect's position: the `Last-Event-ID` header (what `EventSource` sends),
+    or a `last_event_id` query parameter for clients that cannot set headers."""
+    return request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+
+
+async def resume_response(value: str) -> Response:
+    """Continue a stream after the event `value` names: never a new generation. 204 when
+    the client has the final event (an `EventSource` then stops reconnecting)."""
+    parsed = parse_event_id(value)
+    if parsed is None:
+        raise InvalidField("Last-Event-ID", "must be an event id as sent: "
+                           "`<request_id>:<position>`")
+    request_id, after = parsed
+    owner = current_owner()
+    try:
+        await state().service.stream_log.check((owner, request_id), after)
+    except NothingMissing:
+        return Response(b"", status=HTTPStatus.NO_CONTENT, headers={"X-Request-Id": request_id})
+    return sse_response(followed_body(owner, request_id, after), request_id)
+
+
 @blueprint.post("/v1/inference_sse")
 async def inference_sse_post() -> Response:
+    if (resume := last_event_id()) is not None:
+        return await resume_response(resume)
     body = await read_json_body()
-    generation_request = parse_generation_request(
-        with_request_id(body), max_tokens_limit=state().settings.max_tokens_limit
-    )
-    return sse_response(await start_stream(generation_request))
+    return await generation_response(state().service.parse(with_request_id(body)))
 
 
 @blueprint.get("/v1/inference_sse")
 async def inference_sse_get() -> Response:
-    generation_request = parse_generation_request(
-        with_request_id(query_as_body()), max_tokens_limit=state().settings.max_tokens_limit
+    """For `EventSource`: its automatic reconnects carry `Last-Event-ID` and resume."""
+    if (resume := last_event_id()) is not None:
+        return await resume_response(resume)
+    return await generation_response(
+        state().service.parse(with_request_id(query_as_body()))
     )
-    return sse_response(await start_stream(generation_request))
 
 
 @blueprint.post("/v1/inference_sse/<request_id>/cancel")
@@ -153,22 +211,23 @@ async def status() -> Response:
     )
 
 
+@blueprint.get("/livez")
+async def livez() -> Response:
+    """Liveness: the process serves HTTP (whatever the model, the store or a drain)."""
+    return jsonify({"status": "alive"})
+
+
+@blueprint.get("/readyz")
 @blueprint.get("/health")
-async def health() -> Response:
-    """200 once the model is loaded (`degraded` while the session store is down), else
-    503 with `Retry-After` (the table's status for an unavailable server)."""
-    app = state()
-    store = {"backend": app.store.backend, "healthy": app.store_healthy}
-    body: dict[str, Any]
-    if app.load_error is not None:
-        body = {"status": "error", "error": app.load_error, "store": store}
-    elif not app.engine.info().loaded:
-        body = {"status": "loading", "store": store}
-    else:
-        return jsonify({"status": "ok" if app.store_healthy else "degraded", "store": store})
+async def readyz() -> Response:
+    """Readiness (`/health` is an alias): 200 when this replica takes traffic, else 503
+    with `Retry-After` and a reason (loading with its progress, failed, store down,
+    draining): the table's status for an unavailable server."""
+    ready, body = state().readiness()
     response = jsonify(body)
-    response.status_code = ERROR_TABLE[ErrorKind.UNAVAILABLE].status
-    response.headers["Retry-After"] = "1"
+    if not ready:
+        response.status_code = ERROR_TABLE[ErrorKind.UNAVAILABLE].status
+        response.headers["Retry-After"] = "1"
     return response
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Literal, cast
 
 from quart import current_app
 
@@ -36,6 +36,34 @@ class AppState:
     started_at: float = field(default_factory=time.time)
     load_error: str | None = None
     store_healthy: bool = True
+    #: Start-up: `loading` the model, `warming` it up (one token), `ready`, or `failed`.
+    phase: Literal["loading", "warming", "ready", "failed"] = "loading"
+    phase_since: float = field(default_factory=time.monotonic)
+
+    def enter(self, phase: Literal["loading", "warming", "ready", "failed"]) -> None:
+        self.phase, self.phase_since = phase, time.monotonic()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this replica takes traffic, and the `/readyz` body that says why not.
+
+        Ready: the model is loaded and warmed, the session store answers (when sessions
+        live outside the process), and the server is not draining."""
+        store = {"backend": self.store.backend, "healthy": self.store_healthy}
+        body: dict[str, Any] = {"status": "ready", "store": store}
+        if self.service.draining:
+            body.update(status="draining", reason="the server is shutting down")
+        elif self.phase == "failed":
+            body.update(status="failed", reason=self.load_error)
+        elif self.phase != "ready":
+            body.update(
+                status=self.phase,
+                reason=f"{self.phase} the model",
+                progress={"phase": self.phase,
+                          "seconds": round(time.monotonic() - self.phase_since, 3)},
+            )
+        elif not self.store_healthy and self.store.backend != "memory":
+            body.update(status="store_unavailable", reason="the session store does not answer")
+        return body["status"] == "ready", body
 
 
 def state() -> AppState:

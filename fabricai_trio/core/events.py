@@ -13,6 +13,9 @@ from pydantic import BaseModel
 
 #: How a generation ended. `cancelled`: a client, a disconnect or a shutdown stopped it.
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+#: Why a generation was cancelled: its client asked, its client went away, or the server
+#: is shutting down.
+CancelCause = Literal["disconnect", "cancel", "shutdown"]
 
 
 class Usage(BaseModel):
@@ -49,6 +52,8 @@ class CompleteEvent(BaseModel):
     request_id: str
     text: str
     finish_reason: FinishReason
+    #: Set when `finish_reason` is `cancelled`.
+    cancel_cause: CancelCause | None = None
     usage: Usage
     timings: Timings
 

@@ -70,12 +70,24 @@ class GenerationRequest(SamplingParams):
     messages: list[ChatMessage] | None = Field(None, max_length=10_000)
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
     request_id: str = Field(default_factory=new_request_id)
+    #: Keep generating through a disconnect for `resume_grace_seconds`, and keep every
+    #: event, so that a reconnect with `Last-Event-ID` continues the stream.
+    resumable: bool = False
+    resume_grace_seconds: float | None = Field(None, ge=0)
 
     @field_validator("request_id")
     @classmethod
     def _request_id_shape(cls, value: str) -> str:
         if not is_request_id(value):
             raise ValueError("must be 1-128 characters of letters, digits and _.:-")
+        return value
+
+    @field_validator("resume_grace_seconds")
+    @classmethod
+    def _grace_within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = (info.context or {}).get("resume_grace_max")
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(f"must be at most {limit:g} (RESUME_GRACE_MAX_SECONDS)")
         return value
 
     @model_validator(mode="after")
@@ -99,13 +111,16 @@ class GenerationRequest(SamplingParams):
         return [ChatMessage(role="user", content=self.prompt or "")]
 
 
-def parse_generation_request(data: Any, *, max_tokens_limit: int) -> GenerationRequest:
+def parse_generation_request(
+    data: Any, *, max_tokens_limit: int, resume_grace_max: float | None = None
+) -> GenerationRequest:
     """Validate a decoded JSON body (or query mapping): `InvalidBody` / `InvalidField`."""
     if not isinstance(data, dict):
         raise InvalidBody("the body must be a JSON object")
     try:
         return GenerationRequest.model_validate(
-            data, context={"max_tokens_limit": max_tokens_limit}
+            data,
+            context={"max_tokens_limit": max_tokens_limit, "resume_grace_max": resume_grace_max},
         )
     except ValidationError as exc:
         raise invalid_field(exc) from None
