@@ -1,7 +1,8 @@
 """Server settings, read from the environment and `.env`.
 
 Every setting is one field here; `docs/configuration.md` is generated from this class
-(`python -m fabricai_trio.settings --markdown`), and a test fails when the two disagree.
+(`scripts/gen-config-docs`, which runs `python -m fabricai_trio.settings --write-docs` and
+also writes `.env.example`), and a test fails when they disagree.
 """
 
 from __future__ import annotations
@@ -44,11 +45,19 @@ class Settings(BaseSettings):
         "docs/performance-batching.md), `llama` (a pool of llama.cpp contexts, one per slot) "
         "or `module:Class`.",
     )
-    n_ctx: int = Field(4096, ge=64, le=1_048_576, description="Context window per slot.")
+    n_ctx: int = Field(
+        4096, ge=64, le=1_048_576,
+        description="Context window of each generation (prompt, history and reply): every "
+        "slot, and with ENGINE=batched every prefix-cache sequence, gets this much KV memory.",
+    )
     n_threads: int = Field(
         max(1, os.cpu_count() or 1), ge=1, le=1024, description="CPU threads per decode."
     )
-    n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens evaluated per step.")
+    n_batch: int = Field(
+        512, ge=1, le=65_536,
+        description="ENGINE=llama: prompt tokens evaluated per llama.cpp decode call (at most "
+        "N_CTX). ENGINE=batched ignores it: see PREFILL_CHUNK_TOKENS.",
+    )
     chat_format: str | None = Field(
         None,
         description="llama-cpp-python chat format for `messages` (e.g. `gemma`). Unset: the "
@@ -82,7 +91,11 @@ class Settings(BaseSettings):
 
     # --- admission ---
     max_concurrent_requests: int = Field(
-        2, ge=1, le=256, description="Generations that run at once (one llama context each)."
+        2, ge=1, le=256,
+        description="Generations that run at once: sequences decoded together in one llama.cpp "
+        "context (ENGINE=batched), or llama.cpp contexts (ENGINE=llama); more wait in the one "
+        "queue. Admission runs as many as the engine reports slots (the built-in engines: "
+        "this number).",
     )
     max_queue_size: int = Field(
         16, ge=0, le=100_000, description="Requests that may wait for a slot; more get 429."
@@ -141,8 +154,15 @@ class Settings(BaseSettings):
         description="`memory`, `redis` or `sql`. Unset: `redis` when REDIS_URL is set, "
         "else `memory`.",
     )
-    redis_url: str | None = Field(None, description="Redis URL, e.g. `redis://localhost:6379/0`.")
-    redis_prefix: str = Field("fabricai:", description="Prefix of every Redis key.")
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL, e.g. `redis://localhost:6379/0`: sessions (see SESSION_STORE), "
+        "Socket.IO rooms across replicas, and cancels forwarded to the replica running the "
+        "generation.",
+    )
+    redis_prefix: str = Field(
+        "fabricai:", description="Prefix of every Redis key and pub/sub channel."
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL for SESSION_STORE=sql (SQLite or PostgreSQL)."
     )
@@ -174,7 +194,8 @@ class Settings(BaseSettings):
         "same-origin only.",
     )
 
-    # --- authentication (docs/auth.md); any of these set: every route but /health needs it ---
+    # --- authentication (docs/auth.md); any of these set: every route but /health, the
+    # playground's files and (with METRICS_REQUIRE_AUTH=false) /metrics needs it ---
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys accepted as `Bearer` or `X-Api-Key`."
     )
