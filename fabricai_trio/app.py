@@ -83,6 +83,8 @@ class FabricApp:
         self.requests = RequestObserver(state.settings, state.metrics)
         #: Set when start-up failed for good (the model cannot load): the server stops.
         self.fatal = trio.Event()
+        #: Set once the model is loaded and warmed up: generations are accepted.
+        self.ready = trio.Event()
         self.services_scope = trio.CancelScope()
         self.services_done = trio.Event()
 
@@ -242,6 +244,7 @@ async def load_engine(app: FabricApp) -> None:
     await warm_up(state.engine)
     state.enter("ready")
     state.service.ready = True
+    app.ready.set()
     log.info("engine ready in %.1f s", time.monotonic() - started)
 
 

@@ -103,7 +103,9 @@ async def test_live_answers_match_their_schemas(
         jsonschema.validate(instance, {"$ref": f"#/$defs/{name}", "$defs": defs})
 
     check((await client.get("/v1/status")).json(), "StatusResponse")
-    check((await client.get("/health")).json(), "HealthResponse")
+    check((await client.get("/health")).json(), "Readiness")
+    check((await client.get("/readyz")).json(), "Readiness")
+    check((await client.get("/livez")).json(), "Liveness")
     check((await client.get("/v1/models")).json(), "ModelList")
     check((await client.post("/v1/sessions")).json(), "SessionObject")
     check((await client.get("/v1/sessions")).json(), "SessionList")

@@ -77,11 +77,11 @@ async def test_redis_client_and_engine_are_closed_after_the_services_end(
     app, engine = make_app(redis_url)
     async with trio.open_nursery() as nursery:
         await nursery.start(run_services, app)
-        await wait_until(lambda: app.state.engine.info().loaded)
+        await wait_until(lambda: app.state.service.ready)
         assert clients(redis_url) > baseline  # the cancel subscription is up
         app.services_scope.cancel()
     assert app.services_done.is_set()
-    assert engine.events == ["aclose"]
+    assert engine.events == ["generate", "aclose"]  # the warm-up, then closed last
     await wait_until(lambda: clients(redis_url) == baseline)
 
 
@@ -94,7 +94,7 @@ async def test_a_cancel_reaches_the_replica_that_runs_the_generation(
     async with trio.open_nursery() as nursery:
         await nursery.start(run_services, a)
         await nursery.start(run_services, b)
-        await wait_until(lambda: a.state.engine.info().loaded)
+        await wait_until(lambda: a.state.service.ready and b.state.service.ready)
         request = GenerationRequest(prompt="hello", max_tokens=4000, request_id="far-1")
         generation = await a.state.service.prepare(request, owner="alice")
         finals = []

@@ -109,6 +109,7 @@ async def client(store: FlakyStore) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(run_services, app)  # what the lifespan starts
+        await app.ready.wait()
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             yield c
         nursery.cancel_scope.cancel()
@@ -361,6 +362,7 @@ async def service() -> AsyncIterator[tuple[GenerationService, SlowReadStore, Ren
     app = create_app(config, engine=engine, store=store)
     async with trio.open_nursery() as nursery:
         await nursery.start(run_services, app)
+        await app.ready.wait()
         yield app.state.service, store, engine
         nursery.cancel_scope.cancel()
 
@@ -449,6 +451,7 @@ async def test_a_lock_left_by_an_outage_is_released_when_the_store_returns(
     await store.create("alice", session_id="s")
     async with trio.open_nursery() as nursery:
         await nursery.start(run_services, app)
+        await app.ready.wait()
         request = GenerationRequest(prompt="before", session_id="s", max_tokens=2)
         await run_to_end(await svc.prepare(request, owner="alice"))
         during = await svc.prepare(

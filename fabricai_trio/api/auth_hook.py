@@ -45,7 +45,7 @@ def install(
             "not a loopback address: anyone who can reach the server can use it",
             settings.host,
         )
-    open_paths = {"/health", *public_paths}
+    open_paths = {"/health", "/livez", "/readyz", *public_paths}
     if not settings.metrics_require_auth:
         open_paths.add("/metrics")
 

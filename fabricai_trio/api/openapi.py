@@ -15,7 +15,7 @@ import html
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
@@ -42,17 +42,6 @@ class ErrorBody(BaseModel):
     """Every error, from every route."""
 
     error: ErrorDetail
-
-
-class StoreHealth(BaseModel):
-    backend: str
-    healthy: bool
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded", "loading", "error"]
-    store: StoreHealth
-    error: str | None = None
 
 
 class ModelStatus(BaseModel):
@@ -85,7 +74,7 @@ class StatusResponse(BaseModel):
     model: ModelStatus
     concurrency: ConcurrencyStatus
     engine: EngineStatus
-    store: StoreHealth
+    store: schemas.StoreHealth
     uptime_seconds: float
     version: str
 
@@ -119,8 +108,16 @@ _GEN_ERRORS = (K.BAD_REQUEST, K.FORBIDDEN, K.NOT_FOUND, K.CONFLICT, K.TOO_LARGE,
 _SSE_EVENTS = (events.QueuedEvent, events.TokenEvent, events.CompleteEvent, events.ErrorEvent)
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("GET", "/livez"): Operation(
+        "Liveness: 200 while the process serves", "status", ok=schemas.Liveness, public=True,
+    ),
+    ("GET", "/readyz"): Operation(
+        "Readiness: 200 when the model is loaded and warmed, the session store answers and "
+        "the server is not draining; else 503 with the reason", "status",
+        ok=schemas.Readiness, errors=(K.UNAVAILABLE,), public=True,
+    ),
     ("GET", "/health"): Operation(
-        "Liveness: 200 once the model is loaded, 503 before", "status", ok=HealthResponse,
+        "Readiness (an alias of /readyz)", "status", ok=schemas.Readiness,
         errors=(K.UNAVAILABLE,), public=True,
     ),
     ("GET", "/v1/status"): Operation(

@@ -27,7 +27,7 @@ from ..stream_log import NothingMissing
 from . import sse
 from .auth_hook import current_identity
 from .request_log import attach_generation, request_id
-from .schemas import CancelResult
+from .schemas import CancelResult, Liveness
 from .state import state
 
 blueprint = Blueprint("api", __name__)
@@ -214,21 +214,26 @@ async def status() -> Response:
 @blueprint.get("/livez")
 async def livez() -> Response:
     """Liveness: the process serves HTTP (whatever the model, the store or a drain)."""
-    return jsonify({"status": "alive"})
+    return jsonify(Liveness().model_dump())
 
 
 @blueprint.get("/readyz")
-@blueprint.get("/health")
 async def readyz() -> Response:
     """Readiness (`/health` is an alias): 200 when this replica takes traffic, else 503
     with `Retry-After` and a reason (loading with its progress, failed, store down,
     draining): the table's status for an unavailable server."""
-    ready, body = state().readiness()
-    response = jsonify(body)
-    if not ready:
+    readiness = state().readiness()
+    response = jsonify(readiness.model_dump(exclude_none=True))
+    if readiness.status != "ready":
         response.status_code = ERROR_TABLE[ErrorKind.UNAVAILABLE].status
         response.headers["Retry-After"] = "1"
     return response
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    """An alias of `/readyz` (what older probes and the image's HEALTHCHECK call)."""
+    return await readyz()
 
 
 @blueprint.get("/metrics")

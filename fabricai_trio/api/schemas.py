@@ -15,6 +15,29 @@ from ..core.ids import SESSION_ID_PATTERN
 from ..core.messages import Role
 
 
+class StoreHealth(BaseModel):
+    backend: str
+    healthy: bool
+
+
+class StartupProgress(BaseModel):
+    phase: Literal["loading", "warming"]
+    seconds: float
+
+
+class Readiness(BaseModel):
+    """`GET /readyz` (and `/health`): `ready` (200), or why not (503)."""
+
+    status: Literal["ready", "loading", "warming", "failed", "store_unavailable", "draining"]
+    reason: str | None = None
+    progress: StartupProgress | None = None
+    store: StoreHealth
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
 class CancelResult(BaseModel):
     """`POST /v1/inference_sse/{request_id}/cancel`: the stream will end with `complete`,
     `finish_reason: cancelled` (or as it was already ending)."""

@@ -1,15 +1,19 @@
 """Socket.IO events for inference: the same generation path and payloads as SSE.
 
 Client → server: `inference_prompt` (ack `{request_id}` or `{request_id, error}`),
-`inference_cancel` `{request_id}`, `join_session` / `leave_session` `{session_id}`.
+`inference_cancel` `{request_id}`, `inference_resume` `{request_id, last_index?}`,
+`join_session` / `leave_session` `{session_id}`.
 Server → client: `inference_queued`, `inference_token`, `inference_complete`,
 `inference_error` (the SSE event payloads), also sent to the session's room.
 
 Each generation runs as a task in the client's session nursery (`start_task`), so a
-disconnect cancels it within one token. `inference_cancel` goes through the generation
-service, like SSE's cancel route: it finds the caller's generation by request id on any
-connection, transport or (with Redis) replica, and that generation ends with an
-`inference_complete` whose `finish_reason` is `cancelled`.
+disconnect cancels it within one token, unless it asked to be `resumable`: then it runs
+in the generation service's nursery, this connection follows its stream log, and a
+client that comes back (on any connection, and with Redis on any replica) sends
+`inference_resume` to get what it missed and the rest. `inference_cancel` goes through
+the generation service, like SSE's cancel route: it finds the caller's generation by
+request id on any connection, transport or (with Redis) replica, and that generation
+ends with an `inference_complete` whose `finish_reason` is `cancelled`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from ..core.errors import (
     error_event,
 )
 from ..core.events import EVENT_NAMES
-from ..core.requests import parse_generation_request
 from ..generation import Generation, Keepalive
 from ..realtime import ClientGone, ConnectionRefused, RealtimeConfig, RedisPubSub, SocketIOServer
 from ..realtime.asgi import Scope
 from ..redis_channels import RedisChannels
+from ..sessions import Session
+from ..stream_log import NothingMissing, StreamNotFound
 from .state import AppState
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,7 @@ class InferenceEvents:
         on("connect")(self.connect)
         on("inference_prompt")(self.inference_prompt)
         on("inference_cancel")(self.inference_cancel)
+        on("inference_resume")(self.inference_resume)
         on("join_session")(self.join_session)
         on("leave_session")(self.leave_session)
 
@@ -83,28 +89,81 @@ class InferenceEvents:
             raise ConnectionRefused(*connect_refusal(error)) from None
         self.server.session_data(sid)[OWNER] = owner
 
+    @staticmethod
+    def request_id_of(payload: Any) -> str | None:
+        """The payload's `request_id` if it is a string (it is validated later)."""
+        value = payload.get("request_id") if isinstance(payload, dict) else None
+        return value if isinstance(value, str) else None
+
     def owner(self, sid: str) -> str:
         owner: str = self.server.session_data(sid)[OWNER]
         return owner
 
+    async def refuse(self, sid: str, error: DomainError, request_id: str | None
+                     ) -> dict[str, Any]:
+        """An `inference_error` event and the ack that says the same."""
+        await self.server.emit("inference_error", error_event(error, request_id).model_dump(),
+                               to=sid)
+        return ack_error(error, request_id)
+
     async def inference_prompt(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
-        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+        request_id = self.request_id_of(payload)
+        service = self.state.service
         try:
-            request = parse_generation_request(
-                payload, max_tokens_limit=self.state.settings.max_tokens_limit
-            )
-            generation = await self.state.service.prepare(request, owner=self.owner(sid))
+            generation = await service.prepare(service.parse(payload), owner=self.owner(sid))
         except DomainError as error:
-            await self.server.emit(
-                "inference_error", error_event(error, request_id).model_dump(), to=sid
-            )
-            return ack_error(error, request_id)
+            return await self.refuse(sid, error, request_id)
+        if generation.resumable:
+            await service.start_detached(generation)
+            try:
+                self.server.start_task(sid, self.follow, sid, generation.session,
+                                       generation.request_id, -1, generation)
+            except ClientGone:
+                generation.watch(-1)
+                raise
+            return {"request_id": generation.request_id}
         try:
             self.server.start_task(sid, self.stream, sid, generation)
         except ClientGone:
             await generation.close()
             raise
         return {"request_id": generation.request_id}
+
+    async def inference_resume(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
+        """Replay what the client missed of its stream (after the token `last_index`;
+        everything if absent) and follow it to its end, on this connection. Never starts
+        a generation."""
+        request_id = self.request_id_of(payload)
+        last_index = payload.get("last_index") if isinstance(payload, dict) else None
+        try:
+            if request_id is None:
+                raise InvalidField("request_id", "field required")
+            if last_index is not None and (type(last_index) is not int or last_index < -1):
+                raise InvalidField("last_index", "must be an integer >= -1")
+            after = -1 if last_index is None else last_index + 1
+            await self.state.service.stream_log.check((self.owner(sid), request_id), after)
+        except NothingMissing:
+            return {"request_id": request_id, "resumed": False, "complete": True}
+        except DomainError as error:
+            return await self.refuse(sid, error, request_id)
+        self.server.start_task(sid, self.follow, sid, None, request_id, after, None)
+        return {"request_id": request_id, "resumed": True}
+
+    async def follow(self, sid: str, session: Session | None, request_id: str, after: int,
+                     creator: Generation | None) -> None:
+        """Emit a stream read from the stream log; `creator`: this connection started the
+        resumable generation and stops counting as its follower when it ends."""
+        room = session_room(session.id) if session else None
+        try:
+            events = self.state.service.follow(self.owner(sid), request_id, after)
+            async with aclosing(events) as items:
+                async for _, event in items:
+                    await self.emit(sid, room, EVENT_NAMES[type(event)], event.model_dump())
+        except (NothingMissing, StreamNotFound):
+            pass  # it expired between the check and the read: nothing more to send
+        finally:
+            if creator is not None:
+                creator.watch(-1)
 
     async def stream(self, sid: str, generation: Generation) -> None:
         """Emit one generation's events to the client (and its session's room)."""
@@ -124,8 +183,8 @@ class InferenceEvents:
             await self.server.emit(f"inference_{name}", payload, to=room, skip_sid=sid)
 
     async def inference_cancel(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
-        request_id = payload.get("request_id") if isinstance(payload, dict) else None
-        if isinstance(request_id, str) and await self.state.service.cancel(
+        request_id = self.request_id_of(payload)
+        if request_id is not None and await self.state.service.cancel(
             self.owner(sid), request_id, "cancel"
         ):
             return {"request_id": request_id, "cancelled": True}

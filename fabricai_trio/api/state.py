@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 from quart import current_app
 
@@ -20,6 +20,7 @@ from ..generation import GenerationService
 from ..metrics import Metrics
 from ..sessions import SessionStore
 from ..settings import Settings
+from .schemas import Readiness, StartupProgress, StoreHealth
 
 EXTENSION_KEY = "fabricai"
 
@@ -43,27 +44,25 @@ class AppState:
     def enter(self, phase: Literal["loading", "warming", "ready", "failed"]) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Whether this replica takes traffic, and the `/readyz` body that says why not.
+    def readiness(self) -> Readiness:
+        """Whether this replica takes traffic (`status == "ready"`), and why not.
 
         Ready: the model is loaded and warmed, the session store answers (when sessions
         live outside the process), and the server is not draining."""
-        store = {"backend": self.store.backend, "healthy": self.store_healthy}
-        body: dict[str, Any] = {"status": "ready", "store": store}
+        store = StoreHealth(backend=self.store.backend, healthy=self.store_healthy)
         if self.service.draining:
-            body.update(status="draining", reason="the server is shutting down")
-        elif self.phase == "failed":
-            body.update(status="failed", reason=self.load_error)
-        elif self.phase != "ready":
-            body.update(
-                status=self.phase,
-                reason=f"{self.phase} the model",
-                progress={"phase": self.phase,
-                          "seconds": round(time.monotonic() - self.phase_since, 3)},
-            )
-        elif not self.store_healthy and self.store.backend != "memory":
-            body.update(status="store_unavailable", reason="the session store does not answer")
-        return body["status"] == "ready", body
+            return Readiness(status="draining", reason="the server is shutting down",
+                             store=store)
+        if self.phase == "failed":
+            return Readiness(status="failed", reason=self.load_error, store=store)
+        if self.phase != "ready":
+            seconds = round(time.monotonic() - self.phase_since, 3)
+            return Readiness(status=self.phase, reason=f"{self.phase} the model", store=store,
+                             progress=StartupProgress(phase=self.phase, seconds=seconds))
+        if not self.store_healthy and self.store.backend != "memory":
+            return Readiness(status="store_unavailable",
+                             reason="the session store does not answer", store=store)
+        return Readiness(status="ready", store=store)
 
 
 def state() -> AppState:

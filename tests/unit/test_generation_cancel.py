@@ -49,8 +49,10 @@ async def harness(**overrides: object) -> AsyncIterator[Harness]:
     admission = Admission(max_concurrent=1, max_queue=2)
     service = GenerationService(settings=settings, engine=engine, admission=admission,
                                 store=store)
+    service.ready = True
     async with trio.open_nursery() as nursery:
         await nursery.start(admission.run)
+        await nursery.start(service.run)
         yield Harness(service, engine, store, admission)
         nursery.cancel_scope.cancel()
 

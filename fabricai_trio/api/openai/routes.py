@@ -12,6 +12,7 @@ from contextlib import aclosing
 from pydantic import BaseModel
 from quart import Blueprint, Response, jsonify
 
+from ...core.stream_ids import event_id
 from ...generation import Generation, Keepalive
 from .. import sse
 from ..http_errors import use_dialect
@@ -45,16 +46,19 @@ def json_response(body: BaseModel) -> Response:
 
 
 async def sse_frames(
-    chunks: AsyncGenerator[BaseModel | Keepalive, None], *, include_usage: bool
+    chunks: AsyncGenerator[BaseModel | Keepalive, None], generation: Generation, *,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """`data: {chunk}` lines, then `data: [DONE]` (not after an error)."""
+    """`data: {chunk}` lines, then `data: [DONE]` (not after an error). Each chunk's SSE
+    id names the stream and the position of the event it came from."""
     exclude = None if include_usage else {"usage"}
     async with aclosing(chunks) as items:
         async for item in items:
             if isinstance(item, Keepalive):
                 yield sse.KEEPALIVE
                 continue
-            yield sse.encode_event(None, item.model_dump(mode="json", exclude=exclude))
+            yield sse.encode_event(None, item.model_dump(mode="json", exclude=exclude),
+                                   event_id=event_id(generation.request_id, generation.position))
             if isinstance(item, StreamError):
                 return
     yield DONE
@@ -69,7 +73,8 @@ async def respond(
         return json_response(await serving.complete(generation, fmt))
     include_usage = openai_request.include_usage
     chunks = serving.stream(generation, fmt, include_usage=include_usage)
-    response = Response(sse_frames(chunks, include_usage=include_usage), headers=sse.SSE_HEADERS)
+    response = Response(sse_frames(chunks, generation, include_usage=include_usage),
+                        headers=sse.SSE_HEADERS)
     response.headers["X-Request-Id"] = generation.request_id
     response.timeout = None
     return response
