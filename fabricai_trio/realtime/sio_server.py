@@ -115,6 +115,8 @@ class _Client:
     parser: SocketIOParser
     connections: dict[str, _Connection] = field(default_factory=dict)
     ever_connected: bool = False
+    # disconnect handlers of namespaces left after the session nursery closed
+    departed: list[tuple[DisconnectHandler, str, DisconnectReason]] = field(default_factory=list)
 
 
 class _PendingAck:
@@ -470,10 +472,13 @@ class SocketIOServer:
 
     async def session_ended(self, socket: EngineIOSocket, reason: CloseReason) -> None:
         """Run the disconnect handlers of every namespace the client was in, one after
-        the other (called shielded and time-limited by the Engine.IO layer)."""
+        the other (called shielded and time-limited by the Engine.IO layer): first those
+        it left while the session was ending, then the rest with the session's reason."""
         client = self._clients.pop(socket.sid, None)
         if client is None:
             return
+        for departed, sid, left in client.departed:
+            await run_logged(departed, sid, left, what="disconnect handler")
         why = DisconnectReason(reason.value)
         for conn in list(client.connections.values()):
             handler = self._forget(conn)
@@ -582,5 +587,5 @@ class SocketIOServer:
             return
         try:
             conn.client.socket.spawn(handler, conn.sid, reason, what="disconnect handler")
-        except RuntimeError:
-            logger.warning("session over: disconnect handler of %s not run", conn.sid)
+        except RuntimeError:  # the session is ending: `session_ended` runs it
+            conn.client.departed.append((handler, conn.sid, reason))
