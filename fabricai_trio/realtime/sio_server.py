@@ -365,18 +365,6 @@ class SocketIOServer:
     def leave_room(self, sid: str, room: str, namespace: str = DEFAULT_NAMESPACE) -> None:
         self._manager.basic_leave_room(sid, namespace, room)
 
-    def close_room(self, room: str, namespace: str = DEFAULT_NAMESPACE) -> None:
-        """Remove everyone from `room`."""
-        self._manager.basic_close_room(room, namespace)
-
-    def rooms(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
-        """The rooms `sid` is in (its own sid room included)."""
-        rooms: list[str] = self._manager.get_rooms(sid, namespace)
-        return rooms
-
-    def is_connected(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
-        return self._connection(sid, namespace) is not None
-
     def session_data(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
         """A dict for the application's per-connection state (gone at disconnect)."""
         conn = self._connection(sid, namespace, allow_pending=True)
