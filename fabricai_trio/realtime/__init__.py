@@ -2,8 +2,11 @@
 
 Layers, each usable alone:
 
-- `eio_session`: sans-IO Engine.IO session state machine (no trio, time passed in);
-- `eio_app`: `EngineIOApp`, the trio ASGI transport (polling, websocket, upgrade);
+- `eio_request`: sans-IO routing of a request (query, handshake rules, unknown sids,
+  CORS) and every HTTP answer;
+- `eio_session`: sans-IO Engine.IO session, its state machines in one transition table
+  (no trio, time passed in);
+- `eio_app`: `EngineIOApp`, the trio ASGI transport (moves bytes, runs the timers);
 - `sio_protocol`: sans-IO Socket.IO codec;
 - `sio_server`: `SocketIOServer`, namespaces, events, acks, rooms, pub/sub fan-out;
 - `pubsub` / `redis_pubsub`: the cross-process fan-out hook and its Redis implementation.

@@ -1,7 +1,8 @@
 """The trio side of Engine.IO: an ASGI app that moves bytes between clients and sessions.
 
-All protocol decisions are made by the sans-IO `EngineIOSession`; this module only reads
-requests, waits, and writes. Task ownership:
+Protocol decisions are sans-IO: `eio_request.route()` decides what a request is (and
+builds every HTTP answer), `EngineIOSession` decides what it means for the session. This
+module only reads requests, waits, runs the timers and writes. Task ownership:
 
 - `EngineIOApp.run()` (started by the application's lifespan nursery) owns the *service
   nursery*. Each polling session runs a session task there.
@@ -24,37 +25,40 @@ from typing import Any, Protocol
 import trio
 
 from .asgi import (
-    APPLICATION_JSON,
-    TEXT_PLAIN,
-    Headers,
     Message,
     Receive,
     Scope,
     Send,
-    header,
-    origin_allowed,
-    query_params,
+    deny_websocket,
+    parse_request,
     send_response,
 )
 from .config import RealtimeConfig
+from .eio_request import (
+    AttachWebsocket,
+    Decision,
+    Handshake,
+    Headers,
+    Poll,
+    Post,
+    Preflight,
+    Refuse,
+    error_response,
+    ok,
+    route,
+)
 from .eio_session import (
     CloseReason,
     EngineIOSession,
     MessageReceived,
     SessionClosed,
-    State,
     Transport,
     Upgraded,
 )
 from .errors import (
     WS_NORMAL_CLOSURE,
-    WS_POLICY_VIOLATION,
-    EioErrorCode,
-    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
-    error_body,
-    http_status_for,
     ws_close_code_for,
 )
 from .tasks import Signal, run_logged, spawn_logged
@@ -86,7 +90,7 @@ class EngineIOSocket:
     """One live session as the application sees it (plus the transport's private hooks).
 
     Application API: `sid`, `scope`, `receive()`, `send()`, `close()`, `spawn()`,
-    `start()`. Everything with a leading underscore belongs to `EngineIOApp`.
+    `close_reason`. Everything with a leading underscore belongs to `EngineIOApp`.
     """
 
     def __init__(self, app: EngineIOApp, core: EngineIOSession, scope: Scope) -> None:
@@ -107,14 +111,6 @@ class EngineIOSocket:
     @property
     def sid(self) -> str:
         return self._core.sid
-
-    @property
-    def transport(self) -> Transport:
-        return self._core.transport
-
-    @property
-    def is_open(self) -> bool:
-        return self._core.is_open
 
     @property
     def close_reason(self) -> CloseReason | None:
@@ -160,19 +156,6 @@ class EngineIOSocket:
         if self._nursery is None or self._closed.is_set():
             raise RuntimeError("session is not running")
         spawn_logged(self._nursery, fn, *args, what=what)
-
-    async def start(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """`nursery.start(fn, *args)` in the session nursery (waits for `started()`).
-
-        Cancelling the caller while it waits cancels the starting task too (trio's rule).
-        """
-        if self._nursery is None or self._closed.is_set():
-            raise RuntimeError("session is not running")
-        return await self._nursery.start(fn, *args)
-
-    async def wait_closed(self) -> None:
-        """Block until the session is over. Cancellation has no side effect."""
-        await self._closed.wait()
 
     # --- transport hooks ---------------------------------------------------------------
 
@@ -308,11 +291,6 @@ class EngineIOApp:
                 socket._after_core()
             self._stopped.set()
 
-    @property
-    def sessions(self) -> dict[str, EngineIOSocket]:
-        """Live sessions by sid (read-only use)."""
-        return self._sessions
-
     def _forget(self, socket: EngineIOSocket) -> None:
         if self._sessions.get(socket.sid) is socket:
             del self._sessions[socket.sid]
@@ -333,100 +311,48 @@ class EngineIOApp:
         else:
             raise RuntimeError(f"EngineIOApp cannot serve {scope['type']!r} scopes")
 
-    def _cors_headers(self, scope: Scope) -> Headers:
-        origin = header(scope, b"origin")
-        if origin is None:
-            return []
-        return [
-            (b"access-control-allow-origin", origin.encode("latin-1")),
-            (b"access-control-allow-credentials", b"true"),
-            (b"vary", b"Origin"),
-        ]
-
-    def _check_query(self, scope: Scope, *, websocket: bool) -> dict[str, str]:
-        params = query_params(scope)
-        if scope.get("path") not in self._paths:
-            raise RemoteProtocolError("Not found", http_status=404)
-        if params.get("EIO") != "4":
-            raise RemoteProtocolError(
-                "Unsupported protocol version", code=EioErrorCode.UNSUPPORTED_PROTOCOL_VERSION
-            )
-        transport = params.get("transport")
-        if transport not in ("polling", "websocket") or (
-            transport == "websocket" and not websocket
-        ):
-            raise RemoteProtocolError("Transport unknown", code=EioErrorCode.UNKNOWN_TRANSPORT)
-        if not origin_allowed(scope, self.config.cors_origins):
-            raise RemoteProtocolError("Forbidden", http_status=403, code=EioErrorCode.FORBIDDEN)
-        return params
-
-    async def _error(self, scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-        headers = [APPLICATION_JSON, *self._cors_headers(scope)]
-        await send_response(receive, send, http_status_for(exc), error_body(exc), headers)
-
-    async def _ok(self, scope: Scope, receive: Receive, send: Send, body: str) -> None:
-        headers = [TEXT_PLAIN, *self._cors_headers(scope)]
-        await send_response(receive, send, 200, body.encode(), headers)
+    def _route(self, scope: Scope) -> Decision:
+        accepting = self._accepting and (
+            scope["type"] == "websocket" or self._service_nursery is not None
+        )
+        return route(
+            parse_request(scope),
+            self.config,
+            session_exists=self._sessions.__contains__,
+            accepting=accepting,
+        )
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope.get("method", "GET")
-        if method == "OPTIONS":
-            await self._preflight(scope, receive, send)
+        decision = self._route(scope)
+        if isinstance(decision, (Refuse, Preflight)):
+            await send_response(receive, send, decision.response)
             return
+        assert isinstance(decision, (Handshake, Poll, Post)), decision
         try:
-            params = self._check_query(scope, websocket=False)
-            sid = params.get("sid")
-            if sid is None:
-                if method != "GET":
-                    raise RemoteProtocolError(
-                        "Bad handshake method", code=EioErrorCode.BAD_HANDSHAKE_METHOD
-                    )
-                await self._handshake(scope, receive, send)
-                return
-            socket = self._sessions.get(sid)
-            if socket is None:
-                raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
-            if method == "GET":
-                await self._poll(socket, scope, receive, send)
-            elif method == "POST":
-                await self._post(socket, scope, receive, send)
+            if isinstance(decision, Handshake):
+                await self._handshake(scope, receive, send, decision.cors)
+            elif isinstance(decision, Poll):
+                await self._poll(self._sessions[decision.sid], receive, send, decision.cors)
             else:
-                raise RemoteProtocolError("Bad request")
+                await self._post(self._sessions[decision.sid], receive, send, decision)
         except ProtocolError as exc:
-            await self._error(scope, receive, send, exc)
+            await send_response(receive, send, error_response(exc, decision.cors))
 
-    async def _preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not origin_allowed(scope, self.config.cors_origins):
-            exc = RemoteProtocolError("Forbidden", http_status=403, code=EioErrorCode.FORBIDDEN)
-            await self._error(scope, receive, send, exc)
-            return
-        requested = header(scope, b"access-control-request-headers") or "content-type"
-        headers = [
-            *self._cors_headers(scope),
-            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-            (b"access-control-allow-headers", requested.encode("latin-1")),
-            (b"access-control-max-age", b"86400"),
-        ]
-        await send_response(receive, send, 204, b"", headers)
-
-    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handshake(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         """A new polling session: its task starts in the service nursery, then the OPEN
-        packet is the answer (503 without a running service nursery)."""
+        packet is the answer."""
         nursery = self._service_nursery
-        if nursery is None or not self._accepting:
-            raise RemoteProtocolError("Server not accepting sessions", http_status=503)
+        assert nursery is not None, "route() answers 503 without a service nursery"
         now = trio.current_time()
-        core = EngineIOSession(
-            sid=new_sid(), transport=Transport.POLLING, config=self.config, now=now
-        )
+        core = EngineIOSession(sid=new_sid(), transport=Transport.POLLING, config=self.config)
         socket = EngineIOSocket(self, core, dict(scope))
         open_packet = core.handshake(now)
         self._sessions[core.sid] = socket
         await nursery.start(socket._run, self.handler)
-        await self._ok(scope, receive, send, open_packet)
+        await send_response(receive, send, ok(cors, open_packet))
 
     async def _poll(
-        self, socket: EngineIOSocket, scope: Scope, receive: Receive, send: Send
+        self, socket: EngineIOSocket, receive: Receive, send: Send, cors: Headers
     ) -> None:
         """A polling GET: held until the session has something to say.
 
@@ -459,79 +385,69 @@ class EngineIOApp:
             core.abandon_get(trio.current_time())
             socket._after_core()
             return
-        await self._ok(scope, receive, send, answer)
+        await send_response(receive, send, ok(cors, answer))
 
-    async def _post(
-        self, socket: EngineIOSocket, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """A polling POST: read at most maxPayload bytes (answer 413 the moment the body
-        grows past it), hand the packets to the session, answer `ok`."""
+    async def _post(self, socket: EngineIOSocket, receive: Receive, send: Send, post: Post) -> None:
+        """A polling POST: body chunks go to the session as they come (it answers 413 the
+        moment the body grows past maxPayload), then its packets; the answer is `ok`."""
         core = socket._core
-        length = header(scope, b"content-length")
         try:
-            core.begin_post(trio.current_time(), int(length) if length is not None else None)
-        except ValueError:
-            core.end_post()
-            raise RemoteProtocolError("invalid content-length") from None
+            core.begin_post(trio.current_time(), post.content_length)
         finally:
             socket._after_core()
         try:
-            body = bytearray()
             with trio.move_on_after(self.config.body_timeout_s) as timer:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         return
-                    body += message.get("body", b"")
-                    if len(body) > self.config.max_payload_bytes:
-                        raise core.payload_too_large()
+                    core.receive_post_data(message.get("body", b""))
                     if not message.get("more_body", False):
                         break
             if timer.cancelled_caught:
-                raise RemoteProtocolError("request body timeout", http_status=408)
-            core.receive_payload(bytes(body), trio.current_time())
+                raise core.post_timed_out()
+            core.end_of_post(trio.current_time())
             await socket._after_input()
         finally:
             core.end_post()
             socket._after_core()
-        await self._ok(scope, receive, send, "ok")
+        await send_response(receive, send, ok(post.cors, "ok"))
 
     # --- websocket ---------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A websocket: a new session (its task then lives in this request's nursery) or
-        an upgrade probe of a polling session. Refused before accept (HTTP 403) on a bad
-        query, a foreign Origin, an unknown sid, or a second websocket."""
+        an upgrade probe of a polling session. What `route()` refuses is refused before
+        the upgrade; what the session refuses (a second websocket) is closed once
+        accepted, as the reference server does."""
         connect = await receive()
         if connect["type"] != "websocket.connect":
             return
-        try:
-            params = self._check_query(scope, websocket=True)
-            sid = params.get("sid")
-            if sid is None:
-                if not self._accepting:
-                    raise RemoteProtocolError("Server not accepting sessions", http_status=503)
-                now = trio.current_time()
-                core = EngineIOSession(
-                    sid=new_sid(), transport=Transport.WEBSOCKET, config=self.config, now=now
-                )
-                socket = EngineIOSocket(self, core, dict(scope))
-                token = core.attach_websocket(now)
-            else:
-                existing = self._sessions.get(sid)
-                if existing is None:
-                    raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
-                socket = existing
-                token = socket._core.attach_websocket(trio.current_time())
-        except ProtocolError as exc:
-            code = WS_POLICY_VIOLATION if http_status_for(exc) == 403 else ws_close_code_for(exc)
-            await send({"type": "websocket.close", "code": code})
+        decision = self._route(scope)
+        if isinstance(decision, Refuse) and not decision.accept_first:
+            code = ws_close_code_for(decision.error)
+            await deny_websocket(scope, send, decision.response, code)
             return
+        # the session, taken before the first checkpoint (route() saw it live)
+        existing = self._sessions[decision.sid] if isinstance(decision, AttachWebsocket) else None
         await send({"type": "websocket.accept"})
-        if sid is not None:
-            await self._pump_websocket(socket, token, receive, send)
+        if isinstance(decision, Refuse):
+            await send({"type": "websocket.close", "code": ws_close_code_for(decision.error)})
             return
-        await send({"type": "websocket.send", "text": socket._core.handshake(trio.current_time())})
+        now = trio.current_time()
+        if existing is not None:
+            try:
+                token = existing._core.attach_websocket(now)
+            except RemoteProtocolError as exc:
+                await send({"type": "websocket.close", "code": ws_close_code_for(exc)})
+                return
+            await self._pump_websocket(existing, token, receive, send)
+            return
+        assert isinstance(decision, Handshake), decision
+        core = EngineIOSession(sid=new_sid(), transport=Transport.WEBSOCKET, config=self.config)
+        socket = EngineIOSocket(self, core, dict(scope))
+        token = core.attach_websocket(now)
+        await send({"type": "websocket.send", "text": core.handshake(now)})
         self._sessions[socket.sid] = socket
         try:
             async with trio.open_nursery() as nursery:
@@ -576,9 +492,8 @@ class EngineIOApp:
             try:
                 core.receive_ws_message(token, data, trio.current_time())
             except RemoteProtocolError as exc:
+                # the session already dropped this websocket (a probe) or ended
                 state.close_code = ws_close_code_for(exc)
-                if core.ws_active(token):  # a probe error: drop this websocket only
-                    core.websocket_closed(token, trio.current_time())
                 socket._after_core()
                 return
             await socket._after_input()
@@ -632,12 +547,4 @@ class _WsState:
         self.close_code = WS_NORMAL_CLOSURE
 
 
-__all__ = [
-    "EngineIOApp",
-    "EngineIOSocket",
-    "LocalProtocolError",
-    "SessionEnded",
-    "SessionHandler",
-    "State",
-    "new_sid",
-]
+__all__ = ["EngineIOApp", "EngineIOSocket", "SessionEnded", "SessionHandler", "new_sid"]
