@@ -250,8 +250,6 @@ class EngineIOApp:
         self._service_nursery: trio.Nursery | None = None
         self._accepting = True
         self._stopped = trio.Event()
-        prefix = config.path.rstrip("/")
-        self._paths = {prefix, prefix + "/"}
 
     # --- lifecycle ---------------------------------------------------------------------
 
