@@ -6,7 +6,10 @@ Layers, each usable alone:
   CORS) and every HTTP answer;
 - `eio_session`: sans-IO Engine.IO session, its state machines in one transition table
   (no trio, time passed in);
-- `eio_app`: `EngineIOApp`, the trio ASGI transport (moves bytes, runs the timers);
+- `eio_socket`: `EngineIOSocket`, a live session on trio (the application's API, the
+  session task and its nursery, the heartbeat);
+- `eio_app`: `EngineIOApp`, the trio ASGI transport (moves bytes between requests and
+  sessions);
 - `sio_protocol`: sans-IO Socket.IO codec;
 - `sio_server`: `SocketIOServer`, namespaces, events, acks, rooms, pub/sub fan-out;
 - `pubsub` / `redis_pubsub`: the cross-process fan-out hook and its Redis implementation.
@@ -22,8 +25,9 @@ Typical wiring::
 """
 
 from .config import RealtimeConfig
-from .eio_app import EngineIOApp, EngineIOSocket, SessionEnded, SessionHandler
+from .eio_app import EngineIOApp
 from .eio_session import CloseReason
+from .eio_socket import EngineIOSocket, SessionEnded, SessionHandler
 from .errors import ClientGone, ConnectionRefused, LocalProtocolError, RemoteProtocolError
 from .pubsub import BroadcastMessage, LocalPubSub, PubSub
 from .redis_pubsub import RedisPubSub

@@ -43,8 +43,9 @@ from socketio.base_manager import BaseManager
 
 from .asgi import Scope
 from .config import RealtimeConfig
-from .eio_app import EngineIOApp, EngineIOSocket, SessionEnded, new_sid
+from .eio_app import EngineIOApp
 from .eio_session import CloseReason
+from .eio_socket import EngineIOSocket, SessionEnded, new_sid
 from .errors import ClientGone, ConnectionRefused, RemoteProtocolError
 from .pubsub import BroadcastMessage, PubSub
 from .sio_protocol import (

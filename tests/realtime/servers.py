@@ -16,8 +16,9 @@ from hypercorn.trio import serve
 from fabricai_trio.realtime.asgi import ASGIApp, PrefixDispatcher
 from fabricai_trio.realtime.config import RealtimeConfig
 from fabricai_trio.realtime.conformance import EchoHandler, ReferenceApps, build_socketio
-from fabricai_trio.realtime.eio_app import EngineIOApp, EngineIOSocket
+from fabricai_trio.realtime.eio_app import EngineIOApp
 from fabricai_trio.realtime.eio_session import CloseReason
+from fabricai_trio.realtime.eio_socket import EngineIOSocket
 from fabricai_trio.realtime.sio_server import DisconnectReason, SocketIOServer
 
 

@@ -13,8 +13,9 @@ import trio.testing
 from fabricai_trio.realtime.asgi import PrefixDispatcher
 from fabricai_trio.realtime.config import RealtimeConfig
 from fabricai_trio.realtime.conformance import EchoHandler
-from fabricai_trio.realtime.eio_app import EngineIOApp, EngineIOSocket
+from fabricai_trio.realtime.eio_app import EngineIOApp
 from fabricai_trio.realtime.eio_session import CloseReason
+from fabricai_trio.realtime.eio_socket import EngineIOSocket
 
 from .asgi_harness import HttpCall, http, make_scope, ws_call
 
