@@ -1,23 +1,20 @@
-"""The few ASGI pieces the Engine.IO transport needs: types, query, headers, responses."""
+"""The few ASGI pieces the Engine.IO transport needs: types, parsing, responses."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import trio
+
+from .eio_request import TEXT_PLAIN, Headers, Request, Response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-Headers = list[tuple[bytes, bytes]]
-
-TEXT_PLAIN = (b"content-type", b"text/plain; charset=UTF-8")
-APPLICATION_JSON = (b"content-type", b"application/json")
 
 
 def query_params(scope: Scope) -> dict[str, str]:
@@ -35,21 +32,19 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def origin_allowed(scope: Scope, allowed: tuple[str, ...]) -> bool:
-    """Whether the request's `Origin` may talk to us.
-
-    No `Origin` header (a non-browser client): allowed. `allowed` empty: same origin only
-    (the origin's host:port equals the `Host` header). `("*",)`: any origin.
-    """
-    origin = header(scope, b"origin")
-    if origin is None:
-        return True
-    if "*" in allowed:
-        return True
-    if allowed:
-        return origin.rstrip("/") in {o.rstrip("/") for o in allowed}
-    host = header(scope, b"host")
-    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+def parse_request(scope: Scope) -> Request:
+    """An `http` or `websocket` scope as the Engine.IO `Request` it carries."""
+    websocket = scope["type"] == "websocket"
+    return Request(
+        websocket=websocket,
+        method="GET" if websocket else str(scope.get("method", "GET")).upper(),
+        path=scope.get("path", ""),
+        query=query_params(scope),
+        origin=header(scope, b"origin"),
+        host=header(scope, b"host"),
+        content_length=header(scope, b"content-length"),
+        requested_headers=header(scope, b"access-control-request-headers"),
+    )
 
 
 async def drain_request(receive: Receive) -> None:
@@ -67,24 +62,36 @@ async def drain_request(receive: Receive) -> None:
             return
 
 
-async def send_response(
-    receive: Receive,
-    send: Send,
-    status: int,
-    body: bytes = b"",
-    headers: Headers | None = None,
-) -> None:
+def _with_length(response: Response) -> Headers:
+    return [*response.headers, (b"content-length", str(len(response.body)).encode())]
+
+
+async def send_response(receive: Receive, send: Send, response: Response) -> None:
     """Send a complete HTTP response while draining whatever the client still sends.
 
     Cancellation may leave the response half-sent; the server then drops the connection.
     """
-    all_headers = list(headers or [])
-    all_headers.append((b"content-length", str(len(body)).encode()))
+    start = {"type": "http.response.start", "status": response.status}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(drain_request, receive)
-        await send({"type": "http.response.start", "status": status, "headers": all_headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send({**start, "headers": _with_length(response)})
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
         nursery.cancel_scope.cancel()
+
+
+async def deny_websocket(scope: Scope, send: Send, response: Response, close_code: int) -> None:
+    """Refuse a websocket before accepting it.
+
+    With the ASGI websocket denial-response extension (Hypercorn has it) the client gets
+    `response`; without it, the server answers 403 (the ASGI rule for a close before
+    accept) and `close_code` is what the application reports.
+    """
+    if "websocket.http.response" in scope.get("extensions", {}):
+        start = {"type": "websocket.http.response.start", "status": response.status}
+        await send({**start, "headers": _with_length(response)})
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await send({"type": "websocket.close", "code": close_code})
 
 
 class PrefixDispatcher:
@@ -116,7 +123,8 @@ class PrefixDispatcher:
             await receive()
             await send({"type": "websocket.close", "code": 1008})
         else:
-            await send_response(receive, send, 404, b"not found", [TEXT_PLAIN])
+            not_found = Response(status=404, headers=[TEXT_PLAIN], body=b"not found")
+            await send_response(receive, send, not_found)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

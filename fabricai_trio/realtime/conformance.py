@@ -25,8 +25,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .asgi import PrefixDispatcher, Scope
 from .config import RealtimeConfig
-from .eio_app import EngineIOApp, EngineIOSocket, SessionEnded
+from .eio_app import EngineIOApp
 from .eio_session import CloseReason
+from .eio_socket import EngineIOSocket, SessionEnded
 from .sio_server import SocketIOServer
 
 logger = logging.getLogger("fabricai_trio.realtime")

@@ -1,255 +1,57 @@
 """The trio side of Engine.IO: an ASGI app that moves bytes between clients and sessions.
 
-All protocol decisions are made by the sans-IO `EngineIOSession`; this module only reads
-requests, waits, and writes. Task ownership:
+Protocol decisions are sans-IO: `eio_request.route()` decides what a request is (and
+builds every HTTP answer), `EngineIOSession` decides what it means for the session. This
+module only reads requests, waits and writes; each session's timers and task live in
+`eio_socket`. Task ownership:
 
 - `EngineIOApp.run()` (started by the application's lifespan nursery) owns the *service
-  nursery*. Each polling session runs a session task there.
+  nursery*. Each polling session runs its session task (`EngineIOSocket._run`, which owns
+  the session nursery) there.
 - A websocket-only session runs its session task in the websocket request's own nursery.
-- Each session task owns the *session nursery*: the heartbeat, the application's
-  `run_session()` and every task it `spawn`s. When the session ends, that nursery is
-  cancelled, so a disconnect cancels all of the client's work.
 - A held polling GET, a POST and the websocket reader/writer are tasks of their request.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import math
-import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
 
 import trio
 
 from .asgi import (
-    APPLICATION_JSON,
-    TEXT_PLAIN,
-    Headers,
     Message,
     Receive,
     Scope,
     Send,
-    header,
-    origin_allowed,
-    query_params,
+    deny_websocket,
+    parse_request,
     send_response,
 )
 from .config import RealtimeConfig
-from .eio_session import (
-    CloseReason,
-    EngineIOSession,
-    MessageReceived,
-    SessionClosed,
-    State,
-    Transport,
-    Upgraded,
+from .eio_request import (
+    AttachWebsocket,
+    Decision,
+    Handshake,
+    Headers,
+    Poll,
+    Post,
+    Preflight,
+    Refuse,
+    error_response,
+    ok,
+    route,
 )
+from .eio_session import CloseReason, EngineIOSession, Transport
+from .eio_socket import EngineIOSocket, SessionHandler, new_sid
 from .errors import (
     WS_NORMAL_CLOSURE,
-    WS_POLICY_VIOLATION,
-    EioErrorCode,
-    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
-    error_body,
-    http_status_for,
     ws_close_code_for,
 )
-from .tasks import Signal, run_logged, spawn_logged
+from .tasks import Signal
 
 logger = logging.getLogger("fabricai_trio.realtime")
-
-
-class SessionEnded(Exception):
-    """The session is over: `EngineIOSocket.receive()` has nothing more to give."""
-
-
-class SessionHandler(Protocol):
-    """What runs on top of Engine.IO (the Socket.IO layer, or an echo for tests)."""
-
-    async def run_session(self, socket: EngineIOSocket) -> None:
-        """Serve one session; runs inside the session nursery and is cancelled when the
-        session ends. Returning closes the session gracefully."""
-
-    async def session_ended(self, socket: EngineIOSocket, reason: CloseReason) -> None:
-        """Called once after the session nursery is gone, shielded, with a time limit."""
-
-
-def new_sid() -> str:
-    """A fresh, URL-safe, unguessable session id."""
-    return secrets.token_urlsafe(15)
-
-
-class EngineIOSocket:
-    """One live session as the application sees it (plus the transport's private hooks).
-
-    Application API: `sid`, `scope`, `receive()`, `send()`, `close()`, `spawn()`,
-    `start()`. Everything with a leading underscore belongs to `EngineIOApp`.
-    """
-
-    def __init__(self, app: EngineIOApp, core: EngineIOSession, scope: Scope) -> None:
-        self._app = app
-        self._core = core
-        self.scope = scope
-        self._inbound: collections.deque[str | bytes] = collections.deque()
-        self._output = Signal()  # core output or state may have changed
-        self._input = Signal()  # a message arrived or the session closed
-        self._drained = Signal()  # the application took a message
-        self._timers = Signal()  # the next deadline moved
-        self._deadline: float | None = None
-        self._closed = trio.Event()
-        self._nursery: trio.Nursery | None = None
-
-    # --- application API ---------------------------------------------------------------
-
-    @property
-    def sid(self) -> str:
-        return self._core.sid
-
-    @property
-    def transport(self) -> Transport:
-        return self._core.transport
-
-    @property
-    def is_open(self) -> bool:
-        return self._core.is_open
-
-    @property
-    def close_reason(self) -> CloseReason | None:
-        return self._core.close_reason
-
-    async def receive(self) -> str | bytes:
-        """The next message from the client, in order.
-
-        Raises `SessionEnded` once the session is over and every message was taken.
-        Cancellation loses nothing: an untaken message stays queued.
-        """
-        while True:
-            if self._inbound:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                data = self._inbound.popleft()
-                self._drained.fire()
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
-            if self._closed.is_set():
-                raise SessionEnded(self.close_reason)
-            await self._input.wait()
-
-    def send(self, data: str | bytes) -> bool:
-        """Queue a message for the client; False if the session is no longer open.
-
-        Never blocks: a client that falls too far behind is disconnected instead
-        (`CloseReason.BUFFER_OVERFLOW`, see `eio_session`).
-        """
-        if not self._core.is_open:
-            return False
-        self._core.send(data)
-        self._after_core()
-        return True
-
-    def close(self, reason: CloseReason = CloseReason.SERVER_CLOSE) -> None:
-        """Close gracefully: what is queued is delivered, then CLOSE."""
-        self._core.close(trio.current_time(), reason)
-        self._after_core()
-
-    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, what: str = "task") -> None:
-        """Run `fn(*args)` in the session nursery: cancelled when the session ends,
-        errors logged. Raises `RuntimeError` once the session is over."""
-        if self._nursery is None or self._closed.is_set():
-            raise RuntimeError("session is not running")
-        spawn_logged(self._nursery, fn, *args, what=what)
-
-    async def start(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """`nursery.start(fn, *args)` in the session nursery (waits for `started()`).
-
-        Cancelling the caller while it waits cancels the starting task too (trio's rule).
-        """
-        if self._nursery is None or self._closed.is_set():
-            raise RuntimeError("session is not running")
-        return await self._nursery.start(fn, *args)
-
-    async def wait_closed(self) -> None:
-        """Block until the session is over. Cancellation has no side effect."""
-        await self._closed.wait()
-
-    # --- transport hooks ---------------------------------------------------------------
-
-    def _after_core(self) -> None:
-        """Collect what the core reported and wake whoever waits on it."""
-        while (event := self._core.next_event()) is not None:
-            if isinstance(event, MessageReceived):
-                self._inbound.append(event.data)
-                self._input.fire()
-            elif isinstance(event, SessionClosed):
-                self._closed.set()
-                self._input.fire()
-                self._drained.fire()
-                logger.debug("session %s closed: %s", self.sid, event.reason)
-            elif isinstance(event, Upgraded):
-                logger.debug("session %s upgraded to websocket", self.sid)
-        self._output.fire()
-        deadline = self._core.next_deadline()
-        if deadline != self._deadline:
-            self._deadline = deadline
-            self._timers.fire()
-
-    async def _after_input(self) -> None:
-        """`_after_core()`, then wait while the application is too far behind (this is
-        the backpressure that stops a POST answer or the websocket reader)."""
-        self._after_core()
-        while len(self._inbound) > self._app.config.max_inbound_backlog:
-            if self._closed.is_set():
-                return
-            await self._drained.wait()
-
-    async def _heartbeat(self) -> None:
-        """Drive the core's timers (pings, timeouts). Runs until cancelled."""
-        while True:
-            deadline = self._core.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._timers.wait()
-            self._core.tick(trio.current_time())
-            self._after_core()
-
-    async def _run(
-        self,
-        handler: SessionHandler,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """The session task: owns the session nursery until the session ends.
-
-        If cancelled from outside (the server stopping hard) the session is failed, and
-        `session_ended` still runs, shielded for at most `disconnect_handler_timeout_ms`.
-        """
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._heartbeat, name=f"eio-heartbeat-{self.sid}")
-                nursery.start_soon(self._serve, handler, name=f"eio-session-{self.sid}")
-                task_status.started()
-                await self._closed.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._nursery = None
-            if not self._closed.is_set():
-                self._core.fail(CloseReason.SERVER_SHUTDOWN)
-                self._after_core()
-            self._app._forget(self)
-            timeout = self._app.config.disconnect_handler_timeout_s
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout):
-                reason = self.close_reason or CloseReason.SERVER_CLOSE
-                await run_logged(handler.session_ended, self, reason, what="session_ended")
-
-    async def _serve(self, handler: SessionHandler) -> None:
-        """The application's `run_session`; cancelled with the session nursery."""
-        try:
-            await run_logged(handler.run_session, self, what="run_session")
-        finally:
-            if self._core.is_open:
-                self.close()
 
 
 class EngineIOApp:
@@ -267,8 +69,6 @@ class EngineIOApp:
         self._service_nursery: trio.Nursery | None = None
         self._accepting = True
         self._stopped = trio.Event()
-        prefix = config.path.rstrip("/")
-        self._paths = {prefix, prefix + "/"}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -308,11 +108,6 @@ class EngineIOApp:
                 socket._after_core()
             self._stopped.set()
 
-    @property
-    def sessions(self) -> dict[str, EngineIOSocket]:
-        """Live sessions by sid (read-only use)."""
-        return self._sessions
-
     def _forget(self, socket: EngineIOSocket) -> None:
         if self._sessions.get(socket.sid) is socket:
             del self._sessions[socket.sid]
@@ -333,100 +128,48 @@ class EngineIOApp:
         else:
             raise RuntimeError(f"EngineIOApp cannot serve {scope['type']!r} scopes")
 
-    def _cors_headers(self, scope: Scope) -> Headers:
-        origin = header(scope, b"origin")
-        if origin is None:
-            return []
-        return [
-            (b"access-control-allow-origin", origin.encode("latin-1")),
-            (b"access-control-allow-credentials", b"true"),
-            (b"vary", b"Origin"),
-        ]
-
-    def _check_query(self, scope: Scope, *, websocket: bool) -> dict[str, str]:
-        params = query_params(scope)
-        if scope.get("path") not in self._paths:
-            raise RemoteProtocolError("Not found", http_status=404)
-        if params.get("EIO") != "4":
-            raise RemoteProtocolError(
-                "Unsupported protocol version", code=EioErrorCode.UNSUPPORTED_PROTOCOL_VERSION
-            )
-        transport = params.get("transport")
-        if transport not in ("polling", "websocket") or (
-            transport == "websocket" and not websocket
-        ):
-            raise RemoteProtocolError("Transport unknown", code=EioErrorCode.UNKNOWN_TRANSPORT)
-        if not origin_allowed(scope, self.config.cors_origins):
-            raise RemoteProtocolError("Forbidden", http_status=403, code=EioErrorCode.FORBIDDEN)
-        return params
-
-    async def _error(self, scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-        headers = [APPLICATION_JSON, *self._cors_headers(scope)]
-        await send_response(receive, send, http_status_for(exc), error_body(exc), headers)
-
-    async def _ok(self, scope: Scope, receive: Receive, send: Send, body: str) -> None:
-        headers = [TEXT_PLAIN, *self._cors_headers(scope)]
-        await send_response(receive, send, 200, body.encode(), headers)
+    def _route(self, scope: Scope) -> Decision:
+        accepting = self._accepting and (
+            scope["type"] == "websocket" or self._service_nursery is not None
+        )
+        return route(
+            parse_request(scope),
+            self.config,
+            session_exists=self._sessions.__contains__,
+            accepting=accepting,
+        )
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope.get("method", "GET")
-        if method == "OPTIONS":
-            await self._preflight(scope, receive, send)
+        decision = self._route(scope)
+        if isinstance(decision, (Refuse, Preflight)):
+            await send_response(receive, send, decision.response)
             return
+        assert isinstance(decision, (Handshake, Poll, Post)), decision
         try:
-            params = self._check_query(scope, websocket=False)
-            sid = params.get("sid")
-            if sid is None:
-                if method != "GET":
-                    raise RemoteProtocolError(
-                        "Bad handshake method", code=EioErrorCode.BAD_HANDSHAKE_METHOD
-                    )
-                await self._handshake(scope, receive, send)
-                return
-            socket = self._sessions.get(sid)
-            if socket is None:
-                raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
-            if method == "GET":
-                await self._poll(socket, scope, receive, send)
-            elif method == "POST":
-                await self._post(socket, scope, receive, send)
+            if isinstance(decision, Handshake):
+                await self._handshake(scope, receive, send, decision.cors)
+            elif isinstance(decision, Poll):
+                await self._poll(self._sessions[decision.sid], receive, send, decision.cors)
             else:
-                raise RemoteProtocolError("Bad request")
+                await self._post(self._sessions[decision.sid], receive, send, decision)
         except ProtocolError as exc:
-            await self._error(scope, receive, send, exc)
+            await send_response(receive, send, error_response(exc, decision.cors))
 
-    async def _preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not origin_allowed(scope, self.config.cors_origins):
-            exc = RemoteProtocolError("Forbidden", http_status=403, code=EioErrorCode.FORBIDDEN)
-            await self._error(scope, receive, send, exc)
-            return
-        requested = header(scope, b"access-control-request-headers") or "content-type"
-        headers = [
-            *self._cors_headers(scope),
-            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-            (b"access-control-allow-headers", requested.encode("latin-1")),
-            (b"access-control-max-age", b"86400"),
-        ]
-        await send_response(receive, send, 204, b"", headers)
-
-    async def _handshake(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handshake(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         """A new polling session: its task starts in the service nursery, then the OPEN
-        packet is the answer (503 without a running service nursery)."""
+        packet is the answer."""
         nursery = self._service_nursery
-        if nursery is None or not self._accepting:
-            raise RemoteProtocolError("Server not accepting sessions", http_status=503)
+        assert nursery is not None, "route() answers 503 without a service nursery"
         now = trio.current_time()
-        core = EngineIOSession(
-            sid=new_sid(), transport=Transport.POLLING, config=self.config, now=now
-        )
-        socket = EngineIOSocket(self, core, dict(scope))
+        core = EngineIOSession(sid=new_sid(), transport=Transport.POLLING, config=self.config)
+        socket = EngineIOSocket(core, dict(scope), config=self.config, forget=self._forget)
         open_packet = core.handshake(now)
         self._sessions[core.sid] = socket
         await nursery.start(socket._run, self.handler)
-        await self._ok(scope, receive, send, open_packet)
+        await send_response(receive, send, ok(cors, open_packet))
 
     async def _poll(
-        self, socket: EngineIOSocket, scope: Scope, receive: Receive, send: Send
+        self, socket: EngineIOSocket, receive: Receive, send: Send, cors: Headers
     ) -> None:
         """A polling GET: held until the session has something to say.
 
@@ -459,79 +202,69 @@ class EngineIOApp:
             core.abandon_get(trio.current_time())
             socket._after_core()
             return
-        await self._ok(scope, receive, send, answer)
+        await send_response(receive, send, ok(cors, answer))
 
-    async def _post(
-        self, socket: EngineIOSocket, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """A polling POST: read at most maxPayload bytes (answer 413 the moment the body
-        grows past it), hand the packets to the session, answer `ok`."""
+    async def _post(self, socket: EngineIOSocket, receive: Receive, send: Send, post: Post) -> None:
+        """A polling POST: body chunks go to the session as they come (it answers 413 the
+        moment the body grows past maxPayload), then its packets; the answer is `ok`."""
         core = socket._core
-        length = header(scope, b"content-length")
         try:
-            core.begin_post(trio.current_time(), int(length) if length is not None else None)
-        except ValueError:
-            core.end_post()
-            raise RemoteProtocolError("invalid content-length") from None
+            core.begin_post(trio.current_time(), post.content_length)
         finally:
             socket._after_core()
         try:
-            body = bytearray()
             with trio.move_on_after(self.config.body_timeout_s) as timer:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         return
-                    body += message.get("body", b"")
-                    if len(body) > self.config.max_payload_bytes:
-                        raise core.payload_too_large()
+                    core.receive_post_data(message.get("body", b""))
                     if not message.get("more_body", False):
                         break
             if timer.cancelled_caught:
-                raise RemoteProtocolError("request body timeout", http_status=408)
-            core.receive_payload(bytes(body), trio.current_time())
+                raise core.post_timed_out()
+            core.end_of_post(trio.current_time())
             await socket._after_input()
         finally:
             core.end_post()
             socket._after_core()
-        await self._ok(scope, receive, send, "ok")
+        await send_response(receive, send, ok(post.cors, "ok"))
 
     # --- websocket ---------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A websocket: a new session (its task then lives in this request's nursery) or
-        an upgrade probe of a polling session. Refused before accept (HTTP 403) on a bad
-        query, a foreign Origin, an unknown sid, or a second websocket."""
+        an upgrade probe of a polling session. What `route()` refuses is refused before
+        the upgrade; what the session refuses (a second websocket) is closed once
+        accepted, as the reference server does."""
         connect = await receive()
         if connect["type"] != "websocket.connect":
             return
-        try:
-            params = self._check_query(scope, websocket=True)
-            sid = params.get("sid")
-            if sid is None:
-                if not self._accepting:
-                    raise RemoteProtocolError("Server not accepting sessions", http_status=503)
-                now = trio.current_time()
-                core = EngineIOSession(
-                    sid=new_sid(), transport=Transport.WEBSOCKET, config=self.config, now=now
-                )
-                socket = EngineIOSocket(self, core, dict(scope))
-                token = core.attach_websocket(now)
-            else:
-                existing = self._sessions.get(sid)
-                if existing is None:
-                    raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
-                socket = existing
-                token = socket._core.attach_websocket(trio.current_time())
-        except ProtocolError as exc:
-            code = WS_POLICY_VIOLATION if http_status_for(exc) == 403 else ws_close_code_for(exc)
-            await send({"type": "websocket.close", "code": code})
+        decision = self._route(scope)
+        if isinstance(decision, Refuse) and not decision.accept_first:
+            code = ws_close_code_for(decision.error)
+            await deny_websocket(scope, send, decision.response, code)
             return
+        # the session, taken before the first checkpoint (route() saw it live)
+        existing = self._sessions[decision.sid] if isinstance(decision, AttachWebsocket) else None
         await send({"type": "websocket.accept"})
-        if sid is not None:
-            await self._pump_websocket(socket, token, receive, send)
+        if isinstance(decision, Refuse):
+            await send({"type": "websocket.close", "code": ws_close_code_for(decision.error)})
             return
-        await send({"type": "websocket.send", "text": socket._core.handshake(trio.current_time())})
+        now = trio.current_time()
+        if existing is not None:
+            try:
+                token = existing._core.attach_websocket(now)
+            except RemoteProtocolError as exc:
+                await send({"type": "websocket.close", "code": ws_close_code_for(exc)})
+                return
+            await self._pump_websocket(existing, token, receive, send)
+            return
+        assert isinstance(decision, Handshake), decision
+        core = EngineIOSession(sid=new_sid(), transport=Transport.WEBSOCKET, config=self.config)
+        socket = EngineIOSocket(core, dict(scope), config=self.config, forget=self._forget)
+        token = core.attach_websocket(now)
+        await send({"type": "websocket.send", "text": core.handshake(now)})
         self._sessions[socket.sid] = socket
         try:
             async with trio.open_nursery() as nursery:
@@ -576,9 +309,8 @@ class EngineIOApp:
             try:
                 core.receive_ws_message(token, data, trio.current_time())
             except RemoteProtocolError as exc:
+                # the session already dropped this websocket (a probe) or ended
                 state.close_code = ws_close_code_for(exc)
-                if core.ws_active(token):  # a probe error: drop this websocket only
-                    core.websocket_closed(token, trio.current_time())
                 socket._after_core()
                 return
             await socket._after_input()
@@ -632,12 +364,4 @@ class _WsState:
         self.close_code = WS_NORMAL_CLOSURE
 
 
-__all__ = [
-    "EngineIOApp",
-    "EngineIOSocket",
-    "LocalProtocolError",
-    "SessionEnded",
-    "SessionHandler",
-    "State",
-    "new_sid",
-]
+__all__ = ["EngineIOApp"]

@@ -1,9 +1,19 @@
 """Sans-IO Engine.IO v4 session: no trio, no sockets, no clock (time is passed in).
 
 One `EngineIOSession` is one client session. The transport feeds it what arrived (a poll
-request starting, a POST body, a websocket message, the passing of time) and reads back
+request starting, POST body bytes, a websocket message, the passing of time) and reads back
 what to send (`poll_response()`, `take_ws_output()`) and what happened (`next_event()`),
-the way h11's `Connection` works. Every state change goes through `_TRANSITIONS`.
+the way h11's `Connection` works.
+
+A session is five small state machines, and every change of any of them goes through the
+one table `_TRANSITIONS` (h11's `_state.py` habit): the session's lifecycle (`State`), the
+transport it runs on (`Transport`: the switch at upgrade), the polling GET (`GetState`: at
+most one held), the polling POST (`PostState`: at most one reading) and the websocket slot
+(`WsState`: empty, a probe, or the session's own websocket). A row of the table names, for
+one `Trigger`, the state each machine it moves must be in and the state it moves to; a
+trigger fires for all of them or for none. Rules that answer the client with a particular
+error are checked first, in the order of the reference server; whatever is left is a
+`LocalProtocolError` (our bug).
 
 Packets are `engineio.packet.Packet` objects and polling responses are encoded with
 `engineio.payload.Payload`. Incoming payloads are *not* decoded with `Payload.decode`: it
@@ -24,7 +34,7 @@ import collections
 import enum
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar, cast
 
 from engineio import packet as eio_packet
 from engineio.payload import Payload
@@ -44,42 +54,120 @@ SEPARATOR: Final = "\x1e"
 PROBE: Final = "probe"
 
 
+# --- the state machines ----------------------------------------------------------------
+
+
 class State(enum.Enum):
+    """The session's lifecycle."""
+
     OPENING = "opening"
     OPEN = "open"
-    UPGRADING = "upgrading"
-    CLOSING = "closing"
+    UPGRADING = "upgrading"  # the probe answered `3probe`; polling GETs get NOOP
+    CLOSING = "closing"  # CLOSE is queued behind what the client has not fetched yet
     CLOSED = "closed"
 
 
+class Transport(enum.Enum):
+    """What carries the session's packets."""
+
+    POLLING = "polling"
+    WEBSOCKET = "websocket"
+
+
+class GetState(enum.Enum):
+    """The polling GET: the protocol allows one at a time."""
+
+    IDLE = "idle"
+    HELD = "held"
+
+
+class PostState(enum.Enum):
+    """The polling POST: the protocol allows one at a time."""
+
+    IDLE = "idle"
+    READING = "reading"
+
+
+class WsState(enum.Enum):
+    """The session's one websocket slot."""
+
+    EMPTY = "empty"
+    PROBE = "probe"  # an upgrade candidate of a polling session
+    ATTACHED = "attached"  # the session's transport
+
+
 class Trigger(enum.Enum):
+    """What moves the machines (the rows of `_TRANSITIONS`)."""
+
     HANDSHAKE = "handshake"  # the OPEN packet was handed to the transport
-    PROBE = "probe"  # `2probe` arrived on the websocket being probed
-    UPGRADE = "upgrade"  # `5` arrived on the probed websocket: it is the transport now
-    PROBE_FAILED = "probe failed"  # the probe websocket went away or timed out
+    ATTACH = "attach"  # a websocket-only session's websocket
+    ATTACH_PROBE = "attach probe"  # a websocket arrived for a polling session
+    PROBE = "probe"  # `2probe` arrived on the probe
+    UPGRADE = "upgrade"  # `5` arrived on the probe: it is the transport now
+    PROBE_FAILED = "probe failed"  # the probe went away, misbehaved or timed out
+    GET = "get"  # a polling GET arrived
+    GET_ANSWERED = "get answered"  # the held GET got its answer, or its client left
+    POST = "post"  # a polling POST arrived
+    POST_DONE = "post done"  # the POST was read (or failed)
     CLOSE = "close"  # the server starts a graceful close: CLOSE is queued
     CLOSE_SENT = "close sent"  # the queued CLOSE was handed to the transport
     ABORT = "abort"  # client CLOSE, protocol error, timeout: the session ends at once
 
 
-_TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
-    (State.OPENING, Trigger.HANDSHAKE): State.OPEN,
-    (State.OPEN, Trigger.PROBE): State.UPGRADING,
-    (State.UPGRADING, Trigger.UPGRADE): State.OPEN,
-    (State.UPGRADING, Trigger.PROBE_FAILED): State.OPEN,
-    (State.OPEN, Trigger.CLOSE): State.CLOSING,
-    (State.UPGRADING, Trigger.CLOSE): State.CLOSING,
-    (State.CLOSING, Trigger.CLOSE_SENT): State.CLOSED,
-    (State.OPENING, Trigger.ABORT): State.CLOSED,
-    (State.OPEN, Trigger.ABORT): State.CLOSED,
-    (State.UPGRADING, Trigger.ABORT): State.CLOSED,
-    (State.CLOSING, Trigger.ABORT): State.CLOSED,
+Part = State | Transport | GetState | PostState | WsState
+P = TypeVar("P", State, Transport, GetState, PostState, WsState)
+
+_TRANSITIONS: Final[dict[Trigger, dict[Part, Part]]] = {
+    # A row maps, for each machine the trigger concerns, the state it must be in to the
+    # state it moves to (the same state when it is only a precondition). A session that
+    # ends (ABORT, CLOSE_SENT) empties its websocket slot: a closed session has none.
+    Trigger.HANDSHAKE: {State.OPENING: State.OPEN},
+    Trigger.ATTACH: {
+        State.OPENING: State.OPENING,
+        Transport.WEBSOCKET: Transport.WEBSOCKET,
+        WsState.EMPTY: WsState.ATTACHED,
+    },
+    Trigger.ATTACH_PROBE: {
+        State.OPEN: State.OPEN,
+        Transport.POLLING: Transport.POLLING,
+        WsState.EMPTY: WsState.PROBE,
+    },
+    Trigger.PROBE: {State.OPEN: State.UPGRADING, WsState.PROBE: WsState.PROBE},
+    Trigger.UPGRADE: {
+        State.UPGRADING: State.OPEN,
+        Transport.POLLING: Transport.WEBSOCKET,
+        WsState.PROBE: WsState.ATTACHED,
+    },
+    Trigger.PROBE_FAILED: {
+        State.OPEN: State.OPEN,
+        State.UPGRADING: State.OPEN,
+        WsState.PROBE: WsState.EMPTY,
+    },
+    Trigger.GET: {Transport.POLLING: Transport.POLLING, GetState.IDLE: GetState.HELD},
+    Trigger.GET_ANSWERED: {GetState.HELD: GetState.IDLE},
+    Trigger.POST: {Transport.POLLING: Transport.POLLING, PostState.IDLE: PostState.READING},
+    Trigger.POST_DONE: {PostState.READING: PostState.IDLE},
+    Trigger.CLOSE: {
+        State.OPEN: State.CLOSING,
+        State.UPGRADING: State.CLOSING,
+        WsState.EMPTY: WsState.EMPTY,
+        WsState.ATTACHED: WsState.ATTACHED,
+    },
+    Trigger.CLOSE_SENT: {
+        State.CLOSING: State.CLOSED,
+        WsState.EMPTY: WsState.EMPTY,
+        WsState.ATTACHED: WsState.EMPTY,
+    },
+    Trigger.ABORT: {
+        State.OPENING: State.CLOSED,
+        State.OPEN: State.CLOSED,
+        State.UPGRADING: State.CLOSED,
+        State.CLOSING: State.CLOSED,
+        WsState.EMPTY: WsState.EMPTY,
+        WsState.PROBE: WsState.EMPTY,
+        WsState.ATTACHED: WsState.EMPTY,
+    },
 }
-
-
-class Transport(enum.Enum):
-    POLLING = "polling"
-    WEBSOCKET = "websocket"
 
 
 class CloseReason(enum.StrEnum):
@@ -164,28 +252,31 @@ def _message_size(data: str | bytes) -> int:
     return len(data.encode()) if isinstance(data, str) else len(data)
 
 
+def _unknown_sid() -> RemoteProtocolError:
+    return RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+
+
 class EngineIOSession:
     """The protocol state of one Engine.IO session (see the module docstring)."""
 
-    def __init__(
-        self, *, sid: str, transport: Transport, config: RealtimeConfig, now: float
-    ) -> None:
+    def __init__(self, *, sid: str, transport: Transport, config: RealtimeConfig) -> None:
         self.sid = sid
         self.config = config
-        self.transport = transport
-        self.created_at = now
-        self._state = State.OPENING
+        self._parts: dict[type[enum.Enum], Part] = {
+            State: State.OPENING,
+            Transport: transport,
+            GetState: GetState.IDLE,
+            PostState: PostState.IDLE,
+            WsState: WsState.EMPTY,
+        }
         self._close_reason: CloseReason | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._outbound: collections.deque[eio_packet.Packet] = collections.deque()
         self._outbound_bytes = 0
-        # polling
-        self._get_active = False
-        self._post_active = False
         self._final_poll_answer: str | None = None
-        # websocket (one at a time; each gets a token so a stale one can tell it is stale)
+        self._post_body = bytearray()
+        # each websocket gets a token, so a stale one can tell it is stale
         self._ws_token = 0
-        self._ws_attached = False
         self._probe_output: collections.deque[str] = collections.deque()
         # timers (absolute times on the caller's clock)
         self._next_ping_at: float | None = None
@@ -195,9 +286,20 @@ class EngineIOSession:
 
     # --- state -------------------------------------------------------------------------
 
+    def _get(self, part: type[P]) -> P:
+        return cast(P, self._parts[part])
+
     @property
     def state(self) -> State:
-        return self._state
+        return self._get(State)
+
+    @property
+    def transport(self) -> Transport:
+        return self._get(Transport)
+
+    @property
+    def ws_state(self) -> WsState:
+        return self._get(WsState)
 
     @property
     def close_reason(self) -> CloseReason | None:
@@ -206,28 +308,38 @@ class EngineIOSession:
     @property
     def is_open(self) -> bool:
         """True while the application may still send messages."""
-        return self._state in (State.OPEN, State.UPGRADING)
+        return self.state in (State.OPEN, State.UPGRADING)
 
     def _is_closed(self) -> bool:
-        return self._state is State.CLOSED
+        return self.state is State.CLOSED
 
-    @property
-    def upgraded(self) -> bool:
-        return self.transport is Transport.WEBSOCKET
+    def _allowed(self, trigger: Trigger) -> bool:
+        row = _TRANSITIONS[trigger]
+        return all(
+            self._parts[kind] in row
+            for kind in self._parts
+            if any(isinstance(state, kind) for state in row)
+        )
 
-    def _transition(self, trigger: Trigger) -> None:
-        try:
-            self._state = _TRANSITIONS[(self._state, trigger)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"cannot {trigger.value} in state {self._state.value}"
-            ) from None
+    def _fire(self, trigger: Trigger) -> None:
+        """Move every machine `trigger` concerns, or none (LocalProtocolError)."""
+        row = _TRANSITIONS[trigger]
+        moves: dict[type[enum.Enum], Part] = {}
+        for kind, current in self._parts.items():
+            if not any(isinstance(state, kind) for state in row):
+                continue
+            if current not in row:
+                raise LocalProtocolError(
+                    f"cannot {trigger.value} with {kind.__name__} {current.value}"
+                )
+            moves[kind] = row[current]
+        self._parts.update(moves)
 
     def _abort(self, reason: CloseReason, *, poll_answer: str = "1") -> None:
         """End the session now; a held GET gets `poll_answer` (CLOSE, or NOOP)."""
-        if self._state is State.CLOSED:
+        if self.state is State.CLOSED:
             return
-        self._transition(Trigger.ABORT)
+        self._fire(Trigger.ABORT)
         self._close_reason = reason
         self._final_poll_answer = poll_answer
         self._outbound.clear()
@@ -244,11 +356,10 @@ class EngineIOSession:
         *,
         status: int = 400,
         close: bool = True,
-        code: EioErrorCode = EioErrorCode.BAD_REQUEST,
     ) -> RemoteProtocolError:
         if close:
             self._abort(reason)
-        return RemoteProtocolError(message, http_status=status, code=code)
+        return RemoteProtocolError(message, http_status=status)
 
     def next_event(self) -> Event | None:
         """The next thing that happened, or None."""
@@ -258,7 +369,7 @@ class EngineIOSession:
 
     def handshake(self, now: float) -> str:
         """The encoded OPEN packet; the session is open and its heartbeat starts."""
-        self._transition(Trigger.HANDSHAKE)
+        self._fire(Trigger.HANDSHAKE)
         self._next_ping_at = now + self.config.ping_interval_s
         upgrades = ["websocket"] if self.transport is Transport.POLLING else []
         info = {
@@ -280,7 +391,7 @@ class EngineIOSession:
         the session closes with `BUFFER_OVERFLOW` instead of queueing.
         """
         if not self.is_open:
-            raise LocalProtocolError(f"cannot send in state {self._state.value}")
+            raise LocalProtocolError(f"cannot send in state {self.state.value}")
         self._queue(eio_packet.Packet(MESSAGE, data))
 
     def _queue(self, pkt: eio_packet.Packet, *, force: bool = False) -> None:
@@ -296,14 +407,14 @@ class EngineIOSession:
 
     def close(self, now: float, reason: CloseReason = CloseReason.SERVER_CLOSE) -> None:
         """Start a graceful close: CLOSE goes out after what is already queued."""
-        if self._state in (State.CLOSING, State.CLOSED):
+        if self.state in (State.CLOSING, State.CLOSED):
             return
-        if self._state is State.OPENING:
+        if self.state is State.OPENING:
             self._abort(reason)
             return
-        if self._ws_attached and self.transport is Transport.POLLING:
+        if self.ws_state is WsState.PROBE:
             self._drop_probe()
-        self._transition(Trigger.CLOSE)
+        self._fire(Trigger.CLOSE)
         self._close_reason = reason
         self._queue(eio_packet.Packet(CLOSE), force=True)
         self._next_ping_at = self._pong_deadline = self._upgrade_deadline = None
@@ -318,7 +429,7 @@ class EngineIOSession:
     def _receive_packet(self, pkt: eio_packet.Packet, now: float) -> None:
         ptype = pkt.packet_type
         if ptype == MESSAGE:
-            if self._state is not State.CLOSED:
+            if self.state is not State.CLOSED:
                 self._events.append(MessageReceived(data=pkt.data))
         elif ptype == PONG:
             if self._pong_deadline is not None:
@@ -339,10 +450,10 @@ class EngineIOSession:
     # --- polling -----------------------------------------------------------------------
 
     def _check_polling(self, what: str) -> None:
-        if self._state is State.CLOSED:
-            raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
+        if self.state is State.CLOSED:
+            raise _unknown_sid()
         if self.transport is not Transport.POLLING:
-            # the reference suite expects the upgraded session to live on
+            # the reference server answers 400 and the upgraded session lives on
             raise self._remote_error(
                 f"{what} after upgrade", CloseReason.TRANSPORT_ERROR, close=False
             )
@@ -350,9 +461,9 @@ class EngineIOSession:
     def begin_get(self, now: float) -> None:
         """A polling GET arrived; a second concurrent one closes the session (400)."""
         self._check_polling("GET")
-        if self._get_active:
+        if not self._allowed(Trigger.GET):
             raise self._remote_error("overlapping GET", CloseReason.TRANSPORT_ERROR)
-        self._get_active = True
+        self._fire(Trigger.GET)
 
     def poll_response(self, now: float) -> str | None:
         """The body answering the held GET, or None while there is nothing to send.
@@ -361,17 +472,17 @@ class EngineIOSession:
         queued packets stay for the websocket; after a CLOSE or an abort it is the last
         word (`1`, or `6` when the client closed).
         """
-        if not self._get_active:
-            raise LocalProtocolError("no GET is active")
-        if self._state is State.CLOSED:
+        if self._get(GetState) is not GetState.HELD:
+            raise LocalProtocolError("no GET is held")
+        if self.state is State.CLOSED:
             answer = self._final_poll_answer or "1"
-        elif self._state is State.UPGRADING or self.transport is Transport.WEBSOCKET:
+        elif self.state is State.UPGRADING or self.transport is Transport.WEBSOCKET:
             answer = "6"
         elif self._outbound:
             answer = self._take_polling_payload()
         else:
             return None
-        self._get_active = False
+        self._fire(Trigger.GET_ANSWERED)
         return answer
 
     def _take_polling_payload(self) -> str:
@@ -386,47 +497,61 @@ class EngineIOSession:
             self._outbound_bytes -= pkt_size
             packets.append(pkt)
             size += pkt_size
-        if packets[-1].packet_type == CLOSE and self._state is State.CLOSING:
-            self._transition(Trigger.CLOSE_SENT)
-            self._events.append(
-                SessionClosed(reason=self._close_reason or CloseReason.SERVER_CLOSE)
-            )
+        if packets[-1].packet_type == CLOSE and self.state is State.CLOSING:
+            self._close_sent()
         encoded: str = Payload(packets=packets).encode()
         return encoded
 
+    def _close_sent(self) -> None:
+        self._fire(Trigger.CLOSE_SENT)
+        self._close_deadline = None
+        self._events.append(SessionClosed(reason=self._close_reason or CloseReason.SERVER_CLOSE))
+
     def abandon_get(self, now: float) -> None:
         """The client went away while its GET was held: the session ends."""
-        if self._get_active:
-            self._get_active = False
+        if self._get(GetState) is GetState.HELD:
+            self._fire(Trigger.GET_ANSWERED)
             self._abort(CloseReason.TRANSPORT_CLOSE)
 
     def begin_post(self, now: float, content_length: int | None = None) -> None:
-        """A polling POST arrived; a second concurrent one closes the session (400)."""
+        """A polling POST arrived; a second concurrent one closes the session (400), and
+        so does an announced body larger than maxPayload (413, before reading it)."""
         self._check_polling("POST")
-        if self._post_active:
+        if not self._allowed(Trigger.POST):
             raise self._remote_error("overlapping POST", CloseReason.TRANSPORT_ERROR)
         if content_length is not None and content_length > self.config.max_payload_bytes:
-            raise self.payload_too_large()
-        self._post_active = True
-
-    def payload_too_large(self) -> RemoteProtocolError:
-        """The POST body grew past maxPayload: the session ends; raise what this returns."""
-        self._post_active = False
-        return self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
-
-    def receive_payload(self, body: bytes, now: float) -> None:
-        """The complete body of the POST begun with `begin_post`.
-
-        Every packet is delivered however many there are. Raises `RemoteProtocolError`
-        (and the session ends) if the body is too large or any packet is invalid.
-        """
-        if not self._post_active:
-            raise LocalProtocolError("no POST is active")
-        self._post_active = False
-        if self._state is State.CLOSED:
-            raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
-        if len(body) > self.config.max_payload_bytes:
             raise self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
+        self._fire(Trigger.POST)
+        self._post_body.clear()
+
+    def receive_post_data(self, data: bytes) -> None:
+        """A chunk of the POST body (only stored). The moment the body grows past
+        maxPayload the POST ends and so does the session: raises `RemoteProtocolError`
+        (413) without waiting for the rest."""
+        if self._get(PostState) is not PostState.READING:
+            raise LocalProtocolError("no POST is being read")
+        self._post_body += data
+        if len(self._post_body) > self.config.max_payload_bytes:
+            self.end_post()
+            raise self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
+
+    def post_timed_out(self) -> RemoteProtocolError:
+        """The POST body did not arrive in time: the POST ends (the session lives on);
+        answer with what this returns (408)."""
+        self.end_post()
+        return RemoteProtocolError("request body timeout", http_status=408)
+
+    def end_of_post(self, now: float) -> None:
+        """The whole POST body arrived: deliver its packets, however many there are.
+
+        Raises `RemoteProtocolError` (and the session ends) if any packet is invalid.
+        """
+        if self._get(PostState) is not PostState.READING:
+            raise LocalProtocolError("no POST is being read")
+        body = bytes(self._post_body)
+        self.end_post()
+        if self.state is State.CLOSED:
+            raise _unknown_sid()
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -440,44 +565,46 @@ class EngineIOSession:
                 raise self._remote_error("unexpected packet type", CloseReason.PARSE_ERROR)
         for pkt in packets:
             self._receive_packet(pkt, now)
-            if self._is_closed():
+            if self._is_closed():  # a CLOSE: what follows it is not delivered
                 break
 
     def end_post(self) -> None:
-        """The POST is over, whatever happened to it."""
-        self._post_active = False
+        """The POST is over, whatever happened to it (idempotent)."""
+        if self._get(PostState) is PostState.READING:
+            self._fire(Trigger.POST_DONE)
+        self._post_body.clear()
 
     # --- websocket ---------------------------------------------------------------------
 
     def attach_websocket(self, now: float) -> int:
-        """A websocket for this session arrived; returns its token for later calls.
+        """A websocket for this session was accepted; returns its token for later calls.
 
         For a websocket-only session this is its transport; for a polling session it is an
-        upgrade probe. Raises `RemoteProtocolError` (the session is untouched) when a
-        websocket is already attached or the session cannot be upgraded.
+        upgrade probe. Raises `RemoteProtocolError` (the session is untouched; the caller
+        closes this websocket) when the session is gone, a websocket is already attached
+        (a probe, or the upgraded transport) or the session cannot be upgraded now.
         """
-        if self._state is State.CLOSED:
-            raise RemoteProtocolError("Session ID unknown", code=EioErrorCode.UNKNOWN_SID)
-        if self._ws_attached:
+        if self.state is State.CLOSED:
+            raise _unknown_sid()
+        if self.ws_state is not WsState.EMPTY:
             raise RemoteProtocolError("a websocket is already attached")
-        if self.transport is Transport.POLLING:
-            if self._state is not State.OPEN:
-                raise RemoteProtocolError(f"cannot upgrade in state {self._state.value}")
+        trigger = Trigger.ATTACH if self.transport is Transport.WEBSOCKET else Trigger.ATTACH_PROBE
+        if not self._allowed(trigger):
+            raise RemoteProtocolError(f"cannot upgrade in state {self.state.value}")
+        self._fire(trigger)
+        if trigger is Trigger.ATTACH_PROBE:
             self._upgrade_deadline = now + self.config.upgrade_timeout_s
-        self._ws_attached = True
         self._ws_token += 1
         return self._ws_token
 
     def ws_active(self, token: int) -> bool:
         """Whether the websocket holding `token` should stay open."""
-        return self._ws_attached and token == self._ws_token and self._state is not State.CLOSED
+        return self.ws_state is not WsState.EMPTY and token == self._ws_token
 
     def _drop_probe(self) -> None:
-        self._ws_attached = False
+        self._fire(Trigger.PROBE_FAILED)
         self._probe_output.clear()
         self._upgrade_deadline = None
-        if self._state is State.UPGRADING:
-            self._transition(Trigger.PROBE_FAILED)
 
     def receive_ws_message(self, token: int, data: str | bytes, now: float) -> None:
         """One websocket message. Raises `RemoteProtocolError` on a protocol violation.
@@ -487,13 +614,14 @@ class EngineIOSession:
         """
         if not self.ws_active(token):
             return
+        probe = self.ws_state is WsState.PROBE
         if _message_size(data) > self.config.max_payload_bytes:
-            if self.transport is Transport.WEBSOCKET:
+            if not probe:
                 raise self._remote_error("message too large", CloseReason.PARSE_ERROR, status=413)
             self._drop_probe()
             raise RemoteProtocolError("message too large", http_status=413)
-        if self.transport is Transport.POLLING:
-            self._receive_probe_message(data, now)
+        if probe:
+            self._receive_probe_message(data)
             return
         try:
             pkt = decode_packet(data)
@@ -503,16 +631,15 @@ class EngineIOSession:
             raise self._remote_error("unexpected packet type", CloseReason.PARSE_ERROR)
         self._receive_packet(pkt, now)
 
-    def _receive_probe_message(self, data: str | bytes, now: float) -> None:
-        if data == f"{PING}{PROBE}" and self._state is State.OPEN:
-            self._transition(Trigger.PROBE)
+    def _receive_probe_message(self, data: str | bytes) -> None:
+        if data == f"{PING}{PROBE}" and self._allowed(Trigger.PROBE):
+            self._fire(Trigger.PROBE)
             self._probe_output.append(f"{PONG}{PROBE}")
-        elif data == str(UPGRADE) and self._state is State.UPGRADING:
-            self._transition(Trigger.UPGRADE)
-            self.transport = Transport.WEBSOCKET
+        elif data == str(UPGRADE) and self._allowed(Trigger.UPGRADE):
+            self._fire(Trigger.UPGRADE)
             self._upgrade_deadline = None
             self._events.append(Upgraded())
-        elif data == str(NOOP) or self._state is State.CLOSING:
+        elif data == str(NOOP):
             pass
         else:
             self._drop_probe()
@@ -526,7 +653,7 @@ class EngineIOSession:
         """
         if not self.ws_active(token):
             return []
-        if self.transport is Transport.POLLING:
+        if self.ws_state is WsState.PROBE:
             frames: list[str | bytes] = list(self._probe_output)
             self._probe_output.clear()
             return frames
@@ -535,22 +662,18 @@ class EngineIOSession:
             pkt = self._outbound.popleft()
             self._outbound_bytes -= _packet_size(pkt)
             out.append(encode_ws(pkt))
-            if pkt.packet_type == CLOSE and self._state is State.CLOSING:
-                self._transition(Trigger.CLOSE_SENT)
-                self._events.append(
-                    SessionClosed(reason=self._close_reason or CloseReason.SERVER_CLOSE)
-                )
+            if pkt.packet_type == CLOSE and self.state is State.CLOSING:
+                self._close_sent()
                 break
         return out
 
     def websocket_closed(self, token: int, now: float) -> None:
-        """The websocket holding `token` went away."""
-        if not self._ws_attached or token != self._ws_token:
+        """The websocket holding `token` went away (a stale token is ignored)."""
+        if token != self._ws_token:
             return
-        if self.transport is Transport.WEBSOCKET:
-            self._ws_attached = False
+        if self.ws_state is WsState.ATTACHED:
             self._abort(CloseReason.TRANSPORT_CLOSE)
-        else:
+        elif self.ws_state is WsState.PROBE:
             self._drop_probe()
 
     # --- time --------------------------------------------------------------------------
@@ -571,7 +694,7 @@ class EngineIOSession:
 
     def tick(self, now: float) -> None:
         """Let time pass: send a PING, or end the session on a missed PONG, etc."""
-        if self._state is State.CLOSED:
+        if self.state is State.CLOSED:
             return
         if self._close_deadline is not None and now >= self._close_deadline:
             self._abort(self._close_reason or CloseReason.SERVER_CLOSE)

@@ -65,7 +65,6 @@ class ClientGone(Exception):
 # --- the mapping ------------------------------------------------------------------------
 
 WS_NORMAL_CLOSURE = 1000
-WS_GOING_AWAY = 1001
 WS_PROTOCOL_ERROR = 1002
 WS_POLICY_VIOLATION = 1008
 WS_MESSAGE_TOO_BIG = 1009

@@ -65,10 +65,6 @@ class SocketIOParser:
         self.max_attachments = max_attachments
         self._partial: sio_packet.Packet | None = None
 
-    @property
-    def awaiting_attachments(self) -> bool:
-        return self._partial is not None
-
     def receive(self, data: str | bytes) -> SioEvent | None:
         """Feed one Engine.IO message; returns an event, or None while attachments are due.
 

@@ -43,8 +43,9 @@ from socketio.base_manager import BaseManager
 
 from .asgi import Scope
 from .config import RealtimeConfig
-from .eio_app import EngineIOApp, EngineIOSocket, SessionEnded, new_sid
+from .eio_app import EngineIOApp
 from .eio_session import CloseReason
+from .eio_socket import EngineIOSocket, SessionEnded, new_sid
 from .errors import ClientGone, ConnectionRefused, RemoteProtocolError
 from .pubsub import BroadcastMessage, PubSub
 from .sio_protocol import (
@@ -115,6 +116,8 @@ class _Client:
     parser: SocketIOParser
     connections: dict[str, _Connection] = field(default_factory=dict)
     ever_connected: bool = False
+    # disconnect handlers of namespaces left after the session nursery closed
+    departed: list[tuple[DisconnectHandler, str, DisconnectReason]] = field(default_factory=list)
 
 
 class _PendingAck:
@@ -363,18 +366,6 @@ class SocketIOServer:
     def leave_room(self, sid: str, room: str, namespace: str = DEFAULT_NAMESPACE) -> None:
         self._manager.basic_leave_room(sid, namespace, room)
 
-    def close_room(self, room: str, namespace: str = DEFAULT_NAMESPACE) -> None:
-        """Remove everyone from `room`."""
-        self._manager.basic_close_room(room, namespace)
-
-    def rooms(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
-        """The rooms `sid` is in (its own sid room included)."""
-        rooms: list[str] = self._manager.get_rooms(sid, namespace)
-        return rooms
-
-    def is_connected(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
-        return self._connection(sid, namespace) is not None
-
     def session_data(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
         """A dict for the application's per-connection state (gone at disconnect)."""
         conn = self._connection(sid, namespace, allow_pending=True)
@@ -470,10 +461,13 @@ class SocketIOServer:
 
     async def session_ended(self, socket: EngineIOSocket, reason: CloseReason) -> None:
         """Run the disconnect handlers of every namespace the client was in, one after
-        the other (called shielded and time-limited by the Engine.IO layer)."""
+        the other (called shielded and time-limited by the Engine.IO layer): first those
+        it left while the session was ending, then the rest with the session's reason."""
         client = self._clients.pop(socket.sid, None)
         if client is None:
             return
+        for departed, sid, left in client.departed:
+            await run_logged(departed, sid, left, what="disconnect handler")
         why = DisconnectReason(reason.value)
         for conn in list(client.connections.values()):
             handler = self._forget(conn)
@@ -582,5 +576,5 @@ class SocketIOServer:
             return
         try:
             conn.client.socket.spawn(handler, conn.sid, reason, what="disconnect handler")
-        except RuntimeError:
-            logger.warning("session over: disconnect handler of %s not run", conn.sid)
+        except RuntimeError:  # the session is ending: `session_ended` runs it
+            conn.client.departed.append((handler, conn.sid, reason))

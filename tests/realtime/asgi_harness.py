@@ -130,12 +130,16 @@ async def http(
 
 @dataclass
 class WsCall:
-    """A websocket as the app sees it; frames the app sent land in `frames`."""
+    """A websocket as the app sees it; frames the app sent land in `frames`.
+
+    With `denial=True` the scope offers the websocket denial-response extension (as
+    Hypercorn does): a refusal then arrives as `denied` (an HTTP response)."""
 
     app: ASGIApp
     scope: dict[str, Any]
     accepted: bool = False
     close_code: int | None = None
+    denied: Response | None = None
     closed: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
@@ -159,6 +163,14 @@ class WsCall:
         elif message["type"] == "websocket.close":
             self.close_code = message.get("code", 1000)
             self.closed.set()
+        elif message["type"] == "websocket.http.response.start":
+            assert not self.accepted, "a denial response after accept"
+            self.denied = Response(message["status"], dict(message.get("headers", [])), b"")
+        elif message["type"] == "websocket.http.response.body":
+            assert self.denied is not None
+            self.denied.body += message.get("body", b"")
+            if not message.get("more_body", False):
+                self.closed.set()
 
     async def send(self, data: str | bytes) -> None:
         key = "text" if isinstance(data, str) else "bytes"
@@ -191,5 +203,9 @@ def ws_call(
     *,
     headers: Iterable[tuple[bytes, bytes]] = (),
     path: str = "/socket.io/",
+    denial: bool = False,
 ) -> WsCall:
-    return WsCall(app, make_scope("websocket", query, headers=headers, path=path))
+    scope = make_scope("websocket", query, headers=headers, path=path)
+    if denial:
+        scope["extensions"] = {"websocket.http.response": {}}
+    return WsCall(app, scope)

@@ -1,4 +1,5 @@
-"""Real Hypercorn (trio worker) on a free port, started inside the test's nursery."""
+"""Real Hypercorn (trio worker) on a free port, started inside the test's nursery, and
+the reference applications with test doubles that record how sessions end."""
 
 from __future__ import annotations
 
@@ -13,12 +14,66 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from fabricai_trio.realtime.asgi import ASGIApp, PrefixDispatcher
+from fabricai_trio.realtime.config import RealtimeConfig
+from fabricai_trio.realtime.conformance import EchoHandler, ReferenceApps, build_socketio
+from fabricai_trio.realtime.eio_app import EngineIOApp
+from fabricai_trio.realtime.eio_session import CloseReason
+from fabricai_trio.realtime.eio_socket import EngineIOSocket
+from fabricai_trio.realtime.sio_server import DisconnectReason, SocketIOServer
 
 
 class Service(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
 
     async def shutdown(self) -> None: ...
+
+
+class RecordingEcho(EchoHandler):
+    """The conformance echo, remembering how each session ended."""
+
+    def __init__(self) -> None:
+        self.ended: dict[str, CloseReason] = {}
+        self._changed = trio.Event()
+
+    async def session_ended(self, socket: EngineIOSocket, reason: CloseReason) -> None:
+        self.ended[socket.sid] = reason
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_ended(self, sid: str) -> CloseReason:
+        """How session `sid` ended, once it has."""
+        while sid not in self.ended:
+            await self._changed.wait()
+        return self.ended[sid]
+
+
+class Disconnects:
+    """Records the disconnect handler calls of a Socket.IO server's namespaces."""
+
+    def __init__(self, server: SocketIOServer, namespaces: tuple[str, ...] = ("/", "/custom")):
+        self.seen: list[tuple[str, DisconnectReason]] = []
+        self._changed = trio.Event()
+        for namespace in namespaces:
+            server.on("disconnect", namespace=namespace)(self._record)
+
+    async def _record(self, sid: str, reason: DisconnectReason) -> None:
+        self.seen.append((sid, reason))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.seen) < count:
+            await self._changed.wait()
+
+
+def recording_reference_apps() -> tuple[ReferenceApps, RecordingEcho, Disconnects]:
+    """`conformance.build_reference_apps()`, with the doubles above attached."""
+    echo = RecordingEcho()
+    engineio = EngineIOApp(echo, RealtimeConfig.reference(path="/engine.io/"))
+    socketio = build_socketio(RealtimeConfig.reference(path="/socket.io/"))
+    disconnects = Disconnects(socketio)
+    app = PrefixDispatcher({"/engine.io/": engineio, "/socket.io/": socketio.asgi_app})
+    return ReferenceApps(engineio, socketio, app), echo, disconnects
 
 
 @asynccontextmanager

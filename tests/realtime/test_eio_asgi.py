@@ -13,8 +13,9 @@ import trio.testing
 from fabricai_trio.realtime.asgi import PrefixDispatcher
 from fabricai_trio.realtime.config import RealtimeConfig
 from fabricai_trio.realtime.conformance import EchoHandler
-from fabricai_trio.realtime.eio_app import EngineIOApp, EngineIOSocket
+from fabricai_trio.realtime.eio_app import EngineIOApp
 from fabricai_trio.realtime.eio_session import CloseReason
+from fabricai_trio.realtime.eio_socket import EngineIOSocket
 
 from .asgi_harness import HttpCall, http, make_scope, ws_call
 
@@ -88,7 +89,7 @@ async def test_polling_handshake(app: EngineIOApp) -> None:
         ("GET", "EIO=abc&transport=polling", 5),
         ("GET", "EIO=4", 0),
         ("GET", "EIO=4&transport=abc", 0),
-        ("GET", "EIO=4&transport=websocket", 0),
+        ("GET", "EIO=4&transport=websocket", 3),  # a websocket handshake without a websocket
         ("POST", "EIO=4&transport=polling", 2),
         ("PUT", "EIO=4&transport=polling", 2),
         ("GET", "EIO=4&transport=polling&sid=nope", 1),
@@ -280,15 +281,62 @@ async def test_upgrade_flow(app: EngineIOApp, handler: Recorder) -> None:
         assert (await http(app, q(sid), method="POST", body="4x")).status == 400
         await ws.send("4hello")
         assert await ws.receive() == "4hello"
+        # a second websocket: accepted, then closed (the reference server's answer)...
         other = ws_call(app, f"EIO=4&transport=websocket&sid={sid}")
         await other.run()
-        assert not other.accepted  # a second websocket is refused...
+        assert other.accepted and other.close_code == 1002
         await ws.send("4still")
-        assert await ws.receive() == "4still"  # ...without harm
+        assert await ws.receive() == "4still"  # ...without harm to the first
         await ws.disconnect()
         await ws.wait_closed()
     await trio.testing.wait_all_tasks_blocked()
     assert handler.ended == [CloseReason.TRANSPORT_CLOSE]
+
+
+async def test_websocket_refusals_are_http_answers_when_the_server_can_send_them(
+    app: EngineIOApp,
+) -> None:
+    """With the denial-response extension a refused websocket gets the reference
+    server's HTTP 400 (and our JSON error body); without it, ASGI's 403."""
+    unknown = ws_call(app, "EIO=4&transport=websocket&sid=nope", denial=True)
+    await unknown.run()
+    assert not unknown.accepted and unknown.denied is not None
+    assert unknown.denied.status == 400 and unknown.denied.json()["code"] == 1
+    bad_version = ws_call(app, "EIO=3&transport=websocket", denial=True)
+    await bad_version.run()
+    assert bad_version.denied is not None and bad_version.denied.json()["code"] == 5
+    plain = ws_call(app, "EIO=4&transport=websocket&sid=nope")
+    await plain.run()
+    assert not plain.accepted and plain.close_code == 1002 and plain.denied is None
+
+
+async def test_websocket_with_transport_polling_is_accepted_then_closed(app: EngineIOApp) -> None:
+    sid = await open_polling(app)
+    for query in ("EIO=4&transport=polling", f"EIO=4&transport=polling&sid={sid}"):
+        ws = ws_call(app, query, denial=True)
+        await ws.run()
+        assert ws.accepted and ws.close_code == 1002 and ws.denied is None
+    assert (await http(app, q(sid), method="POST", body="4still")).text == "ok"
+    assert (await http(app, q(sid))).text == "4still"  # the session is unharmed
+
+
+async def test_post_body_timeout_is_408_and_the_session_lives_on(
+    handler: Recorder, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = RealtimeConfig(body_timeout_ms=1000, ping_interval_ms=60_000)
+    app = EngineIOApp(handler, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.run)
+        sid = await open_polling(app)
+        call = HttpCall(app, make_scope("http", q(sid), method="POST"), [b"4he"], more_body=True)
+        nursery.start_soon(call.run)
+        with trio.fail_after(config.body_timeout_s + 1):
+            await call.done.wait()
+        assert call.status == 408
+        assert (await http(app, q(sid), method="POST", body="4hello")).text == "ok"
+        assert (await http(app, q(sid))).text == "4hello"
+        assert handler.ended == []
+        nursery.cancel_scope.cancel()
 
 
 async def test_websocket_session_echo_and_binary(app: EngineIOApp) -> None:
@@ -379,7 +427,7 @@ async def test_graceful_shutdown_sends_close(handler: Recorder) -> None:
         assert await ws.wait_closed() == 1000
         assert (await http(app, "EIO=4&transport=polling")).status == 503
     assert sorted(handler.ended) == [CloseReason.SERVER_SHUTDOWN] * 2
-    assert not app.sessions
+    assert (await http(app, q(sid))).json()["code"] == 1  # the session is forgotten
 
 
 async def test_slow_application_pushes_back_on_post() -> None:

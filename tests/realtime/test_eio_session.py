@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from fabricai_trio.realtime.config import RealtimeConfig
 from fabricai_trio.realtime.eio_session import (
+    _TRANSITIONS,
     CloseReason,
     EngineIOSession,
     Event,
@@ -16,6 +18,7 @@ from fabricai_trio.realtime.eio_session import (
     State,
     Transport,
     Upgraded,
+    WsState,
 )
 from fabricai_trio.realtime.errors import (
     LocalProtocolError,
@@ -28,13 +31,13 @@ CONFIG = RealtimeConfig.reference()
 
 
 def polling(config: RealtimeConfig = CONFIG, now: float = 0.0) -> EngineIOSession:
-    s = EngineIOSession(sid="sid1", transport=Transport.POLLING, config=config, now=now)
+    s = EngineIOSession(sid="sid1", transport=Transport.POLLING, config=config)
     s.handshake(now)
     return s
 
 
 def websocket(config: RealtimeConfig = CONFIG) -> tuple[EngineIOSession, int]:
-    s = EngineIOSession(sid="sid2", transport=Transport.WEBSOCKET, config=config, now=0.0)
+    s = EngineIOSession(sid="sid2", transport=Transport.WEBSOCKET, config=config)
     token = s.attach_websocket(0.0)
     s.handshake(0.0)
     return s, token
@@ -50,7 +53,8 @@ def events(s: EngineIOSession) -> list[Event]:
 def post(s: EngineIOSession, body: bytes | str, now: float = 0.0) -> None:
     s.begin_post(now)
     try:
-        s.receive_payload(body.encode() if isinstance(body, str) else body, now)
+        s.receive_post_data(body.encode() if isinstance(body, str) else body)
+        s.end_of_post(now)
     finally:
         s.end_post()
 
@@ -61,7 +65,7 @@ def get(s: EngineIOSession, now: float = 0.0) -> str | None:
 
 
 def test_handshake_packet() -> None:
-    s = EngineIOSession(sid="abc", transport=Transport.POLLING, config=CONFIG, now=0.0)
+    s = EngineIOSession(sid="abc", transport=Transport.POLLING, config=CONFIG)
     assert s.state is State.OPENING
     packet = s.handshake(0.0)
     assert packet[0] == "0"
@@ -73,7 +77,7 @@ def test_handshake_packet() -> None:
         "maxPayload": 1_000_000,
     }
     assert s.state is State.OPEN
-    ws = EngineIOSession(sid="x", transport=Transport.WEBSOCKET, config=CONFIG, now=0.0)
+    ws = EngineIOSession(sid="x", transport=Transport.WEBSOCKET, config=CONFIG)
     assert json.loads(ws.handshake(0.0)[1:])["upgrades"] == []
 
 
@@ -214,6 +218,170 @@ def test_second_websocket_is_refused_without_harm() -> None:
     with pytest.raises(RemoteProtocolError):
         s.attach_websocket(0.0)
     assert s.ws_active(token) and s.state is State.OPEN
+
+
+def test_second_websocket_during_the_probe_is_refused_without_harm() -> None:
+    s = polling()
+    token = s.attach_websocket(0.0)
+    s.receive_ws_message(token, "2probe", 0.0)
+    with pytest.raises(RemoteProtocolError) as info:
+        s.attach_websocket(0.0)
+    assert ws_close_code_for(info.value) == 1002  # the transport closes it once accepted
+    assert s.take_ws_output(token) == ["3probe"]
+    s.receive_ws_message(token, "5", 0.0)
+    assert s.transport is Transport.WEBSOCKET and s.ws_active(token)
+
+
+def test_websocket_after_the_session_ended_is_unknown_sid() -> None:
+    s = polling()
+    s.fail(CloseReason.TRANSPORT_CLOSE)
+    with pytest.raises(RemoteProtocolError) as info:
+        s.attach_websocket(0.0)
+    assert info.value.code == 1
+
+
+def test_no_upgrade_while_closing_and_close_drops_the_probe() -> None:
+    s = polling()
+    probe = s.attach_websocket(0.0)
+    s.receive_ws_message(probe, "2probe", 0.0)
+    s.close(0.0)
+    assert s.state is State.CLOSING and s.ws_state is WsState.EMPTY
+    assert not s.ws_active(probe)
+    with pytest.raises(RemoteProtocolError):
+        s.attach_websocket(0.0)
+    assert get(s) == "1"  # the CLOSE still goes out over polling
+    assert s.state is State.CLOSED
+
+
+def test_a_closed_session_has_no_websocket() -> None:
+    s, token = websocket()
+    s.close(0.0)
+    assert s.ws_state is WsState.ATTACHED
+    assert s.take_ws_output(token) == ["1"]
+    assert s.state is State.CLOSED and s.ws_state is WsState.EMPTY
+    s.websocket_closed(token, 0.0)  # the transport's own close afterwards: nothing new
+    assert events(s) == [SessionClosed(reason=CloseReason.SERVER_CLOSE)]
+
+
+def test_post_body_arrives_in_chunks() -> None:
+    s = polling(RealtimeConfig(max_payload_bytes=100))
+    s.begin_post(0.0)
+    s.receive_post_data(b"4hel")
+    s.receive_post_data(b"lo\x1e4wor")
+    s.receive_post_data(b"ld")
+    s.end_of_post(0.0)
+    assert events(s) == [MessageReceived(data="hello"), MessageReceived(data="world")]
+    # the body grows past maxPayload: 413 at once, and the session ends
+    s.begin_post(0.0)
+    s.receive_post_data(b"4" + b"x" * 99)
+    with pytest.raises(RemoteProtocolError) as info:
+        s.receive_post_data(b"x")
+    assert info.value.http_status == 413 and s.state is State.CLOSED
+
+
+def test_post_timeout_is_408_and_the_session_lives_on() -> None:
+    s = polling()
+    s.begin_post(0.0)
+    s.receive_post_data(b"4par")
+    assert s.post_timed_out().http_status == 408
+    assert s.state is State.OPEN
+    post(s, "4next")  # the half-read body is gone; the next POST is fine
+    assert events(s) == [MessageReceived(data="next")]
+
+
+def test_post_after_the_session_closed_mid_body_is_unknown_sid() -> None:
+    s = polling()
+    s.begin_post(0.0)
+    s.receive_post_data(b"4late")
+    s.fail(CloseReason.PING_TIMEOUT)
+    with pytest.raises(RemoteProtocolError) as info:
+        s.end_of_post(0.0)
+    assert info.value.code == 1
+    s.end_post()
+
+
+def test_transition_table_rows_keep_each_machine_in_its_own_states() -> None:
+    for trigger, row in _TRANSITIONS.items():
+        for before, after in row.items():
+            assert type(before) is type(after), (trigger, before, after)
+    # a closed session's websocket slot is always empty
+    for trigger in _TRANSITIONS:
+        row = _TRANSITIONS[trigger]
+        if State.CLOSED in row.values():
+            assert {after for before, after in row.items() if isinstance(before, WsState)} == {
+                WsState.EMPTY
+            }, trigger
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_whatever_the_client_does_only_remote_errors_come_out(seed: int) -> None:
+    """A random client (well- or ill-behaved) and a random server: a client can only
+    cause `RemoteProtocolError`s, never a `LocalProtocolError` (our bug), and the
+    invariants of the state machines hold after every step."""
+    rng = random.Random(seed)
+    config = RealtimeConfig(max_payload_bytes=64, max_buffered_packets=20, upgrade_timeout_ms=500)
+    transport = rng.choice([Transport.POLLING, Transport.WEBSOCKET])
+    s = EngineIOSession(sid="s", transport=transport, config=config)
+    tokens = [s.attach_websocket(0.0)] if transport is Transport.WEBSOCKET else []
+    s.handshake(0.0)
+    now = 0.0
+    held_get = False
+    bad_frames: list[str | bytes] = ["6", "1", "abc", "", "4" + "x" * 80, "0", "5", "2probe"]
+    good_bodies = [b"4a", b"3", b"4a\x1e4b", b"2\x1e4c"]
+    bad_bodies = [b"1", b"xyz", b"\xff", b"5", b"4" + b"x" * 80]
+
+    def frame() -> str | bytes:
+        """Mostly what a client should send now, sometimes anything."""
+        if rng.random() < 0.03:
+            return rng.choice(bad_frames)
+        if s.ws_state is WsState.PROBE:
+            return "2probe" if s.state is State.OPEN else "5"
+        good: list[str | bytes] = ["4hi", "3", b"\x01"]
+        return rng.choice(good)
+
+    for _ in range(100):
+        action = rng.choices(range(10), weights=[3, 3, 0.3, 3, 2, 6, 0.5, 3, 3, 2])[0]
+        try:
+            if action == 0 and (not held_get or rng.random() < 0.1):
+                s.begin_get(now)
+                held_get = True
+            elif action == 1 and held_get:
+                if s.poll_response(now) is not None:
+                    held_get = False
+            elif action == 2 and held_get:
+                s.abandon_get(now)
+                held_get = False
+            elif action == 3:
+                s.begin_post(now, 1000 if rng.random() < 0.03 else rng.choice([None, 10]))
+                try:
+                    bodies = bad_bodies if rng.random() < 0.03 else good_bodies
+                    s.receive_post_data(rng.choice(bodies))
+                    s.end_of_post(now)
+                finally:
+                    s.end_post()
+            elif action == 4:
+                tokens.append(s.attach_websocket(now))
+            elif action == 5 and tokens:
+                s.receive_ws_message(rng.choice(tokens[-2:]), frame(), now)
+            elif action == 6 and tokens:
+                s.websocket_closed(rng.choice(tokens), now)
+            elif action == 7 and tokens:
+                s.take_ws_output(rng.choice(tokens))
+            elif action == 8:
+                now += rng.choice([0.01, 0.01, 0.05, 0.2, 0.6])
+                s.tick(now)
+            elif s.is_open:
+                s.send("m") if rng.random() < 0.9 else s.close(now)
+        except RemoteProtocolError:
+            pass
+        events(s)
+        assert s.is_open == (s.state in (State.OPEN, State.UPGRADING))
+        if s.state is State.CLOSED:
+            assert s.ws_state is WsState.EMPTY and s.next_deadline() is None
+        if s.ws_state is WsState.PROBE:
+            assert s.transport is Transport.POLLING
+        if s.state is State.UPGRADING:
+            assert s.ws_state is WsState.PROBE
 
 
 def test_probe_failure_returns_to_polling() -> None:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,21 +16,37 @@ import trio
 import websocket
 
 from fabricai_trio.realtime.config import RealtimeConfig
-from fabricai_trio.realtime.conformance import EchoHandler, build_reference_apps
 from fabricai_trio.realtime.eio_app import EngineIOApp
 
-from .servers import body_of, get_request, hypercorn_server, raw_request, status_of
+from .servers import (
+    Disconnects,
+    RecordingEcho,
+    body_of,
+    get_request,
+    hypercorn_server,
+    raw_request,
+    recording_reference_apps,
+    status_of,
+)
+
+
+@dataclass
+class Reference:
+    host: str
+    port: int
+    echo: RecordingEcho  # the /engine.io/ application
+    disconnects: Disconnects  # of the /socket.io/ application
 
 
 @pytest.fixture
-async def reference() -> AsyncIterator[tuple[str, int, Any]]:
-    apps = build_reference_apps()
+async def reference() -> AsyncIterator[Reference]:
+    apps, echo, disconnects = recording_reference_apps()
     async with hypercorn_server(
         {"/engine.io/": apps.engineio, "/socket.io/": apps.socketio.asgi_app},
         apps.engineio,
         apps.socketio,
     ) as (host, port):
-        yield host, port, apps
+        yield Reference(host, port, echo, disconnects)
 
 
 async def open_session(host: str, port: int, path: str = "/engine.io/") -> str:
@@ -42,12 +59,9 @@ async def open_session(host: str, port: int, path: str = "/engine.io/") -> str:
 # --- traps over real sockets -----------------------------------------------------------
 
 
-async def test_chunked_body_over_max_payload_is_rejected_promptly(
-    reference: tuple[str, int, Any],
-) -> None:
-    host, port, apps = reference
+async def test_chunked_body_over_max_payload_is_rejected_promptly(reference: Reference) -> None:
+    host, port = reference.host, reference.port
     sid = await open_session(host, port)
-    socket = apps.engineio.sessions[sid]
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
         head = (
@@ -63,28 +77,26 @@ async def test_chunked_body_over_max_payload_is_rejected_promptly(
             while b"\r\n\r\n" not in data:
                 data += await stream.receive_some(65536)
     assert status_of(data) == 413
-    with trio.fail_after(1):
-        await socket.wait_closed()  # and the session is closed
-    assert socket.close_reason == "parse error"
+    with trio.fail_after(1):  # and the session is closed
+        assert await reference.echo.wait_ended(sid) == "parse error"
 
 
 async def test_held_get_notices_the_client_leaving() -> None:
     # a long ping interval: only the disconnect can end this session
-    app = EngineIOApp(EchoHandler(), RealtimeConfig(ping_interval_ms=60_000, path="/engine.io/"))
+    echo = RecordingEcho()
+    app = EngineIOApp(echo, RealtimeConfig(ping_interval_ms=60_000, path="/engine.io/"))
     async with hypercorn_server({"/engine.io/": app}, app) as (host, port):
         sid = await open_session(host, port)
         stream = await trio.open_tcp_stream(host, port)
         await stream.send_all(get_request(f"/engine.io/?EIO=4&transport=polling&sid={sid}"))
         await trio.sleep(0.05)
-        socket = app.sessions[sid]
         await stream.aclose()
         with trio.fail_after(5):
-            await socket.wait_closed()
-        assert socket.close_reason == "transport close"
+            assert await echo.wait_ended(sid) == "transport close"
 
 
 async def test_websocket_origin_is_checked() -> None:
-    app = EngineIOApp(EchoHandler(), RealtimeConfig(cors_origins=("http://good.example",)))
+    app = EngineIOApp(RecordingEcho(), RealtimeConfig(cors_origins=("http://good.example",)))
     async with hypercorn_server({"/socket.io/": app}, app) as (host, port):
         url = f"ws://{host}:{port}/socket.io/?EIO=4&transport=websocket"
 
@@ -101,10 +113,8 @@ async def test_websocket_origin_is_checked() -> None:
         assert await trio.to_thread.run_sync(try_origin, "http://good.example") == "0"
 
 
-async def test_engineio_reference_upgrade_over_real_websocket(
-    reference: tuple[str, int, Any],
-) -> None:
-    host, port, _ = reference
+async def test_engineio_reference_upgrade_over_real_websocket(reference: Reference) -> None:
+    host, port = reference.host, reference.port
     sid = await open_session(host, port)
 
     def upgrade() -> list[str]:
@@ -120,6 +130,50 @@ async def test_engineio_reference_upgrade_over_real_websocket(
         return out
 
     assert await trio.to_thread.run_sync(upgrade) == ["3probe", "4hello"]
+
+
+async def test_second_websocket_after_upgrade_is_accepted_then_closed(
+    reference: Reference,
+) -> None:
+    """The reference test suite's "ignores WebSocket connection with same sid after
+    upgrade": the upgrade itself succeeds (HTTP 101), the server closes it at once,
+    and the first websocket keeps working."""
+    host, port = reference.host, reference.port
+    sid = await open_session(host, port)
+    url = f"ws://{host}:{port}/engine.io/?EIO=4&transport=websocket&sid={sid}"
+
+    def second_after_upgrade() -> tuple[int, str | bytes]:
+        first = websocket.create_connection(url, timeout=3)
+        first.send("2probe")
+        assert first.recv() == "3probe"
+        first.send("5")
+        second = websocket.create_connection(url, timeout=3)  # no exception: HTTP 101
+        opcode, frame = second.recv_data(control_frame=True)
+        code = int.from_bytes(frame[:2], "big") if opcode == websocket.ABNF.OPCODE_CLOSE else 0
+        second.close()
+        first.send("4hello")
+        echoed = first.recv()
+        first.close()
+        return code, echoed
+
+    assert await trio.to_thread.run_sync(second_after_upgrade) == (1002, "4hello")
+
+
+async def test_websocket_with_an_unknown_sid_is_refused_with_400(reference: Reference) -> None:
+    """As the reference server does (Hypercorn has the denial-response extension)."""
+    url = f"ws://{reference.host}:{reference.port}/engine.io/?EIO=4&transport=websocket&sid=x"
+
+    def connect() -> tuple[int, Any]:
+        try:
+            websocket.create_connection(url, timeout=3)
+        except websocket.WebSocketBadStatusException as exc:
+            return exc.status_code, json.loads(exc.resp_body or b"{}")
+        raise AssertionError("the websocket was accepted")
+
+    assert await trio.to_thread.run_sync(connect) == (
+        400,
+        {"code": 1, "message": "Session ID unknown"},
+    )
 
 
 # --- python-socketio's own client ------------------------------------------------------
@@ -173,10 +227,8 @@ def socketio_flow(url: str, transports: list[str]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "transports", [["polling"], ["websocket"], ["polling", "websocket"]], ids="+".join
 )
-async def test_python_socketio_client(
-    reference: tuple[str, int, Any], transports: list[str]
-) -> None:
-    host, port, apps = reference
+async def test_python_socketio_client(reference: Reference, transports: list[str]) -> None:
+    host, port = reference.host, reference.port
     got = await trio.to_thread.run_sync(socketio_flow, f"http://{host}:{port}", transports)
     assert got["auth"] == [{"token": "123"}]
     assert got["custom_auth"] == [{"token": "123"}]
@@ -186,6 +238,5 @@ async def test_python_socketio_client(
     assert got["back"][1:] == [[i] for i in range(50)]
     assert got["transport"] == transports[-1]
     assert got["connected_after"] is False
-    with trio.fail_after(2):  # the server saw the disconnect
-        for socket in list(apps.socketio.asgi_app.sessions.values()):
-            await socket.wait_closed()
+    with trio.fail_after(2):  # the server saw the client leave both namespaces
+        await reference.disconnects.wait_for(2)
