@@ -9,6 +9,7 @@ from urllib.parse import parse_qs
 import trio
 
 from .eio_request import TEXT_PLAIN, Headers, Request, Response
+from .errors import FAILURES, WS_POLICY_VIOLATION, Failure
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -121,9 +122,10 @@ class PrefixDispatcher:
             await _lifespan(receive, send)
         elif scope["type"] == "websocket":
             await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
         else:
-            not_found = Response(status=404, headers=[TEXT_PLAIN], body=b"not found")
+            not_found = Response(status=FAILURES[Failure.NOT_FOUND][0], headers=[TEXT_PLAIN],
+                                 body=b"not found")
             await send_response(receive, send, not_found)
 
 

@@ -29,6 +29,7 @@ from .config import RealtimeConfig
 from .eio_session import Transport
 from .errors import (
     EioErrorCode,
+    Failure,
     ProtocolError,
     RemoteProtocolError,
     error_body,
@@ -186,10 +187,10 @@ def _refuse(
     message: str,
     *,
     code: EioErrorCode = EioErrorCode.BAD_REQUEST,
-    status: int = 400,
+    failure: Failure = Failure.BAD_REQUEST,
     accept_first: bool = False,
 ) -> Refuse:
-    error = RemoteProtocolError(message, http_status=status, code=code)
+    error = RemoteProtocolError(message, failure=failure, code=code)
     return Refuse(error=error, response=error_response(error, cors), accept_first=accept_first)
 
 
@@ -209,16 +210,18 @@ def route(
     cors = cors_headers(request) if allowed else []
     prefix = config.path.rstrip("/")
     if request.path not in (prefix, prefix + "/"):
-        return _refuse(cors, "Not found", status=404)
+        return _refuse(cors, "Not found", failure=Failure.NOT_FOUND)
     if request.method == "OPTIONS" and not request.websocket:
         if not allowed:
-            return _refuse(cors, "Forbidden", code=EioErrorCode.FORBIDDEN, status=403)
+            return _refuse(cors, "Forbidden", code=EioErrorCode.FORBIDDEN,
+                           failure=Failure.FORBIDDEN)
         return Preflight(response=_preflight(request))
     transport = request.query.get("transport")
     if transport not in ("polling", "websocket"):
         return _refuse(cors, "Transport unknown", code=EioErrorCode.UNKNOWN_TRANSPORT)
     if not allowed:
-        return _refuse(cors, "Forbidden", code=EioErrorCode.FORBIDDEN, status=403)
+        return _refuse(cors, "Forbidden", code=EioErrorCode.FORBIDDEN,
+                           failure=Failure.FORBIDDEN)
     sid = request.query.get("sid") or None  # `sid=` is no sid, as in the reference server
     if sid is not None:
         if not session_exists(sid):
@@ -253,5 +256,5 @@ def route(
             code=EioErrorCode.UNSUPPORTED_PROTOCOL_VERSION,
         )
     if not accepting:
-        return _refuse(cors, "Server not accepting sessions", status=503)
+        return _refuse(cors, "Server not accepting sessions", failure=Failure.UNAVAILABLE)
     return Handshake(transport=Transport(transport), cors=cors)

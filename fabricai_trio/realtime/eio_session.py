@@ -40,7 +40,7 @@ from engineio import packet as eio_packet
 from engineio.payload import Payload
 
 from .config import RealtimeConfig
-from .errors import EioErrorCode, LocalProtocolError, RemoteProtocolError
+from .errors import EioErrorCode, Failure, LocalProtocolError, RemoteProtocolError
 
 OPEN: Final = eio_packet.OPEN
 CLOSE: Final = eio_packet.CLOSE
@@ -354,12 +354,12 @@ class EngineIOSession:
         message: str,
         reason: CloseReason,
         *,
-        status: int = 400,
+        failure: Failure = Failure.BAD_REQUEST,
         close: bool = True,
     ) -> RemoteProtocolError:
         if close:
             self._abort(reason)
-        return RemoteProtocolError(message, http_status=status)
+        return RemoteProtocolError(message, failure=failure)
 
     def next_event(self) -> Event | None:
         """The next thing that happened, or None."""
@@ -520,7 +520,8 @@ class EngineIOSession:
         if not self._allowed(Trigger.POST):
             raise self._remote_error("overlapping POST", CloseReason.TRANSPORT_ERROR)
         if content_length is not None and content_length > self.config.max_payload_bytes:
-            raise self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
+            raise self._remote_error("payload too large", CloseReason.PARSE_ERROR,
+                                     failure=Failure.TOO_LARGE)
         self._fire(Trigger.POST)
         self._post_body.clear()
 
@@ -533,13 +534,14 @@ class EngineIOSession:
         self._post_body += data
         if len(self._post_body) > self.config.max_payload_bytes:
             self.end_post()
-            raise self._remote_error("payload too large", CloseReason.PARSE_ERROR, status=413)
+            raise self._remote_error("payload too large", CloseReason.PARSE_ERROR,
+                                     failure=Failure.TOO_LARGE)
 
     def post_timed_out(self) -> RemoteProtocolError:
         """The POST body did not arrive in time: the POST ends (the session lives on);
         answer with what this returns (408)."""
         self.end_post()
-        return RemoteProtocolError("request body timeout", http_status=408)
+        return RemoteProtocolError("request body timeout", failure=Failure.TIMEOUT)
 
     def end_of_post(self, now: float) -> None:
         """The whole POST body arrived: deliver its packets, however many there are.
@@ -617,9 +619,10 @@ class EngineIOSession:
         probe = self.ws_state is WsState.PROBE
         if _message_size(data) > self.config.max_payload_bytes:
             if not probe:
-                raise self._remote_error("message too large", CloseReason.PARSE_ERROR, status=413)
+                raise self._remote_error("message too large", CloseReason.PARSE_ERROR,
+                                     failure=Failure.TOO_LARGE)
             self._drop_probe()
-            raise RemoteProtocolError("message too large", http_status=413)
+            raise RemoteProtocolError("message too large", failure=Failure.TOO_LARGE)
         if probe:
             self._receive_probe_message(data)
             return

@@ -22,20 +22,36 @@ class EioErrorCode(enum.IntEnum):
     UNSUPPORTED_PROTOCOL_VERSION = 5
 
 
+class Failure(enum.Enum):
+    """What kind of failure a protocol error is; `FAILURES` gives its HTTP status."""
+
+    BAD_REQUEST = "bad_request"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    TIMEOUT = "timeout"
+    TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
 class ProtocolError(Exception):
-    """A protocol violation; `http_status` is the status hint for an HTTP answer."""
+    """A protocol violation; its `failure` gives the status hint for an HTTP answer."""
 
     def __init__(
         self,
         message: str,
         *,
-        http_status: int = 400,
+        failure: Failure = Failure.BAD_REQUEST,
         code: EioErrorCode = EioErrorCode.BAD_REQUEST,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.http_status = http_status
+        self.failure = failure
         self.code = code
+
+    @property
+    def http_status(self) -> int:
+        return FAILURES[self.failure][0]
 
 
 class RemoteProtocolError(ProtocolError):
@@ -46,7 +62,7 @@ class LocalProtocolError(ProtocolError):
     """Our side tried something the protocol or the session state forbids."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, http_status=500)
+        super().__init__(message, failure=Failure.INTERNAL)
 
 
 class ConnectionRefused(Exception):
@@ -71,23 +87,31 @@ WS_MESSAGE_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
 
 
+#: The Engine.IO layer's one table: the HTTP status and the websocket close code of each
+#: kind of failure (the app's own errors have theirs in `core.errors`).
+FAILURES: dict[Failure, tuple[int, int]] = {
+    Failure.BAD_REQUEST: (400, WS_PROTOCOL_ERROR),
+    Failure.FORBIDDEN: (403, WS_POLICY_VIOLATION),
+    Failure.NOT_FOUND: (404, WS_PROTOCOL_ERROR),
+    Failure.TIMEOUT: (408, WS_PROTOCOL_ERROR),
+    Failure.TOO_LARGE: (413, WS_MESSAGE_TOO_BIG),
+    Failure.UNAVAILABLE: (503, WS_INTERNAL_ERROR),
+    Failure.INTERNAL: (500, WS_INTERNAL_ERROR),
+}
+
+
+def _failure(exc: BaseException) -> Failure:
+    return exc.failure if isinstance(exc, ProtocolError) else Failure.INTERNAL
+
+
 def http_status_for(exc: BaseException) -> int:
     """The HTTP status answering a request that failed with `exc`."""
-    if isinstance(exc, ProtocolError):
-        return exc.http_status
-    return 500
+    return FAILURES[_failure(exc)][0]
 
 
 def ws_close_code_for(exc: BaseException) -> int:
     """The websocket close code ending a connection that failed with `exc`."""
-    status = http_status_for(exc)
-    if status == 413:
-        return WS_MESSAGE_TOO_BIG
-    if status in (401, 403):
-        return WS_POLICY_VIOLATION
-    if 400 <= status < 500:
-        return WS_PROTOCOL_ERROR
-    return WS_INTERNAL_ERROR
+    return FAILURES[_failure(exc)][1]
 
 
 def error_body(exc: BaseException) -> bytes:

@@ -22,7 +22,7 @@ from fabricai_trio.realtime.eio_request import (
     route,
 )
 from fabricai_trio.realtime.eio_session import Transport
-from fabricai_trio.realtime.errors import LocalProtocolError, RemoteProtocolError
+from fabricai_trio.realtime.errors import Failure, LocalProtocolError, RemoteProtocolError
 
 CONFIG = RealtimeConfig(path="/socket.io/")
 LIVE = "live-sid"
@@ -197,7 +197,7 @@ def test_responses() -> None:
     answer = ok(cors, "4hello")
     assert (answer.status, answer.body) == (200, b"4hello")
     assert answer.headers[0][1].startswith(b"text/plain") and answer.headers[1:] == cors
-    err = error_response(RemoteProtocolError("payload too large", http_status=413), cors)
+    err = error_response(RemoteProtocolError("payload too large", failure=Failure.TOO_LARGE), cors)
     assert err.status == 413 and json.loads(err.body) == {"code": 3, "message": "payload too large"}
     assert error_response(LocalProtocolError("our bug")).status == 500
     assert json.loads(error_response(ValueError("x")).body)["message"] == "Internal error"

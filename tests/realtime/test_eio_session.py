@@ -21,6 +21,7 @@ from fabricai_trio.realtime.eio_session import (
     WsState,
 )
 from fabricai_trio.realtime.errors import (
+    Failure,
     LocalProtocolError,
     RemoteProtocolError,
     http_status_for,
@@ -506,8 +507,9 @@ def test_exception_mapping() -> None:
     assert http_status_for(RemoteProtocolError("x")) == 400
     assert http_status_for(LocalProtocolError("x")) == 500
     assert http_status_for(ValueError()) == 500
-    assert ws_close_code_for(RemoteProtocolError("x", http_status=413)) == 1009
-    assert ws_close_code_for(RemoteProtocolError("x", http_status=403)) == 1008
+    assert ws_close_code_for(RemoteProtocolError("x", failure=Failure.TOO_LARGE)) == 1009
+    assert ws_close_code_for(RemoteProtocolError("x", failure=Failure.FORBIDDEN)) == 1008
+    assert http_status_for(RemoteProtocolError("x", failure=Failure.TIMEOUT)) == 408
     assert ws_close_code_for(RuntimeError()) == 1011
 
 
