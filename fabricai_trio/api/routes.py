@@ -21,7 +21,7 @@ from ..core.errors import ERROR_TABLE, ErrorKind, InvalidField, InvalidJson, Not
 from ..core.events import EVENT_NAMES, StreamEvent
 from ..core.requests import GenerationRequest
 from ..core.stream_ids import event_id, parse_event_id
-from ..generation import Generation, Keepalive
+from ..generation import Generation, GenerationService, Keepalive
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..stream_log import NothingMissing
 from . import sse
@@ -94,10 +94,12 @@ async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
                 yield frame(event, generation.position)
 
 
-async def followed_body(owner: str, request_id: str, after: int) -> AsyncIterator[bytes]:
+async def followed_body(
+    service: GenerationService, owner: str, request_id: str, after: int
+) -> AsyncIterator[bytes]:
     """The SSE framing of a stream read from the stream log (a resumable generation,
     or a reconnect): a client that leaves stops reading, not the generation."""
-    async with aclosing(state().service.follow(owner, request_id, after)) as events:
+    async with aclosing(service.follow(owner, request_id, after)) as events:
         async for position, event in events:
             yield frame(event, position)
 
@@ -126,7 +128,7 @@ async def generation_response(generation_request: GenerationRequest) -> Response
         await trio.lowlevel.checkpoint()
 
     cast(dict[str, Any], request.scope)["fabricai.cleanups"].append(creator_gone)
-    return sse_response(followed_body(generation.owner, rid, -1), rid)
+    return sse_response(followed_body(service, generation.owner, rid, -1), rid)
 
 
 def last_event_id() -> str | None:
@@ -144,11 +146,12 @@ async def resume_response(value: str) -> Response:
                            "`<request_id>:<position>`")
     request_id, after = parsed
     owner = current_owner()
+    service = state().service
     try:
-        await state().service.stream_log.check((owner, request_id), after)
+        await service.stream_log.check((owner, request_id), after)
     except NothingMissing:
         return Response(b"", status=HTTPStatus.NO_CONTENT, headers={"X-Request-Id": request_id})
-    return sse_response(followed_body(owner, request_id, after), request_id)
+    return sse_response(followed_body(service, owner, request_id, after), request_id)
 
 
 @blueprint.post("/v1/inference_sse")

@@ -1,0 +1,51 @@
+"""A real Hypercorn serving the app in this trio run, on a loopback socket, with a
+test double engine: for tests of HTTP behaviour that needs no model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from fabricai_trio.app import FabricApp, create_app
+from fabricai_trio.settings import Settings
+
+from .fakes import FakeEngine
+
+
+@asynccontextmanager
+async def served(
+    engine_class: type[FakeEngine] = FakeEngine, *, step_seconds: float = 0.02,
+    **overrides: Any,
+) -> AsyncIterator[tuple[FabricApp, httpx.AsyncClient]]:
+    """The app on a free port, ready (model 'loaded' and warmed), and a client for it."""
+    settings = Settings(  # type: ignore[call-arg]
+        **{"session_store": "memory", "max_concurrent_requests": 1, "max_queue_size": 1,
+           "sse_keepalive_seconds": 0.05, **overrides},
+    )
+    app = create_app(settings, engine=engine_class(settings, step_seconds=step_seconds))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 1.0
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        async with httpx.AsyncClient(base_url=binds[0], timeout=10) as client:
+            with trio.fail_after(10):
+                await app.ready.wait()
+            yield app, client
+        stop.set()
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll a condition the test cannot wait on as an event (a hang guard, not a budget)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
