@@ -154,10 +154,11 @@ async def test_a_resumable_stream_nobody_comes_back_for_is_cancelled_after_its_g
 async def test_a_reconnect_that_comes_back_in_time_keeps_it_going() -> None:
     async with served(step_seconds=0.01) as (app, client):
         body = {"prompt": "tell me", "max_tokens": 60, "request_id": "back-1",
-                "resumable": True, "resume_grace_seconds": 1.0}
+                "resumable": True, "resume_grace_seconds": 10.0}
         async with client.stream("POST", "/v1/inference_sse", json=body) as response:
             first = await read(response, stop_after_tokens=2)
         await trio.sleep(0.2)  # gone for less than the grace
+        assert app.state.service.live_count == 1
         async with client.stream("POST", "/v1/inference_sse",
                                  headers={"Last-Event-ID": first[-1].id or ""}) as response:
             rest = await read(response)
