@@ -107,7 +107,7 @@ def test_bad_credentials_are_401_on_every_route(
     headers, code = BAD[case]
     assert len(routes) >= 17
     assert {path for _, path, public in routes if public} == {
-        "/health", "/", "/playground/no-such-asset"}
+        "/health", "/livez", "/readyz", "/", "/playground/no-such-asset"}
     for method, path, public in routes:
         response = http.request(method, path, headers=headers, json={"prompt": "hi"})
         if public:  # needs no credentials, so bad ones do not matter

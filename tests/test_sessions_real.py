@@ -452,11 +452,12 @@ def recover(redis: RedisServer, kind: Outage) -> None:
 
 
 async def store_state(client: httpx.AsyncClient) -> tuple[bool, bool, str]:
-    """(/v1/status store.healthy, /health store.healthy, /health status)."""
+    """(/v1/status store.healthy, /readyz store.healthy, /readyz status). With the
+    store down the replica is not ready (503) but still serves what needs no session."""
     status = (await client.get("/v1/status")).json()["store"]
-    health = await client.get("/health")
-    assert health.status_code == 200  # the model is loaded: the server still serves
-    body = health.json()
+    ready = await client.get("/readyz")
+    body = ready.json()
+    assert ready.status_code == (200 if body["status"] == "ready" else 503)
     return status["healthy"], body["store"]["healthy"], body["status"]
 
 
@@ -479,14 +480,14 @@ async def assert_store_down_behaviour(client: httpx.AsyncClient, sid: str) -> No
     assert events[-1].event == "complete"
 
     async def reported_down() -> bool:
-        return await store_state(client) == (False, False, "degraded")
+        return await store_state(client) == (False, False, "store_unavailable")
 
     await wait_until(reported_down, 8, "/v1/status and /health to report the store down")
 
 
 async def wait_recovered(client: httpx.AsyncClient) -> None:
     async def reported_up() -> bool:
-        return await store_state(client) == (True, True, "ok")
+        return await store_state(client) == (True, True, "ready")
 
     await wait_until(reported_up, 8, "the store to be reported healthy again")
 
