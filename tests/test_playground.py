@@ -6,6 +6,7 @@ phone-sized viewport does not scroll sideways."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -303,3 +304,39 @@ def test_a_full_server_answers_429_with_retry_after(
     ):
         assert time.monotonic() < deadline, "the refused prompt's session was not deleted"
         time.sleep(0.05)
+
+
+def test_a_dropped_stream_is_resumed_and_says_so(page: Page, server: ServerProcess) -> None:
+    """The first response is cut after three tokens (as a dropped connection would cut
+    it); the page resumes with `Last-Event-ID`, the reply continues where it stopped
+    and ends as the server's `complete` says, and the page tells that it resumed."""
+    cut: dict[str, str] = {}
+
+    def cut_after_three_tokens(route: Route) -> None:
+        if route.request.method != "POST" or "last-event-id" in route.request.headers:
+            route.continue_()
+            return
+        body = route.fetch().text()
+        blocks = body.split("\n\n")
+        tokens = [i for i, block in enumerate(blocks) if "event: token" in block]
+        kept = "\n\n".join(blocks[: tokens[2] + 1]) + "\n\n"
+        cut["kept"] = kept
+        cut["full"] = body
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=kept)
+
+    open_playground(page, server.url)
+    page.route("**/v1/inference_sse", cut_after_three_tokens)
+    settings(page, max_tokens=24, temperature=0)
+    send(page, "Tell me about the sea.")
+    reply = page.locator(LAST_REPLY)
+    expect(reply).to_have_attribute("data-state", "done")
+    expect(reply).to_have_attribute("data-resumed", "1")
+    expect(page.locator("#notice")).to_contain_text("resumed")
+    complete = next(b for b in cut["full"].split("\n\n") if "event: complete" in b)
+    text = json.loads(complete.split("data: ", 1)[1])["text"]
+    expect(reply.locator(".text")).to_have_text(text)
+    page.unroute("**/v1/inference_sse")
+    wait_idle(page)
+    sid = page.locator("#session").input_value()
+    messages = httpx.get(f"{server.url}/v1/sessions/{sid}/messages").json()["data"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # one turn, stored once

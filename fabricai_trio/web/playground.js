@@ -7,6 +7,8 @@ const SESSION_STORAGE = "fabricai.session"; // sessionStorage: the conversation 
 const TITLES_STORAGE = "fabricai.titles"; // localStorage: first prompt of the page's sessions
 const STATUS_EVERY_MS = 1000;
 const CANCEL_GRACE_MS = 5000; // after Stop, how long to wait for `complete` before aborting
+const RESUME_TRIES = 20; // a dropped stream is resumed (Last-Event-ID); tries before giving up
+const RESUME_DELAY_MS = 1000; // between two tries
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -31,8 +33,9 @@ let running = null; // {requestId, controller, item, cancelTimer}
 class Unreachable extends Error {}
 
 /** fetch() against this server, with the API key if there is one. */
-async function api(path, { method = "GET", body, signal } = {}) {
+async function api(path, { method = "GET", body, signal, lastEventId } = {}) {
   const headers = { Accept: "application/json" };
+  if (lastEventId) headers["Last-Event-ID"] = lastEventId;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const key = sessionStorage.getItem(KEY_STORAGE);
   if (key) headers.Authorization = `Bearer ${key}`;
@@ -363,7 +366,7 @@ function newRequestId() {
   return "pg-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** SSE events ({event, data}) from a fetch() response body. */
+/** SSE events ({event, data, id}) from a fetch() response body. */
 async function* sseEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -377,6 +380,7 @@ async function* sseEvents(body) {
         const block = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
         let name = "message";
+        let id = null;
         const data = [];
         for (const line of block.split("\n")) {
           if (line === "" || line.startsWith(":")) continue; // `: keepalive`
@@ -385,9 +389,10 @@ async function* sseEvents(body) {
           let value = colon < 0 ? "" : line.slice(colon + 1);
           if (value.startsWith(" ")) value = value.slice(1);
           if (field === "event") name = value;
+          else if (field === "id") id = value;
           else if (field === "data") data.push(value);
         }
-        if (data.length) yield { event: name, data: JSON.parse(data.join("\n")) };
+        if (data.length) yield { event: name, data: JSON.parse(data.join("\n")), id };
       }
     }
   } finally {
@@ -446,7 +451,9 @@ async function generate(prompt, settings) {
     }
     response = await api("/v1/inference_sse", {
       method: "POST", signal: run.controller.signal,
-      body: { prompt, session_id: sessionId, request_id: run.requestId, ...settings },
+      body: {
+        prompt, session_id: sessionId, request_id: run.requestId, resumable: true, ...settings,
+      },
     });
   } catch (error) {
     if (error.name === "AbortError") return setState("Cancelled before it started");
@@ -474,8 +481,40 @@ async function generate(prompt, settings) {
   run.item = item;
   const text = item.querySelector(".text");
   let ended = false;
-  try {
-    for await (const { event, data } of sseEvents(response.body)) {
+  let lastEventId = null;
+  let resumed = 0;
+  for (let tries = 0; !ended; ) {
+    try {
+      await readStream(response.body);
+    } catch (error) {
+      if (error.name === "AbortError") break;
+    }
+    if (ended || run.controller.signal.aborted || tries >= RESUME_TRIES || !lastEventId) break;
+    // The connection dropped mid-reply: the generation goes on on the server, and the
+    // stream resumes after the last event seen (on any replica), never starting over.
+    setState("Connection lost: resuming…");
+    response = null;
+    while (!response && tries < RESUME_TRIES && !run.controller.signal.aborted) {
+      tries += 1;
+      await new Promise((resolve) => setTimeout(resolve, RESUME_DELAY_MS));
+      try {
+        const answer = await api("/v1/inference_sse", {
+          method: "POST", signal: run.controller.signal, lastEventId,
+        });
+        if (answer.status === 200) response = answer;
+        else if (answer.status !== 503) break; // 204: it ended; 404: it expired
+      } catch (error) {
+        if (error.name === "AbortError") break;
+      }
+    }
+    if (!response) break;
+    resumed += 1;
+    notify("The connection dropped; the reply was resumed where it stopped.", "info");
+  }
+
+  async function readStream(body) {
+    for await (const { event, data, id } of sseEvents(body)) {
+      if (id) lastEventId = id;
       if (event === "queued") {
         setState(data.position > 0 ? `Queued: ${data.position} ahead` : "Waiting for a slot…");
       } else if (event === "token") {
@@ -493,8 +532,11 @@ async function generate(prompt, settings) {
         setState("Failed");
       }
     }
-  } catch (error) {
-    if (error.name !== "AbortError") notify("The connection was lost mid-reply.", "error");
+  }
+
+  if (ended && resumed) item.dataset.resumed = String(resumed);
+  if (!ended && !run.controller.signal.aborted) {
+    notify("The connection was lost mid-reply.", "error");
   }
   if (!ended) {
     const aborted = run.controller.signal.aborted;

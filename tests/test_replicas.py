@@ -1,4 +1,4 @@
-"""Cancel from any replica: two real servers on one real Redis, the real model.
+"""Cancel and resume from any replica: two real servers on one real Redis, the real model.
 
 A stream started on replica A is cancelled with `POST /v1/inference_sse/{id}/cancel`
 sent to replica B; the generation service on B finds nothing locally, reads which
@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import socketio
 
 from .redis_server import RedisServer, redis_server_binary
 from .server_process import ServerProcess, model_env
@@ -29,6 +30,11 @@ OTHER_KEY = "replica-test-other"
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def tokens_generated(server: ServerProcess) -> int:
+    status = httpx.get(f"{server.url}/v1/status", headers=bearer(OWNER_KEY), timeout=10)
+    return int(status.json()["engine"]["tokens_generated"])
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +154,98 @@ def test_unknown_request_id_is_404_on_both(
         response = cancel(server.url, "no-such-generation", OWNER_KEY)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "request_not_found"
+
+
+def test_a_resumable_stream_cut_on_a_resumes_on_b(
+    replicas: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """The TCP connection to A is cut mid-stream; the client reconnects to B with
+    `Last-Event-ID` and gets the rest of the same generation (replayed from the Redis
+    Stream, then live). One generation ran, on A; B started none."""
+    a, b = replicas
+    request_id = f"resume-{uuid.uuid4().hex}"
+    body = {"prompt": "Write a story about a lighthouse keeper.", "max_tokens": 60,
+            "temperature": 0, "request_id": request_id, "resumable": True}
+    first: list[Any] = []
+    with httpx.stream("POST", f"{a.url}/v1/inference_sse", json=body,
+                      headers=bearer(OWNER_KEY), timeout=120) as response:
+        assert response.status_code == 200
+        for event in parse_lines(response.iter_lines()):
+            if event.event is not None:
+                first.append(event)
+            if sum(e.event == "token" for e in first) == 5:
+                break  # closing the response closes the connection
+    generated_on_b = tokens_generated(b)
+    with httpx.stream("GET", f"{b.url}/v1/inference_sse",
+                      headers={**bearer(OWNER_KEY), "Last-Event-ID": first[-1].id},
+                      timeout=120) as response:
+        assert response.status_code == 200
+        rest = [e for e in parse_lines(response.iter_lines()) if e.event is not None]
+    joined = first + rest
+    positions = [int(e.id.rsplit(":", 1)[1]) for e in joined]
+    assert positions == list(range(len(joined)))
+    complete = joined[-1]
+    assert complete.event == "complete"
+    assert complete.data["finish_reason"] in ("length", "stop")
+    assert "".join(e.data["text"] for e in joined if e.event == "token") == complete.data["text"]
+    assert tokens_generated(b) == generated_on_b  # B read the log; it decoded nothing
+    # Nothing is missing now: 204 on either replica; another owner: 404.
+    for server in (a, b):
+        done = httpx.get(f"{server.url}/v1/inference_sse",
+                         headers={**bearer(OWNER_KEY), "Last-Event-ID": complete.id},
+                         timeout=30)
+        assert done.status_code == 204
+        foreign = httpx.get(f"{server.url}/v1/inference_sse",
+                            headers={**bearer(OTHER_KEY), "Last-Event-ID": complete.id},
+                            timeout=30)
+        assert foreign.status_code == 404
+
+
+def test_socketio_resume_on_the_other_replica(
+    replicas: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = replicas
+    request_id = f"sio-resume-{uuid.uuid4().hex}"
+    seen_a: list[dict[str, Any]] = []
+    enough = threading.Event()
+    client_a = socketio.Client(reconnection=False)
+
+    def on_token_a(data: dict[str, Any]) -> None:
+        seen_a.append(data)
+        if len(seen_a) >= 3:
+            enough.set()
+
+    client_a.on("inference_token", on_token_a)
+    client_a.connect(a.url, transports=["websocket"], auth={"apiKey": OWNER_KEY},
+                     wait_timeout=10)
+    ack = client_a.call("inference_prompt", {
+        "prompt": "Write a story about a lighthouse keeper.", "max_tokens": 60,
+        "temperature": 0, "request_id": request_id, "resumable": True}, timeout=30)
+    assert ack == {"request_id": request_id}
+    assert enough.wait(60)
+    client_a.disconnect()
+    last_index = seen_a[-1]["index"]
+    rest: list[tuple[str, dict[str, Any]]] = []
+    done = threading.Event()
+    client_b = socketio.Client(reconnection=False)
+    client_b.on("inference_token", lambda d: rest.append(("token", d)))
+
+    def on_complete(data: dict[str, Any]) -> None:
+        rest.append(("complete", data))
+        done.set()
+
+    client_b.on("inference_complete", on_complete)
+    client_b.connect(b.url, transports=["websocket"], auth={"apiKey": OWNER_KEY},
+                     wait_timeout=10)
+    try:
+        answer = client_b.call("inference_resume",
+                               {"request_id": request_id, "last_index": last_index},
+                               timeout=30)
+        assert answer == {"request_id": request_id, "resumed": True}
+        assert done.wait(60)
+    finally:
+        client_b.disconnect()
+    tokens = [d for name, d in rest if name == "token"]
+    assert [t["index"] for t in tokens] == list(range(last_index + 1, last_index + 1 + len(tokens)))
+    text = "".join(t["text"] for t in seen_a[: last_index + 1]) + "".join(t["text"] for t in tokens)
+    assert text == rest[-1][1]["text"]
