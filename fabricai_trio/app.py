@@ -109,6 +109,8 @@ class FabricApp:
             await self._dispatch(scope, receive, send)
 
     async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            send = shield_last_send(send)
         if scope["type"] in ("http", "websocket"):
             for prefix, mounted in self.mounts.items():
                 if scope["path"].startswith(prefix):
@@ -126,6 +128,25 @@ class FabricApp:
             with trio.CancelScope(shield=True):
                 for cleanup in cleanups:
                     await cleanup()
+
+
+def shield_last_send(send: Any) -> Any:
+    """`send`, with the response's last body message shielded from cancellation.
+
+    Hypercorn recycles a keep-alive connection inside that `send` (it restarts the
+    connection's idle timer, which closes idle connections at shutdown); quart-trio
+    cancels the request's nursery as soon as the response is complete, and a cancel
+    landing inside that bookkeeping left the timer stopped, so an idle keep-alive
+    connection held the shutdown for all of SHUTDOWN_GRACE_SECONDS."""
+
+    async def send_shielded(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return send_shielded
 
 
 def create_app(
@@ -183,6 +204,7 @@ def create_app(
 
     @quart_app.after_serving
     async def stop_services() -> None:
+        log.info("connections closed: stopping the services")
         app.services_scope.cancel()
         with trio.CancelScope(shield=True):
             await app.services_done.wait()
