@@ -24,7 +24,7 @@ OPEN_EVENTSOURCE = """(url) => {
   window.seen = [];
   const source = new EventSource(url);
   window.source = source;
-  for (const name of ['queued', 'token', 'complete', 'error']) {
+  for (const name of ['queued', 'token', 'complete']) {
     source.addEventListener(name, (e) => window.seen.push([name, e.lastEventId]));
   }
   source.onerror = () => window.seen.push(['onerror', String(source.readyState)]);
