@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ import jwt
 from .core.errors import Unauthenticated
 from .sessions.base import MAX_OWNER_LENGTH
 from .settings import ConfigError, Settings
-
-log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
 

@@ -18,7 +18,6 @@ ends with an `inference_complete` whose `finish_reason` is `cancelled`.
 
 from __future__ import annotations
 
-import logging
 from contextlib import aclosing
 from typing import Any
 
@@ -41,8 +40,6 @@ from ..redis_channels import RedisChannels
 from ..sessions import Session
 from ..stream_log import NothingMissing, StreamNotFound
 from .state import AppState
-
-log = logging.getLogger(__name__)
 
 OWNER = "owner"
 
