@@ -1,6 +1,7 @@
 """`POST /v1/inference_sse/{request_id}/cancel` against the real model over a real socket:
-a running stream ends with `complete` / `cancelled` and its turn stored as cancelled, a
-queued one leaves the queue, and one identity can neither cancel nor see another's."""
+a running stream ends with `complete` / `cancelled`, the engine stops decoding, and the
+turn is stored as cancelled. The cancel logic itself (queued streams, owners, a cancel
+before the first event, late cancels) is tested in process: test_sse_routes.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from .sse_client import SSEEvent, aparse
 pytestmark = pytest.mark.model
 
 ALPHA = {"Authorization": "Bearer alpha-key"}
-BETA = {"Authorization": "Bearer beta-key"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ async def concurrency(client: httpx.AsyncClient) -> dict[str, int]:
 
 
 async def wait_concurrency(client: httpx.AsyncClient, *, active: int, queued: int) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(60):  # a hang guard, not a budget
         while True:
             now = await concurrency(client)
             if (now["active"], now["queued"]) == (active, queued):
@@ -95,68 +95,3 @@ async def test_cancel_mid_stream(client: httpx.AsyncClient) -> None:
     late = await cancel(client, "real-cancel-1")
     assert late.status_code == 404
     assert late.json()["error"]["code"] == "request_not_found"
-
-
-async def test_cancel_while_queued(client: httpx.AsyncClient) -> None:
-    await wait_concurrency(client, active=0, queued=0)
-    async with trio.open_nursery() as nursery:
-        holder_events: list[SSEEvent] = []
-
-        async def holder() -> None:
-            body = {"prompt": "Once upon a time", "max_tokens": 400, "request_id": "holder-1"}
-            async with client.stream("POST", "/v1/inference_sse", json=body) as response:
-                holder_events.extend([e async for e in aparse(response.aiter_lines())])
-
-        nursery.start_soon(holder)
-        await wait_concurrency(client, active=1, queued=0)
-        body = {"prompt": "Hello", "max_tokens": 8, "request_id": "queued-1"}
-        events: list[SSEEvent] = []
-        async with client.stream("POST", "/v1/inference_sse", json=body) as response:
-            async for event in aparse(response.aiter_lines()):
-                events.append(event)
-                if event.event == "queued":
-                    assert event.data["position"] == 0
-                    await wait_concurrency(client, active=1, queued=1)
-                    full = await client.post("/v1/inference_sse", json={"prompt": "x"})
-                    assert full.status_code == 429
-                    assert (await cancel(client, "queued-1")).status_code == 200
-        events = data_only(events)
-        assert [e.event for e in events] == ["queued", "complete"]
-        assert events[-1].data["finish_reason"] == "cancelled"
-        assert events[-1].data["usage"]["completion_tokens"] == 0
-        await wait_concurrency(client, active=1, queued=0)
-        # Its place is free: another request may queue behind the holder again.
-        async with client.stream("POST", "/v1/inference_sse",
-                                 json={"prompt": "Hi", "max_tokens": 2}) as response:
-            assert response.status_code == 200
-            assert (await cancel(client, "holder-1")).status_code == 200
-            tail = data_only([e async for e in aparse(response.aiter_lines())])
-            assert tail[-1].event == "complete"
-    assert data_only(holder_events)[-1].data["finish_reason"] == "cancelled"
-    await wait_concurrency(client, active=0, queued=0)
-
-
-async def test_unknown_id_and_another_owner_are_404(client: httpx.AsyncClient) -> None:
-    unknown = await cancel(client, "no-such-request")
-    assert unknown.status_code == 404
-    assert unknown.json()["error"] == {
-        "type": "not_found_error", "code": "request_not_found",
-        "message": "no running generation of yours has this request_id",
-        "param": "request_id",
-    }
-    await wait_concurrency(client, active=0, queued=0)
-    body = {"prompt": "Once upon a time", "max_tokens": 400, "request_id": "owned-1"}
-    async with client.stream("POST", "/v1/inference_sse", json=body) as response:
-        events = aparse(response.aiter_lines())
-        async for event in events:
-            if event.event == "token":
-                break
-        other = await cancel(client, "owned-1", headers=BETA)
-        assert other.status_code == 404
-        assert other.json()["error"]["code"] == "request_not_found"
-        anonymous = await cancel(client, "owned-1", headers={"Authorization": ""})
-        assert anonymous.status_code == 401
-        assert (await cancel(client, "owned-1")).status_code == 200
-        rest = data_only([e async for e in events])
-    assert rest[-1].event == "complete" and rest[-1].data["finish_reason"] == "cancelled"
-    await wait_concurrency(client, active=0, queued=0)
