@@ -18,8 +18,9 @@ def status(client: httpx.Client) -> dict[str, Any]:
     return data
 
 
-def wait_for(client: httpx.Client, *, active: int, queued: int, timeout: float = 5.0) -> None:
-    """Poll /v1/status until it shows `active` running and `queued` waiting (or fail)."""
+def wait_for(client: httpx.Client, *, active: int, queued: int, timeout: float = 60.0) -> None:
+    """Poll /v1/status until it shows `active` running and `queued` waiting (`timeout`:
+    a hang guard, not a budget)."""
     deadline = time.monotonic() + timeout
     while True:
         concurrency = status(client)["concurrency"]
@@ -29,7 +30,7 @@ def wait_for(client: httpx.Client, *, active: int, queued: int, timeout: float =
         time.sleep(0.02)
 
 
-def wait_idle(client: httpx.Client, timeout: float = 5.0) -> None:
+def wait_idle(client: httpx.Client, timeout: float = 60.0) -> None:
     wait_for(client, active=0, queued=0, timeout=timeout)
 
 
