@@ -172,12 +172,15 @@ def test_numpy_greedy_picks_what_the_llama_cpp_chain_picks(
     runner: BatchRunner, model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Temperature 0 is sampled in numpy. A llama.cpp chain (penalties + greedy) fed the
-    same logits picks the same token at every step, and the penalty does change picks."""
+    same logits picks the same token at every step, and the penalty does change picks.
+
+    Every step that ran is compared; how many ran is the model's business (a sequence
+    that reaches end-of-text stops early, at a step that can differ between CPUs)."""
     import llama_cpp
     import numpy as np
 
     chains: dict[int, Any] = {}
-    picks: list[tuple[int, int, int]] = []  # (unpenalised argmax, chain, numpy)
+    picks: dict[int, list[tuple[int, int, int]]] = {}  # per sequence: (raw argmax, chain, numpy)
     sample = runner._sample
 
     def both(handle: int, sampling: Any, index: int) -> int:
@@ -191,18 +194,21 @@ def test_numpy_greedy_picks_what_the_llama_cpp_chain_picks(
         raw = int(np.argmax(runner._logits(index)))
         expected = int(llama_cpp.llama_sampler_sample(chain, runner._ctx, index))
         got = sample(handle, sampling, index)
-        picks.append((raw, expected, got))
+        picks.setdefault(handle, []).append((raw, expected, got))
         return got
 
     monkeypatch.setattr(runner, "_sample", both)
     try:
-        greedy(runner, tokenize_all(model_path, PROMPTS[2:5]), 80, repeat_penalty=1.3)
+        out = greedy(runner, tokenize_all(model_path, PROMPTS[2:5]), 80, repeat_penalty=1.3)
     finally:
         for chain in chains.values():
             llama_cpp.llama_sampler_free(chain)
-    assert len(picks) == 3 * 80
-    assert all(expected == got for _, expected, got in picks)
-    assert any(raw != got for raw, _, got in picks)
+    # Every step of every sequence was sampled by both, and the chain agreed each time.
+    assert sorted([got for _, _, got in steps] for steps in picks.values()) == sorted(
+        tokens for tokens, _ in out)
+    assert all(expected == got for steps in picks.values() for _, expected, got in steps)
+    # The penalty is applied: somewhere it overrode the plain argmax.
+    assert any(raw != got for steps in picks.values() for raw, _, got in steps)
 
 
 def test_other_sequences_content_never_changes_a_sequence(
@@ -215,9 +221,12 @@ def test_other_sequences_content_never_changes_a_sequence(
     assert group_a != group_b
     with_a = greedy(runner, [probe, *group_a], 24)
     with_b = greedy(runner, [probe, *group_b], 24)
-    # Same batch shape (lengths, and nobody ended early), different content:
-    assert all(len(t) == 24 for t, _ in with_a + with_b)
-    assert with_a[0][0] == with_b[0][0]
+    # Compare the steps where both batches had the same shape (all four sequences
+    # running: same prompt widths, nobody ended yet), whatever the content. How long
+    # that is depends on when the model emits end-of-text, which the test does not pin.
+    same_shape = min(len(t) for t, _ in with_a + with_b)
+    assert same_shape >= 1
+    assert with_a[0][0][:same_shape] == with_b[0][0][:same_shape]
 
 
 def test_batched_tokens_match_alone_up_to_near_ties(runner: BatchRunner, model_path: Path) -> None:
