@@ -34,8 +34,8 @@ import trio
 from .sse_client import SSEEvent, parse_lines
 
 Message = dict[str, Any]
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Message]],
-                    Callable[[Message], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+"""Any ASGI callable (the app's own annotations for scope and messages vary)."""
 Headers = Iterable[tuple[bytes, bytes]] | Mapping[str, str]
 
 LIMIT_S = 5.0

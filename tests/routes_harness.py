@@ -63,7 +63,7 @@ async def running(
     config = settings(**overrides)
     engine = engine_class(config, step_seconds=STEP_S)
     app = create_app(config, engine=engine, store=MemorySessionStore())
-    async with serve(app, headers=headers or {}) as client:  # type: ignore[arg-type]
+    async with serve(app, headers=headers or {}) as client:
         yield client, engine, app
 
 

@@ -16,6 +16,11 @@ class SSEEvent:
     comment: str | None = None
 
 
+def _first(fields: dict[str, list[str]], name: str) -> str | None:
+    values = fields.get(name)
+    return values[0] if values else None
+
+
 def parse_lines(lines: Iterator[str]) -> Iterator[SSEEvent]:
     fields: dict[str, list[str]] = {}
     for line in lines:
@@ -23,9 +28,9 @@ def parse_lines(lines: Iterator[str]) -> Iterator[SSEEvent]:
             if fields:
                 data = "\n".join(fields.get("data", []))
                 yield SSEEvent(
-                    event=(fields.get("event") or [None])[0],
+                    event=_first(fields, "event"),
                     data=json.loads(data) if data else None,
-                    id=(fields.get("id") or [None])[0],
+                    id=_first(fields, "id"),
                 )
                 fields = {}
             continue

@@ -17,6 +17,7 @@ import httpx
 import llama_cpp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from .live import status, wait_for, wait_idle
 from .server_process import ServerProcess, model_env
@@ -25,7 +26,9 @@ from .sse_client import parse_lines
 pytestmark = pytest.mark.model
 
 KEY = "sk-test-openai"
-CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Write a short poem about the sea."}
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,10 @@ def test_chat_completion_matches_the_sse_route(
     client: openai.OpenAI, http: httpx.Client
 ) -> None:
     body = {"messages": CHAT, "max_tokens": 8, "temperature": 0}
-    client.chat.completions.create(model="anything", **body)  # type: ignore[call-overload]
+    client.chat.completions.create(model="anything", messages=CHAT, max_tokens=8, temperature=0)
     reference = sse_complete(http, body)
-    result = client.chat.completions.create(model="anything", **body)  # type: ignore[call-overload]
+    result = client.chat.completions.create(
+        model="anything", messages=CHAT, max_tokens=8, temperature=0)
     choice = result.choices[0]
     assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
     assert choice.message.role == "assistant" and choice.message.content
@@ -83,13 +87,13 @@ def test_chat_completion_matches_the_sse_route(
 
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0  # type: ignore[arg-type]
+        model="m", messages=CHAT, max_tokens=10, temperature=0
     )
     whole = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0  # type: ignore[arg-type]
+        model="m", messages=CHAT, max_tokens=10, temperature=0
     )
     chunks = list(client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0,  # type: ignore[arg-type]
+        model="m", messages=CHAT, max_tokens=10, temperature=0,
         stream=True, stream_options={"include_usage": True},
     ))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -146,7 +150,7 @@ def test_stop_strings(client: openai.OpenAI) -> None:
 def test_seed_and_sampling_params_are_applied(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str | None:
         return client.chat.completions.create(
-            model="m", messages=CHAT, max_tokens=6,  # type: ignore[arg-type]
+            model="m", messages=CHAT, max_tokens=6,
             temperature=1.0, top_p=0.9, seed=seed,
         ).choices[0].message.content
 
@@ -176,7 +180,7 @@ def test_unsupported_or_invalid_fields_are_400_naming_the_field(
 ) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model="m", messages=CHAT, extra_body=extra  # type: ignore[arg-type]
+            model="m", messages=CHAT, extra_body=extra
         )
     assert info.value.status_code == 400
     assert info.value.param == param and info.value.code == code
@@ -184,7 +188,7 @@ def test_unsupported_or_invalid_fields_are_400_naming_the_field(
 
 def test_neutral_values_of_unsupported_fields_are_accepted(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
-        model="m", messages=CHAT, max_completion_tokens=2, n=1,  # type: ignore[arg-type]
+        model="m", messages=CHAT, max_completion_tokens=2, n=1,
         presence_penalty=0, frequency_penalty=0, logprobs=False, user="u-1",
         response_format={"type": "text"},
     )
@@ -194,7 +198,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client: openai.OpenAI
 def test_wrong_key_is_authentication_error(server: ServerProcess) -> None:
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:
-        bad.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+        bad.chat.completions.create(model="m", messages=CHAT)
     assert info.value.status_code == 401
     assert info.value.code == "invalid_api_key"
     assert "Bearer" in info.value.response.headers["www-authenticate"]
@@ -217,7 +221,7 @@ def test_full_queue_is_rate_limit_error(
             wait_for(http, active=1, queued=1)
             with pytest.raises(openai.RateLimitError) as info:
                 client.chat.completions.create(
-                    model="m", messages=CHAT, max_tokens=2  # type: ignore[arg-type]
+                    model="m", messages=CHAT, max_tokens=2
                 )
             assert info.value.status_code == 429 and info.value.code == "queue_full"
             assert info.value.response.headers["retry-after"] == "1"
@@ -228,7 +232,7 @@ def test_cancel_mid_stream_frees_the_slot(client: openai.OpenAI, http: httpx.Cli
     wait_idle(http)
     before = status(http)["engine"]["tokens_generated"]
     stream = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=512, temperature=0, stream=True  # type: ignore[arg-type]
+        model="m", messages=CHAT, max_tokens=512, temperature=0, stream=True
     )
     received = 0
     for chunk in stream:
@@ -240,7 +244,7 @@ def test_cancel_mid_stream_frees_the_slot(client: openai.OpenAI, http: httpx.Cli
     wait_idle(http, timeout=10)
     assert status(http)["engine"]["tokens_generated"] - before < 512
     after = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=2  # type: ignore[arg-type]
+        model="m", messages=CHAT, max_tokens=2
     )
     assert after.choices[0].finish_reason == "length"
 
@@ -253,7 +257,7 @@ def test_session_id_continues_a_stored_session(
     session_id = created.json()["id"]
     for question in ("Name a colour.", "And another one?"):
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": question}],  # type: ignore[list-item]
+            model="m", messages=[{"role": "user", "content": question}],
             max_tokens=4, temperature=0, extra_body={"session_id": session_id},
         )
     messages = http.get(f"/v1/sessions/{session_id}/messages").json()["data"]
@@ -263,7 +267,7 @@ def test_session_id_continues_a_stored_session(
     assert messages[4]["prompt_tokens"] > messages[2]["prompt_tokens"]
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(
-            model="m", messages=CHAT, extra_body={"session_id": "no-such-session"}  # type: ignore[arg-type]
+            model="m", messages=CHAT, extra_body={"session_id": "no-such-session"}
         )
     assert info.value.param == "session_id"
 

@@ -463,12 +463,13 @@ async def store_state(client: httpx.AsyncClient) -> tuple[bool, bool, str]:
 
 async def assert_store_down_behaviour(client: httpx.AsyncClient, sid: str) -> None:
     """While Redis is out: session requests fail fast with 503, others still stream."""
-    for method, path, kwargs in [
+    calls: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/v1/inference_sse",
          {"json": {"prompt": "Hi.", "session_id": sid, "max_tokens": 4}}),
         ("GET", f"/v1/sessions/{sid}", {}),
         ("POST", "/v1/sessions", {}),
-    ]:
+    ]
+    for method, path, kwargs in calls:
         started = time.monotonic()
         response = await client.request(method, path, **kwargs)
         elapsed = time.monotonic() - started

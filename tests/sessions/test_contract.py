@@ -167,7 +167,7 @@ async def test_append_turn_keeps_order_and_fields(store: SessionStore, owner: st
 async def test_bad_turn_writes_nothing(store: SessionStore, owner: str) -> None:
     session = await store.create(owner, system_prompt="sys")
     good = turn("ok")[0]
-    bogus = Message.model_construct(role="robot", content="x")  # skipped validation
+    bogus = Message.model_construct(role="robot", content="x")  # type: ignore[arg-type]  # invalid on purpose
     bad_turns: list[Any] = [[], [good, "not a message"], [good, {"role": "user"}], [good, bogus]]
     for bad in bad_turns:
         with pytest.raises((TypeError, ValueError)):

@@ -57,7 +57,7 @@ async def harness(**overrides: object) -> AsyncIterator[Harness]:
         nursery.cancel_scope.cancel()
 
 
-class CancelAtStep:
+class CancelAtStep(trio.abc.Instrument):
     """A trio instrument: cancel `scope` just before `task`'s k-th step."""
 
     def __init__(self, k: int) -> None:
