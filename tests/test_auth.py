@@ -188,13 +188,25 @@ def test_request_log_is_json_without_prompts_or_keys(
     assert response.status_code == 200
     rid = response.headers["x-request-id"]
     http.get("/v1/status")  # a 401, logged too
-    time.sleep(0.3)
-    text = server.log()
+
+    def request_lines(text: str) -> list[dict[str, Any]]:
+        complete = text[: text.rfind("\n") + 1]  # a line being written is not read yet
+        lines = [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+        return [e for e in lines if e["logger"] == "fabricai_trio.requests"]
+
+    deadline = time.monotonic() + 30  # a hang guard: until both lines are written
+    while True:
+        text = server.log()
+        requests = request_lines(text)
+        if any(e["request_id"] == rid for e in requests) and any(
+            e["route"] == "/v1/status" and e["status"] == 401 for e in requests
+        ):
+            break
+        assert time.monotonic() < deadline, "the request log lines never appeared"
+        time.sleep(0.05)
     assert MARKER not in text
     for secret in (ALPHA, BETA, FILE_KEY, SECRET):
         assert secret not in text
-    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-    requests = [e for e in lines if e["logger"] == "fabricai_trio.requests"]
     mine = next(e for e in requests if e["request_id"] == rid)
     assert mine["route"] == "/v1/inference_sse" and mine["status"] == 200
     assert mine["owner"] == key_owner(ALPHA)

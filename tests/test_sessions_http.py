@@ -9,7 +9,6 @@ never answer, `refuse`: a stopped one), so the 503 path is exercised for every r
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from typing import Any, Literal
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from fabricai_trio.app import create_app, run_services
 from fabricai_trio.core.engine import ChatPrompt
@@ -292,8 +292,11 @@ async def test_wrong_method_is_405_in_the_error_format(client: httpx.AsyncClient
 
 @pytest.mark.parametrize("mode", ["hang", "refuse"])
 async def test_store_down_is_503_promptly_on_every_route(
-    client: httpx.AsyncClient, store: FlakyStore, mode: Mode
+    client: httpx.AsyncClient, store: FlakyStore, mode: Mode,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """Measured on the virtual trio clock, so the machine's speed does not matter: a hung
+    store is given up on after exactly one STORE_TIMEOUT_SECONDS."""
     await store.create("anonymous", session_id="mine")
     store.mode = mode
     calls: list[tuple[str, str, dict[str, Any]]] = [
@@ -306,13 +309,15 @@ async def test_store_down_is_503_promptly_on_every_route(
         ("POST", "/v1/inference_sse", {"json": {"prompt": "hi", "session_id": "mine"}}),
     ]
     for method, path, kwargs in calls:
-        started = time.monotonic()
+        started = trio.current_time()
         response = await client.request(method, path, **kwargs)
-        elapsed = time.monotonic() - started
+        elapsed = trio.current_time() - started
         error = assert_error(response, 503, "session_store_unavailable")
         assert error["type"] == "unavailable_error"
         assert response.headers["retry-after"] == "1"
-        assert elapsed < STORE_TIMEOUT + 1.0, (method, path, elapsed)
+        # One store timeout when it hangs, no wait at all when it refuses.
+        expected = STORE_TIMEOUT if mode == "hang" else 0.0
+        assert elapsed == pytest.approx(expected), (method, path, elapsed)
     # Without a session the store is not needed: generations still stream.
     response = await client.post("/v1/inference_sse", json={"prompt": "hi", "max_tokens": 2})
     assert response.status_code == 200
@@ -376,6 +381,7 @@ async def run_to_end(generation: Generation) -> CompleteEvent:
 
 async def test_a_turn_sees_the_turn_that_finished_while_it_waited(
     service: tuple[GenerationService, SlowReadStore, RenderingEngine],
+    autojump_clock: trio.testing.MockClock,  # the delays below order the tasks exactly
 ) -> None:
     """A turn must be built from the history as it is once it holds the lock: a turn
     that ends while the next one is still reading must be in the next one's prompt."""
@@ -410,6 +416,7 @@ async def test_a_turn_sees_the_turn_that_finished_while_it_waited(
 
 async def test_concurrent_first_use_with_autocreate_is_one_turn_and_one_409(
     service: tuple[GenerationService, SlowReadStore, RenderingEngine],
+    autojump_clock: trio.testing.MockClock,  # the delays below order the tasks exactly
 ) -> None:
     """Two requests create the same new session at once: one streams, one is busy."""
     svc, store, _ = service
@@ -439,7 +446,7 @@ async def test_concurrent_first_use_with_autocreate_is_one_turn_and_one_409(
 
 @pytest.mark.parametrize("mode", ["hang", "refuse"])
 async def test_a_lock_left_by_an_outage_is_released_when_the_store_returns(
-    store: FlakyStore, mode: Mode
+    store: FlakyStore, mode: Mode, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A generation that ends while the store is down cannot release its lock; the
     session must not stay busy for SESSION_LOCK_SECONDS once the store is back."""

