@@ -16,7 +16,7 @@ from fabricai_trio.sessions import MemorySessionStore, SessionInfo, StoreUnavail
 from fabricai_trio.settings import Settings
 
 from .fakes import FakeEngine
-from .live import Samples, scrape, value, wait_for, wait_idle
+from .live import Samples, ended_normally, scrape, value, wait_for, wait_idle
 from .server_process import ServerProcess, model_env
 from .sse_client import parse_lines
 
@@ -52,16 +52,19 @@ def test_a_stream_moves_tokens_latency_and_requests(http: httpx.Client) -> None:
     response = http.post("/v1/inference_sse", json={**LONG, "max_tokens": 8})
     complete = list(parse_lines(iter(response.text.splitlines())))[-1].data
     after = scrape(http)
-    assert delta(before, after, "fabricai_generation_tokens_total") == 8
+    generated = complete["usage"]["completion_tokens"]
+    assert ended_normally(complete["finish_reason"], generated, 8)
+    assert delta(before, after, "fabricai_generation_tokens_total") == generated
     assert delta(before, after, "fabricai_prompt_tokens_total") == (
         complete["usage"]["prompt_tokens"]
     )
-    assert delta(before, after, "fabricai_generations_total", finish_reason="length") == 1
+    assert delta(before, after, "fabricai_generations_total",
+                 finish_reason=complete["finish_reason"]) == 1
     assert delta(before, after, "fabricai_time_to_first_token_seconds_count") == 1
     ttft = delta(before, after, "fabricai_time_to_first_token_seconds_sum")
     assert 0 < ttft <= complete["timings"]["total_ms"] / 1000
     # One latency sample per token after the first (the last, empty chunk carries none).
-    assert delta(before, after, "fabricai_time_per_output_token_seconds_count") == 7
+    assert delta(before, after, "fabricai_time_per_output_token_seconds_count") == generated - 1
     assert delta(before, after, "fabricai_http_requests_total",
                  route="/v1/inference_sse", method="POST", status="200") == 1
     assert value(after, "fabricai_active_generations") == 0
