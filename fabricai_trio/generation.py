@@ -32,7 +32,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from .admission import Admission, Ticket
-from .core.engine import Chunk, Engine, EngineError, EngineRequest
+from .core.engine import Chunk, Engine, EngineError, EngineRequest, Finish
 from .core.errors import (
     ContextLengthExceeded,
     DomainError,
@@ -216,6 +216,7 @@ class Generation:
                 index = 0
                 async with aclosing(service.engine.generate_stream(self.engine_request)) as stream:
                     while True:
+                        item: Chunk | Finish | None = None  # stays None if the step is cut
                         try:
                             with self._step():
                                 item = await anext(stream, None)
