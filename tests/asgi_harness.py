@@ -355,19 +355,19 @@ class Client:
                 await call.wait_done()
             self.open.discard(call)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, *, headers: Headers = ()) -> dict[str, Any]:
         """`GET /v1/status` as JSON."""
-        response = await self.get("/v1/status")
+        response = await self.get("/v1/status", headers=headers)
         assert response.status == 200, response.text
         data: dict[str, Any] = response.json()
         return data
 
-    async def wait_status(self, *, active: int, queued: int) -> None:
+    async def wait_status(self, *, active: int, queued: int, headers: Headers = ()) -> None:
         """Until `/v1/status` shows this many active and queued (each step lets every
         other task run first; a hang guard, never a budget)."""
         with trio.fail_after(LIMIT_S):
             while True:
-                concurrency = (await self.status())["concurrency"]
+                concurrency = (await self.status(headers=headers))["concurrency"]
                 if (concurrency["active"], concurrency["queued"]) == (active, queued):
                     return
                 await trio.testing.wait_all_tasks_blocked()

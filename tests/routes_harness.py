@@ -59,12 +59,21 @@ async def running(
     engine_class: type[FakeEngine] = FakeEngine, *, headers: dict[str, str] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[tuple[Client, FakeEngine, FabricApp]]:
-    """The app with its lifespan running on a fake engine and a memory store."""
+    """The app with its lifespan running on a fake engine and a memory store; on exit,
+    with every stream closed, nothing may be left running, queued or registered."""
     config = settings(**overrides)
     engine = engine_class(config, step_seconds=STEP_S)
     app = create_app(config, engine=engine, store=MemorySessionStore())
+    keys = str(overrides.get("api_keys") or "").split(",")
+    admin = {"authorization": f"Bearer {keys[0]}"} if keys[0] else {}
     async with serve(app, headers=headers or {}) as client:
+        # The app warmed the engine up before it took traffic: count from here on.
+        engine.started.clear()
+        engine.tokens_generated = engine.max_in_use = 0
         yield client, engine, app
+        # Whatever the test did, once its streams are closed nothing is left live.
+        await client.wait_status(active=0, queued=0, headers=admin)
+        assert app.state.service.live_count == 0
 
 
 def data_events(events: list[SSEEvent]) -> list[SSEEvent]:

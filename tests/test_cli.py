@@ -109,24 +109,24 @@ def test_sigterm_during_model_load_exits_cleanly_and_frees_the_engine(
         {"LLM_MODEL": str(model_path), "CHAT_FORMAT": "gemma", "ENGINE": engine},
         log_dir=server_logs,
     )
-    proc.proc = subprocess.Popen(
+    popen = subprocess.Popen(
         [sys.executable, "-m", "fabricai_trio", "serve"], env=proc.env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert proc.proc.stdout is not None
+    assert popen.stdout is not None
     lines = []
-    for line in proc.proc.stdout:
+    for line in popen.stdout:
         lines.append(line)
         if "loading the model" in line:
-            proc.proc.send_signal(signal.SIGTERM)
+            popen.send_signal(signal.SIGTERM)
             break
     try:
-        rest, _ = proc.proc.communicate(timeout=60)
+        rest, _ = popen.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.proc.kill()
+        popen.kill()
         raise
     log = "".join(lines) + rest
-    assert proc.proc.returncode == 0, log
+    assert popen.returncode == 0, log
     assert "Traceback" not in log
     # The engine was closed after the load task ended, not beside it.
     assert "services stopped: engine, session store and Redis client closed" in log, log

@@ -82,7 +82,7 @@ async def test_stream_events_in_order_and_consistent(
     rid = events[0].data["request_id"]
     assert all(e.data["request_id"] == rid for e in events)
     tokens = events[1:-1]
-    assert [int(e.id or -1) for e in tokens] == list(range(len(tokens)))
+    assert [e.id for e in events] == [f"{rid}:{i}" for i in range(len(events))]
     assert [e.data["index"] for e in tokens] == list(range(len(tokens)))
     complete = events[-1].data
     assert "".join(e.data["text"] for e in tokens) == complete["text"]

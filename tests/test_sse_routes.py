@@ -60,7 +60,8 @@ async def test_a_stream_is_queued_tokens_complete(autojump_clock: trio.testing.M
         assert all(e.data["request_id"] == "r-1" for e in events)
         assert events[0].data["position"] == 0
         tokens = events[1:-1]
-        assert [e.id for e in tokens] == ["0", "1", "2", "3"]
+        # Every event's id names the stream and its position (what Last-Event-ID resumes).
+        assert [e.id for e in events] == [f"r-1:{i}" for i in range(6)]
         assert [e.data["index"] for e in tokens] == [0, 1, 2, 3]
         complete = events[-1].data
         assert complete["text"] == tokens_text(events) == " alpha beta gamma delta"

@@ -6,7 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from fabricai_trio.admission import Admission, QueueFull
+from fabricai_trio.admission import Admission
+from fabricai_trio.core.errors import QueueFull
 
 
 async def started(nursery: trio.Nursery, admission: Admission) -> Admission:
