@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -24,6 +23,7 @@ from fabricai_trio.auth import Authenticator, key_owner
 from fabricai_trio.core.errors import DomainError
 from fabricai_trio.settings import ConfigError, Settings, load_settings
 
+from .asgi_harness import serve
 from .fakes import FakeEngine
 from .live import ended_normally
 from .server_process import ServerProcess
@@ -315,20 +315,15 @@ async def test_prompts_are_logged_only_when_asked(
     caplog: pytest.LogCaptureFixture, log_prompts: bool
 ) -> None:
     config = app_settings(log_prompts=log_prompts)
-    engine = FakeEngine(config)
-    await engine.load()
-    app = create_app(config, engine=engine)
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(app.state.admission.run)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            with caplog.at_level(logging.INFO, logger="fabricai_trio.requests"):
-                response = await client.post(
-                    "/v1/completions", json={"prompt": f"Say {MARKER}", "max_tokens": 2}
-                )
-        nursery.cancel_scope.cancel()
-    assert response.status_code == 200, response.text
-    [record] = [r for r in caplog.records if r.name == "fabricai_trio.requests"]
+    app = create_app(config, engine=FakeEngine(config))
+    async with serve(app) as client:  # the whole lifespan: loaded, warmed up, ready
+        with caplog.at_level(logging.INFO, logger="fabricai_trio.requests"):
+            response = await client.post(
+                "/v1/completions", json={"prompt": f"Say {MARKER}", "max_tokens": 2}
+            )
+    assert response.status == 200, response.text
+    [record] = [r for r in caplog.records if r.name == "fabricai_trio.requests"
+                and r.fields["route"] == "/v1/completions"]  # type: ignore[attr-defined]
     fields = record.fields  # type: ignore[attr-defined]
     assert fields["completion_tokens"] == 2 and fields["route"] == "/v1/completions"
     assert (MARKER in record.getMessage()) == log_prompts
