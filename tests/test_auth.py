@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,11 @@ def test_bad_credentials_are_401_on_every_route(
         assert response.headers["x-request-id"]
 
 
-GOOD = {
-    "bearer key": bearer(ALPHA),
-    "x-api-key": {"X-Api-Key": BETA},
-    "key from file": bearer(FILE_KEY),
-    "jwt": bearer(token()),
+GOOD: dict[str, Callable[[], dict[str, str]]] = {
+    "bearer key": lambda: bearer(ALPHA),
+    "x-api-key": lambda: {"X-Api-Key": BETA},
+    "key from file": lambda: bearer(FILE_KEY),
+    "jwt": lambda: bearer(token()),  # minted when the test runs, not at collection
 }
 
 
@@ -137,9 +137,10 @@ GOOD = {
 def test_good_credentials_pass_on_every_route(
     http: httpx.Client, routes: list[tuple[str, str, bool]], case: str
 ) -> None:
+    headers = GOOD[case]()
     for method, path, _ in routes:
         # An empty body: routes answer with their own 4xx, never 401/403.
-        response = http.request(method, path, headers=GOOD[case], json={})
+        response = http.request(method, path, headers=headers, json={})
         assert response.status_code not in (401, 403), (method, path, response.text)
         assert response.status_code < 500, (method, path, response.text)
 

@@ -154,7 +154,7 @@ def test_curl_streams(server: ServerProcess) -> None:
         ],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout
-    assert out.startswith("event: queued\n")
+    assert out.startswith("id: ") and "\nevent: queued\n" in out.split("\n\n")[0]
     assert "event: token\n" in out
     assert "event: complete\n" in out
 
