@@ -36,7 +36,8 @@ async def served(
     config.graceful_timeout = 1.0
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        asgi: Any = app  # hypercorn's ASGIFramework type names its own scope TypedDicts
+        binds = await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop.wait))
         async with httpx.AsyncClient(base_url=binds[0], timeout=10) as client:
             with trio.fail_after(10):
                 await app.ready.wait()
