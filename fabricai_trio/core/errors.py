@@ -344,8 +344,3 @@ def ack_error(error: DomainError, request_id: str | None) -> dict[str, Any]:
 def connect_refusal(error: DomainError) -> tuple[str, dict[str, Any]]:
     """`(message, data)` of a Socket.IO CONNECT_ERROR packet."""
     return error.message, error_object(error)
-
-
-def as_domain_error(exc: BaseException) -> DomainError:
-    """`exc` itself if it is a domain error, else an `InternalError` that tells nothing."""
-    return exc if isinstance(exc, DomainError) else InternalError()

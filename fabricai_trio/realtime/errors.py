@@ -49,10 +49,6 @@ class ProtocolError(Exception):
         self.failure = failure
         self.code = code
 
-    @property
-    def http_status(self) -> int:
-        return FAILURES[self.failure][0]
-
 
 class RemoteProtocolError(ProtocolError):
     """The client broke the protocol."""

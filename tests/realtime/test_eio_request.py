@@ -22,7 +22,12 @@ from fabricai_trio.realtime.eio_request import (
     route,
 )
 from fabricai_trio.realtime.eio_session import Transport
-from fabricai_trio.realtime.errors import Failure, LocalProtocolError, RemoteProtocolError
+from fabricai_trio.realtime.errors import (
+    Failure,
+    LocalProtocolError,
+    RemoteProtocolError,
+    http_status_for,
+)
 
 CONFIG = RealtimeConfig(path="/socket.io/")
 LIVE = "live-sid"
@@ -58,7 +63,7 @@ def refusal(decision: Decision) -> tuple[int, int, bool]:
     assert isinstance(decision, Refuse), decision
     body = json.loads(decision.response.body)
     assert body["code"] == int(decision.error.code)
-    assert decision.response.status == decision.error.http_status
+    assert decision.response.status == http_status_for(decision.error)
     return decision.response.status, body["code"], decision.accept_first
 
 
