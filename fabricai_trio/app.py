@@ -32,6 +32,7 @@ from .api import auth_hook, request_log
 from .api.http_errors import register_error_handlers
 from .api.openai.routes import blueprint as openai_blueprint
 from .api.openapi import blueprint as openapi_blueprint
+from .api.operations import blueprint as operations_blueprint
 from .api.playground import ASSET_PREFIX, PAGE_PATH
 from .api.playground import blueprint as playground_blueprint
 from .api.request_log import RequestObserver
@@ -189,8 +190,8 @@ def create_app(
         metrics=metrics, auth=authenticator,
     )
     quart_app.extensions[EXTENSION_KEY] = state
-    for bp in (blueprint, sessions_blueprint, openai_blueprint, openapi_blueprint,
-               playground_blueprint):
+    for bp in (blueprint, operations_blueprint, sessions_blueprint, openai_blueprint,
+               openapi_blueprint, playground_blueprint):
         quart_app.register_blueprint(bp)
     request_log.init_app(quart_app)  # before auth: a 401 is logged with its route
     auth_hook.install(quart_app, authenticator, settings, public_paths={PAGE_PATH},

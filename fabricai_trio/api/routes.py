@@ -1,4 +1,4 @@
-"""HTTP routes: the SSE inference endpoint and its cancel, status, health and metrics.
+"""HTTP routes: the SSE inference endpoint (new streams and reconnects) and its cancel.
 
 Thin by design: parse and validate into a `GenerationRequest`, hand it to the
 `GenerationService`, and frame what comes back.
@@ -7,7 +7,6 @@ Thin by design: parse and validate into a `GenerationRequest`, hand it to the
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from http import HTTPStatus
@@ -16,18 +15,16 @@ from typing import Any, cast
 import trio
 from quart import Blueprint, Response, jsonify, request
 
-from .. import __version__
-from ..core.errors import ERROR_TABLE, ErrorKind, InvalidField, InvalidJson, NotFound
+from ..core.errors import InvalidField, InvalidJson, NotFound
 from ..core.events import EVENT_NAMES, StreamEvent
 from ..core.requests import GenerationRequest
 from ..core.stream_ids import event_id, parse_event_id
 from ..generation import Generation, GenerationService, Keepalive
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..stream_log import NothingMissing
 from . import sse
 from .auth_hook import current_identity
 from .request_log import attach_generation, request_id
-from .schemas import CancelResult, Liveness
+from .schemas import CancelResult
 from .state import state
 
 blueprint = Blueprint("api", __name__)
@@ -182,64 +179,3 @@ async def inference_sse_cancel(request_id: str) -> Response:
         raise NotFound("no running generation of yours has this request_id",
                        code="request_not_found", param="request_id")
     return jsonify(CancelResult(request_id=request_id, cancelled=True).model_dump())
-
-
-@blueprint.get("/v1/status")
-async def status() -> Response:
-    app = state()
-    info = app.engine.info()
-    stats = app.admission.stats()
-    return jsonify(
-        {
-            "model": {
-                "name": info.model,
-                "path": info.model_path,
-                "loaded": info.loaded,
-                "n_ctx": info.n_ctx,
-                "chat_format": info.chat_format,
-                "load_error": app.load_error,
-            },
-            "concurrency": {
-                "max": stats.max_concurrent,
-                "active": stats.active,
-                "queued": stats.queued,
-                "queue_capacity": stats.queue_capacity,
-            },
-            "engine": {"tokens_generated": info.tokens_generated, "slots": info.slots,
-                       **info.extra},
-            "store": {"backend": app.store.backend, "healthy": app.store_healthy},
-            "uptime_seconds": round(time.time() - app.started_at, 3),
-            "version": __version__,
-        }
-    )
-
-
-@blueprint.get("/livez")
-async def livez() -> Response:
-    """Liveness: the process serves HTTP (whatever the model, the store or a drain)."""
-    return jsonify(Liveness().model_dump())
-
-
-@blueprint.get("/readyz")
-async def readyz() -> Response:
-    """Readiness (`/health` is an alias): 200 when this replica takes traffic, else 503
-    with `Retry-After` and a reason (loading with its progress, failed, store down,
-    draining): the table's status for an unavailable server."""
-    readiness = state().readiness()
-    response = jsonify(readiness.model_dump(exclude_none=True))
-    if readiness.status != "ready":
-        response.status_code = ERROR_TABLE[ErrorKind.UNAVAILABLE].status
-        response.headers["Retry-After"] = "1"
-    return response
-
-
-@blueprint.get("/health")
-async def health() -> Response:
-    """An alias of `/readyz` (what older probes and the image's HEALTHCHECK call)."""
-    return await readyz()
-
-
-@blueprint.get("/metrics")
-async def metrics() -> Response:
-    """Prometheus text exposition of this app's registry."""
-    return Response(state().metrics.render(), content_type=METRICS_CONTENT_TYPE)
