@@ -106,6 +106,9 @@ class LlamaEngine:
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)
 
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        return await self._text.tokenize_chat(prompt)
+
     # --- generation ---
 
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:

@@ -123,8 +123,6 @@ SMOLLM2 = EmbeddedModel(
 EMBEDDED_MODELS: tuple[EmbeddedModel, ...] = (GEMMA3, SMOLLM2)
 DEFAULT_EMBEDDED = GEMMA3
 """Used when LLM_MODEL is unset."""
-EMBEDDED_ALIAS = DEFAULT_EMBEDDED.name
-EMBEDDED_CHAT_FORMAT = "gemma"
 
 
 def embedded_by_name(value: str | Path | None) -> EmbeddedModel | None:
