@@ -187,6 +187,7 @@ class BatchedEngine:
             top_k=request.top_k,
             repeat_penalty=request.repeat_penalty,
             seed=request.seed,
+            stop_tokens=request.stop_tokens,
         )
         self._poke()
         try:

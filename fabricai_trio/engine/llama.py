@@ -211,6 +211,8 @@ class _Decoder:
             return (b"", True)
         except Exception as exc:
             raise EngineError(f"decode failed: {exc}") from exc
-        if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token):
+        if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token) or (
+            token in self._request.stop_tokens
+        ):
             return (b"", True)
         return (ctx.detokenize([token]), False)
