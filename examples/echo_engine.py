@@ -47,6 +47,9 @@ class EchoEngine:
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return ChatPrompt(text=messages[-1].content if messages else "")
 
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        return await self.tokenize(prompt.text)
+
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         words = {v: k for k, v in self._ids.items()}
         stops = StopMatcher(request.stop)

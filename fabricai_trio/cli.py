@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the inference server (the default)")
     serve.add_argument("--host", help="address to listen on (HOST)")
     serve.add_argument("--port", type=int, help="TCP port (PORT)")
-    serve.add_argument("--model", type=Path, dest="llm_model", help="path to a .gguf (LLM_MODEL)")
+    serve.add_argument("--model", type=Path, dest="llm_model",
+                       help="path to a .gguf, or gemma3 / smollm2 (LLM_MODEL)")
     serve.add_argument("--max-concurrent", type=int, dest="max_concurrent_requests",
                        help="generations at once (MAX_CONCURRENT_REQUESTS)")
     serve.add_argument("--max-queue", type=int, dest="max_queue_size",

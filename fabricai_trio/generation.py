@@ -415,7 +415,9 @@ class GenerationService:
                 # Again, under the lock: a turn that ended after the first read is history.
                 session = await self.open_session(session.id, owner)
             new_messages = request.new_messages()
-            tokens, stop = await self._prompt_tokens(request, session, new_messages, max_tokens)
+            tokens, stop, stop_tokens = await self._prompt_tokens(
+                request, session, new_messages, max_tokens
+            )
             try:
                 ticket = self.admission.try_enter(principal=owner)
             except QueueFull:
@@ -439,6 +441,7 @@ class GenerationService:
             repeat_penalty=request.repeat_penalty,
             seed=request.seed,
             stop=tuple(dict.fromkeys([*request.stop, *stop])),
+            stop_tokens=stop_tokens,
         )
         generation = Generation(
             service=self,
@@ -637,14 +640,15 @@ class GenerationService:
         session: Session | None,
         new_messages: Sequence[ChatMessage],
         max_tokens: int,
-    ) -> tuple[list[int], tuple[str, ...]]:
-        """Tokens to decode; history is trimmed oldest turn first (system kept) to fit."""
+    ) -> tuple[list[int], tuple[str, ...], frozenset[int]]:
+        """Tokens to decode, stop strings and stop tokens; history is trimmed oldest turn
+        first (system kept) to fit. A conversation the chat template refuses is a 400."""
         budget = self.settings.n_ctx - max_tokens
         if not request.is_chat:
             tokens = await self.engine.tokenize(request.prompt or "")
             if len(tokens) > budget:
                 raise _too_long(len(tokens), max_tokens, self.settings.n_ctx)
-            return tokens, ()
+            return tokens, (), frozenset()
         history = [
             ChatMessage(role=m.role, content=m.content)
             for m in (session.messages if session is not None else ())
@@ -653,10 +657,11 @@ class GenerationService:
         system = [m for m in history if m.role == "system"]
         older = [m for m in history if m.role != "system"]
         while True:
+            # A conversation the template refuses raises `InvalidMessages` (400).
             chat = self.engine.format_chat([*system, *older, *new_messages])
-            tokens = await self.engine.tokenize(chat.text, add_bos=chat.add_bos)
+            tokens = await self.engine.tokenize_chat(chat)
             if len(tokens) <= budget:
-                return tokens, chat.stop
+                return tokens, chat.stop, chat.stop_tokens
             if not older:
                 raise _too_long(len(tokens), max_tokens, self.settings.n_ctx)
             # Drop the oldest whole turn (its user message and the reply after it): a

@@ -33,11 +33,15 @@ class Settings(BaseSettings):
 
     # --- model and engine ---
     llm_model: Path | None = Field(
-        None, description="Path to a .gguf model. Unset: the embedded Gemma 3 270M model."
+        None,
+        description="Path to a .gguf model, or an embedded model's name: `gemma3` (Gemma 3 "
+        "270M, a base model) or `smollm2` (SmolLM2 135M Instruct); docs/models.md. Unset: "
+        "`gemma3`.",
     )
     model_cache_dir: Path = Field(
         Path.home() / ".cache" / "fabricai-trio",
-        description="Where the embedded model is assembled (once) when LLM_MODEL is unset.",
+        description="Where the embedded Gemma model is assembled (once); an embedded model's "
+        ".gguf found here is used as is.",
     )
     engine: str = Field(
         "batched",
@@ -60,8 +64,9 @@ class Settings(BaseSettings):
     )
     chat_format: str | None = Field(
         None,
-        description="llama-cpp-python chat format for `messages` (e.g. `gemma`). Unset: the "
-        "model's own template, or `gemma` for the embedded model.",
+        description="llama-cpp-python chat format for `messages` (e.g. `gemma`, `chatml`). "
+        "Unset: the model's own Jinja template from its GGUF metadata; a model without one "
+        "gets `gemma` (Gemma models, the embedded `gemma3` too) or `chatml` (docs/models.md).",
     )
     model_alias: str | None = Field(
         None, description="Model name reported by the API. Unset: the file name."

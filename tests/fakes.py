@@ -49,6 +49,9 @@ class FakeEngine:
         text = "".join(f"<{m.role}> {m.content} " for m in messages) + "<assistant>"
         return ChatPrompt(text=text, stop=("<end>",))
 
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        return await self.tokenize(prompt.text, add_bos=prompt.add_bos)
+
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         self.started.append(request.request_id)
         self.in_use += 1

@@ -34,6 +34,9 @@ class EngineRequest:
     repeat_penalty: float = 1.1
     seed: int | None = None
     stop: Sequence[str] = ()
+    stop_tokens: frozenset[int] = frozenset()
+    """Token ids that end the generation (finish_reason `stop`) besides the model's
+    end-of-generation tokens: the chat template's BOS/EOS/end-of-turn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +55,28 @@ class Finish:
     completion_tokens: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChatPrompt:
-    """A chat rendered through the model's template."""
+@dataclass(frozen=True, slots=True)
+class PromptPart:
+    """A piece of a rendered chat: written by the template (`template=True`: may hold
+    control tokens such as `<|im_start|>`) or a message's content (never tokenized as
+    control tokens, whatever it looks like)."""
 
     text: str
+    template: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatPrompt:
+    """A chat rendered through the model's template.
+
+    `parts` (when set) joined give `text`; an engine tokenizes them so that only the
+    template's parts can produce control tokens (`Engine.tokenize_chat`).
+    """
+
+    text: str
+    parts: tuple[PromptPart, ...] = ()
     stop: tuple[str, ...] = ()
+    stop_tokens: frozenset[int] = frozenset()
     add_bos: bool = True
 
 
@@ -89,7 +108,14 @@ class Engine(Protocol):
         """Tokens of `text`, as the model will see them. Cancel-safe (no shared state)."""
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        """Render a conversation with the model's chat template (pure, fast)."""
+        """Render a conversation with the model's chat template (pure, fast).
+
+        Raises `core.errors.InvalidMessages` (a 400) if the template refuses it.
+        """
+
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        """Tokens of a rendered chat: control tokens only where the template wrote
+        them, never from message contents. Cancel-safe (no shared state)."""
 
     def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         """Decode; yields `Chunk`s and, if the stream ends by itself, one `Finish`.

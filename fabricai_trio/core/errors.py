@@ -137,6 +137,17 @@ class ContextLengthExceeded(DomainError):
     default_code = "context_length_exceeded"
 
 
+class InvalidMessages(DomainError):
+    """The model's chat template refuses the conversation (its `raise_exception`, e.g.
+    roles that do not alternate)."""
+
+    kind = ErrorKind.BAD_REQUEST
+    default_code = "invalid_messages"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="messages")
+
+
 class InvalidField(DomainError):
     """A field that fails validation; the message starts with the field's name."""
 

@@ -43,6 +43,7 @@ class Sampling:
     top_k: int
     repeat_penalty: float
     seed: int | None
+    stop_tokens: frozenset[int] = frozenset()  # end the sequence like an EOG token
 
 
 @dataclass(slots=True)
@@ -164,7 +165,9 @@ class BatchRunner:
                 if margins is not None:
                     margins[handle] = self._margin(index)
                 token = self._sample(handle, sampling, index)
-                eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+                eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)) or (
+                    handle in sampling and token in sampling[handle].stop_tokens
+                )
                 sampled[handle] = (token, eog)
                 pieces[handle] = b"" if eog else self._piece(token)
         return StepResult(sampled=sampled, pieces=pieces, margins=margins)

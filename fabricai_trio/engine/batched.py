@@ -166,6 +166,9 @@ class BatchedEngine:
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)
 
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        return await self._text.tokenize_chat(prompt)
+
     # --- generation ---
 
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
@@ -184,6 +187,7 @@ class BatchedEngine:
             top_k=request.top_k,
             repeat_penalty=request.repeat_penalty,
             seed=request.seed,
+            stop_tokens=request.stop_tokens,
         )
         self._poke()
         try:

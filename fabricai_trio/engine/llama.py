@@ -106,6 +106,9 @@ class LlamaEngine:
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)
 
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        return await self._text.tokenize_chat(prompt)
+
     # --- generation ---
 
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
@@ -208,6 +211,8 @@ class _Decoder:
             return (b"", True)
         except Exception as exc:
             raise EngineError(f"decode failed: {exc}") from exc
-        if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token):
+        if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token) or (
+            token in self._request.stop_tokens
+        ):
             return (b"", True)
         return (ctx.detokenize([token]), False)

@@ -3,10 +3,17 @@ its chat template and the name the API reports.
 
 Tokenizing uses a vocab-only `llama_cpp.Llama` (no weights, no context), so it never
 touches a context a generation holds and can run in any worker thread.
+
+Chat prompts (`tokenize_chat`) are tokenized the way llama.cpp tokenizes a whole
+rendered prompt with special tokens on (it splits the text at control tokens, then
+tokenizes each stretch of text in between), except that control tokens are looked
+for only in the parts the template wrote: a message that contains `<|im_start|>`
+gets the tokens of that text, not the control token.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -14,11 +21,28 @@ from pathlib import Path
 import llama_cpp
 import trio
 
-from ..core.engine import ChatPrompt, EngineError, ModelLoadError
+from ..core.engine import ChatPrompt, EngineError, ModelLoadError, PromptPart
 from ..core.messages import ChatMessage
 from ..settings import Settings
-from .chat import ChatTemplate
-from .model_files import EMBEDDED_ALIAS, EMBEDDED_CHAT_FORMAT, resolve_model_path
+from .chat import ChatTemplate, select_template
+from .model_files import embedded_by_name, resolve_model_path
+
+# Only control tokens are split out of the template's text. User-defined tokens (Gemma's
+# `<table>`, runs of newlines) are ordinary added text: llama.cpp matches them with
+# special tokens off too, so they are left to the tokenizer, across part boundaries.
+_CONTROL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+_LSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP
+_RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+_SPLIT_CACHE_SIZE = 4096  # distinct template parts remembered (they repeat every turn)
+
+
+def fallback_chat_format(llm_model: Path | str | None, architecture: str) -> str:
+    """The format for a model whose GGUF has no chat template: the embedded model's
+    own (`gemma` for Gemma 3 270M), `gemma` for other Gemma files, else `chatml`."""
+    embedded = embedded_by_name(llm_model)
+    if embedded is not None and embedded.fallback_chat_format is not None:
+        return embedded.fallback_chat_format
+    return "gemma" if architecture.startswith("gemma") else "chatml"
 
 
 class ModelText:
@@ -27,8 +51,9 @@ class ModelText:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.path: Path | None = None
-        self._vocab: llama_cpp.Llama | None = None
+        self._vocab: _Vocab | None = None
         self.template: ChatTemplate | None = None
+        self._stop_tokens: frozenset[int] = frozenset()
 
     async def load(self) -> Path:
         """Find the model file and open its vocabulary (worker threads); the file's path.
@@ -38,15 +63,26 @@ class ModelText:
         """
         s = self._settings
         path = await trio.to_thread.run_sync(resolve_model_path, s.llm_model, s.model_cache_dir)
-        vocab = await trio.to_thread.run_sync(_open_vocab, path)
-        chat_format = s.chat_format or (EMBEDDED_CHAT_FORMAT if s.llm_model is None else None)
-        self.template = ChatTemplate.select(
-            chat_format,
-            vocab.metadata,
-            bos=_piece(vocab, vocab.token_bos()),
-            eos=_piece(vocab, vocab.token_eos()),
+        vocab = await trio.to_thread.run_sync(_Vocab.open, path)
+        try:
+            template = select_template(
+                s.chat_format,
+                vocab.metadata,
+                bos=vocab.piece(vocab.bos),
+                eos=vocab.piece(vocab.eos),
+                fallback=fallback_chat_format(
+                    s.llm_model, vocab.metadata.get("general.architecture", "")
+                ),
+            )
+            end_of_turn = [t for t in vocab.split_specials(template.end_of_turn())
+                           if isinstance(t, int)]
+        except BaseException:
+            await trio.to_thread.run_sync(vocab.close)
+            raise
+        self._stop_tokens = frozenset(
+            t for t in (vocab.bos, vocab.eos, vocab.eot, *end_of_turn[:1]) if t >= 0
         )
-        self.path, self._vocab = path, vocab
+        self.template, self.path, self._vocab = template, path, vocab
         return path
 
     @property
@@ -54,20 +90,47 @@ class ModelText:
         s = self._settings
         if s.model_alias:
             return s.model_alias
-        return EMBEDDED_ALIAS if s.llm_model is None else (self.path or Path("model")).stem
+        embedded = embedded_by_name(s.llm_model)
+        if embedded is not None:
+            return embedded.name
+        return (self.path or Path("model")).stem
+
+    @property
+    def stop_tokens(self) -> frozenset[int]:
+        """Tokens that end a chat reply: BOS, EOS, EOT and the template's end of turn."""
+        return self._stop_tokens
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        vocab = self._vocab
-        if vocab is None:
-            raise EngineError("the model is not loaded")
+        """Tokens of plain text; control tokens written in it are recognised (a raw
+        prompt is the caller's own template)."""
+        vocab = self._loaded()
         return await trio.to_thread.run_sync(
-            partial(vocab.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
+            partial(vocab.tokenize, text, add_bos=add_bos, special=True)
         )
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        """Render with the chat template. Raises `InvalidMessages`."""
         if self.template is None:
             raise EngineError("the model is not loaded")
-        return self.template.render(messages)
+        parts = self.template.render(messages)
+        return ChatPrompt(
+            text="".join(p.text for p in parts),
+            parts=parts,
+            stop=self.template.stop,
+            stop_tokens=self._stop_tokens,
+            add_bos=self.template.add_bos,
+        )
+
+    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        """Tokens of a rendered chat (module doc); a prompt without parts is all
+        template text."""
+        vocab = self._loaded()
+        return await trio.to_thread.run_sync(vocab.tokenize_chat, prompt)
+
+    def _loaded(self) -> _Vocab:
+        if self._vocab is None:
+            raise EngineError("the model is not loaded")
+        return self._vocab
 
     async def aclose(self) -> None:
         vocab, self._vocab = self._vocab, None
@@ -75,14 +138,102 @@ class ModelText:
             await trio.to_thread.run_sync(vocab.close)
 
 
-def _open_vocab(path: Path) -> llama_cpp.Llama:
-    try:
-        return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
+class _Vocab:
+    """A vocab-only llama.cpp model plus what chat tokenization needs. Thread-safe:
+    llama.cpp's tokenizer is read-only; the split cache has a lock."""
 
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self._llama = llama
+        self._vocab = llama._model.vocab
+        self.metadata: dict[str, str] = dict(llama.metadata)
+        self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(self._vocab))
+        self.eot = int(llama_cpp.llama_vocab_eot(self._vocab))
+        self._adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._splits: dict[str, tuple[str | int, ...]] = {}
+        self._lock = threading.Lock()
 
-def _piece(vocab: llama_cpp.Llama, token: int) -> str:
-    if token < 0:
-        return ""
-    return vocab.detokenize([token], special=True).decode("utf-8", errors="replace")
+    @classmethod
+    def open(cls, path: Path) -> _Vocab:
+        try:
+            llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
+        return cls(llama)
+
+    def close(self) -> None:
+        self._llama.close()
+
+    def piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llama.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+        tokens: list[int] = []
+        pending: list[str] = []  # text since the last control token
+
+        def flush() -> None:
+            if pending:
+                tokens.extend(self.tokenize("".join(pending), add_bos=False, special=False))
+                pending.clear()
+
+        for part in prompt.parts or (PromptPart(prompt.text, template=True),):
+            if not part.template:
+                pending.append(part.text)
+                continue
+            for piece in self.split_specials(part.text):
+                if isinstance(piece, int):
+                    flush()
+                    tokens.append(piece)
+                else:
+                    pending.append(piece)
+        flush()
+        if prompt.add_bos and self._adds_bos and self.bos >= 0 and tokens[:1] != [self.bos]:
+            tokens.insert(0, self.bos)
+        return tokens
+
+    def split_specials(self, text: str) -> tuple[str | int, ...]:
+        """`text` as text runs and control-token ids, split as llama.cpp's tokenizer
+        splits it (longest token first; a token's LSTRIP/RSTRIP eat the whitespace
+        next to it). Which control tokens occur is asked of llama.cpp itself: the
+        tokens of `text` with special tokens on."""
+        with self._lock:
+            cached = self._splits.get(text)
+        if cached is not None:
+            return cached
+        found: dict[int, tuple[str, int]] = {}
+        for token in self.tokenize(text, add_bos=False, special=True):
+            attr = int(llama_cpp.llama_vocab_get_attr(self._vocab, token))
+            if attr & _CONTROL and token not in found:
+                raw = llama_cpp.llama_vocab_get_text(self._vocab, token)
+                found[token] = (raw.decode("utf-8", errors="replace"), attr)
+        pieces: list[str | int] = [text]
+        for token, (special, attr) in sorted(found.items(), key=lambda kv: -len(kv[1][0])):
+            if not special:
+                continue
+            out: list[str | int] = []
+            for piece in pieces:
+                if isinstance(piece, int):
+                    out.append(piece)
+                    continue
+                chunks = piece.split(special)
+                for i, chunk in enumerate(chunks):
+                    if i > 0 and attr & _RSTRIP:
+                        chunk = chunk.lstrip()
+                    if i < len(chunks) - 1 and attr & _LSTRIP:
+                        chunk = chunk.rstrip()
+                    if chunk:
+                        out.append(chunk)
+                    if i < len(chunks) - 1:
+                        out.append(token)
+            pieces = out
+        result = tuple(pieces)
+        with self._lock:
+            if len(self._splits) >= _SPLIT_CACHE_SIZE:
+                self._splits.clear()
+            self._splits[text] = result
+        return result
