@@ -217,7 +217,8 @@ def reference_tokens(name: str, vocab: llama_cpp.Llama, conversation: Conversati
             eos_token=vocab.detokenize([vocab.token_eos()], special=True).decode(),
             bos_token=vocab.detokenize([vocab.token_bos()], special=True).decode(),
         )
-        result = formatter(messages=[{"role": r, "content": c} for r, c in conversation])
+        messages: Any = [{"role": r, "content": c} for r, c in conversation]
+        result = formatter(messages=messages)
         return vocab.tokenize(
             result.prompt.encode(), add_bos=not result.added_special, special=True
         )
