@@ -13,12 +13,19 @@ It owns the sequence ids of one llama.cpp context (`n_seq_max = slots + cache_sl
 * in batch-invariant mode (`invariant=True`) each plan also carries pad rows (`_pads`),
   and a spare id is added if there would be no neighbour for one.
 
-Each `plan()` returns a `StepPlan`: KV operations to apply in order, then one batch (one
-token per decoding sequence, then prompt chunks of newly admitted sequences up to
-`prefill_tokens` in all, so a long prompt never stalls the decoding ones). `complete()`
-records what the step sampled. A sequence released at any time (finished, cancelled)
-gets its KV ops queued for the *next* plan, so the context is only ever touched by the
-step that applies a plan.
+Each `plan()` returns a `StepPlan`: KV operations to apply in order, then one batch
+within a per-step token budget (`step_tokens`): one token per decoding sequence first,
+then prompt chunks of newly admitted sequences fill what is left (at least
+`min_prefill_tokens`, so prompts never starve behind many decoders). A long prompt is
+spread over steps, so no step is much longer than a decode step plus one budget's worth
+of prompt: that bounds the inter-token latency a prefill adds to the running streams.
+`complete()` records what the step sampled.
+
+A sequence released at any time (finished, cancelled) gets its KV ops queued for the
+*next* plan, so the context is only ever touched by the step that applies a plan.
+
+There is no waiting line here: the scheduler holds at most `slots` sequences (`add()`
+beyond that raises `SchedulerFull`); queueing is admission's job, sized from `slots`.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ FinishReason = Literal["stop", "length"]
 
 
 class Phase(Enum):
-    WAITING = "waiting"  # no sequence id yet
+    WAITING = "waiting"  # added; gets its sequence id at the next plan
     PREFILL = "prefill"  # prompt partly evaluated
     DECODE = "decode"  # sampling one token per step
     DONE = "done"  # ended by itself or by `finish()`; waits for `release()`
     FAILED = "failed"  # the step that carried it failed
+
+
+class SchedulerFull(RuntimeError):
+    """`add()` with every slot taken: the caller admitted more than `slots` sequences."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,16 +178,20 @@ class BatchScheduler:
         *,
         slots: int,
         cache_slots: int = 0,
-        prefill_tokens: int = 128,
+        step_tokens: int = 128,
+        min_prefill_tokens: int | None = None,
         max_backlog: int = 4,
         min_reuse_tokens: int = 32,
         invariant: bool = False,
     ) -> None:
-        if slots < 1 or cache_slots < 0 or prefill_tokens < 1 or max_backlog < 1:
-            raise ValueError("slots, prefill_tokens and max_backlog must be >= 1")
+        if slots < 1 or cache_slots < 0 or step_tokens < 1 or max_backlog < 1:
+            raise ValueError("slots, step_tokens and max_backlog must be >= 1")
         self.slots = slots
         self.cache_slots = cache_slots
-        self.prefill_tokens = prefill_tokens
+        self.step_tokens = step_tokens
+        # Prompt tokens a step takes even when decode rows fill the budget.
+        self.min_prefill_tokens = max(2, step_tokens // 4 if min_prefill_tokens is None
+                                      else min_prefill_tokens)
         self.max_backlog = max_backlog
         self.min_reuse_tokens = max(1, min_reuse_tokens)
         self.invariant = invariant
@@ -201,6 +216,12 @@ class BatchScheduler:
         self._copies = 0
 
     @property
+    def max_batch_tokens(self) -> int:
+        """Most tokens one plan's entries can hold (for sizing the llama.cpp batch): every
+        slot decoding, plus the prompt budget, plus one token of `_chunk`'s rounding."""
+        return self.slots + max(self.step_tokens, self.min_prefill_tokens) + 1
+
+    @property
     def n_seq_max(self) -> int:
         """Running ids, cache ids, and in batch-invariant mode a spare id when there would
         be no neighbour for a pad row."""
@@ -210,11 +231,17 @@ class BatchScheduler:
     # --- sequences come and go ---
 
     def add(self, prompt: Sequence[int], max_tokens: int) -> int:
-        """Register a sequence; it gets an id (and maybe a cached prefix) in a later plan."""
+        """Register a sequence; it gets an id (and maybe a cached prefix) at the next plan.
+
+        Raises `SchedulerFull` if `slots` sequences are already registered (released ones
+        do not count): queueing is the caller's job.
+        """
         if not prompt:
             raise ValueError("empty prompt")
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if len(self._seqs) >= self.slots:
+            raise SchedulerFull(f"all {self.slots} slots are taken")
         handle = self._next_handle
         self._next_handle += 1
         self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens)
@@ -270,9 +297,6 @@ class BatchScheduler:
 
     # --- steps ---
 
-    def has_pending_ops(self) -> bool:
-        return bool(self._ops or self._released)
-
     def needs_step(self) -> bool:
         """True if a plan would do something (ops, a batch)."""
         return not self._peek_empty()
@@ -280,7 +304,7 @@ class BatchScheduler:
     def _peek_empty(self) -> bool:
         if self._ops or self._released:
             return False
-        if self._waiting and len(self._running) < self.slots:
+        if self._waiting:
             return False
         return not any(self._schedulable(s) for s in self._seqs.values())
 
@@ -307,7 +331,7 @@ class BatchScheduler:
         return plan
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.slots:
+        while self._waiting:  # `add()` keeps len(_seqs) <= slots: there is a free id
             handle = self._waiting.popleft()
             seq = self._seqs[handle]
             seq_id = min(set(range(self.slots)) - set(self._running))
@@ -352,8 +376,8 @@ class BatchScheduler:
             seq.seq_id = dst
 
     def _build_batch(self) -> list[BatchEntry]:
+        """Decode rows first (one token each), then prompt chunks in the budget left."""
         entries: list[BatchEntry] = []
-        budget = self.prefill_tokens
         by_id = sorted(self._running.items())
         for _, handle in by_id:
             seq = self._seqs[handle]
@@ -362,6 +386,7 @@ class BatchScheduler:
                 entries.append(BatchEntry(handle=handle, seq_id=seq.seq_id,
                                           tokens=(seq.generated[-1],), pos=seq.n_past,
                                           sample=True))
+        budget = max(self.step_tokens - len(entries), self.min_prefill_tokens)
         # Prompt chunks in arrival order (handles grow with time).
         for handle in sorted(h for _, h in by_id):
             seq = self._seqs[handle]

@@ -15,6 +15,7 @@ from fabricai_trio.engine.batch_scheduler import (
     BatchScheduler,
     Phase,
     Sampled,
+    SchedulerFull,
     SeqCopy,
     SeqRemove,
     StepPlan,
@@ -74,7 +75,7 @@ def step(s: BatchScheduler, kv: FakeKV, **kw: frozenset[int]) -> tuple[StepPlan,
 
 
 def test_prefill_in_chunks_then_one_token_per_step_until_length() -> None:
-    s, kv = BatchScheduler(slots=2, prefill_tokens=4), FakeKV(2)
+    s, kv = BatchScheduler(slots=2, step_tokens=4), FakeKV(2)
     h = s.add(list(range(10)), max_tokens=3)
     plans = [step(s, kv) for _ in range(5)]
     assert [p.entries[0].tokens for p, _ in plans[:3]] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
@@ -100,9 +101,9 @@ def test_end_of_generation_stops_and_is_not_fed_back() -> None:
 
 
 def test_decoding_sequences_go_first_and_prefill_shares_one_budget() -> None:
-    s, kv = BatchScheduler(slots=4, prefill_tokens=5), FakeKV(4)
+    s, kv = BatchScheduler(slots=4, step_tokens=6), FakeKV(4)
     a = s.add([1, 2], max_tokens=50)
-    step(s, kv)  # a is decoding now
+    step(s, kv)  # a is decoding now: its row leaves 5 of the 6 tokens for prompts
     b = s.add(list(range(8)), max_tokens=50)
     c = s.add(list(range(8)), max_tokens=50)
     plan, _ = step(s, kv)
@@ -136,15 +137,46 @@ def test_join_and_leave_between_steps_with_a_step_in_flight() -> None:
     assert {e.handle: e.seq_id for e in plan.entries} == {a: 0, c: 1}
 
 
-def test_more_sequences_than_slots_wait_for_an_id() -> None:
+def test_more_sequences_than_slots_is_refused_not_queued() -> None:
+    """Admission is the one queue: the scheduler never holds more than `slots`."""
     s, kv = BatchScheduler(slots=2), FakeKV(2)
-    hs = [s.add([i, i + 1], max_tokens=50) for i in range(3)]
+    hs = [s.add([i, i + 1], max_tokens=50) for i in range(2)]
+    with pytest.raises(SchedulerFull):
+        s.add([7, 8], max_tokens=50)
     plan, _ = step(s, kv)
-    assert {e.handle for e in plan.entries} == set(hs[:2])
-    assert s.phase(hs[2]) is Phase.WAITING and s.stats().waiting == 1
+    assert {e.handle for e in plan.entries} == set(hs)
+    s.finish(hs[0])  # done but not released: still holds its slot
+    with pytest.raises(SchedulerFull):
+        s.add([7, 8], max_tokens=50)
     s.release(hs[0], cache=False)
+    c = s.add([7, 8], max_tokens=50)  # released: the slot is free again, even mid-step
     plan, _ = step(s, kv)
-    assert s.seq_id(hs[2]) == 0 and hs[2] in {e.handle for e in plan.entries}
+    assert s.seq_id(c) == 0 and c in {e.handle for e in plan.entries}
+    assert s.stats().waiting == 0
+
+
+def test_decode_rows_take_the_budget_first_and_prompts_fill_the_rest() -> None:
+    s, kv = BatchScheduler(slots=4, step_tokens=8, min_prefill_tokens=2), FakeKV(4)
+    decoders = [s.add([i, i + 1], max_tokens=50) for i in range(3)]
+    step(s, kv)  # three two-token prompts (6 tokens)
+    long = s.add(list(range(100, 130)), max_tokens=5)
+    sizes = []
+    while s.phase(long) is not Phase.DECODE:
+        plan, _ = step(s, kv)
+        for h in decoders:
+            s.consumed(h)
+        rows = [e for e in plan.entries if not e.prefill]
+        assert {e.handle for e in rows} == set(decoders)  # every step: all three decode
+        sizes.append(plan.n_tokens)
+    # 3 decode rows + 5 prompt tokens per step: the prompt is spread, the steps stay small
+    assert sizes == [8] * 6
+    s2, kv2 = BatchScheduler(slots=4, step_tokens=4, min_prefill_tokens=3), FakeKV(4)
+    early = [s2.add([i, i + 1], max_tokens=50) for i in range(3)]
+    while any(s2.phase(h) is not Phase.DECODE for h in early):
+        step(s2, kv2)
+    late = s2.add(list(range(10)), max_tokens=5)
+    plan, _ = step(s2, kv2)  # 3 decoders leave 1 of 4, but prompts never starve
+    assert [len(e.tokens) for e in plan.entries if e.handle == late] == [3]
 
 
 def test_slow_consumer_pauses_its_sequence_only() -> None:
@@ -172,11 +204,12 @@ def test_a_hole_is_compacted_so_ids_stay_consecutive() -> None:
     assert kv.cells[1][:3] == [3, 4, 5]  # hs[3]'s prompt moved with it
 
 
-def test_a_waiting_sequence_fills_the_hole_instead_of_a_move() -> None:
+def test_a_new_sequence_fills_the_hole_instead_of_a_move() -> None:
     s, kv = BatchScheduler(slots=2), FakeKV(2)
-    a, b, c = (s.add([i], max_tokens=50) for i in range(3))
+    a, b = (s.add([i], max_tokens=50) for i in range(2))
     step(s, kv)
     s.release(a, cache=False)
+    c = s.add([5], max_tokens=50)
     plan, _ = step(s, kv)
     assert plan.ops == (SeqRemove(0),)
     assert s.seq_id(c) == 0 and s.seq_id(b) == 1
@@ -197,7 +230,7 @@ PROMPT = tuple(range(100, 140))  # 40 tokens
 
 
 def test_prefix_cache_parks_then_reuses_a_finished_sequence() -> None:
-    s, kv = BatchScheduler(slots=1, cache_slots=2, prefill_tokens=64, min_reuse_tokens=8), FakeKV(3)
+    s, kv = BatchScheduler(slots=1, cache_slots=2, step_tokens=64, min_reuse_tokens=8), FakeKV(3)
     a = s.add(PROMPT, max_tokens=3)
     for _ in range(3):
         step(s, kv)
@@ -216,7 +249,7 @@ def test_prefix_cache_parks_then_reuses_a_finished_sequence() -> None:
 
 
 def test_identical_prompt_reuses_all_but_its_last_two_tokens() -> None:
-    s, kv = BatchScheduler(slots=1, cache_slots=1, prefill_tokens=64, min_reuse_tokens=8), FakeKV(2)
+    s, kv = BatchScheduler(slots=1, cache_slots=1, step_tokens=64, min_reuse_tokens=8), FakeKV(2)
     a = s.add(PROMPT, max_tokens=2)
     step(s, kv)
     step(s, kv)
@@ -244,7 +277,7 @@ def test_short_matches_and_short_sequences_are_not_cached() -> None:
 
 
 def test_cache_evicts_least_recently_used_and_replaces_dominated_entries() -> None:
-    s, kv = BatchScheduler(slots=1, cache_slots=2, prefill_tokens=64, min_reuse_tokens=4), FakeKV(3)
+    s, kv = BatchScheduler(slots=1, cache_slots=2, step_tokens=64, min_reuse_tokens=4), FakeKV(3)
 
     def run(prompt: tuple[int, ...]) -> None:
         h = s.add(prompt, max_tokens=1)
@@ -292,7 +325,7 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
     rng = random.Random(seed)
     slots, cache = rng.randint(1, 4), rng.randint(0, 3)
     invariant = seed % 2 == 1
-    s = BatchScheduler(slots=slots, cache_slots=cache, prefill_tokens=rng.choice([3, 8, 64]),
+    s = BatchScheduler(slots=slots, cache_slots=cache, step_tokens=rng.choice([3, 8, 64]),
                        max_backlog=rng.randint(1, 3), min_reuse_tokens=rng.choice([1, 4]),
                        invariant=invariant)
     kv = FakeKV(s.n_seq_max)
@@ -302,7 +335,7 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
     prompts: dict[int, tuple[int, ...]] = {}
     for _ in range(120):
         r = rng.random()
-        if r < 0.25 and len(live) < slots + 2:
+        if r < 0.25 and len(live) < slots:
             prompt = tuple(base[: rng.randint(1, 20)] + [rng.randrange(50) for _ in range(3)])
             h = s.add(prompt, max_tokens=rng.randint(1, 8))
             live.append(h)
@@ -322,6 +355,10 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
         eog = frozenset(h for h in live if rng.random() < 0.05)
         s.complete(plan, kv.apply(plan, eog=eog))
         pads += len(plan.pads)
+        n_dec = sum(not e.prefill for e in plan.entries)
+        budget = max(s.step_tokens - n_dec, s.min_prefill_tokens)
+        assert plan.n_tokens - n_dec <= budget + 1  # + 1: never a lone last prompt token
+        assert plan.n_tokens <= s.max_batch_tokens
         assert invariant or not plan.pads
         for e in plan.entries:
             assert len(e.tokens) >= 2 or not e.prefill or e.pos + 1 == len(prompts[e.handle])
@@ -348,7 +385,7 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
 
 
 def test_batch_invariant_pads_a_lone_decoder_and_the_gaps() -> None:
-    s, kv = BatchScheduler(slots=3, prefill_tokens=64, invariant=True), FakeKV(3)
+    s, kv = BatchScheduler(slots=3, step_tokens=64, invariant=True), FakeKV(3)
     a = s.add(PROMPT, max_tokens=8)
     plan, _ = step(s, kv)  # prefill: its own llama_decode, nothing to pad
     assert plan.entries[0].prefill and plan.pads == ()
@@ -370,11 +407,11 @@ def test_batch_invariant_pads_a_lone_decoder_and_the_gaps() -> None:
 
 
 def test_prompt_chunks_are_never_a_lone_token() -> None:
-    s, kv = BatchScheduler(slots=1, prefill_tokens=len(PROMPT) - 1), FakeKV(1)
+    s, kv = BatchScheduler(slots=1, step_tokens=len(PROMPT) - 1), FakeKV(1)
     s.add(PROMPT, max_tokens=1)
     plan, _ = step(s, kv)  # one over budget rather than a lone last token
     assert len(plan.entries[0].tokens) == len(PROMPT)
-    s2, kv2 = BatchScheduler(slots=2, prefill_tokens=5), FakeKV(2)
+    s2, kv2 = BatchScheduler(slots=2, step_tokens=5), FakeKV(2)
     h1, h2 = s2.add(PROMPT[:4], max_tokens=1), s2.add(PROMPT[:9], max_tokens=1)
     plan, _ = step(s2, kv2)  # 4 tokens leave a budget of 1: the next prompt waits
     assert [len(e.tokens) for e in plan.entries] == [4]
