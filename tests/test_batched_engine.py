@@ -145,7 +145,7 @@ def greedy(runner: BatchRunner, prompts: Sequence[Sequence[int]], n: int, *,
            ) -> list[tuple[list[int], list[float]]]:
     """Decode all prompts together, greedily (no repeat penalty unless asked):
     (tokens, margins)."""
-    sched = BatchScheduler(slots=len(prompts), prefill_tokens=256, invariant=invariant)
+    sched = BatchScheduler(slots=len(prompts), step_tokens=256, invariant=invariant)
     handles = [sched.add(p, n) for p in prompts]
     sampling = {h: Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=repeat_penalty,
                             seed=0) for h in handles}
@@ -409,7 +409,7 @@ async def test_kv_cells_do_not_grow_under_random_cancellation(engine: BatchedEng
     rng = random.Random(1234)
     long_prompt = await engine.tokenize("A long shared preamble. " * 12)
     short = [await engine.tokenize(p) for p in PROMPTS]
-    limiter = trio.CapacityLimiter(SLOTS + 2)  # more streams than slots: some wait for ids
+    limiter = trio.CapacityLimiter(SLOTS)  # admission's job: the engine never queues
     outcomes = {"finished": 0, "cancelled": 0}
 
     async def one(i: int) -> None:
@@ -439,7 +439,7 @@ async def test_kv_cells_do_not_grow_under_random_cancellation(engine: BatchedEng
 async def test_prefix_reuse_is_identical_to_a_cold_run_and_cheaper(
     engine: BatchedEngine, model_path: Path
 ) -> None:
-    chunk = engine.scheduler.prefill_tokens
+    chunk = engine.scheduler.step_tokens  # nothing else runs: one chunk
     system = (await engine.tokenize("You are a helpful assistant. Answer briefly. " * 40))[:chunk]
     q1 = await engine.tokenize(" Question: what is the capital of Italy? Answer:", add_bos=False)
     q2 = await engine.tokenize(" Tell me about the moon in one sentence:", add_bos=False)

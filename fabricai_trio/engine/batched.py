@@ -6,13 +6,21 @@ prompt chunks of newly admitted ones, so N streams cost about one forward pass p
 instead of N. `BatchScheduler` (pure) decides what goes into a step; `BatchRunner`
 (llama.cpp calls) runs it in a worker thread; this module is the trio glue.
 
-Who drives the steps: the streams themselves, no background task. A `generate_stream`
-that needs a token and finds no step in flight runs the next step (for every sequence)
-in a worker thread; the others wait for that step's `trio.Event`. So the only thread
-that touches the context belongs to a request task, steps never overlap, there is no
-task without a parent, and the app needs no extra wiring. The step's thread call is
-shielded: if its task is cancelled, the step still finishes and its tokens still reach
-every other stream, then `Cancelled` propagates.
+Who drives the steps: the streams and the steps themselves, no background task. A step
+is planned in the trio thread and run in a worker thread started with
+`trio.lowlevel.start_thread_soon`; its result comes back through `run_sync_soon`, which
+delivers the tokens and, if there is more work (a decoding stream whose consumer is at
+most `MAX_BACKLOG` tokens behind, a prompt chunk, KV ops), plans and starts the next
+step at once. So the decode thread never waits for the event loop to hand tokens to the
+streams (the next step runs while they are sent), a stream that needs a token only
+waits for the step in flight, and when the work runs out, the next stream that needs a
+token (or a new one) starts a step again. Steps never overlap, the context is only
+touched by the one thread running a step, and a step is never abandoned: a stream that
+is cancelled stops waiting, the step still finishes and delivers to everyone else, and
+`aclose()` waits for it before freeing the context.
+
+The engine holds at most `slots` (`MAX_CONCURRENT_REQUESTS`) streams: admission is the
+one queue, and a `generate_stream` beyond that raises `EngineError`.
 
 Cancellation of a stream takes effect between two steps: its sequence is released at
 once (so the next step no longer carries it), and before `aclose()` returns the KV ops
@@ -28,13 +36,14 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
+import outcome
 import trio
 
 from ..core.engine import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish
 from ..core.messages import ChatMessage
 from ..core.textstream import TextAssembler
 from ..settings import Settings
-from .batch_scheduler import BatchScheduler, Sampled, StepPlan
+from .batch_scheduler import BatchScheduler, Sampled, SchedulerFull, StepPlan
 from .batch_step import BatchRunner, Sampling, StepResult, check_fits
 from .model_text import ModelText
 
@@ -71,7 +80,7 @@ class BatchedEngine:
         self._scheduler = BatchScheduler(
             slots=self._slots,
             cache_slots=settings.prefix_cache_sequences,
-            prefill_tokens=settings.prefill_chunk_tokens,
+            step_tokens=settings.prefill_chunk_tokens,
             max_backlog=MAX_BACKLOG,
             invariant=settings.batch_invariant,
         )
@@ -80,6 +89,7 @@ class BatchedEngine:
         self._streams: dict[int, _Stream] = {}
         self._sampling: dict[int, Sampling] = {}
         self._stepping = False
+        self._closing = False
         self._plans_started = 0
         self._plans_done = 0
         self._snapshot_requests: list[list[KvSnapshot]] = []
@@ -103,7 +113,7 @@ class BatchedEngine:
                 path,
                 n_seq_max=sched.n_seq_max,
                 n_ctx_seq=s.n_ctx,
-                n_batch=sched.prefill_tokens + self._slots,
+                n_batch=sched.max_batch_tokens + sched.n_seq_max,  # + pad rows
                 n_outputs=sched.n_seq_max,
                 n_threads=s.n_threads,
                 invariant=s.batch_invariant,
@@ -117,15 +127,19 @@ class BatchedEngine:
         )
 
     async def aclose(self) -> None:
-        """Free the model; waits for the step in flight. Streams still open then fail."""
+        """Free the model once the step in flight (if any) has finished; no step starts
+        after this is called. Streams still open then end with `EngineError` at their
+        next item, without touching the context."""
         self._loaded = False
+        self._closing = True
         while self._stepping:
             await self._step_done.wait()
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await trio.to_thread.run_sync(runner.close)
-        await self._text.aclose()
         self._changed.set()
+        if runner is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(runner.close)
+        await self._text.aclose()
 
     # --- metadata and text ---
 
@@ -178,7 +192,13 @@ class BatchedEngine:
         check_fits(len(request.prompt_tokens), request.max_tokens, self._settings.n_ctx)
         if not request.prompt_tokens:
             raise EngineError("empty prompt")
-        handle = self._scheduler.add(request.prompt_tokens, request.max_tokens)
+        try:
+            handle = self._scheduler.add(request.prompt_tokens, request.max_tokens)
+        except SchedulerFull:
+            raise EngineError(
+                f"more than {self._slots} generations at once: admission must not let "
+                "more streams in than info().slots"
+            ) from None
         stream = _Stream(handle, TextAssembler(request.stop))
         self._streams[handle] = stream
         self._sampling[handle] = Sampling(
@@ -189,7 +209,7 @@ class BatchedEngine:
             seed=request.seed,
             stop_tokens=request.stop_tokens,
         )
-        self._poke()
+        self._kick()
         try:
             while True:
                 item = await self._next_item(stream)
@@ -200,80 +220,114 @@ class BatchedEngine:
             del self._streams[handle]
             self._sampling.pop(handle, None)
             self._scheduler.release(handle, cache=stream.error is None)
-            self._poke()
+            self._kick()
             with trio.CancelScope(shield=True):
                 await self._flush_ops(self._plans_started + 1)
 
     async def _next_item(self, stream: _Stream) -> Chunk | Finish:
-        """The stream's next item, running or awaiting steps until there is one.
+        """The stream's next item, waiting for (or starting) steps until there is one.
 
-        Checks for cancellation first: a stream that has tokens buffered, or that runs
-        the (shielded) steps itself, would otherwise never reach a cancellation point.
+        Checks for cancellation first: a stream that has tokens buffered would otherwise
+        never reach a cancellation point. Cancelled while waiting: the step goes on.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         while not stream.items:
             if stream.error is not None:
                 raise EngineError(stream.error)
-            if not self._loaded or self._runner is None:
+            if self._closing or self._runner is None:
                 raise EngineError("the engine is closed")
             if self._stepping:
                 await self._step_done.wait()
             elif self._scheduler.needs_step():
-                await self._step()
+                await self._start_step().wait()
             else:
-                # Nothing can run (every other sequence waits for its consumer, or no
-                # id is free): wait until a consumer takes a token or a stream ends.
+                # Nothing can run (every other sequence waits for its consumer): wait
+                # until a consumer takes a token or a stream ends.
                 if self._changed.is_set():
                     self._changed = trio.Event()
                 await self._changed.wait()
         item = stream.items.popleft()
         if isinstance(item, Chunk) and item.tokens:
             self._scheduler.consumed(stream.handle, item.tokens)
-            self._poke()
+            self._kick()
         return item
 
     async def _flush_ops(self, plan_number: int) -> None:
         """Return once plan `plan_number` (which carries the ops just queued: every plan
-        takes all pending ops) has run: by another stream's step, or an ops-only one."""
+        takes all pending ops) has run: by a running step, or one started here."""
         while self._plans_done < plan_number and self._runner is not None:
             if self._stepping:
                 await self._step_done.wait()
+            elif self._closing:
+                return  # aclose() frees the whole context
             else:
-                await self._step(ops_only=True)
+                await self._start_step(ops_only=not self._scheduler.needs_step()).wait()
 
-    async def _step(self, *, ops_only: bool = False) -> None:
-        """Plan, run in a worker thread (shielded: never abandoned), deliver. Only one at
-        a time; the caller checked `self._stepping` is False without a checkpoint since."""
+    def _kick(self) -> None:
+        """Something changed (a token taken, a stream added or released): wake streams
+        waiting for work, and start a step if none runs and there is work."""
+        self._changed.set()
+        if (not self._stepping and not self._closing and self._runner is not None
+                and self._scheduler.needs_step()):
+            self._start_step()
+
+    def _start_step(self, *, ops_only: bool = False) -> trio.Event:
+        """Plan the next step and start it in a worker thread; the returned event is set
+        once its tokens are delivered. Synchronous (no checkpoint): the caller checked
+        that no step runs. `_step_finished` is called with its outcome in the trio
+        thread, and chains the next step."""
         runner = self._runner
-        assert runner is not None and not self._stepping
+        assert runner is not None and not self._stepping and not self._closing
+        plan = self._scheduler.plan(ops_only=ops_only)
         self._stepping = True
         done = self._step_done = trio.Event()
-        plan = self._scheduler.plan(ops_only=ops_only)
         self._plans_started += 1
         snapshots, self._snapshot_requests = self._snapshot_requests, []
         running = frozenset(self._scheduler.running_ids())
+        sampling = {e.handle: self._sampling[e.handle]
+                    for e in plan.entries if e.sample and e.handle in self._sampling}
+        trio_token = trio.lowlevel.current_trio_token()
+
+        def report(result: outcome.Outcome[StepResult]) -> None:  # in the worker thread
+            trio_token.run_sync_soon(self._step_finished, plan, result, snapshots, running,
+                                     done)
+
+        trio.lowlevel.start_thread_soon(
+            partial(runner.run, plan, sampling, snapshot=bool(snapshots)), report
+        )
+        self._changed.set()
+        return done
+
+    def _step_finished(self, plan: StepPlan, result: outcome.Outcome[StepResult],
+                       snapshots: list[list[KvSnapshot]], running: frozenset[int],
+                       done: trio.Event) -> None:
+        """Deliver a step's tokens and start the next step if there is work. Runs in the
+        trio thread as a `run_sync_soon` callback: it must not raise."""
         try:
-            sampling = {e.handle: self._sampling[e.handle]
-                        for e in plan.entries if e.sample and e.handle in self._sampling}
-            try:
-                with trio.CancelScope(shield=True):
-                    result = await trio.to_thread.run_sync(
-                        partial(runner.run, plan, sampling, snapshot=bool(snapshots))
-                    )
-            except BaseException as exc:
-                self._fail(plan, f"decode failed: {exc!r}")
-                raise
-            self._deliver(plan, result)
-            if result.kv is not None:
-                snap = KvSnapshot(result.kv, running, self._scheduler.cached())
-                for box in snapshots:
-                    box.append(snap)
+            if isinstance(result, outcome.Value):
+                step: StepResult = result.value
+                self._deliver(plan, step)
+                if step.kv is not None:
+                    snap = KvSnapshot(step.kv, running, self._scheduler.cached())
+                    for box in snapshots:
+                        box.append(snap)
+            else:
+                error = getattr(result, "error", None)
+                log.error("batched step raised: %r", error)
+                self._fail(plan, f"decode failed: {error!r}")
+        except Exception:  # a bug in delivery: fail the step's streams, keep the loop alive
+            log.exception("batched step delivery failed")
+            self._fail(plan, "internal error while delivering a step")
         finally:
             if snapshots and not snapshots[0]:
                 self._snapshot_requests += snapshots  # the step failed: the next one serves
             self._plans_done = self._plans_started
             self._stepping = False
             done.set()
+        try:
+            self._kick()
+        except Exception:
+            log.exception("batched engine: could not start the next step")
 
     def _deliver(self, plan: StepPlan, result: StepResult) -> None:
         """Turn sampled tokens into each stream's items (synchronous: no checkpoint)."""
@@ -310,9 +364,6 @@ class BatchedEngine:
             if stream is not None:
                 stream.error = message
 
-    def _poke(self) -> None:
-        self._changed.set()
-
     # --- test and status helpers ---
 
     async def kv_snapshot(self) -> KvSnapshot:
@@ -320,12 +371,11 @@ class BatchedEngine:
         here), which applies every KV op queued so far. For tests and debugging."""
         box: list[KvSnapshot] = []
         self._snapshot_requests.append(box)
-        while not box and self._runner is not None:
+        while not box and self._runner is not None and not self._closing:
             if self._stepping:
                 await self._step_done.wait()
             else:
-                with trio.CancelScope(shield=True):
-                    await self._step(ops_only=True)
+                await self._start_step(ops_only=True).wait()
         if not box:
             raise EngineError("the engine is closed")
         return box[0]

@@ -8,6 +8,12 @@ sent, and a cancelled generation waits for its step in flight (at most one token
 before returning the context to the pool. Each context keeps its KV cache between
 requests, so a prompt that starts like the previous one on that context (the next
 turn of a session) only evaluates the new tokens.
+
+The pool has `slots` contexts and no waiting line: admission is the one queue, and a
+`generate_stream` with every context taken raises `EngineError`. `aclose()` waits for
+every decode step in flight and starts no new one, so it never frees a context a
+thread still uses; a generation still open then ends with `EngineError` at its next
+token without touching its (freed) context.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ class LlamaEngine:
         self._free_in, self._free_out = trio.open_memory_channel[llama_cpp.Llama](self._slots)
         self._tokens_generated = 0
         self._loaded = False
+        self._closing = False
+        self._steps_in_flight = 0
+        self._steps_idle = trio.Event()  # set when the last step in flight settles
 
     # --- lifecycle ---
 
@@ -80,10 +89,16 @@ class LlamaEngine:
             raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
 
     async def aclose(self) -> None:
+        """Free every context once the decode steps in flight have finished (no step
+        starts after this is called); then the tokenizer."""
         self._loaded = False
+        self._closing = True
+        while self._steps_in_flight:
+            await self._steps_idle.wait()
         contexts, self._contexts = self._contexts, []
-        for ctx in contexts:
-            await trio.to_thread.run_sync(ctx.close)
+        with trio.CancelScope(shield=True):
+            for ctx in contexts:
+                await trio.to_thread.run_sync(ctx.close)
         await self._text.aclose()
 
     # --- metadata and text ---
@@ -116,13 +131,19 @@ class LlamaEngine:
             raise EngineError("the model is not loaded")
         if len(request.prompt_tokens) + request.max_tokens > self._settings.n_ctx:
             raise EngineError("prompt and max_tokens do not fit the context window")
-        ctx = await self._free_out.receive()
+        try:
+            ctx = self._free_out.receive_nowait()
+        except trio.WouldBlock:
+            raise EngineError(
+                f"all {self._slots} contexts are taken: admission must not let more "
+                "streams in than info().slots"
+            ) from None
         pending: _StepInThread | None = None
         try:
             steps = _Decoder(ctx, request)
             assembler = TextAssembler(request.stop)
             produced = 0
-            pending = _StepInThread(steps.step)
+            pending = self._start(steps.step)
             while pending is not None:
                 piece, end = await pending.result()
                 pending = None
@@ -131,7 +152,7 @@ class LlamaEngine:
                 if not end and produced < request.max_tokens:
                     # Decode the next token while this one is delivered: otherwise the
                     # decode thread idles while the event loop sends (~5% of the time).
-                    pending = _StepInThread(steps.step)
+                    pending = self._start(steps.step)
                 if end:
                     yield Chunk(assembler.flush(), 1)
                     yield Finish("stop", produced)
@@ -149,6 +170,19 @@ class LlamaEngine:
                 self._tokens_generated += await pending.settle()
             self._free_in.send_nowait(ctx)
 
+    def _start(self, step: Callable[[], tuple[bytes, bool]]) -> _StepInThread:
+        """Start a decode step, counted until it settles; none once `aclose()` began."""
+        if self._closing:
+            raise EngineError("the engine is closed")
+        self._steps_in_flight += 1
+        return _StepInThread(step, self._step_settled)
+
+    def _step_settled(self) -> None:
+        self._steps_in_flight -= 1
+        if not self._steps_in_flight:
+            self._steps_idle.set()
+            self._steps_idle = trio.Event()
+
 
 class _StepInThread:
     """One decode step started in a worker thread now, awaited later.
@@ -159,14 +193,19 @@ class _StepInThread:
     a thread that holds a llama context is never abandoned.
     """
 
-    def __init__(self, step: Callable[[], tuple[bytes, bool]]) -> None:
+    def __init__(self, step: Callable[[], tuple[bytes, bool]],
+                 settled: Callable[[], None]) -> None:
         self._done = trio.Event()
         self._outcome: outcome.Outcome[tuple[bytes, bool]] | None = None
         token = trio.lowlevel.current_trio_token()
 
+        def finished() -> None:  # in the trio thread
+            self._done.set()
+            settled()
+
         def deliver(result: outcome.Outcome[tuple[bytes, bool]]) -> None:
             self._outcome = result
-            token.run_sync_soon(self._done.set)
+            token.run_sync_soon(finished)
 
         trio.lowlevel.start_thread_soon(step, deliver)
 
