@@ -72,9 +72,11 @@ class Settings(BaseSettings):
         None, description="Model name reported by the API. Unset: the file name."
     )
     prefill_chunk_tokens: int = Field(
-        128, ge=1, le=65_536,
-        description="ENGINE=batched: prompt tokens evaluated per step (all new requests "
-        "together), so a long prompt never stalls running streams.",
+        48, ge=1, le=65_536,
+        description="ENGINE=batched: tokens per step. Each decoding stream's token comes "
+        "first, prompt chunks fill the rest (at least a quarter), so a long prompt is spread "
+        "over steps and adds at most about one budget of work to the running streams' "
+        "inter-token latency.",
     )
     flash_attn: bool = Field(
         True,
