@@ -131,8 +131,11 @@ def main() -> None:
                 for r in range(args.rounds):
                     order = list(servers) if r % 2 == 0 else list(reversed(servers))
                     for name in order:
-                        raw[n][name].append(trio.run(one_round, servers[name], models[name], n,
-                                                     args.tokens, 100 * r))
+                        res = trio.run(one_round, servers[name], models[name], n, args.tokens,
+                                       100 * r)
+                        raw[n][name].append(res)
+                        print(f"streams={n} round {r} {name}: {res['tok_s']:.1f} tok/s",
+                              file=sys.stderr, flush=True)
             print(f"streams={n}: done", file=sys.stderr, flush=True)
     print(f"\nAggregate tok/s, {args.tokens} tokens/stream, median of {args.rounds} "
           f"alternating rounds, {args.threads} threads")
