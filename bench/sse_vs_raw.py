@@ -89,8 +89,9 @@ def main() -> None:
         model_path=str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
         verbose=False,
     )
-    env = {  # the pool engine runs the very `Llama` decode loop measured raw here
-        "ENGINE": args.engine, "LLM_MODEL": str(model), "MAX_CONCURRENT_REQUESTS": "1", "N_CTX": "1024",
+    env = {  # ENGINE=llama runs the very `Llama` decode loop measured raw here
+        "ENGINE": args.engine, "LLM_MODEL": str(model), "MAX_CONCURRENT_REQUESTS": "1",
+        "N_CTX": "1024",
         "N_THREADS": str(threads), "LOG_LEVEL": "WARNING",
     }
     raw: list[tuple[float, float, int]] = []
