@@ -127,6 +127,12 @@ class Admission:
             self._active += 1
             ticket._grant(token)
 
+    def check_room(self) -> None:
+        """Raise `QueueFull` if `try_enter()` would, now: lets a request be refused
+        before any costly work (session reads, tokenization). Never checkpoints."""
+        if len(self._policy) >= self._max_queue:
+            raise QueueFull(self._retry_after)
+
     def try_enter(self, *, principal: str = "anonymous") -> Ticket:
         """Join the queue now, or raise `QueueFull`. Never blocks, never checkpoints."""
         try:

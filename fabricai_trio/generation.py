@@ -397,6 +397,11 @@ class GenerationService:
             raise ModelLoading()
         if (owner, request.request_id) in self._live:
             raise DuplicateRequestId()
+        try:
+            self.admission.check_room()  # refuse before the session and the tokenizer
+        except QueueFull:
+            self.observer.on_rejected()
+            raise
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         session: Session | None = None
         lock_token: str | None = None

@@ -120,10 +120,15 @@ class Engine(Protocol):
     def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         """Decode; yields `Chunk`s and, if the stream ends by itself, one `Finish`.
 
+        Capacity: at most `info().slots` streams are open at once (admission, the one
+        queue, is sized from it, and `slots` is known before `load()`); an engine never
+        queues a stream of its own: one beyond its slots fails with `EngineError`.
+
         Cancellation takes effect between two tokens: the decode step in progress
         finishes in its thread, the slot is returned, and `Cancelled` propagates.
         Raises `EngineError` if the backend fails. Close it with `aclosing()`.
         """
 
     async def aclose(self) -> None:
-        """Free the model; waits for in-flight decode steps."""
+        """Free the model: waits for the decode steps in flight and starts none; streams
+        still open then fail with `EngineError`. Cancellation waits for those steps."""

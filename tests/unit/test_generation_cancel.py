@@ -171,17 +171,27 @@ async def test_second_turn_on_a_busy_session_is_409(
         await second.close()
 
 
-async def test_queue_full_releases_the_session_lock(
+async def test_a_full_queue_refuses_before_the_session_and_the_tokenizer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
         held = [await h.service.prepare(GenerationRequest(prompt="x"), owner="a")
                 for _ in range(3)]
         await h.store.create("alice", session_id="s1")
+        tokenized: list[str] = []
+        tokenize = h.engine.tokenize
+
+        async def counting(text: str, *, add_bos: bool = True) -> list[int]:
+            tokenized.append(text)
+            return await tokenize(text, add_bos=add_bos)
+
+        h.engine.tokenize = counting  # type: ignore[method-assign]
+        h.engine.tokenize_chat = None  # type: ignore[assignment,method-assign]
         with pytest.raises(DomainError) as info:
             await h.service.prepare(make_request(), owner="alice")
         assert info.value.status_hint == 429
-        assert await h.store.try_lock("s1", "probe", 5.0)
+        assert tokenized == []  # refused first: no tokenization, no store round trip
+        assert await h.store.try_lock("s1", "probe", 5.0)  # the lock was never taken
         for g in held:
             await g.close()
 
