@@ -463,10 +463,6 @@ class BatchScheduler:
                 failed.append(entry.handle)
         return failed
 
-    def abort(self) -> None:
-        """The step raised before it ran; allow the next plan."""
-        self._in_flight = False
-
     # --- introspection ---
 
     def phase(self, handle: int) -> Phase | None:
