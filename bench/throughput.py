@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import llama_server
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
 from tests.server_process import ServerProcess
@@ -149,12 +148,6 @@ async def one_round(client: httpx.AsyncClient, streamer: Streamer, streams: int,
 # --- servers ---
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def our_server(engine: str, streams: int, model: Path, logs: Path, threads: int,
                **extra: str) -> Iterator[str]:
@@ -171,36 +164,8 @@ def our_server(engine: str, streams: int, model: Path, logs: Path, threads: int,
 @contextmanager
 def llama_cpp_server(binary: str, streams: int, model: Path, logs: Path, threads: int
                      ) -> Iterator[str]:
-    port = free_port()
-    log = (logs / f"llama-server-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-         "-np", str(streams), "-c", str(N_CTX * streams), "-t", str(threads),
-         "-tb", str(threads), "--no-webui"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("llama-server did not become healthy")
+    with llama_server(binary, model, logs, slots=streams, n_ctx=N_CTX, threads=threads) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 # --- the session benchmark ---

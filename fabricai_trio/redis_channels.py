@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+async def next_batch(receiver: trio.MemoryReceiveChannel[T]) -> list[T]:
+    """Wait for one item, then take every item already queued behind it: the writes a
+    writer task sends to Redis in one pipeline (one round trip). Cancellation loses
+    nothing: it only interrupts the wait for the first item."""
+    batch = [await receiver.receive()]
+    while True:
+        try:
+            batch.append(receiver.receive_nowait())
+        except trio.WouldBlock:
+            return batch
+
+
 class RedisChannels:
     def __init__(
         self,

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from .core.events import EVENT_NAMES, StreamEvent
 from .core.stream_ids import is_final
-from .redis_channels import RedisChannels
+from .redis_channels import RedisChannels, next_batch
 from .stream_log import Key, MemoryStreamLog, NothingMissing, StreamNotFound
 
 log = logging.getLogger(__name__)
@@ -147,12 +147,7 @@ class RedisStreamLog:
         """Write queued events to Redis in order, batched, until cancelled."""
         task_status.started()
         while True:
-            batch = [await self._writes_out.receive()]
-            while True:
-                try:
-                    batch.append(self._writes_out.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = await next_batch(self._writes_out)
             pipe = self._redis.client.pipeline(transaction=False)
             for key, position, event, fresh in batch:
                 name = self._name("events", key)

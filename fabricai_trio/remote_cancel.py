@@ -28,7 +28,7 @@ import trio
 from redis.exceptions import RedisError
 
 from .core.events import CancelCause
-from .redis_channels import RedisChannels
+from .redis_channels import RedisChannels, next_batch
 
 if TYPE_CHECKING:
     from .generation import GenerationService
@@ -137,12 +137,7 @@ class RedisRemoteCancel:
     async def _send(self) -> None:
         """Apply queued writes in order, batched in one pipeline per round trip."""
         while True:
-            batch = [await self._out_out.receive()]
-            while True:
-                try:
-                    batch.append(self._out_out.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = await next_batch(self._out_out)
             try:
                 await self._redis.call(self._apply, batch)
             except RedisError as exc:

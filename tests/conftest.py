@@ -10,6 +10,7 @@ import pytest
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
 
+from .redis_server import RedisServer, redis_server_binary
 from .server_process import ServerProcess, model_env
 
 
@@ -51,3 +52,12 @@ def each_engine_server(request: pytest.FixtureRequest, model_path: Path, server_
                        ) -> Iterator[ServerProcess]:
     """The same, once per built-in engine (ENGINE=batched, the default, and the pool)."""
     yield from serve_real_model(model_path, server_logs, ENGINE=request.param)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    """A private redis-server on a free port (never 6379), for one test module."""
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer() as server:
+        yield server

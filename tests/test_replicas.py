@@ -18,7 +18,7 @@ import httpx
 import pytest
 import socketio
 
-from .redis_server import RedisServer, redis_server_binary
+from .redis_server import RedisServer
 from .server_process import ServerProcess, model_env
 from .sse_client import parse_lines
 
@@ -36,13 +36,6 @@ def tokens_generated(server: ServerProcess) -> int:
     status = httpx.get(f"{server.url}/v1/status", headers=bearer(OWNER_KEY), timeout=10)
     return int(status.json()["engine"]["tokens_generated"])
 
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

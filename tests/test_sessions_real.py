@@ -23,7 +23,7 @@ from llama_cpp.llama_chat_format import format_gemma
 
 from fabricai_trio.sessions.sql import SqlSessionStore
 
-from .redis_server import RedisServer, redis_server_binary
+from .redis_server import RedisServer
 from .server_process import ServerProcess
 from .sse_client import aparse
 from .test_sse_real import stream_events, vocab, wait_idle
@@ -313,13 +313,6 @@ async def test_sql_store_multi_turn(
 
 # --- Redis ---
 
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
