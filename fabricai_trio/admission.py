@@ -130,7 +130,7 @@ class Admission:
     def check_room(self) -> None:
         """Raise `QueueFull` if `try_enter()` would, now: lets a request be refused
         before any costly work (session reads, tokenization). Never checkpoints."""
-        if len(self._policy) >= self._max_queue:
+        if self._active >= self._limiter.total_tokens and len(self._policy) >= self._max_queue:
             raise QueueFull(self._retry_after)
 
     def try_enter(self, *, principal: str = "anonymous") -> Ticket:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
 import trio.testing
@@ -121,8 +123,6 @@ async def test_release_is_idempotent_and_returns_the_token_once() -> None:
 
 
 async def test_many_random_arrivals_and_cancellations_leak_nothing() -> None:
-    import random
-
     rng = random.Random(1234)
     async with trio.open_nursery() as nursery:
         admission = await started(nursery, Admission(max_concurrent=3, max_queue=4))
@@ -155,4 +155,32 @@ async def test_many_random_arrivals_and_cancellations_leak_nothing() -> None:
         tickets = [admission.try_enter() for _ in range(3)]
         await trio.testing.wait_all_tasks_blocked()
         assert all(t.admitted for t in tickets)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("slots", "queue"), [(1, 0), (2, 0), (1, 2), (2, 3)])
+async def test_check_room_answers_as_try_enter_would(slots: int, queue: int) -> None:
+    """The early refusal (before any costly work) never refuses a request that
+    `try_enter` would take, and never lets one through that it would refuse."""
+    rng = random.Random(slots * 10 + queue)
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(max_concurrent=slots, max_queue=queue))
+        held = []
+        for _ in range(300):
+            if held and rng.random() < 0.4:
+                held.pop(rng.randrange(len(held))).release()
+                await trio.testing.wait_all_tasks_blocked()
+                continue
+            try:
+                admission.check_room()
+                room = True
+            except QueueFull:
+                room = False
+            try:
+                held.append(admission.try_enter())
+                entered = True
+            except QueueFull:
+                entered = False
+            assert room == entered
+            await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
