@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from fabricai_trio.admission import Admission
+from fabricai_trio.admission import Admission, Ticket
 from fabricai_trio.core.errors import QueueFull
 
 
@@ -165,7 +165,7 @@ async def test_check_room_answers_as_try_enter_would(slots: int, queue: int) -> 
     rng = random.Random(slots * 10 + queue)
     async with trio.open_nursery() as nursery:
         admission = await started(nursery, Admission(max_concurrent=slots, max_queue=queue))
-        held = []
+        held: list[Ticket] = []
         for _ in range(300):
             if held and rng.random() < 0.4:
                 held.pop(rng.randrange(len(held))).release()
