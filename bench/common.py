@@ -136,6 +136,7 @@ def free_port() -> int:
 @contextmanager
 def our_server(model: Path, logs: Path, *, slots: int, n_ctx: int, threads: int,
                queue: int, **extra: str) -> Iterator[str]:
+    """Our server on the embedded model (`extra`: more settings by name)."""
     env = {
         "ENGINE": "batched", "LLM_MODEL": str(model), "CHAT_FORMAT": "gemma",
         "MAX_CONCURRENT_REQUESTS": str(slots), "MAX_QUEUE_SIZE": str(queue),

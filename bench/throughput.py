@@ -37,9 +37,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import llama_server
+from bench.common import our_server as common_server
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
-from tests.server_process import ServerProcess
 
 N_CTX = 1024
 SESSION_N_CTX = 4096
@@ -151,14 +151,10 @@ async def one_round(client: httpx.AsyncClient, streamer: Streamer, streams: int,
 @contextmanager
 def our_server(engine: str, streams: int, model: Path, logs: Path, threads: int,
                **extra: str) -> Iterator[str]:
-    env = {
-        "ENGINE": engine, "LLM_MODEL": str(model), "CHAT_FORMAT": "gemma",
-        "MAX_CONCURRENT_REQUESTS": str(streams), "MAX_QUEUE_SIZE": str(streams),
-        "N_CTX": str(N_CTX), "N_THREADS": str(threads), "LOG_LEVEL": "WARNING",
-        "MAX_TOKENS_LIMIT": "1024", **extra,
-    }
-    with ServerProcess(env, log_dir=logs) as proc:
-        yield proc.url
+    with common_server(model, logs, slots=streams, n_ctx=N_CTX, threads=threads,
+                       queue=streams, ENGINE=engine, MAX_TOKENS_LIMIT="1024",
+                       **extra) as url:
+        yield url
 
 
 @contextmanager
