@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +37,8 @@ from .core.events import StreamEvent
 from .core.stream_ids import is_final
 
 Key = tuple[str, str]  # (owner, request_id)
+#: Ended streams kept at most, whatever their age: a bound on memory under heavy traffic.
+MAX_ENDED_STREAMS = 10_000
 
 
 class NothingMissing(Exception):
@@ -80,9 +82,18 @@ class StreamLog(Protocol):
 class MemoryStreamLog:
     """The log in this process: what this replica's own streams wrote."""
 
-    def __init__(self, *, ttl_seconds: float, max_events: int) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float,
+        max_events: int,
+        max_ended: int = MAX_ENDED_STREAMS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl_seconds = ttl_seconds
         self.max_events = max_events
+        self.max_ended = max_ended
+        self._clock = clock
         self._streams: dict[Key, _Stream] = {}
         self._ended: OrderedDict[Key, tuple[float, _Stream]] = OrderedDict()  # oldest first
 
@@ -103,7 +114,7 @@ class MemoryStreamLog:
         if is_final(event):
             stream.final = position
             self._ended.pop(key, None)
-            self._ended[key] = (time.monotonic(), stream)
+            self._ended[key] = (self._clock(), stream)
         stream.changed.set()
         stream.changed = trio.Event()
         return fresh
@@ -148,10 +159,10 @@ class MemoryStreamLog:
         return False
 
     def _expire(self) -> None:
-        deadline = time.monotonic() - self.ttl_seconds
+        deadline = self._clock() - self.ttl_seconds
         while self._ended:
             key, (ended_at, stream) = next(iter(self._ended.items()))
-            if ended_at > deadline:
+            if ended_at > deadline and len(self._ended) <= self.max_ended:
                 break
             del self._ended[key]
             if self._streams.get(key) is stream:
