@@ -391,17 +391,20 @@ class GenerationService:
         returned `Generation` and must either iterate `events()` or call `close()`.
         If cancelled, nothing is held (a session lock taken is released, shielded).
         """
+        try:
+            return await self._prepare(request, owner)
+        except QueueFull:
+            self.observer.on_rejected()
+            raise
+
+    async def _prepare(self, request: GenerationRequest, owner: str) -> Generation:
         if self.draining:
             raise Draining()
         if not self.ready:
             raise ModelLoading()
         if (owner, request.request_id) in self._live:
             raise DuplicateRequestId()
-        try:
-            self.admission.check_room()  # refuse before the session and the tokenizer
-        except QueueFull:
-            self.observer.on_rejected()
-            raise
+        self.admission.check_room()  # refuse before the session and the tokenizer
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         session: Session | None = None
         lock_token: str | None = None
@@ -423,11 +426,7 @@ class GenerationService:
             tokens, stop, stop_tokens = await self._prompt_tokens(
                 request, session, new_messages, max_tokens
             )
-            try:
-                ticket = self.admission.try_enter(principal=owner)
-            except QueueFull:
-                self.observer.on_rejected()
-                raise
+            ticket = self.admission.try_enter(principal=owner)
             if (owner, request.request_id) in self._live:  # registered while we awaited
                 ticket.release()
                 raise DuplicateRequestId()

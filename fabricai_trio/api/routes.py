@@ -65,12 +65,26 @@ def with_request_id(body: Any) -> Any:
 
 
 async def start_stream(generation_request: GenerationRequest) -> Generation:
-    """Prepare a generation for the current request; it is closed when the request
-    ends for any reason, even if its response body never starts."""
-    generation = await state().service.prepare(generation_request, owner=current_owner())
+    """Prepare a generation for the current request.
+
+    Most run in this request and are closed when it ends for any reason, even if its
+    response body never starts. A resumable one runs in the generation service's
+    nursery (it outlives this connection for its grace): the request only stops
+    counting as one of its followers."""
+    service = state().service
+    generation = await service.prepare(generation_request, owner=current_owner())
     scope = cast(dict[str, Any], request.scope)
-    scope["fabricai.cleanups"].append(generation.close)
     attach_generation(scope, generation)
+    if not generation.resumable:
+        scope["fabricai.cleanups"].append(generation.close)
+        return generation
+    await service.start_detached(generation)
+
+    async def creator_gone() -> None:
+        generation.watch(-1)
+        await trio.lowlevel.checkpoint()
+
+    scope["fabricai.cleanups"].append(creator_gone)
     return generation
 
 
@@ -109,23 +123,13 @@ def sse_response(body: AsyncIterator[bytes], request_id: str) -> Response:
 
 
 async def generation_response(generation_request: GenerationRequest) -> Response:
-    """Start a generation and stream it. A resumable one runs in the generation
-    service's nursery (it outlives this connection for its grace) and this response
-    follows its stream log; the others run in this request and stop with it."""
-    rid = generation_request.request_id
-    if not generation_request.resumable:
-        return sse_response(sse_body(await start_stream(generation_request)), rid)
-    service = state().service
-    generation = await service.prepare(generation_request, owner=current_owner())
-    attach_generation(cast(dict[str, Any], request.scope), generation)
-    await service.start_detached(generation)
-
-    async def creator_gone() -> None:
-        generation.watch(-1)
-        await trio.lowlevel.checkpoint()
-
-    cast(dict[str, Any], request.scope)["fabricai.cleanups"].append(creator_gone)
-    return sse_response(followed_body(service, generation.owner, rid, -1), rid)
+    """Start a generation and stream it; a resumable one is streamed from its stream
+    log, so this response can end without ending it."""
+    generation = await start_stream(generation_request)
+    rid = generation.request_id
+    if generation.resumable:
+        return sse_response(followed_body(state().service, generation.owner, rid, -1), rid)
+    return sse_response(sse_body(generation), rid)
 
 
 def last_event_id() -> str | None:
