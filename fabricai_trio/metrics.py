@@ -14,12 +14,13 @@ See docs/metrics.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .core.events import CancelCause, FinishReason
 from .observer import FinishedGeneration, StoreErrorKind
 
 if TYPE_CHECKING:
@@ -27,9 +28,9 @@ if TYPE_CHECKING:
     from .core.engine import EngineInfo
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CANCEL_CAUSES = ("disconnect", "cancel", "shutdown")
-STORE_ERROR_KINDS = ("unavailable", "timeout", "write_failed")
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+CANCEL_CAUSES = get_args(CancelCause)
+STORE_ERROR_KINDS = get_args(StoreErrorKind)
+FINISH_REASONS = get_args(FinishReason)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)

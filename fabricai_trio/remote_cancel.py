@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import trio
 from redis.exceptions import RedisError
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 LIVE_KEY_TTL_SECONDS = 24 * 3600
 #: How long a forwarded cancel waits for the other replica's answer.
 REPLY_TIMEOUT_SECONDS = 2.0
-CAUSES = ("disconnect", "cancel", "shutdown")
+CAUSES = get_args(CancelCause)
 
 # Delete the key only if it still names this replica (a later generation with the same
 # owner and id may run elsewhere by now).
