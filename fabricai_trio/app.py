@@ -28,7 +28,7 @@ import trio
 from quart_trio import QuartTrio
 
 from .admission import Admission
-from .api import auth_hook, request_log
+from .api import auth_hook, host_check, request_log
 from .api.http_errors import register_error_handlers
 from .api.openai.routes import blueprint as openai_blueprint
 from .api.openapi import blueprint as openapi_blueprint
@@ -82,6 +82,9 @@ class FabricApp:
         self.remote = remote
         self.mounts: dict[str, ASGIApp] = {"/socket.io/": socketio.asgi_app}
         self.requests = RequestObserver(state.settings, state.metrics)
+        self.hosts = host_check.HostAllowlist.from_settings(
+            state.settings, auth_enabled=state.auth.enabled
+        )
         #: Set when start-up failed for good (the model cannot load): the server stops.
         self.fatal = trio.Event()
         #: Set once the model is loaded and warmed up: generations are accepted.
@@ -110,6 +113,9 @@ class FabricApp:
             await self._dispatch(scope, receive, send)
 
     async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and not self.hosts.allows_scope(scope):
+            await host_check.refuse(scope, send)  # ALLOWED_HOSTS: DNS rebinding
+            return
         if scope["type"] == "http":
             send = shield_last_send(send)
         if scope["type"] in ("http", "websocket"):

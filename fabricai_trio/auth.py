@@ -1,34 +1,57 @@
-"""Authentication: API keys and JWTs, and who a request acts as (its owner).
+"""Authentication: API keys and JWTs, who a request acts as (its owner), and a
+throttle on failed attempts.
 
-With no `API_KEYS`, `API_KEYS_FILE`, `JWT_SECRET` or `JWT_PUBLIC_KEY` set, everyone is
-`anonymous` (fine on loopback; we warn otherwise). With any of them set, every HTTP route
-needs `Authorization: Bearer <key or JWT>` or `X-Api-Key: <key>`, except `/health`, the
+With AUTH_MODE=auto and none of `API_KEYS`, `API_KEYS_FILE`, `JWT_SECRET`,
+`JWT_PUBLIC_KEY` set, everyone is `anonymous` (settings allow that on a loopback HOST
+only; AUTH_MODE=off allows it anywhere). With any of them set, every HTTP route needs
+`Authorization: Bearer <key or JWT>` or `X-Api-Key: <key>`, except the probes, the
 playground page and its files (`/`, `/playground/…`: they hold no data, and a browser
 cannot send a bearer token with a page load), and `/metrics` when
 `METRICS_REQUIRE_AUTH=false`.
 
-The owner of an API key is `key:<sha256 prefix>` (stable, not secret: it is stored with
-sessions); the owner of a JWT is its `sub` claim. `Authenticator.authenticate()` takes
-plain headers and `authenticate_payload()` a Socket.IO CONNECT `auth` object, so every
-transport authenticates the same way.
+Owner ids are namespaced by kind, so no credential of one kind can name another's:
+an API key is `key:<HMAC-SHA256(OWNER_ID_SECRET, key), 32 hex>` (secret: without the
+server's secret nobody can tell which key it is, or test a guess offline), a JWT is
+`jwt:<iss, percent-encoded>:<sub>`. Logs carry `Identity.tag`, a short non-reversible
+tag of the owner id, never the id. `Authenticator.authenticate()` takes plain headers and
+`authenticate_payload()` a Socket.IO CONNECT `auth` object, so every transport
+authenticates the same way; both take the client's address for `AuthThrottle`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import jwt
 
-from .core.errors import Unauthenticated
+from .core.errors import AuthThrottled, Unauthenticated
 from .sessions.base import MAX_OWNER_LENGTH
-from .settings import ConfigError, Settings
+from .settings import Settings, is_loopback
 
 ANONYMOUS = "anonymous"
+#: Hex digits of the HMAC kept in a key's owner id (128 bits).
+KEY_ID_HEX = 32
+
+__all__ = ["ANONYMOUS", "AuthThrottle", "Authenticator", "Identity", "is_loopback",
+           "jwt_owner", "key_owner", "owner_tag"]
+
+
+def owner_tag(owner: str) -> str:
+    """What logs say instead of an owner id: its kind and 8 hex digits of its SHA-256
+    (enough to follow one client through a log, useless to act as it)."""
+    if owner == ANONYMOUS:
+        return ANONYMOUS
+    kind = owner.split(":", 1)[0]
+    return f"{kind}:{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,17 +61,81 @@ class Identity:
     owner: str
     kind: Literal["anonymous", "api_key", "jwt"]
 
+    @property
+    def tag(self) -> str:
+        """The owner as logs show it (`owner_tag`)."""
+        return owner_tag(self.owner)
+
 
 ANONYMOUS_IDENTITY = Identity(ANONYMOUS, "anonymous")
 
 
-def key_owner(key: str) -> str:
-    """The non-secret, stable identity of an API key."""
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+def key_owner(key: str, secret: bytes) -> str:
+    """The owner id of an API key: stable for one `secret`, and secret itself."""
+    digest = hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+    return "key:" + digest[:KEY_ID_HEX]
+
+
+def jwt_owner(issuer: str | None, subject: str) -> str:
+    """`jwt:<issuer>:<subject>`; the issuer is percent-encoded (no `:` in it), so the
+    first `:` after it ends it and two (issuer, subject) pairs never share an id."""
+    return f"jwt:{quote(issuer or '', safe='')}:{subject}"
 
 
 def unauthorized(code: str, message: str, *, invalid: bool) -> Unauthenticated:
     return Unauthenticated(message, code=code, invalid_token=invalid)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    level: float
+    at: float
+
+
+@dataclass
+class AuthThrottle:
+    """Failed authentications per client address, as a leaky bucket: each failure adds
+    one, the level drains at `limit / window_seconds` per second, and an address at
+    `limit` is refused (`AuthThrottled`) until it drains below. At most `max_clients`
+    addresses are tracked (the least recently failing one is forgotten first), so memory
+    is bounded whatever the addresses. `clock` is passed in for tests."""
+
+    limit: int
+    window_seconds: float
+    max_clients: int = 10_000
+    clock: Callable[[], float] = time.monotonic
+    _buckets: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict)
+
+    def _level(self, client: str, now: float) -> float:
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return 0.0
+        rate = self.limit / self.window_seconds
+        return max(0.0, bucket.level - (now - bucket.at) * rate)
+
+    def check(self, client: str | None) -> None:
+        """Refuse `client` if it failed too often (before its credentials are checked)."""
+        if not self.limit or client is None:
+            return
+        now = self.clock()
+        level = self._level(client, now)
+        if level >= self.limit:
+            wait = (level - self.limit + 1) * self.window_seconds / self.limit
+            raise AuthThrottled(retry_after=max(1, int(wait + 0.999)))
+
+    def failed(self, client: str | None) -> None:
+        """Count one failed authentication of `client`."""
+        if not self.limit or client is None:
+            return
+        now = self.clock()
+        level = self._level(client, now) + 1
+        self._buckets[client] = _Bucket(level, now)
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class Authenticator:
@@ -58,70 +145,82 @@ class Authenticator:
         self,
         *,
         api_keys: Iterable[str] = (),
+        owner_secret: bytes | None = None,
         jwt_key: str | None = None,
         jwt_algorithm: Literal["HS256", "RS256"] = "HS256",
         jwt_audience: str | None = None,
         jwt_issuer: str | None = None,
+        jwt_require_exp: bool = True,
+        jwt_leeway_seconds: float = 0.0,
+        throttle: AuthThrottle | None = None,
     ) -> None:
-        # Keys are kept hashed: the lookup compares digests, never the secrets.
-        self._keys = {hashlib.sha256(k.encode()).digest() for k in api_keys if k}
+        # Keys are kept as SHA-256 digests (the lookup never compares secrets), each with
+        # its owner id, computed once here.
+        secret = owner_secret if owner_secret is not None else secrets.token_bytes(32)
+        self._keys = {hashlib.sha256(k.encode()).digest(): key_owner(k, secret)
+                      for k in api_keys if k}
         self._jwt_key = jwt_key
         self._jwt_algorithm = jwt_algorithm
         self._jwt_audience = jwt_audience
         self._jwt_issuer = jwt_issuer
+        self._jwt_require = ["sub", "exp"] if jwt_require_exp else ["sub"]
+        self._jwt_leeway = jwt_leeway_seconds
+        self.throttle = throttle or AuthThrottle(limit=0, window_seconds=1.0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
-        keys = []
-        if settings.api_keys is not None:
-            keys += [k.strip() for k in settings.api_keys.get_secret_value().split(",")]
-        if settings.api_keys_file is not None:
-            try:
-                lines = settings.api_keys_file.read_text().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"invalid setting: API_KEYS_FILE: {exc}") from None
-            keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        """Settings have been checked (settings.py fails closed on empty credentials)."""
         jwt_key: str | None = None
         algorithm: Literal["HS256", "RS256"] = "HS256"
-        if settings.jwt_secret is not None and settings.jwt_secret.get_secret_value():
+        if settings.jwt_secret is not None:
             jwt_key = settings.jwt_secret.get_secret_value()
         elif settings.jwt_public_key:
             algorithm = "RS256"
             jwt_key = settings.jwt_public_key
             if not jwt_key.lstrip().startswith("-----BEGIN"):
                 jwt_key = Path(jwt_key).read_text()
+        owner_secret = settings.owner_id_secret
         return cls(
-            api_keys=[k for k in keys if k],
+            api_keys=settings.configured_api_keys(),
+            owner_secret=owner_secret.get_secret_value().encode() if owner_secret else None,
             jwt_key=jwt_key,
             jwt_algorithm=algorithm,
             jwt_audience=settings.jwt_audience,
             jwt_issuer=settings.jwt_issuer,
+            jwt_require_exp=settings.jwt_require_exp,
+            jwt_leeway_seconds=settings.jwt_leeway_seconds,
+            throttle=AuthThrottle(limit=settings.auth_failure_limit,
+                                  window_seconds=settings.auth_failure_window_seconds),
         )
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys) or self._jwt_key is not None
 
-    def authenticate(self, headers: Mapping[str, str]) -> Identity:
+    def authenticate(self, headers: Mapping[str, str], *, client: str | None = None
+                     ) -> Identity:
         """The identity behind `Authorization: Bearer …` or `X-Api-Key`; `Unauthenticated`
-        if credentials are missing or wrong (anonymous when auth is off)."""
+        if credentials are missing or wrong (anonymous when auth is off), `AuthThrottled`
+        if `client` (its address) failed too often lately."""
         lowered = {name.lower(): value for name, value in headers.items()}
         authorization = lowered.get("authorization")
         token: str | None = None
-        if authorization:
+        if authorization and self.enabled:
             scheme, _, value = authorization.strip().partition(" ")
             if scheme.lower() != "bearer" or not value.strip():
-                if self.enabled:
-                    raise unauthorized(
-                        "invalid_authorization",
-                        "the Authorization header must be `Bearer <API key or token>`",
-                        invalid=True,
-                    )
-            else:
-                token = value.strip()
-        return self.authenticate_credentials(token=token, api_key=lowered.get("x-api-key"))
+                self.throttle.check(client)
+                self.throttle.failed(client)
+                raise unauthorized(
+                    "invalid_authorization",
+                    "the Authorization header must be `Bearer <API key or token>`",
+                    invalid=True,
+                )
+            token = value.strip()
+        return self.authenticate_credentials(
+            token=token, api_key=lowered.get("x-api-key"), client=client
+        )
 
-    def authenticate_payload(self, payload: Any) -> Identity:
+    def authenticate_payload(self, payload: Any, *, client: str | None = None) -> Identity:
         """For Socket.IO CONNECT: `{"token": …}` or `{"apiKey": …}` (either may hold a key)."""
         if not isinstance(payload, Mapping):
             payload = {}
@@ -129,12 +228,15 @@ class Authenticator:
         return self.authenticate_credentials(
             token=token if isinstance(token, str) else None,
             api_key=api_key if isinstance(api_key, str) else None,
+            client=client,
         )
 
     def authenticate_credentials(
-        self, *, token: str | None = None, api_key: str | None = None
+        self, *, token: str | None = None, api_key: str | None = None,
+        client: str | None = None,
     ) -> Identity:
-        """Check a bearer token (an API key or a JWT) or an API key."""
+        """Check a bearer token (an API key or a JWT) or an API key. A request without
+        credentials is not a failed attempt (a browser's first try); a wrong one is."""
         if not self.enabled:
             return ANONYMOUS_IDENTITY
         credential = (token or api_key or "").strip()
@@ -145,8 +247,17 @@ class Authenticator:
                 "or `X-Api-Key: <key>`",
                 invalid=False,
             )
-        if hashlib.sha256(credential.encode()).digest() in self._keys:
-            return Identity(key_owner(credential), "api_key")
+        self.throttle.check(client)
+        try:
+            return self._check(credential)
+        except Unauthenticated:
+            self.throttle.failed(client)
+            raise
+
+    def _check(self, credential: str) -> Identity:
+        owner = self._keys.get(hashlib.sha256(credential.encode()).digest())
+        if owner is not None:
+            return Identity(owner, "api_key")
         if self._jwt_key is not None and credential.count(".") == 2:
             return self._decode_jwt(credential)
         raise unauthorized("invalid_api_key", "the API key or token is not valid", invalid=True)
@@ -160,7 +271,8 @@ class Authenticator:
                 algorithms=[self._jwt_algorithm],
                 audience=self._jwt_audience,
                 issuer=self._jwt_issuer,
-                options={"require": ["sub"]},
+                leeway=self._jwt_leeway,
+                options={"require": self._jwt_require},
             )
         except jwt.ExpiredSignatureError:
             raise unauthorized("token_expired", "the token has expired", invalid=True) from None
@@ -168,20 +280,16 @@ class Authenticator:
             raise unauthorized(
                 "invalid_token", f"the token is not valid: {exc}", invalid=True
             ) from None
-        subject = claims["sub"]
-        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_OWNER_LENGTH:
+        subject, issuer = claims["sub"], claims.get("iss")
+        if not isinstance(issuer, str | None):
+            raise unauthorized("invalid_token", "the token's `iss` must be a string",
+                               invalid=True)
+        owner = jwt_owner(issuer, subject) if isinstance(subject, str) and subject else ""
+        if not 0 < len(owner) <= MAX_OWNER_LENGTH:
             raise unauthorized(
                 "invalid_token",
-                f"the token's `sub` must be a string of 1 to {MAX_OWNER_LENGTH} characters",
+                "the token's `sub` must be a non-empty string, and `jwt:<iss>:<sub>` at most "
+                f"{MAX_OWNER_LENGTH} characters",
                 invalid=True,
             )
-        return Identity(subject, "jwt")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        return Identity(owner, "jwt")

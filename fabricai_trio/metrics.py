@@ -35,6 +35,14 @@ FINISH_REASONS = get_args(FinishReason)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+#: The `method` label's values: any other method counts as `OTHER`, so a client cannot
+#: add a series (kept for ever) per made-up method.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The bounded `method` label of an HTTP request."""
+    return method if method in HTTP_METHODS else "OTHER"
 
 
 def _stat(admission: Admission, attribute: str) -> Callable[[], float]:
@@ -162,7 +170,7 @@ class Metrics:
     # --- HTTP ---
 
     def on_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_requests.labels(route, method_label(method), str(status)).inc()
         self.http_duration.labels(route).observe(seconds)
 
     def render(self) -> bytes:

@@ -7,6 +7,7 @@ also writes `.env.example`), and a test fails when they disagree.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["text", "json"]
 StoreBackend = Literal["memory", "redis", "sql"]
+AuthMode = Literal["auto", "off"]
+#: Shortest HMAC secret accepted (JWT_SECRET, OWNER_ID_SECRET), in bytes (RFC 7518 §3.2).
+MIN_SECRET_BYTES = 32
 
 
 class ConfigError(Exception):
@@ -203,20 +207,54 @@ class Settings(BaseSettings):
 
     # --- authentication (docs/auth.md); any of these set: every route but /health, the
     # playground's files and (with METRICS_REQUIRE_AUTH=false) /metrics needs it ---
+    auth_mode: AuthMode = Field(
+        "auto",
+        description="`auto`: authentication is on when API_KEYS, API_KEYS_FILE, JWT_SECRET or "
+        "JWT_PUBLIC_KEY is set (one that is set must hold a credential, else start-up "
+        "fails), and a server without any may only listen on a loopback HOST. `off`: serve "
+        "everyone as `anonymous` on any HOST (an explicit choice; none of those may be set).",
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys accepted as `Bearer` or `X-Api-Key`."
     )
     api_keys_file: Path | None = Field(
         None, description="File of API keys, one per line (`#` comments allowed)."
     )
+    owner_id_secret: SecretStr | None = Field(
+        None,
+        description="HMAC secret (32 bytes or more) that turns an API key into its owner id "
+        "`key:<hmac>`. Unset: a random one per process, so API-key sessions are not found "
+        "after a restart; required with API keys and a shared store (redis, sql).",
+    )
     jwt_secret: SecretStr | None = Field(
-        None, description="Accept HS256 JWTs signed with this secret; `sub` is the owner."
+        None,
+        description="Accept HS256 JWTs signed with this secret (32 bytes or more); the owner "
+        "is `jwt:<iss>:<sub>`.",
     )
     jwt_public_key: str | None = Field(
         None, description="Accept RS256 JWTs: a PEM public key, or the path of one."
     )
     jwt_audience: str | None = Field(None, description="Required JWT `aud` claim.")
     jwt_issuer: str | None = Field(None, description="Required JWT `iss` claim.")
+    jwt_require_exp: bool = Field(True, description="A JWT without `exp` is refused.")
+    jwt_leeway_seconds: float = Field(
+        10.0, ge=0, le=300, description="Clock skew allowed on a JWT's `exp`, `nbf` and `iat`."
+    )
+    auth_failure_limit: int = Field(
+        20, ge=0, le=1_000_000,
+        description="Failed authentications a client address may make per "
+        "AUTH_FAILURE_WINDOW_SECONDS; past that its attempts get 429 (Socket.IO: a refused "
+        "CONNECT) without being checked. 0: no limit.",
+    )
+    auth_failure_window_seconds: float = Field(
+        60.0, gt=0, le=86_400, description="The window of AUTH_FAILURE_LIMIT."
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated `Host` names requests may carry (`*`: any; "
+        "`*.example.com`: its subdomains); others get 400, probes excepted. Empty: any with "
+        "authentication on, else `localhost`, `*.localhost` and loopback addresses.",
+    )
     metrics_require_auth: bool = Field(
         True, description="`GET /metrics` needs credentials too (when auth is on)."
     )
@@ -263,7 +301,65 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL is required when SESSION_STORE=redis")
         if self.resolved_session_store == "sql" and not self.database_url:
             raise ValueError("DATABASE_URL is required when SESSION_STORE=sql")
+        self._check_auth()
         return self
+
+    def _check_auth(self) -> None:
+        """Fail closed: a credential setting that is set must hold a credential, and
+        serving without authentication is a choice (loopback, or AUTH_MODE=off)."""
+        for name, secret in (("JWT_SECRET", self.jwt_secret),
+                             ("OWNER_ID_SECRET", self.owner_id_secret)):
+            if secret is not None and len(secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
+                raise ValueError(f"{name} must be at least {MIN_SECRET_BYTES} bytes")
+        if self.api_keys is not None and not split_keys(self.api_keys.get_secret_value()):
+            raise ValueError("API_KEYS is set but holds no key")
+        if self.api_keys_file is not None and not self.file_api_keys():
+            raise ValueError(f"API_KEYS_FILE {self.api_keys_file} holds no key")
+        configured = [name for name, value in (
+            ("API_KEYS", self.api_keys), ("API_KEYS_FILE", self.api_keys_file),
+            ("JWT_SECRET", self.jwt_secret), ("JWT_PUBLIC_KEY", self.jwt_public_key),
+        ) if value is not None]
+        if self.auth_mode == "off" and configured:
+            raise ValueError(f"AUTH_MODE=off but {', '.join(configured)} set: choose one")
+        if self.auth_mode == "auto" and not configured and not is_loopback(self.host):
+            raise ValueError(
+                f"HOST={self.host} is not a loopback address and no API_KEYS, API_KEYS_FILE, "
+                "JWT_SECRET or JWT_PUBLIC_KEY is set: set one, or AUTH_MODE=off to serve "
+                "anyone without authentication"
+            )
+        has_keys = self.api_keys is not None or self.api_keys_file is not None
+        if has_keys and self.owner_id_secret is None and self.resolved_session_store != "memory":
+            raise ValueError(
+                "OWNER_ID_SECRET is required with API keys and SESSION_STORE="
+                f"{self.resolved_session_store}: owner ids must agree across restarts and "
+                "replicas"
+            )
+
+    def file_api_keys(self) -> list[str]:
+        """The keys of API_KEYS_FILE (blank lines and `#` comments skipped)."""
+        if self.api_keys_file is None:
+            return []
+        try:
+            lines = self.api_keys_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"API_KEYS_FILE: {exc}") from None
+        return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+    def configured_api_keys(self) -> list[str]:
+        """Every API key of API_KEYS and API_KEYS_FILE."""
+        keys = split_keys(self.api_keys.get_secret_value()) if self.api_keys else []
+        return keys + self.file_api_keys()
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether any credential setting is set (then authentication is on)."""
+        return any(value is not None for value in (
+            self.api_keys, self.api_keys_file, self.jwt_secret, self.jwt_public_key))
+
+    @property
+    def allowed_host_patterns(self) -> list[str]:
+        """ALLOWED_HOSTS as a list; empty means the automatic choice (see the field)."""
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
     @property
     def resolved_session_store(self) -> StoreBackend:
@@ -274,6 +370,22 @@ class Settings(BaseSettings):
     @property
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.socketio_cors_origins.split(",") if o.strip()]
+
+
+def split_keys(value: str) -> list[str]:
+    """Comma-separated keys, blanks dropped."""
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` (and `*.localhost`) or a loopback address (`127.0.0.0/8`, `::1`)."""
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -90,7 +90,7 @@ def make_scope(
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": query.encode(),
-        "headers": [(b"host", b"testserver"), *header_list(headers)],
+        "headers": [(b"host", b"localhost"), *header_list(headers)],
         "client": ("127.0.0.1", 5000),
         "server": ("testserver", 80),
         "extensions": {},

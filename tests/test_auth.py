@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fabricai_trio.app import create_app
-from fabricai_trio.auth import Authenticator, key_owner
+from fabricai_trio.auth import Authenticator, jwt_owner, key_owner, owner_tag
 from fabricai_trio.core.errors import DomainError
 from fabricai_trio.settings import ConfigError, Settings, load_settings
 
@@ -29,6 +29,7 @@ from .live import ended_normally
 from .server_process import ServerProcess
 
 SECRET = "test-secret-that-is-at-least-32-bytes-long"
+OWNER_SECRET = "owner-id-secret-of-at-least-32-bytes!"
 AUDIENCE, ISSUER = "fabricai", "tests"
 ALPHA, BETA, FILE_KEY = "alpha-key", "beta-key", "file-key"
 MARKER = "zebra-unicorn-marker"
@@ -40,6 +41,11 @@ def token(
     payload = {"sub": sub, "aud": AUDIENCE, "iss": ISSUER, "exp": int(time.time() + expires_in),
                **claims}
     return jwt.encode(payload, key, algorithm="HS256")
+
+
+def owner_of(key: str) -> str:
+    """A key's owner id on the module's server (its OWNER_ID_SECRET)."""
+    return key_owner(key, OWNER_SECRET.encode())
 
 
 def bearer(credential: str) -> dict[str, str]:
@@ -62,6 +68,8 @@ def server(
         "JWT_AUDIENCE": AUDIENCE,
         "JWT_ISSUER": ISSUER,
         "LOG_FORMAT": "json",
+        "OWNER_ID_SECRET": OWNER_SECRET,
+        "AUTH_FAILURE_LIMIT": "0",  # the matrix fails on purpose, hundreds of times
     }
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
@@ -150,7 +158,7 @@ def test_another_identitys_session_is_403(http: httpx.Client) -> None:
     created = http.post("/v1/sessions", headers=bearer(ALPHA), json={"system_prompt": "x"})
     assert created.status_code == 201, created.text
     session = created.json()
-    assert session["owner"] == key_owner(ALPHA) and ALPHA not in session["owner"]
+    assert session["owner"] == owner_of(ALPHA) and ALPHA not in session["owner"]
     sid = session["id"]
     uses: list[tuple[str, str, dict[str, Any] | None]] = [
         ("GET", f"/v1/sessions/{sid}", None),
@@ -173,7 +181,7 @@ def test_another_identitys_session_is_403(http: httpx.Client) -> None:
 @pytest.mark.model
 def test_jwt_subject_owns_its_sessions(http: httpx.Client) -> None:
     created = http.post("/v1/sessions", headers=bearer(token("user-7")))
-    assert created.status_code == 201 and created.json()["owner"] == "user-7"
+    assert created.status_code == 201 and created.json()["owner"] == "jwt:tests:user-7"
     sid = created.json()["id"]
     # Another token of the same subject is the same owner.
     again = http.get(f"/v1/sessions/{sid}", headers=bearer(token("user-7", expires_in=60)))
@@ -211,7 +219,8 @@ def test_request_log_is_json_without_prompts_or_keys(
         assert secret not in text
     mine = next(e for e in requests if e["request_id"] == rid)
     assert mine["route"] == "/v1/inference_sse" and mine["status"] == 200
-    assert mine["owner"] == key_owner(ALPHA)
+    assert mine["owner"] == owner_tag(owner_of(ALPHA)) != owner_of(ALPHA)
+    assert owner_of(ALPHA) not in text
     assert ended_normally(mine["finish_reason"], mine["completion_tokens"], 2)
     assert mine["prompt_tokens"] > 0 and mine["ttft_ms"] > 0
     assert mine["duration_ms"] >= mine["ttft_ms"]
@@ -235,8 +244,9 @@ def rsa_keys() -> tuple[bytes, str]:
 
 def test_rs256_public_key_from_pem_or_file(tmp_path: Path) -> None:
     private, public = rsa_keys()
-    good = jwt.encode({"sub": "rs-user", "iss": ISSUER}, private, algorithm="RS256")
-    hs = jwt.encode({"sub": "rs-user", "iss": ISSUER}, SECRET, algorithm="HS256")
+    claims = {"sub": "rs-user", "iss": ISSUER, "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, private, algorithm="RS256")
+    hs = jwt.encode(claims, SECRET, algorithm="HS256")
     key_file = tmp_path / "public.pem"
     key_file.write_text(public)
     for configured in (public, str(key_file)):
@@ -244,24 +254,25 @@ def test_rs256_public_key_from_pem_or_file(tmp_path: Path) -> None:
             Settings(jwt_public_key=configured, jwt_issuer=ISSUER)  # type: ignore[call-arg]
         )
         identity = auth.authenticate({"authorization": f"Bearer {good}"})
-        assert (identity.owner, identity.kind) == ("rs-user", "jwt")
+        assert (identity.owner, identity.kind) == (jwt_owner(ISSUER, "rs-user"), "jwt")
         with pytest.raises(DomainError) as info:  # no algorithm confusion
             auth.authenticate({"Authorization": f"Bearer {hs}"})
         assert info.value.status_hint == 401
 
 
 def test_socketio_payload_and_anonymous() -> None:
-    auth = Authenticator(api_keys=[ALPHA], jwt_key=SECRET, jwt_audience=AUDIENCE,
-                         jwt_issuer=ISSUER)
-    assert auth.authenticate_payload({"apiKey": ALPHA}).owner == key_owner(ALPHA)
-    assert auth.authenticate_payload({"token": ALPHA}).owner == key_owner(ALPHA)
-    assert auth.authenticate_payload({"token": token("sio-user")}).owner == "sio-user"
+    auth = Authenticator(api_keys=[ALPHA], owner_secret=OWNER_SECRET.encode(), jwt_key=SECRET,
+                         jwt_audience=AUDIENCE, jwt_issuer=ISSUER)
+    assert auth.authenticate_payload({"apiKey": ALPHA}).owner == owner_of(ALPHA)
+    assert auth.authenticate_payload({"token": ALPHA}).owner == owner_of(ALPHA)
+    assert auth.authenticate_payload({"token": token("sio-user")}).owner == "jwt:tests:sio-user"
     for payload in (None, {}, {"token": 5}, {"apiKey": "nope"}):
         with pytest.raises(DomainError) as info:
             auth.authenticate_payload(payload)
         assert info.value.status_hint == 401
-    assert key_owner(ALPHA) == key_owner(ALPHA) != key_owner(BETA)
-    assert key_owner(ALPHA).startswith("key:") and len(key_owner(ALPHA)) == 20
+    assert owner_of(ALPHA) == owner_of(ALPHA) != owner_of(BETA)
+    assert owner_of(ALPHA).startswith("key:") and len(owner_of(ALPHA)) == 36
+    assert key_owner(ALPHA, b"x" * 32) != owner_of(ALPHA)  # the secret matters
     anonymous = Authenticator()
     assert not anonymous.enabled
     assert anonymous.authenticate({}).owner == "anonymous"
@@ -291,21 +302,22 @@ async def test_metrics_may_be_left_open() -> None:
     config = app_settings(api_keys=ALPHA, metrics_require_auth=False)
     app = create_app(config, engine=FakeEngine(config))
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         assert (await client.get("/metrics")).status_code == 200
         assert (await client.get("/v1/status")).status_code == 401
         assert (await client.get("/v1/status", headers=bearer(ALPHA))).status_code == 200
 
 
 @pytest.mark.parametrize(
-    ("host", "keys", "warned"),
-    [("0.0.0.0", None, True), ("127.0.0.1", None, False), ("::1", None, False),
-     ("localhost", None, False), ("0.0.0.0", ALPHA, False)],
+    ("host", "keys", "mode", "warned"),
+    [("0.0.0.0", None, "off", True), ("127.0.0.1", None, "auto", False),
+     ("::1", None, "auto", False), ("localhost", None, "off", False),
+     ("0.0.0.0", ALPHA, "auto", False)],
 )
 def test_open_server_on_a_public_address_warns(
-    caplog: pytest.LogCaptureFixture, host: str, keys: str | None, warned: bool
+    caplog: pytest.LogCaptureFixture, host: str, keys: str | None, mode: str, warned: bool
 ) -> None:
-    config = app_settings(host=host, api_keys=keys)
+    config = app_settings(host=host, api_keys=keys, auth_mode=mode)
     with caplog.at_level(logging.WARNING, logger="fabricai_trio.auth"):
         create_app(config, engine=FakeEngine(config))
     assert any("not a loopback address" in r.message for r in caplog.records) == warned

@@ -142,7 +142,7 @@ async def test_session_store_errors_are_counted() -> None:
     config = Settings(session_store="memory")
     app = create_app(config, engine=FakeEngine(config), store=DownStore())
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         assert (await client.get("/v1/sessions")).status_code == 503
         assert (await client.get("/v1/sessions")).status_code == 503
         text = (await client.get("/metrics")).text

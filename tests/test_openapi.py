@@ -27,7 +27,7 @@ async def make_client(**overrides: Any) -> tuple[FabricApp, httpx.AsyncClient]:
     await engine.load()
     app = create_app(config, engine=engine)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    return app, httpx.AsyncClient(transport=transport, base_url="http://test")
+    return app, httpx.AsyncClient(transport=transport, base_url="http://localhost")
 
 
 @pytest.fixture

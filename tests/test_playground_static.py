@@ -24,7 +24,7 @@ async def make_client(**overrides: Any) -> httpx.AsyncClient:
     engine = FakeEngine(settings)
     await engine.load()
     transport = httpx.ASGITransport(app=create_app(settings, engine=engine))  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
 
 
 @pytest.fixture

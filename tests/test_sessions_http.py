@@ -110,7 +110,7 @@ async def client(store: FlakyStore) -> AsyncIterator[httpx.AsyncClient]:
     async with trio.open_nursery() as nursery:
         await nursery.start(run_services, app)  # what the lifespan starts
         await app.ready.wait()
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
         nursery.cancel_scope.cancel()
 

@@ -41,9 +41,8 @@ def install(
     the playground page and its files, which a browser loads without a bearer token."""
     if not authenticator.enabled and not is_loopback(settings.host):
         log.warning(
-            "no API_KEYS, API_KEYS_FILE, JWT_SECRET or JWT_PUBLIC_KEY is set and HOST=%s is "
-            "not a loopback address: anyone who can reach the server can use it",
-            settings.host,
+            "AUTH_MODE=off and HOST=%s is not a loopback address: anyone who can reach the "
+            "server can use it", settings.host,
         )
     open_paths = {"/health", "/livez", "/readyz", *public_paths}
     if not settings.metrics_require_auth:
@@ -54,4 +53,7 @@ def install(
         if request.path in open_paths or request.path.startswith(public_prefixes):
             return
         scope = cast(dict[str, Any], request.scope)
-        scope[IDENTITY_SCOPE_KEY] = authenticator.authenticate(dict(request.headers.items()))
+        client = scope.get("client")
+        scope[IDENTITY_SCOPE_KEY] = authenticator.authenticate(
+            dict(request.headers.items()), client=client[0] if client else None
+        )

@@ -8,7 +8,8 @@
 * every response carries `X-Request-Id` (a route that set its own, e.g. the id of a
   generation named in the body, keeps it);
 * when the call ends (the whole stream sent, or the client gone) one log line says id,
-  route, status, owner, timings and, for a generation, tokens and finish reason. Prompt
+  route, status, an owner tag (never
+  the owner id), timings and, for a generation, tokens and finish reason. Prompt
   text is logged only with `LOG_PROMPTS=true`;
 * a response that ends before the app has received the request body (a 401 from the
   auth hook, a 404, a GET with a body) waits for the body first, briefly: Hypercorn
@@ -142,7 +143,8 @@ class RequestObserver:
             "route": route,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
-            "owner": identity.owner if isinstance(identity, Identity) else None,
+            # A tag, never the owner id: a key's id names its sessions (auth.py).
+            "owner": identity.tag if isinstance(identity, Identity) else None,
         }
         generation: Generation | None = scope.get(GENERATION_SCOPE_KEY)
         if generation is not None:

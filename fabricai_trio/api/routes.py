@@ -6,7 +6,6 @@ Thin by design: parse and validate into a `GenerationRequest`, hand it to the
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from http import HTTPStatus
@@ -15,7 +14,8 @@ from typing import Any, cast
 import trio
 from quart import Blueprint, Response, jsonify, request
 
-from ..core.errors import InvalidField, InvalidJson, NotFound
+from ..core import jsonparse
+from ..core.errors import InvalidField, InvalidJson, NotFound, UnsupportedMediaType
 from ..core.events import EVENT_NAMES, StreamEvent
 from ..core.requests import GenerationRequest
 from ..core.stream_ids import event_id, parse_event_id
@@ -30,15 +30,25 @@ from .state import state
 blueprint = Blueprint("api", __name__)
 
 
+def require_json_content_type() -> None:
+    """`UnsupportedMediaType` unless the body is sent as `application/json`: a browser
+    sends a cross-site `text/plain` or form POST without asking the server first, and
+    it must not start a generation (with authentication off, nothing else stops it)."""
+    sent = request.headers.get("Content-Type")
+    if (sent or "").partition(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(sent)
+
+
 async def read_json_body() -> Any:
-    """The request body as JSON; `InvalidJson` names what is wrong (413 comes from
-    Quart)."""
+    """The request body as JSON (`application/json`, depth and integer sizes bounded
+    by `core.jsonparse`); `InvalidJson` names what is wrong (413 comes from Quart)."""
+    require_json_content_type()
     raw = await request.get_data(cache=False)
     if not raw:
         raise InvalidJson("the body is empty")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return jsonparse.loads(raw)
+    except jsonparse.JsonRejected as exc:
         raise InvalidJson(str(exc)) from None
 
 

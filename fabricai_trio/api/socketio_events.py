@@ -24,8 +24,10 @@ from typing import Any
 import trio
 
 from ..core.errors import (
+    AuthThrottled,
     DomainError,
     InvalidField,
+    InvalidJson,
     NotFound,
     Unauthenticated,
     ack_error,
@@ -36,6 +38,7 @@ from ..core.events import EVENT_NAMES
 from ..generation import Generation, Keepalive
 from ..realtime import ClientGone, ConnectionRefused, RealtimeConfig, RedisPubSub, SocketIOServer
 from ..realtime.asgi import Scope
+from ..realtime.sio_server import PACKET_REJECTED
 from ..redis_channels import RedisChannels
 from ..sessions import Session
 from ..stream_log import NothingMissing, StreamNotFound
@@ -70,6 +73,7 @@ class InferenceEvents:
     def register(self) -> None:
         on = self.server.on
         on("connect")(self.connect)
+        on(PACKET_REJECTED)(self.packet_rejected)
         on("inference_prompt")(self.inference_prompt)
         on("inference_cancel")(self.inference_cancel)
         on("inference_resume")(self.inference_resume)
@@ -80,11 +84,19 @@ class InferenceEvents:
         """Authenticate the CONNECT `auth` payload (`{token}` or `{apiKey}`); refused
         with CONNECT_ERROR `{message, data}`."""
         await trio.lowlevel.checkpoint()
+        client = scope.get("client")
         try:
-            owner = self.state.auth.authenticate_payload(auth).owner
-        except Unauthenticated as error:
+            owner = self.state.auth.authenticate_payload(
+                auth, client=client[0] if client else None
+            ).owner
+        except (Unauthenticated, AuthThrottled) as error:
             raise ConnectionRefused(*connect_refusal(error)) from None
         self.server.session_data(sid)[OWNER] = owner
+
+    async def packet_rejected(self, sid: str, reason: str) -> dict[str, Any]:
+        """An event whose JSON is beyond the bounds: `inference_error` (`invalid_json`)
+        and the same in the ACK; the connection goes on."""
+        return await self.refuse(sid, InvalidJson(reason), None)
 
     @staticmethod
     def request_id_of(payload: Any) -> str | None:

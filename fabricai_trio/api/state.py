@@ -54,7 +54,9 @@ class AppState:
             return Readiness(status="draining", reason="the server is shutting down",
                              store=store)
         if self.phase == "failed":
-            return Readiness(status="failed", reason=self.load_error, store=store)
+            # Not `load_error`: it names the model's path, and the probes are public
+            # (`/v1/status`, behind authentication, has it).
+            return Readiness(status="failed", reason="the model failed to load", store=store)
         if self.phase != "ready":
             seconds = round(time.monotonic() - self.phase_since, 3)
             return Readiness(status=self.phase, reason=f"{self.phase} the model", store=store,

@@ -40,6 +40,7 @@ class ErrorKind(enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
     TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     OVERLOADED = "overloaded"  # the queue is full: come back later
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"  # loading, a dependency down: come back later
@@ -62,6 +63,7 @@ ERROR_TABLE: dict[ErrorKind, Presentation] = {
     ErrorKind.METHOD_NOT_ALLOWED: Presentation(405, "invalid_request_error", 405),
     ErrorKind.CONFLICT: Presentation(409, "conflict_error", 409),
     ErrorKind.TOO_LARGE: Presentation(413, "invalid_request_error", 413),
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: Presentation(415, "invalid_request_error", 415),
     ErrorKind.OVERLOADED: Presentation(429, "rate_limit_error", 429),
     ErrorKind.INTERNAL: Presentation(500, "server_error", 500),
     ErrorKind.UNAVAILABLE: Presentation(503, "unavailable_error", 503),
@@ -183,6 +185,29 @@ class BodyTooLarge(DomainError):
         super().__init__(f"the body is larger than {limit} bytes")
 
 
+class UnsupportedMediaType(DomainError):
+    """A JSON route's body sent with another `Content-Type` (a cross-site form or
+    `text/plain` POST, which a browser sends without asking the server first)."""
+
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
+    default_code = "unsupported_media_type"
+
+    def __init__(self, sent: str | None) -> None:
+        super().__init__(f"the body must be sent as `Content-Type: application/json`, "
+                         f"not {sent!r}" if sent else "the body must be sent as "
+                         "`Content-Type: application/json`", param="Content-Type")
+
+
+class HostNotAllowed(DomainError):
+    """The `Host` header names no host of ALLOWED_HOSTS (DNS rebinding)."""
+
+    kind = ErrorKind.BAD_REQUEST
+    default_code = "host_not_allowed"
+
+    def __init__(self) -> None:
+        super().__init__("this Host is not served here (see ALLOWED_HOSTS)", param="Host")
+
+
 class MethodNotAllowed(DomainError):
     kind = ErrorKind.METHOD_NOT_ALLOWED
     default_code = "method_not_allowed"
@@ -209,6 +234,18 @@ class Unauthenticated(DomainError):
     def __init__(self, message: str, *, code: str, invalid_token: bool) -> None:
         super().__init__(message, code=code)
         self.invalid_token = invalid_token
+
+
+class AuthThrottled(DomainError):
+    """Too many failed authentications from this client address lately: refused
+    without checking, until `retry_after`."""
+
+    kind = ErrorKind.OVERLOADED
+    default_code = "too_many_auth_failures"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many failed authentication attempts; retry later",
+                         retry_after=retry_after)
 
 
 class SessionForbidden(DomainError):

@@ -2,9 +2,11 @@
 
 `SocketIOParser` turns the messages of one Engine.IO session into events, reassembling
 binary attachments (at most `max_attachments` per packet) and rejecting everything the
-v5 spec calls malformed with `RemoteProtocolError`. The `encode_*` functions build the
-Engine.IO messages (one text message, then one binary message per attachment) of the
-packets a server sends. Packets are `socketio.packet.Packet` objects.
+v5 spec calls malformed with `RemoteProtocolError`. A well-formed packet whose JSON is
+beyond `core.jsonparse`'s bounds (nesting depth, integer size) is not a protocol error:
+it becomes `PacketRejected`, so the server answers it and the session goes on. The
+`encode_*` functions build the Engine.IO messages (one text message, then one binary
+message per attachment) of the packets a server sends. Packets are `socketio.packet.Packet` objects.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engineio import json as eio_json
 from socketio import packet as sio_packet
 
+from ..core import jsonparse
 from .errors import RemoteProtocolError
 
 CONNECT: Final = sio_packet.CONNECT
@@ -55,7 +59,28 @@ class AckReceived:
     args: list[Any]
 
 
-SioEvent = ConnectRequested | DisconnectRequested | EventReceived | AckReceived
+@dataclass(frozen=True, kw_only=True)
+class PacketRejected:
+    """A packet whose JSON payload `core.jsonparse` refused (`reason` says why)."""
+
+    namespace: str
+    packet_type: int
+    ack_id: int | None
+    reason: str
+
+
+SioEvent = ConnectRequested | DisconnectRequested | EventReceived | AckReceived | PacketRejected
+
+
+class _BoundedJson:
+    """The `json` a packet decodes with: `core.jsonparse.loads` (bounded)."""
+
+    loads = staticmethod(jsonparse.loads)
+    dumps = staticmethod(eio_json.dumps)
+
+
+class _Packet(sio_packet.Packet):  # type: ignore[misc]  # untyped library
+    json = _BoundedJson
 
 
 class SocketIOParser:
@@ -76,8 +101,12 @@ class SocketIOParser:
             raise RemoteProtocolError("text packet while binary attachments are due")
         if not data or not data[0].isdigit():
             raise RemoteProtocolError("malformed Socket.IO packet type")
+        pkt = _Packet()
         try:
-            pkt = sio_packet.Packet(encoded_packet=data)
+            pkt.attachment_count = pkt.decode(data) or 0
+        except jsonparse.JsonTooComplex as exc:
+            return PacketRejected(namespace=pkt.namespace or DEFAULT_NAMESPACE,
+                                  packet_type=pkt.packet_type, ack_id=pkt.id, reason=str(exc))
         except (ValueError, TypeError, IndexError, KeyError):
             raise RemoteProtocolError("malformed Socket.IO packet") from None
         count = pkt.attachment_count

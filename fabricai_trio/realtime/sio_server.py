@@ -49,12 +49,16 @@ from .eio_socket import EngineIOSocket, SessionEnded, new_sid
 from .errors import ClientGone, ConnectionRefused, RemoteProtocolError
 from .pubsub import BroadcastMessage, PubSub
 from .sio_protocol import (
+    BINARY_EVENT,
+    CONNECT,
     DEFAULT_NAMESPACE,
+    EVENT,
     AckReceived,
     ConnectRequested,
     DisconnectRequested,
     EventReceived,
     Messages,
+    PacketRejected,
     SioEvent,
     SocketIOParser,
     encode_ack,
@@ -69,6 +73,8 @@ logger = logging.getLogger("fabricai_trio.realtime")
 
 ConnectHandler = Callable[[str, dict[str, Any] | None, Scope], Awaitable[None]]
 DisconnectHandler = Callable[[str, "DisconnectReason"], Awaitable[None]]
+#: The pseudo-event of a packet whose JSON `core.jsonparse` refused: `(sid, reason)`.
+PACKET_REJECTED = "packet_rejected"
 EventHandler = Callable[..., Awaitable[Any]]
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
@@ -162,6 +168,7 @@ class SocketIOServer:
         self._connect_handlers: dict[str, ConnectHandler] = {}
         self._disconnect_handlers: dict[str, DisconnectHandler] = {}
         self._event_handlers: dict[tuple[str, str], EventHandler] = {}
+        self._rejection_handlers: dict[str, EventHandler] = {}
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -202,6 +209,9 @@ class SocketIOServer:
         - `"connect"`: `(sid, auth, scope) -> None`; raise `ConnectionRefused(message,
           data)` to refuse (the client gets CONNECT_ERROR `{message, data}`).
         - `"disconnect"`: `(sid, reason: DisconnectReason) -> None`.
+        - `PACKET_REJECTED`: `(sid, reason: str) -> result`, for an EVENT whose payload
+          is beyond the JSON bounds; the result is the ACK (without a handler the ACK is
+          `{"error": reason}`). The session goes on either way.
         - any other name: `(sid, *args) -> result`; the result is the ACK when the client
           asked for one (None → no arguments, a tuple → several). Each call is a task in
           the client's session nursery: it is cancelled if the client disconnects.
@@ -215,6 +225,8 @@ class SocketIOServer:
                 self._connect_handlers[namespace] = handler
             elif event == "disconnect":
                 self._disconnect_handlers[namespace] = handler
+            elif event == PACKET_REJECTED:
+                self._rejection_handlers[namespace] = handler
             else:
                 self._event_handlers[(namespace, event)] = handler
             return handler
@@ -451,7 +463,9 @@ class SocketIOServer:
                 event = client.parser.receive(data)
                 if event is None:
                     continue
-                if not client.ever_connected and not isinstance(event, ConnectRequested):
+                connecting = isinstance(event, ConnectRequested) or (
+                    isinstance(event, PacketRejected) and event.packet_type == CONNECT)
+                if not client.ever_connected and not connecting:
                     raise RemoteProtocolError("the first packet must be CONNECT")
             except RemoteProtocolError as exc:
                 logger.info("closing %s: %s", socket.sid, exc.message)
@@ -504,6 +518,30 @@ class SocketIOServer:
             conn = client.connections.get(event.namespace)
             if conn is not None and not conn.pending:
                 self._leave(conn, DisconnectReason.CLIENT_NAMESPACE_DISCONNECT)
+        elif isinstance(event, PacketRejected):
+            self._rejected(client, event)
+
+    def _rejected(self, client: _Client, event: PacketRejected) -> None:
+        """Answer a packet whose JSON was refused; the session goes on. A CONNECT gets
+        CONNECT_ERROR; an EVENT the rejection handler's ACK; anything else is dropped."""
+        logger.info("refused a packet of %s: %s", client.socket.sid, event.reason)
+        namespace = event.namespace
+        if event.packet_type == CONNECT:
+            for message in encode_connect_error(namespace, f"invalid CONNECT: {event.reason}"):
+                client.socket.send(message)
+            return
+        conn = client.connections.get(namespace)
+        if conn is None or conn.pending or event.packet_type not in (EVENT, BINARY_EVENT):
+            return
+        handler = self._rejection_handlers.get(namespace)
+        if handler is None:
+            if event.ack_id is not None:
+                self._send(conn, encode_ack(namespace, event.ack_id, [{"error": event.reason}]))
+            return
+        call = EventReceived(namespace=namespace, event=PACKET_REJECTED, args=[event.reason],
+                             ack_id=event.ack_id)
+        with contextlib.suppress(ClientGone):
+            self._spawn(conn, self._run_event, (conn, handler, call), what=PACKET_REJECTED)
 
     async def _connect(self, client: _Client, event: ConnectRequested) -> None:
         """Run the connect handler inline (later packets of this client wait for it),
