@@ -96,7 +96,8 @@ class _Bucket:
 class AuthThrottle:
     """Failed authentications per client address, as a leaky bucket: each failure adds
     one, the level drains at `limit / window_seconds` per second, and an address at
-    `limit` is refused (`AuthThrottled`) until it drains below. At most `max_clients`
+    `limit` is refused (`AuthThrottled`) until one more would fit again (so at most about
+    `limit` failures per `window_seconds` are checked). At most `max_clients`
     addresses are tracked (the least recently failing one is forgotten first), so memory
     is bounded whatever the addresses. `clock` is passed in for tests."""
 
@@ -119,8 +120,8 @@ class AuthThrottle:
             return
         now = self.clock()
         level = self._level(client, now)
-        if level >= self.limit:
-            wait = (level - self.limit + 1) * self.window_seconds / self.limit
+        if level + 1 > self.limit:  # one more failure would exceed the limit
+            wait = (level + 1 - self.limit) * self.window_seconds / self.limit
             raise AuthThrottled(retry_after=max(1, int(wait + 0.999)))
 
     def failed(self, client: str | None) -> None:
@@ -165,7 +166,8 @@ class Authenticator:
         self._jwt_issuer = jwt_issuer
         self._jwt_require = ["sub", "exp"] if jwt_require_exp else ["sub"]
         self._jwt_leeway = jwt_leeway_seconds
-        self.throttle = throttle or AuthThrottle(limit=0, window_seconds=1.0)
+        self.throttle = (throttle if throttle is not None
+                         else AuthThrottle(limit=0, window_seconds=1.0))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:

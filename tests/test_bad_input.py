@@ -11,12 +11,25 @@ from .server_process import ServerProcess
 
 pytestmark = pytest.mark.model
 
+JSON = {"content-type": "application/json"}
+
 CASES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
     # (name, request kwargs, status, code, param)
     ("invalid json", {"content": b"{not json", "headers": {"content-type": "application/json"}},
      400, "invalid_json", None),
-    ("empty body", {"content": b""}, 400, "invalid_json", None),
-    ("not utf-8", {"content": b"\xff\xfe{}"}, 400, "invalid_json", None),
+    ("empty body", {"content": b"", "headers": JSON}, 400, "invalid_json", None),
+    ("not utf-8", {"content": b"\xff\xfe{}", "headers": JSON}, 400, "invalid_json", None),
+    ("no content type", {"content": b'{"prompt": "hi"}'}, 415, "unsupported_media_type",
+     "Content-Type"),
+    ("text/plain", {"content": b'{"prompt": "hi"}', "headers": {"content-type": "text/plain"}},
+     415, "unsupported_media_type", "Content-Type"),
+    ("form", {"data": {"prompt": "hi"}}, 415, "unsupported_media_type", "Content-Type"),
+    ("deeply nested", {"content": b"[" * 4000, "headers": JSON}, 400, "invalid_json", None),
+    ("4,000-digit integer",
+     {"content": b'{"prompt": "hi", "max_tokens": ' + b"9" * 4000 + b"}", "headers": JSON},
+     400, "invalid_json", None),
+    ("NaN", {"content": b'{"prompt": "hi", "temperature": NaN}', "headers": JSON}, 400,
+     "invalid_json", None),
     ("array body", {"json": [1, 2]}, 400, "invalid_body", None),
     ("wrong type", {"json": {"prompt": "hi", "max_tokens": "many"}}, 422, "invalid_field",
      "max_tokens"),

@@ -297,7 +297,8 @@ def test_request_id_header(http: httpx.Client) -> None:
 
 
 def test_errors_keep_the_openai_shape(http: httpx.Client) -> None:
-    response = http.post("/v1/chat/completions", content=b"{not json")
+    response = http.post("/v1/chat/completions", content=b"{not json",
+                         headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"type", "code", "message", "param"}
     response = http.post("/v1/chat/completions", json={"messages": [

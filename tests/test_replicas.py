@@ -47,6 +47,7 @@ def replicas(
         REDIS_URL=redis.url,
         REDIS_PREFIX="replicas:",
         API_KEYS=f"{OWNER_KEY},{OTHER_KEY}",
+        OWNER_ID_SECRET="replicas-share-this-owner-id-secret!",
         MAX_TOKENS_LIMIT="512",
     )
     with ServerProcess(env, log_dir=server_logs) as a, \

@@ -171,12 +171,15 @@ async def test_create_with_system_prompt_and_own_id(client: httpx.AsyncClient) -
     assert (await client.get("/v1/sessions/chat-1_a")).json()["message_count"] == 1
 
 
+JSON = {"content-type": "application/json"}
 BAD_BODIES: list[tuple[str, dict[str, Any], int, str, str | None]] = [
     ("invalid json", {"content": b"{nope", "headers": {"content-type": "application/json"}},
      400, "invalid_json", None),
-    ("not utf-8", {"content": b"\xff\xfe"}, 400, "invalid_json", None),
+    ("not utf-8", {"content": b"\xff\xfe", "headers": JSON}, 400, "invalid_json", None),
     ("array", {"json": ["x"]}, 400, "invalid_body", None),
-    ("null", {"content": b"null"}, 400, "invalid_body", None),
+    ("null", {"content": b"null", "headers": JSON}, 400, "invalid_body", None),
+    ("text/plain", {"content": b"{}", "headers": {"content-type": "text/plain"}}, 415,
+     "unsupported_media_type", "Content-Type"),
     ("unknown field", {"json": {"bogus": 1}}, 422, "invalid_field", "bogus"),
     ("id with a space", {"json": {"session_id": "a b"}}, 422, "invalid_field", "session_id"),
     ("id with a dot", {"json": {"session_id": "a.b"}}, 422, "invalid_field", "session_id"),

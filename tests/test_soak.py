@@ -42,7 +42,8 @@ async def test_soak_leaves_nothing_behind(model_path: Path, server_logs: Path) -
         kind = rng.choice(["complete", "disconnect", "queued-leave", "garbage"])
         body: dict[str, Any] = {"prompt": f"Story {i}:", "max_tokens": rng.randint(4, 24)}
         if kind == "garbage":
-            response = await http.post("/v1/inference_sse", content=b"{" * rng.randint(1, 50))
+            response = await http.post("/v1/inference_sse", content=b"{" * rng.randint(1, 50),
+                                       headers={"content-type": "application/json"})
             assert response.status_code == 400
             outcomes[kind] = outcomes.get(kind, 0) + 1
             return

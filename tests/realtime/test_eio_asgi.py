@@ -136,7 +136,7 @@ async def test_same_origin_policy_by_default(handler: Recorder) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(app.run)
         same = await http(
-            app, "EIO=4&transport=polling", headers=[(b"origin", b"http://testserver")]
+            app, "EIO=4&transport=polling", headers=[(b"origin", b"http://localhost")]
         )
         assert same.status == 200
         other = await http(app, "EIO=4&transport=polling", headers=[(b"origin", b"http://x.org")])
