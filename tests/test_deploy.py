@@ -111,3 +111,15 @@ def test_nginx_compose_mounts_exist() -> None:
     for volume in lb["volumes"]:
         source = volume.split(":")[0]
         assert (ROOT / source).is_file(), source
+
+
+def test_compose_publishes_on_loopback_unless_authentication_is_on() -> None:
+    """No authentication by default (AUTH_MODE=off, an explicit choice), so every
+    published port is bound to 127.0.0.1; a port on all interfaces needs credentials."""
+    services = compose()["services"]
+    assert services["app"]["environment"]["AUTH_MODE"] == "${AUTH_MODE:-off}"
+    for name, service in services.items():
+        for port in service.get("ports", ()):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    settings = Settings(host="0.0.0.0", auth_mode="off")  # what the container runs
+    assert not settings.auth_configured
