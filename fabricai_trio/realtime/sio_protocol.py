@@ -89,6 +89,7 @@ class SocketIOParser:
     def __init__(self, *, max_attachments: int) -> None:
         self.max_attachments = max_attachments
         self._partial: sio_packet.Packet | None = None
+        self._skip = 0  # binary attachments of a rejected packet still to come
 
     def receive(self, data: str | bytes) -> SioEvent | None:
         """Feed one Engine.IO message; returns an event, or None while attachments are due.
@@ -97,7 +98,7 @@ class SocketIOParser:
         """
         if isinstance(data, (bytes, bytearray)):
             return self._receive_attachment(bytes(data))
-        if self._partial is not None:
+        if self._partial is not None or self._skip:
             raise RemoteProtocolError("text packet while binary attachments are due")
         if not data or not data[0].isdigit():
             raise RemoteProtocolError("malformed Socket.IO packet type")
@@ -105,6 +106,9 @@ class SocketIOParser:
         try:
             pkt.attachment_count = pkt.decode(data) or 0
         except jsonparse.JsonTooComplex as exc:
+            count, dash, _ = data[1:].partition("-")
+            if pkt.packet_type in (BINARY_EVENT, BINARY_ACK) and dash and count.isdigit():
+                self._skip = min(int(count), self.max_attachments)  # its attachments
             return PacketRejected(namespace=pkt.namespace or DEFAULT_NAMESPACE,
                                   packet_type=pkt.packet_type, ack_id=pkt.id, reason=str(exc))
         except (ValueError, TypeError, IndexError, KeyError):
@@ -121,6 +125,9 @@ class SocketIOParser:
         return self._to_event(pkt)
 
     def _receive_attachment(self, data: bytes) -> SioEvent | None:
+        if self._skip:
+            self._skip -= 1
+            return None
         pkt = self._partial
         if pkt is None:
             raise RemoteProtocolError("unexpected binary message")

@@ -19,6 +19,7 @@ from fabricai_trio.core.errors import AuthThrottled, Unauthenticated, http_error
 from fabricai_trio.metrics import method_label
 from fabricai_trio.realtime.errors import RemoteProtocolError
 from fabricai_trio.realtime.sio_protocol import (
+    BINARY_EVENT,
     CONNECT,
     EVENT,
     EventReceived,
@@ -85,6 +86,13 @@ def test_a_packet_beyond_the_bounds_is_rejected_not_fatal() -> None:
     assert isinstance(connect, PacketRejected) and connect.packet_type == CONNECT
     # The parser goes on.
     assert parser.receive('2["ok",1]') == EventReceived(namespace="/", event="ok", args=[1],
+                                                        ack_id=None)
+    # A rejected binary event's attachments are skipped, then the parser goes on.
+    binary = parser.receive('51-["up",' + "[" * 40 + '{"_placeholder":true,"num":0}'
+                            + "]" * 40 + "]")
+    assert isinstance(binary, PacketRejected) and binary.packet_type == BINARY_EVENT
+    assert parser.receive(b"\x00\x01") is None
+    assert parser.receive('2["ok",2]') == EventReceived(namespace="/", event="ok", args=[2],
                                                         ack_id=None)
     with pytest.raises(RemoteProtocolError):  # malformed is still a protocol error
         parser.receive('2["unterminated"')
