@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 
+from .errors import ClientGone
+
 logger = logging.getLogger("fabricai_trio.realtime")
 
 
@@ -19,10 +21,14 @@ async def run_logged(fn: Callable[..., Awaitable[Any]], *args: Any, what: str = 
     """Await `fn(*args)`; log an exception instead of raising it.
 
     Cancellation propagates unchanged (also out of an exception group that mixes
-    `Cancelled` with errors: the errors are logged, the `Cancelled` re-raised).
+    `Cancelled` with errors: the errors are logged, the `Cancelled` re-raised). A
+    handler that finds its client gone (`ClientGone`: it disconnected while the handler
+    ran) ends quietly: that is a client leaving, not a failure.
     """
     try:
         await fn(*args)
+    except ClientGone as exc:
+        logger.debug("%s ended: %s", what, exc)
     except Exception:
         logger.exception("%s failed", what)
     except BaseExceptionGroup as group:
