@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -31,10 +32,14 @@ def nginx_binary() -> str:
     return found
 
 
+class Cluster(NamedTuple):
+    url: str  # nginx
+    replicas: list[ServerProcess]
+
+
 @pytest.fixture(scope="module")
 def cluster(model_path: Path, server_logs: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
-    """(nginx URL, [replica URLs])."""
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with RedisServer() as redis:
         env = {"LLM_MODEL": str(model_path), "REDIS_URL": redis.url, "N_CTX": "1024",
                "MAX_CONCURRENT_REQUESTS": "1", "SESSION_AUTOCREATE": "true"}
@@ -65,15 +70,15 @@ def cluster(model_path: Path, server_logs: Path,
                     assert proc.poll() is None, (prefix / "nginx.log").read_text()
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
-                yield url, [a.url, b.url]
+                yield Cluster(url, [a, b])
             finally:
                 proc.terminate()
                 proc.wait(10)
                 log.close()
 
 
-def test_sse_streams_through_nginx_unbuffered(cluster: tuple[str, list[str]]) -> None:
-    url, _ = cluster
+def test_sse_streams_through_nginx_unbuffered(cluster: Cluster) -> None:
+    url = cluster.url
     arrivals: list[float] = []
     lines: list[str] = []
     with httpx.Client(timeout=60) as client, client.stream(
@@ -94,8 +99,8 @@ def test_sse_streams_through_nginx_unbuffered(cluster: tuple[str, list[str]]) ->
     assert max(spread) < (arrivals[-1] - arrivals[0]) * 0.5
 
 
-def test_socketio_polling_then_upgrade_through_nginx(cluster: tuple[str, list[str]]) -> None:
-    url, _ = cluster
+def test_socketio_polling_then_upgrade_through_nginx(cluster: Cluster) -> None:
+    url = cluster.url
     client = socketio.Client(reconnection=False)
     done = threading.Event()
     seen: list[str] = []
@@ -114,8 +119,8 @@ def test_socketio_polling_then_upgrade_through_nginx(cluster: tuple[str, list[st
         client.disconnect()
 
 
-def test_session_continues_on_the_other_replica(cluster: tuple[str, list[str]]) -> None:
-    url, replicas = cluster
+def test_session_continues_on_the_other_replica(cluster: Cluster) -> None:
+    url, replicas = cluster.url, [replica.url for replica in cluster.replicas]
     with httpx.Client(timeout=60) as client:
         first = client.post(f"{url}/v1/inference_sse", json={
             "prompt": "My name is Ada.", "session_id": "through-nginx", "max_tokens": 4})
@@ -126,3 +131,47 @@ def test_session_continues_on_the_other_replica(cluster: tuple[str, list[str]]) 
             assert turn.status_code == 200 and "event: complete" in turn.text
         messages = client.get(f"{replicas[0]}/v1/sessions/through-nginx/messages").json()
         assert [m["role"] for m in messages["data"]] == ["user", "assistant"] * 3
+
+
+def served_by(cluster: Cluster, request_id: str) -> int:
+    """Which replica's log holds the request (each response carries its X-Request-Id;
+    the log line is written as the request ends, so it is polled for: a hang guard)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [i for i, replica in enumerate(cluster.replicas)
+                 if f'request_id="{request_id}"' in replica.log()]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, (request_id, found)
+            return found[0]
+        time.sleep(0.05)
+
+
+def test_a_session_sticks_to_one_replica_and_sessions_spread(cluster: Cluster) -> None:
+    """Consistent hash on the session id, wherever the request carries it (body, header,
+    query, path); requests without one are spread; Socket.IO stays on ip_hash."""
+    sessions = [f"sticky-{i}" for i in range(16)]
+    placement: dict[str, set[int]] = {}
+    with httpx.Client(base_url=cluster.url, timeout=60) as client:
+        for sid in sessions:
+            created = client.post("/v1/sessions", json={"session_id": sid})
+            assert created.status_code == 201, created.text
+            ids = [created.headers["x-request-id"]]
+            turn = client.post("/v1/inference_sse",
+                               json={"prompt": "Hi", "max_tokens": 2, "session_id": sid})
+            chat = client.post("/v1/chat/completions", headers={"X-Session-Id": sid}, json={
+                "model": "any", "max_tokens": 2, "session_id": sid,
+                "messages": [{"role": "user", "content": "Hi"}]})
+            query = client.get("/v1/inference_sse",
+                               params={"prompt": "Hi", "max_tokens": "2", "session_id": sid})
+            path = client.get(f"/v1/sessions/{sid}/messages")
+            for response in (turn, chat, query, path):
+                assert response.status_code == 200, response.text
+                ids.append(response.headers["x-request-id"])
+            placement[sid] = {served_by(cluster, rid) for rid in ids}
+        stateless = set()
+        for _ in range(16):
+            response = client.get("/v1/models")
+            stateless.add(served_by(cluster, response.headers["x-request-id"]))
+    assert all(len(replicas) == 1 for replicas in placement.values()), placement
+    assert {next(iter(r)) for r in placement.values()} == {0, 1}, placement
+    assert stateless == {0, 1}
