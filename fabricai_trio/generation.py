@@ -446,6 +446,7 @@ class GenerationService:
             seed=request.seed,
             stop=tuple(dict.fromkeys([*request.stop, *stop])),
             stop_tokens=stop_tokens,
+            cache_scope=None if request.shared_prefix else owner,
         )
         generation = Generation(
             service=self,

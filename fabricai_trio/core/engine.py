@@ -37,6 +37,10 @@ class EngineRequest:
     stop_tokens: frozenset[int] = frozenset()
     """Token ids that end the generation (finish_reason `stop`) besides the model's
     end-of-generation tokens: the chat template's BOS/EOS/end-of-turn."""
+    cache_scope: str | None = None
+    """Whose prefix cache the request may read and fill: an engine reuses a prompt's KV
+    only between requests of one scope (the principal), so that timing cannot tell one
+    principal what another sent. None is the shared scope."""
 
 
 @dataclass(frozen=True, slots=True)

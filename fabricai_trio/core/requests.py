@@ -74,6 +74,9 @@ class GenerationRequest(SamplingParams):
     #: event, so that a reconnect with `Last-Event-ID` continues the stream.
     resumable: bool = False
     resume_grace_seconds: float | None = Field(None, ge=0)
+    #: Reuse, and leave for every principal, the prefix cache of the shared scope (for
+    #: prompts that are public anyway); by default a principal's prefixes are its own.
+    shared_prefix: bool = False
 
     @field_validator("request_id")
     @classmethod

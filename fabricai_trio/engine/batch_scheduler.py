@@ -125,6 +125,7 @@ class _Seq:
     handle: int
     prompt: tuple[int, ...]
     max_tokens: int
+    scope: str | None = None  # whose prefix cache it may read and fill (None: shared)
     phase: Phase = Phase.WAITING
     seq_id: int | None = None
     n_past: int = 0  # tokens of (prompt + generated) held in the KV cache
@@ -198,7 +199,8 @@ class BatchScheduler:
         self._seqs: dict[int, _Seq] = {}
         self._waiting: deque[int] = deque()
         self._running: dict[int, int] = {}  # seq_id -> handle, ids < slots
-        self._cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # seq_id -> tokens, LRU
+        # seq_id -> (scope, tokens), LRU; a prefix is reused only within its scope
+        self._cache: OrderedDict[int, tuple[str | None, tuple[int, ...]]] = OrderedDict()
         self._ops: list[KvOp] = []
         self._released: list[int] = []
         self._next_handle = 0
@@ -230,8 +232,12 @@ class BatchScheduler:
 
     # --- sequences come and go ---
 
-    def add(self, prompt: Sequence[int], max_tokens: int) -> int:
+    def add(self, prompt: Sequence[int], max_tokens: int, *, scope: str | None = None) -> int:
         """Register a sequence; it gets an id (and maybe a cached prefix) at the next plan.
+
+        `scope` isolates the prefix cache: the sequence reuses only KV that sequences of
+        the same scope left, and what it leaves is reused only by them (a principal's
+        prompts never speed up another principal's: no timing side channel).
 
         Raises `SchedulerFull` if `slots` sequences are already registered (released ones
         do not count): queueing is the caller's job.
@@ -244,7 +250,7 @@ class BatchScheduler:
             raise SchedulerFull(f"all {self.slots} slots are taken")
         handle = self._next_handle
         self._next_handle += 1
-        self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens)
+        self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens, scope)
         self._waiting.append(handle)
         return handle
 
@@ -272,14 +278,16 @@ class BatchScheduler:
         seq_id = seq.seq_id
         del self._running[seq_id]
         if cache and seq.phase is not Phase.FAILED:
-            self._park(seq_id, seq.tokens())
+            self._park(seq_id, seq.scope, seq.tokens())
         self._ops.append(SeqRemove(seq_id))
 
-    def _park(self, seq_id: int, tokens: tuple[int, ...]) -> None:
+    def _park(self, seq_id: int, scope: str | None, tokens: tuple[int, ...]) -> None:
         if self.cache_slots == 0 or len(tokens) < self.min_reuse_tokens:
             return
         target: int | None = None
-        for cid, cached in list(self._cache.items()):
+        for cid, (cached_scope, cached) in list(self._cache.items()):
+            if cached_scope != scope:
+                continue
             n = common_prefix(cached, tokens)
             if n == len(tokens):
                 self._cache.move_to_end(cid)  # the new one adds nothing
@@ -291,7 +299,7 @@ class BatchScheduler:
                           - set(self._cache))
             target = free[0] if free else next(iter(self._cache))  # else evict the LRU
         self._cache.pop(target, None)
-        self._cache[target] = tokens
+        self._cache[target] = (scope, tokens)
         self._ops.append(SeqCopy(seq_id, target, len(tokens)))
         self._copies += 1
 
@@ -339,7 +347,9 @@ class BatchScheduler:
             seq.seq_id = seq_id
             seq.phase = Phase.PREFILL if seq.phase is Phase.WAITING else seq.phase
             best_id, best = None, 0
-            for cid, cached in self._cache.items():
+            for cid, (cached_scope, cached) in self._cache.items():
+                if cached_scope != seq.scope:
+                    continue
                 n = common_prefix(cached, seq.prompt)
                 if n > best:
                     best_id, best = cid, n
@@ -424,7 +434,8 @@ class BatchScheduler:
         handle = self._running.get(seq_id)
         if handle is not None:
             return self._seqs[handle].n_past
-        return len(self._cache.get(seq_id, ()))
+        entry = self._cache.get(seq_id)
+        return 0 if entry is None else len(entry[1])
 
     def complete(self, plan: StepPlan, sampled: Mapping[int, tuple[int, bool]]) -> list[Sampled]:
         """Record a finished step: `sampled[handle] = (token, is_end_of_generation)`."""
@@ -489,8 +500,8 @@ class BatchScheduler:
         return dict(self._running)
 
     def cached(self) -> dict[int, tuple[int, ...]]:
-        """Prefix cache, least recently used first."""
-        return dict(self._cache)
+        """Prefix cache (the tokens each cache id holds), least recently used first."""
+        return {cid: tokens for cid, (_, tokens) in self._cache.items()}
 
     def _record_stats(self, plan: StepPlan) -> None:
         if not plan.entries:

@@ -193,7 +193,8 @@ class BatchedEngine:
         if not request.prompt_tokens:
             raise EngineError("empty prompt")
         try:
-            handle = self._scheduler.add(request.prompt_tokens, request.max_tokens)
+            handle = self._scheduler.add(request.prompt_tokens, request.max_tokens,
+                                         scope=request.cache_scope)
         except SchedulerFull:
             raise EngineError(
                 f"more than {self._slots} generations at once: admission must not let "

@@ -39,6 +39,7 @@ from ..core.engine import (
 from ..core.messages import ChatMessage
 from ..core.textstream import TextAssembler
 from ..settings import Settings
+from .batch_scheduler import common_prefix
 from .model_text import ModelText
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class LlamaEngine:
         self._text = ModelText(settings)
         self._contexts: list[llama_cpp.Llama] = []
         self._free_in, self._free_out = trio.open_memory_channel[llama_cpp.Llama](self._slots)
+        #: The cache scope of what each context holds (see `EngineRequest.cache_scope`).
+        self._scope: dict[llama_cpp.Llama, str | None] = {}
+        self._prefix_hits = 0
+        self._prompt_tokens_reused = 0
         self._tokens_generated = 0
         self._loaded = False
         self._closing = False
@@ -113,6 +118,8 @@ class LlamaEngine:
             chat_format=text.template.name if text.template else None,
             loaded=self._loaded,
             tokens_generated=self._tokens_generated,
+            extra={"prefix_cache_hits": self._prefix_hits,
+                   "prompt_tokens_reused": self._prompt_tokens_reused},
         )
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -138,6 +145,7 @@ class LlamaEngine:
                 f"all {self._slots} contexts are taken: admission must not let more "
                 "streams in than info().slots"
             ) from None
+        self._enter_scope(ctx, request)
         pending: _StepInThread | None = None
         try:
             steps = _Decoder(ctx, request)
@@ -169,6 +177,19 @@ class LlamaEngine:
             if pending is not None:  # never give back a context a thread still uses
                 self._tokens_generated += await pending.settle()
             self._free_in.send_nowait(ctx)
+
+    def _enter_scope(self, ctx: llama_cpp.Llama, request: EngineRequest) -> None:
+        """llama-cpp-python reuses the longest common prefix of what a context holds and
+        the new prompt: a context that changes scope forgets what it holds first, so one
+        principal's prompts never speed up another's. Counts what is reused."""
+        if self._scope.get(ctx, request.cache_scope) != request.cache_scope:
+            ctx.reset()  # type: ignore[no-untyped-call]
+        self._scope[ctx] = request.cache_scope
+        held = ctx.input_ids[: ctx.n_tokens].tolist()
+        reused = common_prefix(held, list(request.prompt_tokens[:-1]))
+        if reused:
+            self._prefix_hits += 1
+            self._prompt_tokens_reused += reused
 
     def _start(self, step: Callable[[], tuple[bytes, bool]]) -> _StepInThread:
         """Start a decode step, counted until it settles; none once `aclose()` began."""

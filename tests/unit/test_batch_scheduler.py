@@ -261,6 +261,29 @@ def test_identical_prompt_reuses_all_but_its_last_two_tokens() -> None:
     assert len(plan.entries[0].tokens) == 2 and s.reused(b) == len(PROMPT) - 2
 
 
+def test_prefix_cache_is_reused_only_within_its_scope() -> None:
+    """Two principals sending the same prompt never hit each other's cache entries; the
+    same principal (and the shared scope, None, with itself) does."""
+    s, kv = BatchScheduler(slots=1, cache_slots=8, step_tokens=64, min_reuse_tokens=8), FakeKV(9)
+
+    def run(scope: str | None) -> int:
+        handle = s.add(PROMPT, max_tokens=2, scope=scope)
+        step(s, kv)
+        step(s, kv)
+        reused = s.reused(handle)
+        s.release(handle)
+        return reused
+
+    assert run("key:a") == 0
+    assert run("key:b") == 0  # same prompt, another principal: a miss
+    assert run(None) == 0  # the shared scope is a scope of its own
+    assert s.stats().prefix_hits == 0
+    assert run("key:a") == len(PROMPT) - 2
+    assert run("key:b") == len(PROMPT) - 2
+    assert run(None) == len(PROMPT) - 2
+    assert s.stats().prefix_hits == 3
+
+
 def test_short_matches_and_short_sequences_are_not_cached() -> None:
     s, kv = BatchScheduler(slots=1, cache_slots=2, min_reuse_tokens=8), FakeKV(3)
     a = s.add([1, 2, 3], max_tokens=2)

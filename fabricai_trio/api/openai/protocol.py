@@ -133,6 +133,10 @@ class _SamplingFields(BaseModel):
     repeat_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension (llama.cpp)."
     )
+    shared_prefix: bool | None = Field(
+        None, description="Extension: share this prompt's prefix cache with every API key "
+        "(for prompts that are public anyway); private to the caller by default.",
+    )
 
     def _check_common(self) -> None:
         if self.n not in (None, 1):
@@ -154,7 +158,8 @@ class _SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling(self) -> dict[str, Any]:
-        fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty")
+        fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty",
+                  "shared_prefix")
         values = {name: getattr(self, name) for name in fields}
         return {name: value for name, value in values.items() if value is not None}
 
