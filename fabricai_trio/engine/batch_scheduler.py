@@ -152,6 +152,7 @@ class SchedulerStats:
     running: int
     waiting: int
     cached: int
+    kv_cells_used: int  # KV cells the running sequences and the cache entries hold
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -529,6 +530,8 @@ class BatchScheduler:
             running=len(self._running),
             waiting=len(self._waiting),
             cached=len(self._cache),
+            kv_cells_used=sum(self._seqs[h].n_past for h in self._running.values())
+            + sum(len(tokens) for _, tokens in self._cache.values()),
         )
 
 

@@ -171,6 +171,8 @@ class BatchedEngine:
                 "prompt_tokens_evaluated": st.prompt_tokens_evaluated,
                 "prompt_tokens_reused": st.prompt_tokens_reused,
                 "kv_copies": st.kv_copies,
+                "kv_cells_used": st.kv_cells_used,
+                "kv_cells_total": self._settings.n_ctx * self._scheduler.n_seq_max,
             },
         )
 

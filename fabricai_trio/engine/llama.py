@@ -119,7 +119,10 @@ class LlamaEngine:
             loaded=self._loaded,
             tokens_generated=self._tokens_generated,
             extra={"prefix_cache_hits": self._prefix_hits,
-                   "prompt_tokens_reused": self._prompt_tokens_reused},
+                   "prompt_tokens_reused": self._prompt_tokens_reused,
+                   # What the contexts hold (reused by the next prompt of the same scope).
+                   "kv_cells_used": sum(ctx.n_tokens for ctx in self._contexts),
+                   "kv_cells_total": self._settings.n_ctx * len(self._contexts)},
         )
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:

@@ -404,6 +404,7 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
     assert all(kv.cells[i] == [] for i in range(slots))
     for cid, tokens in s.cached().items():
         assert slots <= cid < slots + cache and kv.cells[cid] == list(tokens)
+    assert s.stats().kv_cells_used == sum(len(cells) for cells in kv.cells.values())
     assert pads > 0 or not invariant
 
 
