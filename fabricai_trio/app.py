@@ -4,11 +4,12 @@ Nursery tree (see docs/architecture.md):
 
     hypercorn serve
     ├── lifespan (QuartTrio `app.nursery`)
-    │   └── services nursery (`run_services`): admission dispatcher, model load,
+    │   └── services nursery (`run_services`): one admission dispatcher and one model
+    │       load per served model,
     │       Socket.IO timers and fan-out, cross-replica cancel, store health
     └── per connection (hypercorn) → per request (quart-trio): handler + body stream
 
-The services nursery owns the engine, the session store and the Redis client: when it
+The services nursery owns the engines, the session store and the Redis client: when it
 is cancelled (`after_serving`, which Hypercorn runs after its server nursery, i.e. every
 request, has ended) its tasks end first and only then are those resources closed, in
 `run_services`' own `finally`; `after_serving` waits for that. A SIGTERM during the model
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from functools import partial
 from typing import Any
@@ -27,7 +28,6 @@ from typing import Any
 import trio
 from quart_trio import QuartTrio
 
-from .admission import Admission
 from .api import auth_hook, host_check, request_log
 from .api.http_errors import register_error_handlers
 from .api.openai.routes import blueprint as openai_blueprint
@@ -45,6 +45,7 @@ from .core.engine import Engine, EngineError, EngineRequest, ModelLoadError
 from .engine.loader import create_engine
 from .generation import GenerationService
 from .metrics import Metrics
+from .models import ModelSet, ServedModel
 from .realtime import SocketIOServer
 from .redis_channels import RedisChannels
 from .redis_stream_log import RedisStreamLog
@@ -156,13 +157,38 @@ def shield_last_send(send: Any) -> Any:
     return send_shielded
 
 
-def create_app(
-    settings: Settings, *, engine: Engine | None = None, store: SessionStore | None = None
-) -> FabricApp:
-    """Build the app; the engine loads in the background once serving starts.
+def build_models(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    engines: Mapping[str, Engine] | None = None,
+) -> ModelSet:
+    """The served models: `engines` (name → engine) or one `engine` if given (tests),
+    else LLM_MODEL's one model, named as its engine names it, else MODELS (one engine
+    each, with its own settings). Each gets its own admission."""
+    if engines is not None:
+        default = settings.default_model if settings.default_model in engines else None
+        return ModelSet([ServedModel.build(n, settings, e) for n, e in engines.items()],
+                        default)
+    per_model = settings.served_models()
+    if engine is not None or not per_model:
+        engine = engine or create_engine(settings)
+        return ModelSet([ServedModel.build(engine.info().model, settings, engine)])
+    return ModelSet([ServedModel.build(name, model_settings, create_engine(model_settings))
+                     for name, model_settings in per_model.items()])
 
-    Admission is sized from what the engine says it can run at once: it is the only
-    queue (no engine keeps a waiting line of its own)."""
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    store: SessionStore | None = None,
+    engines: Mapping[str, Engine] | None = None,
+) -> FabricApp:
+    """Build the app; the models load in the background once serving starts.
+
+    Each model's admission is sized from what its engine says it can run at once: it
+    is that model's only queue (no engine keeps a waiting line of its own)."""
     quart_app = QuartTrio(__name__)
     quart_app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -170,13 +196,8 @@ def create_app(
         BODY_TIMEOUT=60,
         JSON_SORT_KEYS=False,
     )
-    engine = engine or create_engine(settings)
+    models = build_models(settings, engine=engine, engines=engines)
     store = store or create_store(settings)
-    admission = Admission(
-        max_concurrent=engine.info().slots,
-        max_queue=settings.max_queue_size,
-        retry_after=settings.retry_after_seconds,
-    )
     redis = RedisChannels(settings.redis_url) if settings.redis_url else None
     remote = RedisRemoteCancel(redis, prefix=settings.redis_prefix) if redis else None
     local_log = MemoryStreamLog(
@@ -185,14 +206,14 @@ def create_app(
     stream_log = (
         RedisStreamLog(redis, local_log, prefix=settings.redis_prefix) if redis else local_log
     )
-    metrics = Metrics(admission, engine.info)
+    metrics = Metrics(models)
     authenticator = Authenticator.from_settings(settings)
     service = GenerationService(
-        settings=settings, engine=engine, admission=admission, store=store, observer=metrics,
+        settings=settings, models=models, store=store, observer=metrics,
         remote=remote, stream_log=stream_log,
     )
     state = AppState(
-        settings=settings, engine=engine, store=store, admission=admission, service=service,
+        settings=settings, models=models, store=store, service=service,
         metrics=metrics, auth=authenticator,
     )
     quart_app.extensions[EXTENSION_KEY] = state
@@ -228,7 +249,8 @@ async def run_services(
     try:
         with app.services_scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(state.admission.run)
+                for model in state.models:
+                    await nursery.start(model.admission.run)
                 await nursery.start(state.service.run)
                 await nursery.start(app.socketio.run)
                 if app.remote is not None:
@@ -244,37 +266,53 @@ async def run_services(
                 task_status.started()
     finally:
         with trio.CancelScope(shield=True):
-            await state.engine.aclose()
+            for model in state.models:
+                try:
+                    await model.engine.aclose()
+                except Exception:  # the other engines and the store still close
+                    log.exception("closing the model %s failed", model.name)
             await state.store.aclose()
             if app.redis is not None:
                 await app.redis.aclose()
-            log.info("services stopped: engine, session store and Redis client closed")
+            log.info("services stopped: engines, session store and Redis client closed")
             app.services_done.set()
 
 
 async def load_engine(app: FabricApp) -> None:
-    """Load the model and warm it up (one token), then take traffic; a load failure is
-    fatal: the server stops with a clear message.
+    """Load every model (together) and warm each up (one token), then take traffic:
+    the server is ready when all are. A load failure is fatal: the server stops with
+    a clear message naming the model.
 
-    If cancelled, the engine finishes the step in its thread (never abandoned) and the
-    services nursery then closes it."""
+    If cancelled, each engine finishes the step in its thread (never abandoned) and the
+    services nursery then closes them all."""
     state = app.state
     started = time.monotonic()
-    log.info("loading the model")
-    try:
-        await state.engine.load()
-    except ModelLoadError as exc:
-        state.load_error = str(exc)
+    log.info("loading %s", ", ".join(state.models.names))
+    failed: list[str] = []
+
+    async def load(model: ServedModel) -> None:
+        try:
+            await model.engine.load()
+        except ModelLoadError as exc:
+            failed.append(f"{exc}" if len(state.models) == 1 else f"model {model.name}: {exc}")
+
+    async with trio.open_nursery() as nursery:
+        for model in state.models:
+            nursery.start_soon(load, model)
+    if failed:
+        state.load_error = "; ".join(failed)
         state.enter("failed")
-        log.critical("%s", exc)
+        log.critical("%s", state.load_error)
         app.fatal.set()
         return
     state.enter("warming")
-    await warm_up(state.engine)
+    for model in state.models:
+        await warm_up(model.engine)
     state.enter("ready")
     state.service.ready = True
     app.ready.set()
-    log.info("engine ready in %.1f s", time.monotonic() - started)
+    log.info("%s ready in %.1f s", "engine" if len(state.models) == 1 else "engines",
+             time.monotonic() - started)
 
 
 async def warm_up(engine: Engine) -> None:

@@ -44,6 +44,7 @@ from .core.errors import (
     QueueFull,
     SessionBusy,
     SessionForbidden,
+    SessionModelMismatch,
     SessionStoreUnavailable,
     error_event,
 )
@@ -61,6 +62,7 @@ from .core.events import (
 from .core.messages import ChatMessage
 from .core.requests import GenerationRequest, parse_generation_request
 from .core.stream_ids import is_final
+from .models import ModelSet, ServedModel
 from .observer import NULL_OBSERVER, GenerationObserver
 from .sessions import (
     Message,
@@ -115,6 +117,8 @@ class Generation:
     ticket: Ticket
     owner: str
     new_messages: list[ChatMessage]
+    #: The model it runs on (its engine decodes it, its admission holds the ticket).
+    model: ServedModel
     session: Session | None = None
     lock_token: str | None = None
     #: Why it was stopped: set by `cancel()`; a transport cut from outside is a disconnect.
@@ -143,6 +147,10 @@ class Generation:
     @property
     def key(self) -> Key:
         return (self.owner, self.request_id)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
 
     @property
     def prompt_tokens(self) -> int:
@@ -214,7 +222,8 @@ class Generation:
                 self.admitted_at = last_chunk_at = time.monotonic()
                 started = True
                 index = 0
-                async with aclosing(service.engine.generate_stream(self.engine_request)) as stream:
+                engine = self.model.engine
+                async with aclosing(engine.generate_stream(self.engine_request)) as stream:
                     while True:
                         item: Chunk | Finish | None = None  # stays None if the step is cut
                         try:
@@ -232,7 +241,8 @@ class Generation:
                         if isinstance(item, Chunk):
                             now = time.monotonic()
                             if self.completion_tokens:
-                                service.observer.on_token_timing(now - last_chunk_at, item.tokens)
+                                service.observer.on_token_timing(
+                                    now - last_chunk_at, item.tokens, model=self.model.name)
                             last_chunk_at = now
                             self.completion_tokens += item.tokens
                             if item.text:
@@ -327,6 +337,7 @@ class Generation:
                 role="assistant",
                 content=self.text,
                 finish_reason=self.finish_reason or "error",
+                model=self.model.name,
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
                 created_at=now,
@@ -357,16 +368,20 @@ class GenerationService:
         self,
         *,
         settings: Settings,
-        engine: Engine,
-        admission: Admission,
+        models: ModelSet | None = None,
+        engine: Engine | None = None,
+        admission: Admission | None = None,
         store: SessionStore,
         observer: GenerationObserver = NULL_OBSERVER,
         remote: RemoteCancel | None = None,
         stream_log: StreamLog | None = None,
     ) -> None:
         self.settings = settings
-        self.engine = engine
-        self.admission = admission
+        if models is None:  # one model: `engine` and `admission`, named by the engine
+            if engine is None or admission is None:
+                raise TypeError("give `models`, or `engine` and `admission`")
+            models = ModelSet([ServedModel(engine.info().model, settings, engine, admission)])
+        self.models = models
         self.store = store
         self.observer = observer
         self.remote = remote
@@ -383,35 +398,65 @@ class GenerationService:
         # session id -> token of a lock `unlock` could not release (store down then).
         self._unreleased: dict[str, str] = {}
 
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine."""
+        return self.models.default.engine
+
+    @property
+    def admission(self) -> Admission:
+        """The default model's admission."""
+        return self.models.default.admission
+
     async def prepare(self, request: GenerationRequest, *, owner: str) -> Generation:
         """Check and admit a request, and register it under (owner, request_id).
 
-        Raises a domain error: `Draining`, `ModelLoading`, `DuplicateRequestId`, session
-        errors, `ContextLengthExceeded`, `QueueFull`. On success the caller owns the
-        returned `Generation` and must either iterate `events()` or call `close()`.
+        Raises a domain error: `ModelNotFound`, `Draining`, `ModelLoading`,
+        `DuplicateRequestId`, session errors (`SessionModelMismatch` too),
+        `ContextLengthExceeded`, `QueueFull` (of the request's model). On success the
+        caller owns the returned `Generation` and must either iterate `events()` or call `close()`.
         If cancelled, nothing is held (a session lock taken is released, shielded).
         """
+        chosen: list[ServedModel] = []
         try:
-            return await self._prepare(request, owner)
+            return await self._prepare(request, owner, chosen)
         except QueueFull:
-            self.observer.on_rejected()
+            self.observer.on_rejected(chosen[-1].name if chosen else self.models.default.name)
             raise
 
-    async def _prepare(self, request: GenerationRequest, owner: str) -> Generation:
+    def _pick_model(self, request: GenerationRequest, session: Session | None) -> ServedModel:
+        """The request's `model`, else its session's, else the default. A session keeps
+        the model it started with: naming another is `SessionModelMismatch`."""
+        named = self.models.get(request.model) if request.model is not None else None
+        kept = session.model if session is not None else None
+        if kept is not None and named is not None and named.name != kept:
+            raise SessionModelMismatch(kept, named.name)
+        if named is None and kept is not None:
+            return self.models.get(kept)  # a model no longer served: `ModelNotFound`
+        return named or self.models.default
+
+    async def _prepare(
+        self, request: GenerationRequest, owner: str, chosen: list[ServedModel]
+    ) -> Generation:
+        model = self._pick_model(request, None)
         if self.draining:
             raise Draining()
         if not self.ready:
             raise ModelLoading()
         if (owner, request.request_id) in self._live:
             raise DuplicateRequestId()
-        self.admission.check_room()  # refuse before the session and the tokenizer
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         session: Session | None = None
         lock_token: str | None = None
-        if request.session_id is not None:
+        if request.session_id is None:
+            chosen.append(model)
+            model.admission.check_room()  # refuse before the session and the tokenizer
+        else:
             session = await self.open_session(
                 request.session_id, owner, autocreate=self.settings.session_autocreate
             )
+            chosen.append(model := self._pick_model(request, session))
+            model.admission.check_room()
             lock_token = uuid.uuid4().hex
             await self._release_unreleased()
             if not await self.store_call(
@@ -422,11 +467,12 @@ class GenerationService:
             if session is not None:
                 # Again, under the lock: a turn that ended after the first read is history.
                 session = await self.open_session(session.id, owner)
+                chosen.append(model := self._pick_model(request, session))
             new_messages = request.new_messages()
             tokens, stop, stop_tokens = await self._prompt_tokens(
-                request, session, new_messages, max_tokens
+                model, request, session, new_messages, max_tokens
             )
-            ticket = self.admission.try_enter(principal=owner)
+            ticket = model.admission.try_enter(principal=owner)
             if (owner, request.request_id) in self._live:  # registered while we awaited
                 ticket.release()
                 raise DuplicateRequestId()
@@ -455,6 +501,7 @@ class GenerationService:
             ticket=ticket,
             owner=owner,
             new_messages=new_messages,
+            model=model,
             session=session,
             lock_token=lock_token,
         )
@@ -641,6 +688,7 @@ class GenerationService:
 
     async def _prompt_tokens(
         self,
+        model: ServedModel,
         request: GenerationRequest,
         session: Session | None,
         new_messages: Sequence[ChatMessage],
@@ -648,11 +696,13 @@ class GenerationService:
     ) -> tuple[list[int], tuple[str, ...], frozenset[int]]:
         """Tokens to decode, stop strings and stop tokens; history is trimmed oldest turn
         first (system kept) to fit. A conversation the chat template refuses is a 400."""
-        budget = self.settings.n_ctx - max_tokens
+        n_ctx = model.settings.n_ctx
+        engine = model.engine
+        budget = n_ctx - max_tokens
         if not request.is_chat:
-            tokens = await self.engine.tokenize(request.prompt or "")
+            tokens = await engine.tokenize(request.prompt or "")
             if len(tokens) > budget:
-                raise _too_long(len(tokens), max_tokens, self.settings.n_ctx)
+                raise _too_long(len(tokens), max_tokens, n_ctx)
             return tokens, (), frozenset()
         history = [
             ChatMessage(role=m.role, content=m.content)
@@ -663,12 +713,12 @@ class GenerationService:
         older = [m for m in history if m.role != "system"]
         while True:
             # A conversation the template refuses raises `InvalidMessages` (400).
-            chat = self.engine.format_chat([*system, *older, *new_messages])
-            tokens = await self.engine.tokenize_chat(chat)
+            chat = engine.format_chat([*system, *older, *new_messages])
+            tokens = await engine.tokenize_chat(chat)
             if len(tokens) <= budget:
                 return tokens, chat.stop, chat.stop_tokens
             if not older:
-                raise _too_long(len(tokens), max_tokens, self.settings.n_ctx)
+                raise _too_long(len(tokens), max_tokens, n_ctx)
             # Drop the oldest whole turn (its user message and the reply after it): a
             # conversation that opened with a reply would put the system text after it.
             end = 1

@@ -6,6 +6,8 @@ outcomes, cancellations, 429s, store errors) and what the request wrapper report
 requests to. Queue depth and active generations are gauges read from the admission
 stats at scrape time, so they can never drift from the truth; so are the batched
 engine's figures (sequences per decode step, prefix-cache reuse), from `Engine.info()`.
+Everything about generations has a `model` label, whose values are the served models
+(MODELS, or the one LLM_MODEL): a bounded set, each present from the first scrape.
 A per-app registry (not prometheus_client's global one) lets several apps live in one
 process (tests).
 See docs/metrics.md.
@@ -13,19 +15,23 @@ See docs/metrics.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .core.events import CancelCause, FinishReason
 from .observer import FinishedGeneration, StoreErrorKind
 
 if TYPE_CHECKING:
-    from .admission import Admission
-    from .core.engine import EngineInfo
+    from .models import ModelSet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CANCEL_CAUSES = get_args(CancelCause)
@@ -45,45 +51,65 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else "OTHER"
 
 
-def _stat(admission: Admission, attribute: str) -> Callable[[], float]:
-    return lambda: float(getattr(admission.stats(), attribute))
+ADMISSION_GAUGES = {
+    "fabricai_queue_depth": ("Requests waiting for a slot.", "queued"),
+    "fabricai_active_generations": ("Generations holding a slot.", "active"),
+    "fabricai_queue_capacity": ("MAX_QUEUE_SIZE.", "queue_capacity"),
+    "fabricai_max_concurrent_generations": ("MAX_CONCURRENT_REQUESTS.", "max_concurrent"),
+}
 
 
-class BatchingCollector(Collector):
-    """The batched engine's step figures, read from `Engine.info().extra` at scrape time
-    (nothing for an engine that does not batch)."""
+class ModelsCollector(Collector):
+    """Each model's admission (queue, slots) and its batched engine's step figures,
+    read at scrape time, labelled by model."""
 
-    def __init__(self, engine_info: Callable[[], EngineInfo]) -> None:
-        self._engine_info = engine_info
+    def __init__(self, models: ModelSet) -> None:
+        self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        extra = self._engine_info().extra
-        steps = extra.get("batch_size_steps")
-        if not isinstance(steps, dict):
+        for name, (doc, attribute) in ADMISSION_GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for model in self._models:
+                family.add_metric([model.name], float(getattr(model.admission.stats(), attribute)))
+            yield family
+        batched = [(m.name, m.engine.info().extra) for m in self._models]
+        batched = [(n, x) for n, x in batched if isinstance(x.get("batch_size_steps"), dict)]
+        if not batched:
             return
-        counts = {int(size): int(n) for size, n in steps.items()}
-        yield HistogramMetricFamily(
+        sizes = HistogramMetricFamily(
             "fabricai_batch_size", "Sequences decoded together, per decode step.",
-            buckets=[(str(float(le)), sum(n for size, n in counts.items() if size <= le))
-                     for le in BATCH_BUCKETS] + [("+Inf", sum(counts.values()))],
-            sum_value=sum(size * n for size, n in counts.items()),
+            labels=["model"],
         )
+        for model_name, extra in batched:
+            steps = extra["batch_size_steps"]
+            assert isinstance(steps, dict)
+            counts = {int(size): int(n) for size, n in steps.items()}
+            sizes.add_metric(
+                [model_name],
+                buckets=[(str(float(le)), sum(n for size, n in counts.items() if size <= le))
+                         for le in BATCH_BUCKETS] + [("+Inf", sum(counts.values()))],
+                sum_value=sum(size * n for size, n in counts.items()),
+            )
+        yield sizes
         for name, key, doc in (
             ("fabricai_prefix_cache_hits", "prefix_cache_hits",
              "Prompts that started from a cached prefix."),
             ("fabricai_prompt_tokens_reused", "prompt_tokens_reused",
              "Prompt tokens taken from the prefix cache instead of evaluated."),
         ):
-            value = extra.get(key)
-            yield CounterMetricFamily(name, doc, value=value if isinstance(value, int) else 0)
+            counter = CounterMetricFamily(name, doc, labels=["model"])
+            for model_name, extra in batched:
+                value = extra.get(key)
+                counter.add_metric([model_name], value if isinstance(value, int) else 0)
+            yield counter
 
 
 class Metrics:
     """Every instrument of one app; implements `observer.GenerationObserver`."""
 
-    def __init__(self, admission: Admission, engine_info: Callable[[], EngineInfo]) -> None:
+    def __init__(self, models: ModelSet) -> None:
         self.registry = registry = CollectorRegistry()
-        registry.register(BatchingCollector(engine_info))
+        registry.register(ModelsCollector(models))
         self.http_requests = Counter(
             "fabricai_http_requests", "HTTP requests by route template, method and status.",
             ["route", "method", "status"], registry=registry,
@@ -94,12 +120,13 @@ class Metrics:
             ["route"], registry=registry,
         )
         self.rejections = Counter(
-            "fabricai_queue_rejections", "Requests refused with 429 because the queue was full.",
-            registry=registry,
+            "fabricai_queue_rejections",
+            "Requests refused with 429 because the model's queue was full.",
+            ["model"], registry=registry,
         )
         self.generations = Counter(
-            "fabricai_generations", "Generations that ended, by finish reason.",
-            ["finish_reason"], registry=registry,
+            "fabricai_generations", "Generations that ended, by model and finish reason.",
+            ["model", "finish_reason"], registry=registry,
         )
         self.cancellations = Counter(
             "fabricai_cancellations", "Generations cancelled, by cause.",
@@ -107,62 +134,60 @@ class Metrics:
         )
         self.completion_tokens = Counter(
             "fabricai_generation_tokens", "Tokens generated (cancelled generations included).",
-            registry=registry,
+            ["model"], registry=registry,
         )
         self.prompt_tokens = Counter(
             "fabricai_prompt_tokens", "Prompt tokens of generations that got a slot.",
-            registry=registry,
+            ["model"], registry=registry,
         )
         self.ttft = Histogram(
             "fabricai_time_to_first_token_seconds",
             "From accepting a request (queue wait included) to its first visible token.",
-            buckets=TTFT_BUCKETS, registry=registry,
+            ["model"], buckets=TTFT_BUCKETS, registry=registry,
         )
         self.token_latency = Histogram(
             "fabricai_time_per_output_token_seconds",
             "Decode time of each token after the first.",
-            buckets=TOKEN_BUCKETS, registry=registry,
+            ["model"], buckets=TOKEN_BUCKETS, registry=registry,
         )
         self.store_errors = Counter(
             "fabricai_session_store_errors", "Session store calls that failed or timed out.",
             ["kind"], registry=registry,
         )
-        gauges = {
-            "fabricai_queue_depth": ("Requests waiting for a slot.", "queued"),
-            "fabricai_active_generations": ("Generations holding a slot.", "active"),
-            "fabricai_queue_capacity": ("MAX_QUEUE_SIZE.", "queue_capacity"),
-            "fabricai_max_concurrent_generations": ("MAX_CONCURRENT_REQUESTS.", "max_concurrent"),
-        }
-        for name, (doc, attribute) in gauges.items():
-            Gauge(name, doc, registry=registry).set_function(_stat(admission, attribute))
         # Known label values start at 0, so a rate() works from the first scrape.
         for cause in CANCEL_CAUSES:
             self.cancellations.labels(cause)
         for kind in STORE_ERROR_KINDS:
             self.store_errors.labels(kind)
-        for reason in FINISH_REASONS:
-            self.generations.labels(reason)
+        for model in models:
+            for reason in FINISH_REASONS:
+                self.generations.labels(model.name, reason)
+            for per_model in (self.rejections, self.completion_tokens, self.prompt_tokens,
+                              self.ttft, self.token_latency):
+                per_model.labels(model.name)
 
     # --- GenerationObserver ---
 
-    def on_rejected(self) -> None:
-        self.rejections.inc()
+    def on_rejected(self, model: str) -> None:
+        self.rejections.labels(model).inc()
 
-    def on_token_timing(self, seconds: float, tokens: int) -> None:
+    def on_token_timing(self, seconds: float, tokens: int, *, model: str) -> None:
+        histogram = self.token_latency.labels(model)
         for _ in range(tokens):  # 0 for a final flush, which decoded nothing
-            self.token_latency.observe(seconds / tokens)
+            histogram.observe(seconds / tokens)
 
     def on_finished(self, generation: FinishedGeneration, *, admitted: bool) -> None:
         reason = generation.finish_reason
         if reason is None or reason == "cancelled":
             reason = "cancelled"
             self.cancellations.labels(generation.cancel_cause or "disconnect").inc()
-        self.generations.labels(reason).inc()
-        self.completion_tokens.inc(generation.completion_tokens)
+        model = generation.model_name
+        self.generations.labels(model, reason).inc()
+        self.completion_tokens.labels(model).inc(generation.completion_tokens)
         if admitted:
-            self.prompt_tokens.inc(generation.prompt_tokens)
+            self.prompt_tokens.labels(model).inc(generation.prompt_tokens)
         if generation.ttft_seconds is not None:
-            self.ttft.observe(generation.ttft_seconds)
+            self.ttft.labels(model).observe(generation.ttft_seconds)
 
     def on_store_error(self, kind: StoreErrorKind) -> None:
         self.store_errors.labels(kind).inc()

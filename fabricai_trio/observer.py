@@ -18,6 +18,8 @@ class FinishedGeneration(Protocol):
     """What an observer may read of a generation that ended (`generation.Generation`)."""
 
     @property
+    def model_name(self) -> str: ...
+    @property
     def finish_reason(self) -> FinishReason | None: ...
     @property
     def cancel_cause(self) -> CancelCause | None: ...
@@ -30,10 +32,10 @@ class FinishedGeneration(Protocol):
 
 
 class GenerationObserver(Protocol):
-    def on_rejected(self) -> None:
-        """A request was refused because the queue was full (a 429)."""
+    def on_rejected(self, model: str) -> None:
+        """A request was refused because the model's queue was full (a 429)."""
 
-    def on_token_timing(self, seconds: float, tokens: int) -> None:
+    def on_token_timing(self, seconds: float, tokens: int, *, model: str) -> None:
         """`tokens` more tokens were decoded `seconds` after the previous ones
         (the first chunk of a generation is not reported: that is its TTFT)."""
 
@@ -48,10 +50,10 @@ class GenerationObserver(Protocol):
 class NullObserver:
     """Observes nothing."""
 
-    def on_rejected(self) -> None:
+    def on_rejected(self, model: str) -> None:
         pass
 
-    def on_token_timing(self, seconds: float, tokens: int) -> None:
+    def on_token_timing(self, seconds: float, tokens: int, *, model: str) -> None:
         pass
 
     def on_finished(self, generation: FinishedGeneration, *, admitted: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -38,9 +39,21 @@ class Settings(BaseSettings):
     # --- model and engine ---
     llm_model: Path | None = Field(
         None,
-        description="Path to a .gguf model, or an embedded model's name: `gemma3` (Gemma 3 "
-        "270M, a base model) or `smollm2` (SmolLM2 135M Instruct); docs/models.md. Unset: "
-        "`gemma3`.",
+        description="Serve this one model (a shorthand for MODELS): a path to a .gguf model, "
+        "or an embedded model's name: `gemma3` (Gemma 3 270M, a base model) or `smollm2` "
+        "(SmolLM2 135M Instruct); docs/models.md. Unset: the models of MODELS.",
+    )
+    models: str = Field(
+        "gemma3,smollm2",
+        description="The models served when LLM_MODEL is unset: comma-separated entries, "
+        "each `name=path` (a .gguf file, or an embedded model's name) or a bare embedded "
+        "name (`gemma3`, `smollm2`). A request's `model` picks one by name; each gets its "
+        "own engine, MAX_CONCURRENT_REQUESTS slots and MAX_QUEUE_SIZE queue (docs/models.md).",
+    )
+    default_model: str | None = Field(
+        None,
+        description="The model a request without `model` gets (one of MODELS). Unset: "
+        "`smollm2` when it is served, else the first of MODELS. Ignored with LLM_MODEL.",
     )
     model_cache_dir: Path = Field(
         Path.home() / ".cache" / "fabricai-trio",
@@ -73,7 +86,9 @@ class Settings(BaseSettings):
         "gets `gemma` (Gemma models, the embedded `gemma3` too) or `chatml` (docs/models.md).",
     )
     model_alias: str | None = Field(
-        None, description="Model name reported by the API. Unset: the file name."
+        None,
+        description="With LLM_MODEL: the model's name in the API. Unset: the embedded "
+        "model's name or the file name. (MODELS entries are named by their `name`.)",
     )
     prefill_chunk_tokens: int = Field(
         48, ge=1, le=65_536,
@@ -267,10 +282,16 @@ class Settings(BaseSettings):
         False, description="Put prompt text in the request log lines (off: never logged)."
     )
 
-    @field_validator("llm_model", mode="before")
+    @field_validator("llm_model", "chat_format", "model_alias", "default_model", mode="before")
     @classmethod
     def _empty_model_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("models")
+    @classmethod
+    def _models_parse(cls, value: str) -> str:
+        parse_models(value)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -301,6 +322,11 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL is required when SESSION_STORE=redis")
         if self.resolved_session_store == "sql" and not self.database_url:
             raise ValueError("DATABASE_URL is required when SESSION_STORE=sql")
+        if self.llm_model is None and self.default_model is not None:
+            names = parse_models(self.models)
+            if self.default_model not in names:
+                raise ValueError(f"DEFAULT_MODEL: {self.default_model!r} is not one of MODELS "
+                                 f"({', '.join(names)})")
         self._check_auth()
         return self
 
@@ -361,6 +387,28 @@ class Settings(BaseSettings):
         """ALLOWED_HOSTS as a list; empty means the automatic choice (see the field)."""
         return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
+    def served_models(self) -> dict[str, Settings]:
+        """MODELS as name → that model's settings (`llm_model` and `model_alias` set),
+        the default model first. Empty with LLM_MODEL: then these settings serve the
+        one model, named as its engine names it."""
+        if self.llm_model is not None:
+            return {}
+        names = parse_models(self.models)
+        default = self.resolved_default_model
+        order = [default, *(n for n in names if n != default)]
+        return {
+            name: self.model_copy(update={"llm_model": names[name], "model_alias": name})
+            for name in order
+        }
+
+    @property
+    def resolved_default_model(self) -> str:
+        """The default of MODELS (meaningless with LLM_MODEL)."""
+        names = parse_models(self.models)
+        if self.default_model is not None:
+            return self.default_model
+        return "smollm2" if "smollm2" in names else next(iter(names))
+
     @property
     def resolved_session_store(self) -> StoreBackend:
         if self.session_store is not None:
@@ -386,6 +434,28 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def parse_models(value: str) -> dict[str, Path]:
+    """`MODELS` text as name → path (or embedded name); `ValueError` says what is wrong."""
+    models: dict[str, Path] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, sep, path = (p.strip() for p in entry.partition("="))
+        if sep and not path:
+            raise ValueError(f"entry {entry!r} has no path after `=`")
+        if not MODEL_NAME_PATTERN.match(name):
+            raise ValueError(f"model name {name!r}: 1-64 letters, digits and _.:- expected")
+        if name in models:
+            raise ValueError(f"model name {name!r} appears twice")
+        models[name] = Path(path if sep else name)
+    if not models:
+        raise ValueError("name at least one model")
+    return models
 
 
 def load_settings(**overrides: Any) -> Settings:

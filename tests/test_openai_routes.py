@@ -39,7 +39,7 @@ def assert_openai_error(response: Response, status: int, code: str, param: str |
 
 async def test_chat_stream_chunks_with_usage(autojump_clock: trio.testing.MockClock) -> None:
     async with running() as (client, _, _):
-        body = {"model": "m", "messages": MESSAGES, "max_tokens": 3, "stream": True,
+        body = {"model": "fake", "messages": MESSAGES, "max_tokens": 3, "stream": True,
                 "stream_options": {"include_usage": True}}
         response = await client.post(CHAT, json=body, headers={"x-request-id": "trace-1"})
         assert response.status == 200
@@ -70,7 +70,7 @@ async def test_completion_stream_and_whole_response(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with running() as (client, _, _):
-        body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 2}
+        body = {"model": "fake", "prompt": "Once upon a time", "max_tokens": 2}
         whole = await client.post(COMPLETIONS, json=body)
         assert whole.status == 200
         result = whole.json()
@@ -90,7 +90,7 @@ async def test_completion_stream_and_whole_response(
 
 async def test_chat_completion_whole_response(autojump_clock: trio.testing.MockClock) -> None:
     async with running() as (client, _, _):
-        response = await client.post(CHAT, json={"model": "m", "messages": MESSAGES,
+        response = await client.post(CHAT, json={"model": "fake", "messages": MESSAGES,
                                                  "max_tokens": 2})
         assert response.status == 200
         result = response.json()
@@ -106,7 +106,7 @@ async def test_engine_error_mid_stream_is_an_error_chunk_without_done(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with running(FailingEngine) as (client, _, _):
-        body = {"model": "m", "messages": MESSAGES, "max_tokens": 50, "stream": True}
+        body = {"model": "fake", "messages": MESSAGES, "max_tokens": 50, "stream": True}
         response = await client.post(CHAT, json=body)
         assert response.status == 200  # the stream had started
         chunks = data_lines(response.text)
@@ -126,12 +126,12 @@ async def test_engine_error_mid_stream_is_an_error_chunk_without_done(
 
 async def test_full_queue_is_429_rate_limit_error(autojump_clock: trio.testing.MockClock) -> None:
     async with running(max_queue_size=1) as (client, engine, _):
-        long = {"model": "m", "prompt": "p", "max_tokens": 50, "stream": True}
+        long = {"model": "fake", "prompt": "p", "max_tokens": 50, "stream": True}
         async with client.stream("POST", COMPLETIONS, json=long) as first, \
                 client.stream("POST", COMPLETIONS, json=long) as second:
             assert first.status == second.status == 200
             await client.wait_status(active=1, queued=1)
-            refused = await client.post(CHAT, json={"model": "m", "messages": MESSAGES})
+            refused = await client.post(CHAT, json={"model": "fake", "messages": MESSAGES})
             assert_openai_error(refused, 429, "queue_full", None)
             assert refused.json()["error"]["type"] == "rate_limit_error"
             assert refused.header("retry-after") == "3"
@@ -142,7 +142,7 @@ async def test_full_queue_is_429_rate_limit_error(autojump_clock: trio.testing.M
 
 async def test_keepalives_while_queued_then_chunks(autojump_clock: trio.testing.MockClock) -> None:
     async with running() as (client, _, _):
-        hold = {"model": "m", "prompt": "p", "max_tokens": 12, "stream": True}
+        hold = {"model": "fake", "prompt": "p", "max_tokens": 12, "stream": True}
         async with client.stream("POST", COMPLETIONS, json=hold):
             await client.wait_status(active=1, queued=0)
             started = trio.current_time()
@@ -164,7 +164,7 @@ async def stream_until_content(stream: Stream, count: int) -> None:
 
 async def test_disconnect_mid_stream_frees_the_slot(autojump_clock: trio.testing.MockClock) -> None:
     async with running() as (client, engine, _):
-        body = {"model": "m", "messages": MESSAGES, "max_tokens": 500, "stream": True}
+        body = {"model": "fake", "messages": MESSAGES, "max_tokens": 500, "stream": True}
         async with client.stream("POST", CHAT, json=body) as stream:
             await stream_until_content(stream, 3)
             assert (await client.status())["concurrency"]["active"] == 1
@@ -178,7 +178,7 @@ async def test_disconnect_during_a_whole_response_frees_the_slot(
 ) -> None:
     """Not streamed: the client leaving before the answer cancels the generation too."""
     async with running() as (client, engine, _):
-        call = client.call("POST", CHAT, json={"model": "m", "messages": MESSAGES,
+        call = client.call("POST", CHAT, json={"model": "fake", "messages": MESSAGES,
                                                "max_tokens": 500})
         await client.nursery.start(call.run)
         await client.wait_status(active=1, queued=0)
@@ -204,7 +204,7 @@ async def test_invalid_requests_are_400_naming_the_field(
             ({"bogus": 1}, "invalid_field", "bogus"),
         ]
         for extra, code, param in cases:
-            response = await client.post(CHAT, json={"model": "m", "messages": MESSAGES,
+            response = await client.post(CHAT, json={"model": "fake", "messages": MESSAGES,
                                                       **extra})
             assert_openai_error(response, 400, code, param)
         assert_openai_error(await client.post(CHAT, body=b"{not json"), 400, "invalid_json",

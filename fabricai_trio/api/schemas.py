@@ -83,6 +83,7 @@ class SessionMessage(BaseModel):
     role: Role
     content: str
     finish_reason: FinishReason | None = None
+    model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     created_at: float

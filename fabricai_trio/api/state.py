@@ -18,6 +18,7 @@ from ..auth import Authenticator
 from ..core.engine import Engine
 from ..generation import GenerationService
 from ..metrics import Metrics
+from ..models import ModelSet
 from ..sessions import SessionStore
 from ..settings import Settings
 from .schemas import Readiness, StartupProgress, StoreHealth
@@ -28,18 +29,28 @@ EXTENSION_KEY = "fabricai"
 @dataclass
 class AppState:
     settings: Settings
-    engine: Engine
+    models: ModelSet
     store: SessionStore
-    admission: Admission
     service: GenerationService
     metrics: Metrics
     auth: Authenticator
     started_at: float = field(default_factory=time.time)
     load_error: str | None = None
     store_healthy: bool = True
-    #: Start-up: `loading` the model, `warming` it up (one token), `ready`, or `failed`.
+    #: Start-up: `loading` the models, `warming` them up (one token each), `ready`, or
+    #: `failed` (any model that fails to load fails the start-up).
     phase: Literal["loading", "warming", "ready", "failed"] = "loading"
     phase_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine."""
+        return self.models.default.engine
+
+    @property
+    def admission(self) -> Admission:
+        """The default model's admission."""
+        return self.models.default.admission
 
     def enter(self, phase: Literal["loading", "warming", "ready", "failed"]) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
@@ -47,7 +58,7 @@ class AppState:
     def readiness(self) -> Readiness:
         """Whether this replica takes traffic (`status == "ready"`), and why not.
 
-        Ready: the model is loaded and warmed, the session store answers (when sessions
+        Ready: every model is loaded and warmed, the session store answers (when sessions
         live outside the process), and the server is not draining."""
         store = StoreHealth(backend=self.store.backend, healthy=self.store_healthy)
         if self.service.draining:
@@ -59,7 +70,8 @@ class AppState:
             return Readiness(status="failed", reason="the model failed to load", store=store)
         if self.phase != "ready":
             seconds = round(time.monotonic() - self.phase_since, 3)
-            return Readiness(status=self.phase, reason=f"{self.phase} the model", store=store,
+            what = "the model" if len(self.models) == 1 else "the models"
+            return Readiness(status=self.phase, reason=f"{self.phase} {what}", store=store,
                              progress=StartupProgress(phase=self.phase, seconds=seconds))
         if not self.store_healthy and self.store.backend != "memory":
             return Readiness(status="store_unavailable",

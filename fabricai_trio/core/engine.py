@@ -92,6 +92,9 @@ class EngineInfo:
     slots: int
     chat_format: str | None
     loaded: bool
+    #: Where `chat_format` comes from: `gguf` (the file's own template), `chat_format`
+    #: (CHAT_FORMAT), `fallback` (a model without a template), or None (not known).
+    chat_template_source: str | None = None
     tokens_generated: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 

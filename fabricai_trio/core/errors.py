@@ -37,6 +37,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"  # the request names a model not served here
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
     TOO_LARGE = "too_large"
@@ -60,6 +61,7 @@ ERROR_TABLE: dict[ErrorKind, Presentation] = {
     ErrorKind.UNAUTHENTICATED: Presentation(401, "authentication_error", 401),
     ErrorKind.FORBIDDEN: Presentation(403, "permission_error", 403),
     ErrorKind.NOT_FOUND: Presentation(404, "not_found_error", 404),
+    ErrorKind.MODEL_NOT_FOUND: Presentation(404, "invalid_request_error", 404),
     ErrorKind.METHOD_NOT_ALLOWED: Presentation(405, "invalid_request_error", 405),
     ErrorKind.CONFLICT: Presentation(409, "conflict_error", 409),
     ErrorKind.TOO_LARGE: Presentation(413, "invalid_request_error", 413),
@@ -221,6 +223,18 @@ class NotFound(DomainError):
     default_code = "not_found"
 
 
+class ModelNotFound(DomainError):
+    """The request's `model` is not one this server serves (OpenAI answers the same:
+    404, `invalid_request_error`, code `model_not_found`)."""
+
+    kind = ErrorKind.MODEL_NOT_FOUND
+    default_code = "model_not_found"
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(f"the model {model!r} does not exist; served: {', '.join(served)}",
+                         param="model")
+
+
 # --- who is asking -------------------------------------------------------------------
 
 
@@ -273,6 +287,17 @@ class SessionIdTaken(DomainError):
 
     def __init__(self) -> None:
         super().__init__("a session with this id already exists", param="session_id")
+
+
+class SessionModelMismatch(DomainError):
+    """A session keeps the model it started with; the request names another one."""
+
+    kind = ErrorKind.CONFLICT
+    default_code = "session_model_mismatch"
+
+    def __init__(self, session_model: str, model: str) -> None:
+        super().__init__(f"this session runs on the model {session_model!r}, not {model!r}: "
+                         "omit `model` or name that one", param="model")
 
 
 class DuplicateRequestId(DomainError):

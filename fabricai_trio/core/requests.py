@@ -69,6 +69,8 @@ class GenerationRequest(SamplingParams):
     prompt: str | None = Field(None, max_length=1_000_000)
     messages: list[ChatMessage] | None = Field(None, max_length=10_000)
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    #: A served model's name; None: the session's model, else DEFAULT_MODEL.
+    model: str | None = Field(None, min_length=1, max_length=256)
     request_id: str = Field(default_factory=new_request_id)
     #: Keep generating through a disconnect for `resume_grace_seconds`, and keep every
     #: event, so that a reconnect with `Last-Event-ID` continues the stream.

@@ -152,6 +152,7 @@ class BatchedEngine:
             n_ctx=self._settings.n_ctx,
             slots=self._slots,
             chat_format=text.template.name if text.template else None,
+            chat_template_source=text.template_source,
             loaded=self._loaded,
             tokens_generated=self._tokens_generated,
             extra={

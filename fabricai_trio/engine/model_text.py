@@ -25,7 +25,7 @@ import trio
 from ..core.engine import ChatPrompt, EngineError, ModelLoadError, PromptPart
 from ..core.messages import ChatMessage
 from ..settings import Settings
-from .chat import ChatTemplate, select_template
+from .chat import GGUF_TEMPLATE, ChatTemplate, select_template
 from .model_files import embedded_by_name, resolve_model_path
 
 # Only control tokens are split out of the template's text. User-defined tokens (Gemma's
@@ -98,7 +98,16 @@ class ModelText:
         embedded = embedded_by_name(s.llm_model)
         if embedded is not None:
             return embedded.name
-        return (self.path or Path("model")).stem
+        return (self.path or Path(s.llm_model or "model")).stem
+
+    @property
+    def template_source(self) -> str | None:
+        """`chat_format` (CHAT_FORMAT), `gguf` (the file's template) or `fallback`."""
+        if self.template is None:
+            return None
+        if self._settings.chat_format is not None:
+            return "chat_format"
+        return "gguf" if self.template.name == GGUF_TEMPLATE else "fallback"
 
     @property
     def stop_tokens(self) -> frozenset[int]:

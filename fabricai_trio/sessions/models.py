@@ -23,11 +23,13 @@ class _Frozen(BaseModel):
 
 
 class Message(_Frozen):
-    """One chat message. Assistant messages carry how the generation ended and its usage."""
+    """One chat message. Assistant messages carry how the generation ended, its usage
+    and the model that wrote it."""
 
     role: Role
     content: str
     finish_reason: FinishReason | None = None
+    model: str | None = None
     prompt_tokens: int | None = Field(default=None, ge=0)
     completion_tokens: int | None = Field(default=None, ge=0)
     created_at: float = Field(default_factory=time.time, description="Epoch seconds.")
@@ -64,6 +66,12 @@ class Session(_Frozen):
     @classmethod
     def from_json(cls, data: str | bytes) -> Session:
         return cls.model_validate_json(data)
+
+    @property
+    def model(self) -> str | None:
+        """The model the session started with (that of its first reply): later turns
+        run on it too. None before the first reply."""
+        return next((m.model for m in self.messages if m.model is not None), None)
 
     def info(self) -> SessionInfo:
         return SessionInfo(

@@ -35,6 +35,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -93,6 +94,7 @@ messages = Table(
     # UTF-8 bytes, not TEXT: PostgreSQL text cannot hold NUL, and a prompt may.
     Column("content", LargeBinary, nullable=False),
     Column("finish_reason", String(16)),
+    Column("model", String(255)),
     Column("prompt_tokens", Integer),
     Column("completion_tokens", Integer),
     Column("created_at", Double, nullable=False),
@@ -154,6 +156,7 @@ class SqlSessionStore(ThreadedSessionStore):
                         metadata.create_all(self.engine, checkfirst=True)
                     except IntegrityError:  # another process created them meanwhile
                         metadata.create_all(self.engine, checkfirst=True)
+                    _add_model_column(self.engine)
                     self._schema_ready = True
         return fn()
 
@@ -283,6 +286,7 @@ def _rows(sid: str, start: int, turn: Sequence[Message]) -> list[dict[str, Any]]
             "role": m.role,
             "content": m.content.encode("utf-8", "surrogatepass"),
             "finish_reason": m.finish_reason,
+            "model": m.model,
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
             "created_at": m.created_at,
@@ -303,6 +307,7 @@ def _messages(conn: Connection, sid: str, count: int) -> tuple[Message, ...]:
             role=row.role,
             content=bytes(row.content).decode("utf-8", "surrogatepass"),
             finish_reason=row.finish_reason,
+            model=row.model,
             prompt_tokens=row.prompt_tokens,
             completion_tokens=row.completion_tokens,
             created_at=row.created_at,
@@ -310,6 +315,14 @@ def _messages(conn: Connection, sid: str, count: int) -> tuple[Message, ...]:
         )
         for row in rows
     )
+
+
+def _add_model_column(engine: Engine) -> None:
+    """A database made before messages had a `model` column gets it (nullable)."""
+    if "model" in {c["name"] for c in inspect(engine).get_columns("messages")}:
+        return
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN model VARCHAR(255)")
 
 
 def _make_engine(url: str, timeout_seconds: float, pool_size: int) -> Engine:

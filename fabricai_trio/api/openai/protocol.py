@@ -112,7 +112,11 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Accepted and ignored: one model is served.")
+    model: str | None = Field(
+        None,
+        description="A served model's name (`GET /v1/models`); unknown: 404 "
+        "`model_not_found`. Omitted: the session's model, else DEFAULT_MODEL.",
+    )
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -188,6 +192,7 @@ class ChatCompletionRequest(_SamplingFields):
                 "messages": [m.model_dump() for m in messages],
                 "max_tokens": max_tokens,
                 "session_id": self.session_id,
+                "model": self.model,
                 "request_id": request_id,
             },
             max_tokens_limit,
@@ -215,6 +220,7 @@ class CompletionRequest(_SamplingFields):
                 **self._sampling(),
                 "prompt": prompt,
                 "max_tokens": self.max_tokens,
+                "model": self.model,
                 "request_id": request_id,
             },
             max_tokens_limit,
@@ -373,11 +379,39 @@ class StreamError(BaseModel):
     error: dict[str, Any]
 
 
+class ChatTemplateInfo(BaseModel):
+    """The chat template `messages` go through: its `name` (`gguf` for the file's own
+    Jinja template, else a llama-cpp-python format) and where it comes from."""
+
+    name: str | None
+    source: Literal["gguf", "chat_format", "fallback"] | None
+
+
+class ModelCapabilities(BaseModel):
+    """What a request may ask of this model (extension)."""
+
+    completions: bool = True
+    chat: bool = True
+    streaming: bool = True
+    sessions: bool = True
+    tools: bool = False
+    embeddings: bool = False
+
+
 class ModelCard(BaseModel):
+    """One served model. Besides OpenAI's fields (extensions): whether it is the
+    default, its context size, its chat template, its slots and what it supports."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "fabricai-trio"
+    default: bool = False
+    loaded: bool = False
+    context_length: int = 0
+    slots: int = 0
+    chat_template: ChatTemplateInfo | None = None
+    capabilities: ModelCapabilities = Field(default_factory=ModelCapabilities)
 
 
 class ModelList(BaseModel):

@@ -22,6 +22,7 @@ from ..state import state
 from . import serving
 from .protocol import (
     ChatCompletionRequest,
+    ChatTemplateInfo,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -80,10 +81,6 @@ async def respond(
     return response
 
 
-def model_name() -> str:
-    return state().engine.info().model
-
-
 @blueprint.post("/v1/chat/completions")
 async def chat_completions() -> Response:
     openai_request = parse_chat_request(await read_json_body())
@@ -92,7 +89,8 @@ async def chat_completions() -> Response:
             request_id=request_id(), max_tokens_limit=state().settings.max_tokens_limit
         )
     )
-    return await respond(generation, serving.chat_format(generation, model_name()), openai_request)
+    fmt = serving.chat_format(generation, generation.model_name)
+    return await respond(generation, fmt, openai_request)
 
 
 @blueprint.post("/v1/completions")
@@ -103,12 +101,24 @@ async def completions() -> Response:
             request_id=request_id(), max_tokens_limit=state().settings.max_tokens_limit
         )
     )
-    fmt = serving.completion_format(generation, model_name())
+    fmt = serving.completion_format(generation, generation.model_name)
     return await respond(generation, fmt, openai_request)
 
 
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
+    """Every served model, the default first, with what a client needs to pick one."""
     app = state()
-    card = ModelCard(id=app.engine.info().model, created=int(app.started_at))
-    return json_response(ModelList(data=[card]))
+    cards = []
+    for model in app.models:
+        info = model.engine.info()
+        source = info.chat_template_source
+        cards.append(ModelCard(
+            id=model.name, created=int(app.started_at), default=model is app.models.default,
+            loaded=info.loaded, context_length=info.n_ctx, slots=info.slots,
+            chat_template=ChatTemplateInfo(
+                name=info.chat_format,
+                source=source if source in ("gguf", "chat_format", "fallback") else None,
+            ),
+        ))
+    return json_response(ModelList(data=cards))
