@@ -287,7 +287,10 @@ async def load_engine(app: FabricApp) -> None:
     services nursery then closes them all."""
     state = app.state
     started = time.monotonic()
-    log.info("loading %s", ", ".join(state.models.names))
+    if len(state.models) == 1:
+        log.info("loading the model")
+    else:
+        log.info("loading the models: %s", ", ".join(state.models.names))
     failed: list[str] = []
 
     async def load(model: ServedModel) -> None:

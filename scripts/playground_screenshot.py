@@ -1,5 +1,6 @@
-"""Take docs/playground.png from a real run: a server on the embedded model, one real
-reply in headless Chromium (Debian's /usr/bin/chromium; no browser is downloaded).
+"""Take docs/playground.png from a real run: a server on the embedded models (the
+default MODELS), one real chat answer from the instruct model (the page's default) in
+headless Chromium (Debian's /usr/bin/chromium; no browser is downloaded).
 
     .venv/bin/python scripts/playground_screenshot.py [output.png]
 """
@@ -15,8 +16,6 @@ from playwright.sync_api import expect, sync_playwright
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fabricai_trio.engine.model_files import embedded_model_path  # noqa: E402
-from fabricai_trio.settings import Settings  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -24,8 +23,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 def main() -> None:
     output = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs" / "playground.png"
-    env = {"LLM_MODEL": str(embedded_model_path(Settings().model_cache_dir)),
-           "CHAT_FORMAT": "gemma", "N_CTX": "2048"}
+    env = {"LLM_MODEL": "", "CHAT_FORMAT": "", "N_CTX": "2048"}
     with tempfile.TemporaryDirectory() as logs, ServerProcess(env, log_dir=Path(logs)) as server, \
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
@@ -35,11 +33,13 @@ def main() -> None:
         page.goto(server.url + "/")
         expect(page.locator("#status-conn")).to_have_text("connected")
         page.click("#settings summary")
-        page.fill("#max-tokens", "60")
-        page.fill("#prompt", "Tell me a story about a small robot.")
+        page.fill("#max-tokens", "200")
+        page.fill("#temperature", "0.2")
+        page.fill("#prompt", "Give me three tips for a good night's sleep.")
         page.press("#prompt", "Enter")
         expect(page.locator("#transcript .msg.assistant")).to_have_attribute("data-state", "done")
         page.wait_for_timeout(1200)  # one status poll after the reply
+        page.locator("#settings summary").click()  # fold the settings again
         page.screenshot(path=str(output), full_page=True)
         browser.close()
     print(f"wrote {output} ({output.stat().st_size} bytes)")

@@ -57,5 +57,7 @@ def scrape(client: httpx.Client) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """A sample's value; 0 when absent (a labelled counter not incremented yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples called `name` whose labels include `labels` (so a test
+    that names no `model` counts every model's); 0 when there is none."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)

@@ -90,8 +90,10 @@ def test_embedded_default_model_serves_and_stops_cleanly(
     proc.env = {**env, **{k: v for k, v in proc.env.items() if k in ("HOST", "PORT")}}
     with proc:
         status = httpx.get(f"{proc.url}/v1/status", timeout=10).json()
-        assert status["model"]["name"] == "gemma-3-270m-q4_k_m"
-        assert status["model"]["chat_format"] == "gemma"
+        # MODELS' default: both embedded models, SmolLM2 Instruct the default one.
+        assert status["model"]["name"] == status["default_model"] == "smollm2"
+        assert status["model"]["chat_format"] == "gguf"
+        assert status["models"]["gemma3"]["model"]["chat_format"] == "gemma"
         assert status["store"]["backend"] == "memory"
         code = proc.stop(sig)
     assert code == 0, proc.log()
@@ -129,5 +131,5 @@ def test_sigterm_during_model_load_exits_cleanly_and_frees_the_engine(
     assert popen.returncode == 0, log
     assert "Traceback" not in log
     # The engine was closed after the load task ended, not beside it.
-    assert "services stopped: engine, session store and Redis client closed" in log, log
+    assert "services stopped: engines, session store and Redis client closed" in log, log
     assert log.index("loading the model") < log.index("services stopped")

@@ -11,7 +11,7 @@ from .sse_client import parse_lines
 
 
 def test_engine_loads_by_module_and_class(server_logs: Path) -> None:
-    env = {"ENGINE": "examples.echo_engine:EchoEngine", "LLM_MODEL": ""}
+    env = {"ENGINE": "examples.echo_engine:EchoEngine", "LLM_MODEL": "", "MODELS": "echo"}
     with ServerProcess(env, log_dir=server_logs) as proc:
         status = httpx.get(f"{proc.url}/v1/status").json()
         assert status["model"]["name"] == "echo"

@@ -345,3 +345,50 @@ def test_a_dropped_stream_is_resumed_and_says_so(page: Page, server: ServerProce
     sid = page.locator("#session").input_value()
     messages = httpx.get(f"{server.url}/v1/sessions/{sid}/messages").json()["data"]
     assert [m["role"] for m in messages] == ["user", "assistant"]  # one turn, stored once
+
+
+@pytest.fixture(scope="module")
+def two_models(server_logs: Path) -> Iterator[ServerProcess]:
+    """MODELS at its default: gemma3 and smollm2 (the default)."""
+    env = {"LLM_MODEL": "", "CHAT_FORMAT": "", "N_CTX": "1024"}
+    with ServerProcess(env, log_dir=server_logs) as proc:
+        yield proc
+
+
+def test_model_picker_defaults_to_the_instruct_model(
+    page: Page, two_models: ServerProcess
+) -> None:
+    open_playground(page, two_models.url)
+    picker = page.locator("#model")
+    expect(picker.locator("option")).to_have_count(2)
+    expect(picker).to_have_value("smollm2")
+    expect(page.locator("#status-model")).to_have_text("model smollm2")
+    expect(page.locator("#model-hint")).to_contain_text("chat model")
+    settings(page, max_tokens=64, temperature=0)
+    send(page, "What is the capital of France?")
+    reply = page.locator(LAST_REPLY)
+    expect(reply).to_have_attribute("data-state", "done")
+    # The conversation keeps its model: the picker is locked on it.
+    expect(picker).to_be_disabled()
+    sid = page.locator("#session").input_value()
+    with httpx.Client(base_url=two_models.url, timeout=10) as client:
+        stored = client.get(f"/v1/sessions/{sid}/messages").json()["data"]
+    # A chat model's conversation opens with the page's short system prompt.
+    assert stored[0] == {**stored[0], "role": "system",
+                         "content": "You are a helpful assistant."}
+    assert [m["model"] for m in stored if m["role"] == "assistant"] == ["smollm2"]
+    expect(page.locator("#transcript .msg")).to_have_count(2)  # the system prompt is not shown
+    # A new conversation may pick the base model: no system prompt, and it runs there.
+    page.click("#new-session")
+    expect(picker).to_be_enabled()
+    picker.select_option("gemma3")
+    expect(page.locator("#status-model")).to_have_text("model gemma3")
+    expect(page.locator("#model-hint")).to_contain_text("base model")
+    settings(page, max_tokens=8)
+    send(page, "Once upon a time")
+    expect(page.locator(LAST_REPLY)).to_have_attribute("data-state", "done")
+    sid = page.locator("#session").input_value()
+    with httpx.Client(base_url=two_models.url, timeout=10) as client:
+        stored = client.get(f"/v1/sessions/{sid}/messages").json()["data"]
+    assert [(m["role"], m["model"]) for m in stored] == [("user", None), ("assistant", "gemma3")]
+    wait_idle(page)

@@ -1,10 +1,15 @@
 // fabricai-trio playground: chat over POST /v1/inference_sse (fetch with a streaming
-// body: EventSource cannot POST), sessions from /v1/sessions, status from /v1/status.
+// body: EventSource cannot POST), sessions from /v1/sessions, status from /v1/status,
+// the model picker from /v1/models.
 // No dependencies, no build step; every request goes to this page's own server.
 
 const KEY_STORAGE = "fabricai.apiKey"; // sessionStorage: this tab only
 const SESSION_STORAGE = "fabricai.session"; // sessionStorage: the conversation to reopen
 const TITLES_STORAGE = "fabricai.titles"; // localStorage: first prompt of the page's sessions
+const MODEL_STORAGE = "fabricai.model"; // sessionStorage: the model picked for new conversations
+// A new conversation on a chat-tuned model (one whose GGUF has its own chat template)
+// opens with this system prompt; a base model gets none (it would only continue it).
+const SYSTEM_PROMPT = "You are a helpful assistant.";
 const STATUS_EVERY_MS = 1000;
 const CANCEL_GRACE_MS = 5000; // after Stop, how long to wait for `complete` before aborting
 const RESUME_TRIES = 20; // a dropped stream is resumed (Last-Event-ID); tries before giving up
@@ -19,12 +24,16 @@ const ui = {
   transcript: $("transcript"), composer: $("composer"), prompt: $("prompt"), send: $("send"),
   stop: $("stop"), state: $("state"), settings: $("settings"), maxTokens: $("max-tokens"),
   temperature: $("temperature"), topP: $("top-p"), stopStrings: $("stop-strings"),
+  modelPicker: $("model"), modelHint: $("model-hint"),
 };
 // The API's field names (the `param` of a 422) and the inputs they come from.
 const FIELDS = {
   prompt: ui.prompt, max_tokens: ui.maxTokens, temperature: ui.temperature, top_p: ui.topP,
-  stop: ui.stopStrings, session_id: ui.session,
+  stop: ui.stopStrings, session_id: ui.session, model: ui.modelPicker,
 };
+
+let models = []; // the cards of GET /v1/models, the default first
+let conversationModel = null; // the open conversation's model, once it has a reply
 
 let running = null; // {requestId, controller, item, cancelTimer}
 
@@ -127,6 +136,7 @@ ui.authForm.addEventListener("submit", async (event) => {
   clearNotice();
   if (await pollStatus()) {
     ui.auth.hidden = true;
+    await loadModels();
     await loadSessions();
     ui.prompt.focus();
   }
@@ -164,10 +174,13 @@ async function pollStatus() {
     return false;
   }
   const status = await response.json();
-  const { active, max, queued, queue_capacity: capacity } = status.concurrency;
-  if (!status.model.loaded) setConn("busy", "model loading");
+  // The picked model's figures (each model has its own slots and queue).
+  const shown = (status.models && status.models[ui.modelPicker.value]) || status;
+  const { active, max, queued, queue_capacity: capacity } = shown.concurrency;
+  const loading = Object.values(status.models || { one: status }).some((m) => !m.model.loaded);
+  if (loading) setConn("busy", "model loading");
   else setConn(active >= max ? "busy" : "ok", "connected");
-  ui.model.textContent = `model ${status.model.name}`;
+  ui.model.textContent = `model ${shown.model.name}`;
   ui.active.textContent = `active ${active}/${max}`;
   ui.queued.textContent = `queued ${queued}/${capacity}`;
   ui.active.dataset.value = String(active);
@@ -182,6 +195,65 @@ async function statusLoop() {
     await new Promise((resolve) => setTimeout(resolve, STATUS_EVERY_MS));
   }
 }
+
+// --- models ---
+
+function card(id) {
+  return models.find((m) => m.id === id);
+}
+
+/** A chat-tuned model: its GGUF carries its own chat template. */
+function isInstruct(model) {
+  return !!model && !!model.chat_template && model.chat_template.source === "gguf";
+}
+
+function describeModel() {
+  const model = card(ui.modelPicker.value);
+  if (!model) return;
+  const kind = isInstruct(model) ? "chat model" : "base model: it continues text";
+  const locked = ui.modelPicker.disabled ? " · this conversation's model" : "";
+  ui.modelHint.textContent = `${kind} · ${model.context_length} tokens of context${locked}`;
+}
+
+/** Fill the picker from GET /v1/models: the default model (the instruct one) unless
+ * another was picked in this tab. */
+async function loadModels() {
+  let response;
+  try {
+    response = await api("/v1/models");
+  } catch {
+    unreachable();
+    return;
+  }
+  if (!response.ok) return reportRefusal(response);
+  models = (await response.json()).data;
+  const picked = ui.modelPicker.value || sessionStorage.getItem(MODEL_STORAGE);
+  ui.modelPicker.replaceChildren(...models.map((m) => new Option(
+    `${m.id}${isInstruct(m) ? " (chat)" : " (base)"}${m.default ? " · default" : ""}`, m.id)));
+  const fallback = (models.find((m) => m.default) || models[0] || {}).id || "";
+  ui.modelPicker.value = card(picked) ? picked : fallback;
+  describeModel();
+}
+
+/** A conversation keeps the model it started with: show it, and lock the picker. */
+function showConversationModel(model) {
+  conversationModel = model && card(model) ? model : null;
+  if (conversationModel) {
+    ui.modelPicker.value = model;
+    ui.modelPicker.disabled = true;
+  } else {
+    ui.modelPicker.disabled = false;
+    const picked = sessionStorage.getItem(MODEL_STORAGE);
+    if (card(picked)) ui.modelPicker.value = picked;
+  }
+  describeModel();
+}
+
+ui.modelPicker.addEventListener("change", () => {
+  sessionStorage.setItem(MODEL_STORAGE, ui.modelPicker.value);
+  describeModel();
+  pollStatus();
+});
 
 // --- sessions ---
 
@@ -236,6 +308,7 @@ async function openSession(id) {
   ui.deleteSession.disabled = !id;
   if (id) sessionStorage.setItem(SESSION_STORAGE, id);
   else sessionStorage.removeItem(SESSION_STORAGE);
+  showConversationModel(null);
   if (!id) return;
   let response;
   try {
@@ -250,9 +323,11 @@ async function openSession(id) {
   }
   const { data } = await response.json();
   for (const message of data) {
+    if (message.role === "system") continue; // set by the page, not typed
     const item = addMessage(message.role, message.content);
     if (message.role === "assistant") finish(item, message.finish_reason, message);
   }
+  showConversationModel((data.find((m) => m.model) || {}).model);
 }
 
 ui.session.addEventListener("change", () => {
@@ -286,8 +361,9 @@ ui.deleteSession.addEventListener("click", async () => {
   notify("Conversation deleted.");
 });
 
-async function createSession(title) {
-  const response = await api("/v1/sessions", { method: "POST", body: {} });
+async function createSession(title, model) {
+  const body = isInstruct(card(model)) ? { system_prompt: SYSTEM_PROMPT } : {};
+  const response = await api("/v1/sessions", { method: "POST", body });
   if (!response.ok) {
     await reportRefusal(response);
     return null;
@@ -405,6 +481,7 @@ function setRunning(on) {
   ui.stop.disabled = !on;
   ui.session.disabled = on;
   ui.newSession.disabled = on;
+  ui.modelPicker.disabled = on || !!conversationModel;
   ui.deleteSession.disabled = on || !ui.session.value;
   ui.transcript.setAttribute("aria-busy", on ? "true" : "false");
 }
@@ -441,11 +518,12 @@ async function send() {
 async function generate(prompt, settings) {
   const run = running;
   let sessionId = ui.session.value;
+  const model = ui.modelPicker.value;
   let created = false;
   let response;
   try {
     if (!sessionId) {
-      sessionId = await createSession(prompt.trim());
+      sessionId = await createSession(prompt.trim(), model);
       if (!sessionId) return setState("Not sent");
       created = true;
     }
@@ -453,6 +531,7 @@ async function generate(prompt, settings) {
       method: "POST", signal: run.controller.signal,
       body: {
         prompt, session_id: sessionId, request_id: run.requestId, resumable: true, ...settings,
+        ...(model ? { model } : {}),
       },
     });
   } catch (error) {
@@ -474,6 +553,7 @@ async function generate(prompt, settings) {
     ui.session.value = sessionId;
     sessionStorage.setItem(SESSION_STORAGE, sessionId);
   }
+  if (model) showConversationModel(model);
   ui.prompt.value = "";
   addMessage("user", prompt);
   const item = addMessage("assistant", "");
@@ -588,6 +668,7 @@ for (const input of Object.values(FIELDS)) {
 
 async function start() {
   if (await pollStatus()) {
+    await loadModels();
     const id = await loadSessions();
     if (id) await openSession(id);
   }
