@@ -52,10 +52,18 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings)
     try:
-        # Fail before listening when the file is missing or not a model; the embedded
-        # model is assembled here, once, with a progress message.
+        # Fail before listening when a file is missing or not a model (every model of
+        # MODELS, or LLM_MODEL's); the embedded Gemma is assembled here, once, with a
+        # progress message.
         if settings.engine in LLAMA_ENGINES:
-            resolve_model_path(settings.llm_model, settings.model_cache_dir)
+            for name, model in (settings.served_models() or {"": settings}).items():
+                try:
+                    resolve_model_path(model.llm_model, settings.model_cache_dir)
+                except ModelLoadError as exc:
+                    if not name:
+                        raise
+                    reason = str(exc).removeprefix("LLM_MODEL: ")
+                    raise ModelLoadError(f"MODELS: model {name}: {reason}") from None
     except ModelLoadError as exc:
         print(f"fabricai-trio: {exc}", file=sys.stderr)
         return 2

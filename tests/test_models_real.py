@@ -90,7 +90,7 @@ def test_a_session_continues_on_its_own_model(http: httpx.Client) -> None:
     sid = http.post("/v1/sessions").json()["id"]
     first = http.post(SSE, json={"model": "gemma3", "session_id": sid, "max_tokens": 4,
                                  "prompt": "Hello!"})
-    assert [e.event for e in parse_lines(first.text.splitlines())][-1] == "complete"
+    assert [e.event for e in parse_lines(iter(first.text.splitlines()))][-1] == "complete"
     # No `model`: the session's (gemma3), not the default (smollm2).
     second = http.post(CHAT, json={"session_id": sid, "max_tokens": 4,
                                    "messages": [{"role": "user", "content": "And then?"}]})

@@ -48,3 +48,40 @@ def test_store_defaults_follow_redis_url(monkeypatch: pytest.MonkeyPatch) -> Non
     assert load_settings().resolved_session_store == "memory"
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     assert load_settings().resolved_session_store == "redis"
+
+
+def test_models_default_to_both_embedded_with_the_instruct_one_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("LLM_MODEL", "MODELS", "DEFAULT_MODEL", "MODEL_ALIAS"):
+        monkeypatch.delenv(name, raising=False)
+    served = load_settings().served_models()
+    assert list(served) == ["smollm2", "gemma3"]
+    assert served["gemma3"].llm_model == Path("gemma3")
+    assert served["gemma3"].model_alias == "gemma3"
+
+
+def test_models_entries_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLM_MODEL", raising=False)
+    settings = load_settings(models=" gemma3 , mine=/m/x.gguf ", default_model="mine")
+    assert {n: s.llm_model for n, s in settings.served_models().items()} == {
+        "mine": Path("/m/x.gguf"), "gemma3": Path("gemma3")}
+    assert load_settings(models="gemma3,b=/b.gguf").resolved_default_model == "gemma3"
+    # LLM_MODEL is the one-model shorthand: MODELS is not used.
+    assert load_settings(llm_model="smollm2", models="gemma3").served_models() == {}
+
+
+@pytest.mark.parametrize(("models", "default", "message"), [
+    ("a,a=/x.gguf", None, "MODELS: model name 'a' appears twice"),
+    ("a=", None, "MODELS: entry 'a=' has no path after `=`"),
+    ("bad name=/x.gguf", None, "MODELS: model name 'bad name'"),
+    (" , ", None, "MODELS: name at least one model"),
+    ("gemma3", "smollm2", "DEFAULT_MODEL: 'smollm2' is not one of MODELS (gemma3)"),
+])
+def test_bad_models_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, models: str, default: str | None, message: str
+) -> None:
+    monkeypatch.delenv("LLM_MODEL", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_settings(models=models, default_model=default)
+    assert message in str(info.value)
