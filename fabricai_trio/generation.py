@@ -414,8 +414,8 @@ class GenerationService:
         Raises a domain error: `ModelNotFound`, `Draining`, `ModelLoading`,
         `DuplicateRequestId`, session errors (`SessionModelMismatch` too),
         `ContextLengthExceeded`, `QueueFull` (of the request's model). On success the
-        caller owns the returned `Generation` and must either iterate `events()` or call `close()`.
-        If cancelled, nothing is held (a session lock taken is released, shielded).
+        caller owns the returned `Generation` and must either iterate `events()` or
+        call `close()`. If cancelled, nothing is held (a session lock taken is released, shielded).
         """
         chosen: list[ServedModel] = []
         try:

@@ -26,6 +26,7 @@ from .sse_client import parse_lines
 pytestmark = pytest.mark.model
 
 KEY = "sk-test-openai"
+MODEL = "gemma-3-270m-q4_k_m"  # LLM_MODEL's one model, named as the embedded Gemma
 CHAT: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write a short poem about the sea."}
 ]
@@ -70,10 +71,10 @@ def test_chat_completion_matches_the_sse_route(
     client: openai.OpenAI, http: httpx.Client
 ) -> None:
     body = {"messages": CHAT, "max_tokens": 8, "temperature": 0}
-    client.chat.completions.create(model="anything", messages=CHAT, max_tokens=8, temperature=0)
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
     reference = sse_complete(http, body)
     result = client.chat.completions.create(
-        model="anything", messages=CHAT, max_tokens=8, temperature=0)
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
     choice = result.choices[0]
     assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
     assert choice.message.role == "assistant" and choice.message.content
@@ -87,13 +88,13 @@ def test_chat_completion_matches_the_sse_route(
 
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0
+        model=MODEL, messages=CHAT, max_tokens=10, temperature=0
     )
     whole = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0
+        model=MODEL, messages=CHAT, max_tokens=10, temperature=0
     )
     chunks = list(client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=10, temperature=0,
+        model=MODEL, messages=CHAT, max_tokens=10, temperature=0,
         stream=True, stream_options={"include_usage": True},
     ))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -111,8 +112,8 @@ def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
 
 def test_completion_stream_and_not(client: openai.OpenAI, model_path: Path) -> None:
     prompt = "Once upon a time"
-    client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0)
-    whole = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0)
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
     assert whole.object == "text_completion"
     vocab = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
     assert whole.usage is not None
@@ -120,7 +121,7 @@ def test_completion_stream_and_not(client: openai.OpenAI, model_path: Path) -> N
     assert ended_normally(whole.choices[0].finish_reason, whole.usage.completion_tokens, 8)
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
     chunks = list(client.completions.create(
-        model="m", prompt=prompt, max_tokens=8, temperature=0, stream=True
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True
     ))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -128,21 +129,21 @@ def test_completion_stream_and_not(client: openai.OpenAI, model_path: Path) -> N
 
 def test_stop_strings(client: openai.OpenAI) -> None:
     prompt = "Once upon a time"
-    client.completions.create(model="m", prompt=prompt, max_tokens=2, temperature=0)
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
     full = client.completions.create(
-        model="m", prompt=prompt, max_tokens=24, temperature=0
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=0
     ).choices[0].text
     stop = full.split()[3]
     for stream in (False, True):
         if stream:
             chunks = list(client.completions.create(
-                model="m", prompt=prompt, max_tokens=24, temperature=0, stop=[stop], stream=True
+                model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop], stream=True
             ))
             text = "".join(c.choices[0].text for c in chunks)
             reason = chunks[-1].choices[0].finish_reason
         else:
             choice = client.completions.create(
-                model="m", prompt=prompt, max_tokens=24, temperature=0, stop=stop
+                model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stop
             ).choices[0]
             text, reason = choice.text, choice.finish_reason
         assert reason == "stop"
@@ -152,7 +153,7 @@ def test_stop_strings(client: openai.OpenAI) -> None:
 def test_seed_and_sampling_params_are_applied(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str | None:
         return client.chat.completions.create(
-            model="m", messages=CHAT, max_tokens=6,
+            model=MODEL, messages=CHAT, max_tokens=6,
             temperature=1.0, top_p=0.9, seed=seed,
         ).choices[0].message.content
 
@@ -182,7 +183,7 @@ def test_unsupported_or_invalid_fields_are_400_naming_the_field(
 ) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model="m", messages=CHAT, extra_body=extra
+            model=MODEL, messages=CHAT, extra_body=extra
         )
     assert info.value.status_code == 400
     assert info.value.param == param and info.value.code == code
@@ -190,7 +191,7 @@ def test_unsupported_or_invalid_fields_are_400_naming_the_field(
 
 def test_neutral_values_of_unsupported_fields_are_accepted(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
-        model="m", messages=CHAT, max_completion_tokens=2, n=1,
+        model=MODEL, messages=CHAT, max_completion_tokens=2, n=1,
         presence_penalty=0, frequency_penalty=0, logprobs=False, user="u-1",
         response_format={"type": "text"},
     )
@@ -201,7 +202,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client: openai.OpenAI
 def test_wrong_key_is_authentication_error(server: ServerProcess) -> None:
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:
-        bad.chat.completions.create(model="m", messages=CHAT)
+        bad.chat.completions.create(model=MODEL, messages=CHAT)
     assert info.value.status_code == 401
     assert info.value.code == "invalid_api_key"
     assert "Bearer" in info.value.response.headers["www-authenticate"]
@@ -224,7 +225,7 @@ def test_full_queue_is_rate_limit_error(
             wait_for(http, active=1, queued=1)
             with pytest.raises(openai.RateLimitError) as info:
                 client.chat.completions.create(
-                    model="m", messages=CHAT, max_tokens=2
+                    model=MODEL, messages=CHAT, max_tokens=2
                 )
             assert info.value.status_code == 429 and info.value.code == "queue_full"
             assert info.value.response.headers["retry-after"] == "1"
@@ -235,7 +236,7 @@ def test_cancel_mid_stream_frees_the_slot(client: openai.OpenAI, http: httpx.Cli
     wait_idle(http)
     before = status(http)["engine"]["tokens_generated"]
     stream = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=512, temperature=0, stream=True
+        model=MODEL, messages=CHAT, max_tokens=512, temperature=0, stream=True
     )
     received = 0
     for chunk in stream:
@@ -247,7 +248,7 @@ def test_cancel_mid_stream_frees_the_slot(client: openai.OpenAI, http: httpx.Cli
     wait_idle(http, timeout=10)
     assert status(http)["engine"]["tokens_generated"] - before < 512
     after = client.chat.completions.create(
-        model="m", messages=CHAT, max_tokens=2
+        model=MODEL, messages=CHAT, max_tokens=2
     )
     assert after.usage is not None
     assert ended_normally(after.choices[0].finish_reason, after.usage.completion_tokens, 2)
@@ -261,7 +262,7 @@ def test_session_id_continues_a_stored_session(
     session_id = created.json()["id"]
     for question in ("Name a colour.", "And another one?"):
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": question}],
+            model=MODEL, messages=[{"role": "user", "content": question}],
             max_tokens=4, temperature=0, extra_body={"session_id": session_id},
         )
     messages = http.get(f"/v1/sessions/{session_id}/messages").json()["data"]
@@ -271,7 +272,7 @@ def test_session_id_continues_a_stored_session(
     assert messages[4]["prompt_tokens"] > messages[2]["prompt_tokens"]
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(
-            model="m", messages=CHAT, extra_body={"session_id": "no-such-session"}
+            model=MODEL, messages=CHAT, extra_body={"session_id": "no-such-session"}
         )
     assert info.value.param == "session_id"
 
