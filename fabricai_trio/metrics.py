@@ -60,8 +60,8 @@ ADMISSION_GAUGES = {
 
 
 class ModelsCollector(Collector):
-    """Each model's admission (queue, slots) and its batched engine's step figures,
-    read at scrape time, labelled by model."""
+    """Each model's admission (queue, slots) and its engine's step and prefix-cache
+    figures (for engines that report them), read at scrape time, labelled by model."""
 
     def __init__(self, models: ModelSet) -> None:
         self._models = models
@@ -72,25 +72,27 @@ class ModelsCollector(Collector):
             for model in self._models:
                 family.add_metric([model.name], float(getattr(model.admission.stats(), attribute)))
             yield family
-        batched = [(m.name, m.engine.info().extra) for m in self._models]
-        batched = [(n, x) for n, x in batched if isinstance(x.get("batch_size_steps"), dict)]
-        if not batched:
-            return
-        sizes = HistogramMetricFamily(
-            "fabricai_batch_size", "Sequences decoded together, per decode step.",
-            labels=["model"],
-        )
-        for model_name, extra in batched:
-            steps = extra["batch_size_steps"]
-            assert isinstance(steps, dict)
-            counts = {int(size): int(n) for size, n in steps.items()}
-            sizes.add_metric(
-                [model_name],
-                buckets=[(str(float(le)), sum(n for size, n in counts.items() if size <= le))
-                         for le in BATCH_BUCKETS] + [("+Inf", sum(counts.values()))],
-                sum_value=sum(size * n for size, n in counts.items()),
+        extras = [(m.name, m.engine.info().extra) for m in self._models]
+        batched = [(n, x) for n, x in extras if isinstance(x.get("batch_size_steps"), dict)]
+        if batched:
+            sizes = HistogramMetricFamily(
+                "fabricai_batch_size", "Sequences decoded together, per decode step.",
+                labels=["model"],
             )
-        yield sizes
+            for model_name, extra in batched:
+                steps = extra["batch_size_steps"]
+                assert isinstance(steps, dict)
+                counts = {int(size): int(n) for size, n in steps.items()}
+                sizes.add_metric(
+                    [model_name],
+                    buckets=[(str(float(le)), sum(n for size, n in counts.items() if size <= le))
+                             for le in BATCH_BUCKETS] + [("+Inf", sum(counts.values()))],
+                    sum_value=sum(size * n for size, n in counts.items()),
+                )
+            yield sizes
+        caching = [(n, x) for n, x in extras if isinstance(x.get("prefix_cache_hits"), int)]
+        if not caching:
+            return
         for name, key, doc in (
             ("fabricai_prefix_cache_hits", "prefix_cache_hits",
              "Prompts that started from a cached prefix."),
@@ -98,7 +100,7 @@ class ModelsCollector(Collector):
              "Prompt tokens taken from the prefix cache instead of evaluated."),
         ):
             counter = CounterMetricFamily(name, doc, labels=["model"])
-            for model_name, extra in batched:
+            for model_name, extra in caching:
                 value = extra.get(key)
                 counter.add_metric([model_name], value if isinstance(value, int) else 0)
             yield counter

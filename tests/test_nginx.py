@@ -159,7 +159,7 @@ def test_a_session_sticks_to_one_replica_and_sessions_spread(cluster: Cluster) -
             turn = client.post("/v1/inference_sse",
                                json={"prompt": "Hi", "max_tokens": 2, "session_id": sid})
             chat = client.post("/v1/chat/completions", headers={"X-Session-Id": sid}, json={
-                "model": "any", "max_tokens": 2, "session_id": sid,
+                "max_tokens": 2, "session_id": sid,
                 "messages": [{"role": "user", "content": "Hi"}]})
             query = client.get("/v1/inference_sse",
                                params={"prompt": "Hi", "max_tokens": "2", "session_id": sid})

@@ -39,7 +39,7 @@ def hits(client: httpx.Client) -> int:
 
 def complete(client: httpx.Client, key: str, **extra: Any) -> None:
     response = client.post("/v1/completions", headers={"Authorization": f"Bearer {KEYS[key]}"},
-                           json={"model": "any", "prompt": PROMPT, "max_tokens": 2, **extra})
+                           json={"prompt": PROMPT, "max_tokens": 2, **extra})
     assert response.status_code == 200, response.text
 
 

@@ -80,7 +80,7 @@ async def sse_client(http: httpx.AsyncClient, out: Outcome, rng: random.Random) 
 
 
 async def openai_client(http: httpx.AsyncClient, out: Outcome, rng: random.Random) -> None:
-    body = {"model": "any", "stream": True, "max_tokens": out.max_tokens,
+    body = {"stream": True, "max_tokens": out.max_tokens,
             "session_id": out.session_id,
             "messages": [{"role": "user", "content": f"Tell me about {out.session_id}."}]}
     cut_after = rng.randint(1, out.max_tokens - 1)
