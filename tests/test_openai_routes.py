@@ -207,7 +207,9 @@ async def test_invalid_requests_are_400_naming_the_field(
             response = await client.post(CHAT, json={"model": "fake", "messages": MESSAGES,
                                                       **extra})
             assert_openai_error(response, 400, code, param)
-        assert_openai_error(await client.post(CHAT, body=b"{not json"), 400, "invalid_json",
-                            None)
+        assert_openai_error(
+            await client.post(CHAT, body=b"{not json",
+                              headers={"content-type": "application/json"}),
+            400, "invalid_json", None)
         assert engine.started == []
 
