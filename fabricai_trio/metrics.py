@@ -73,6 +73,18 @@ class ModelsCollector(Collector):
                 family.add_metric([model.name], float(getattr(model.admission.stats(), attribute)))
             yield family
         extras = [(m.name, m.engine.info().extra) for m in self._models]
+        kv = [(n, x) for n, x in extras if isinstance(x.get("kv_cells_total"), int)]
+        if kv:
+            usage = GaugeMetricFamily(
+                "fabricai_kv_cache_usage_ratio",
+                "KV cells in use (running sequences and cached prefixes) over the cells "
+                "the model's context holds, from 0 to 1.", labels=["model"],
+            )
+            for model_name, extra in kv:
+                used, total = extra.get("kv_cells_used"), extra["kv_cells_total"]
+                assert isinstance(used, int) and isinstance(total, int)
+                usage.add_metric([model_name], used / total if total else 0.0)
+            yield usage
         batched = [(n, x) for n, x in extras if isinstance(x.get("batch_size_steps"), dict)]
         if batched:
             sizes = HistogramMetricFamily(

@@ -99,6 +99,8 @@ def test_gauges_429_and_cancellations(http: httpx.Client, server: ServerProcess)
             during = scrape(http)
             assert value(during, "fabricai_active_generations") == 1
             assert value(during, "fabricai_queue_depth") == 1
+            # The running stream holds KV cells: its prompt and what it decoded so far.
+            assert 0 < value(during, "fabricai_kv_cache_usage_ratio") <= 1
             rejected = http.post("/v1/chat/completions",
                                  json={"messages": [{"role": "user", "content": "hi"}]})
             assert rejected.status_code == 429
@@ -118,6 +120,9 @@ def test_gauges_429_and_cancellations(http: httpx.Client, server: ServerProcess)
     assert 0 < prompt < 20
     assert value(after, "fabricai_active_generations") == 0
     assert value(after, "fabricai_queue_depth") == 0
+    # Its cells are freed or parked in the prefix cache: no more in use than while it ran.
+    assert value(after, "fabricai_kv_cache_usage_ratio") <= value(
+        during, "fabricai_kv_cache_usage_ratio")
 
 
 @pytest.mark.model
