@@ -39,6 +39,7 @@ from .core.errors import (
     Draining,
     DuplicateRequestId,
     EngineFailed,
+    InvalidField,
     ModelLoading,
     NotFound,
     QueueFull,
@@ -468,6 +469,7 @@ class GenerationService:
                 # Again, under the lock: a turn that ended after the first read is history.
                 session = await self.open_session(session.id, owner)
                 chosen.append(model := self._pick_model(request, session))
+            bias = logit_bias(request, model.engine.info().n_vocab)
             new_messages = request.new_messages()
             tokens, stop, stop_tokens = await self._prompt_tokens(
                 model, request, session, new_messages, max_tokens
@@ -489,6 +491,10 @@ class GenerationService:
             top_p=request.top_p,
             top_k=request.top_k,
             repeat_penalty=request.repeat_penalty,
+            min_p=request.min_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=bias,
             seed=request.seed,
             stop=tuple(dict.fromkeys([*request.stop, *stop])),
             stop_tokens=stop_tokens,
@@ -739,6 +745,16 @@ def store_deadline(
     except (StoreUnavailable, trio.TooSlowError) as exc:
         observer.on_store_error("timeout" if isinstance(exc, trio.TooSlowError) else "unavailable")
         raise SessionStoreUnavailable() from None
+
+
+def logit_bias(request: GenerationRequest, n_vocab: int | None) -> dict[int, float]:
+    """The request's `logit_bias` by token id; an id the model does not have is a 400
+    naming the field (an engine must never index past its vocabulary)."""
+    bias = {int(token): value for token, value in request.logit_bias.items()}
+    if bias and n_vocab is not None and max(bias) >= n_vocab:
+        raise InvalidField("logit_bias", f"token id {max(bias)} is not below the model's "
+                           f"vocabulary size {n_vocab}")
+    return bias
 
 
 def _too_long(prompt_tokens: int, max_tokens: int, n_ctx: int) -> ContextLengthExceeded:

@@ -6,7 +6,7 @@ the `Settings`. See docs/hacking.md for a worked example.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -32,6 +32,11 @@ class EngineRequest:
     top_p: float = 0.95
     top_k: int = 40
     repeat_penalty: float = 1.1
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Added to a token's logit before any other sampling step."""
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_tokens: frozenset[int] = frozenset()
@@ -95,6 +100,8 @@ class EngineInfo:
     #: Where `chat_format` comes from: `gguf` (the file's own template), `chat_format`
     #: (CHAT_FORMAT), `fallback` (a model without a template), or None (not known).
     chat_template_source: str | None = None
+    #: Tokens in the vocabulary, once loaded: a token id (`logit_bias`) is below it.
+    n_vocab: int | None = None
     tokens_generated: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 

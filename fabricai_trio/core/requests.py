@@ -24,6 +24,7 @@ from .messages import ChatMessage
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 class SamplingParams(BaseModel):
@@ -36,8 +37,24 @@ class SamplingParams(BaseModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0, le=1000)
     repeat_penalty: float = Field(1.1, gt=0.0, le=10.0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    #: Token id (as a string, OpenAI's shape) -> a bias added to its logit before
+    #: sampling; -100 bans a token, 100 all but forces it.
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_sane(cls, value: dict[str, float]) -> dict[str, float]:
+        for token, bias in value.items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"keys must be token ids, got {token[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias of token {token} must be between -100 and 100")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

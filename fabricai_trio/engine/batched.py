@@ -154,6 +154,7 @@ class BatchedEngine:
             chat_format=text.template.name if text.template else None,
             chat_template_source=text.template_source,
             loaded=self._loaded,
+            n_vocab=text.n_vocab,
             tokens_generated=self._tokens_generated,
             extra={
                 "backend": "batched",
@@ -212,6 +213,10 @@ class BatchedEngine:
             repeat_penalty=request.repeat_penalty,
             seed=request.seed,
             stop_tokens=request.stop_tokens,
+            min_p=request.min_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=request.logit_bias,
         )
         self._kick()
         try:

@@ -19,11 +19,12 @@ token without touching its (freed) context.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 import outcome
 import trio
 
@@ -118,6 +119,7 @@ class LlamaEngine:
             chat_format=text.template.name if text.template else None,
             chat_template_source=text.template_source,
             loaded=self._loaded,
+            n_vocab=text.n_vocab,
             tokens_generated=self._tokens_generated,
             extra={"prefix_cache_hits": self._prefix_hits,
                    "prompt_tokens_reused": self._prompt_tokens_reused,
@@ -248,6 +250,18 @@ class _StepInThread:
         return 1 if isinstance(self._outcome, outcome.Value) and not self._outcome.value[1] else 0
 
 
+def _biased(bias: Mapping[int, float]) -> llama_cpp.LogitsProcessorList:
+    """`logit_bias` for `Llama.generate`: added to the logits before sampling."""
+    ids = np.fromiter(bias, dtype=np.intp)
+    values = np.fromiter(bias.values(), dtype=np.float32)
+
+    def add_bias(_: Any, scores: Any) -> Any:
+        scores[ids] += values
+        return scores
+
+    return llama_cpp.LogitsProcessorList([add_bias])
+
+
 class _Decoder:
     """One generation on one context; `step()` runs in a worker thread."""
 
@@ -267,8 +281,12 @@ class _Decoder:
                     list(r.prompt_tokens),
                     top_k=r.top_k,
                     top_p=r.top_p,
+                    min_p=r.min_p,
                     temp=r.temperature,
                     repeat_penalty=r.repeat_penalty,
+                    frequency_penalty=r.frequency_penalty,
+                    presence_penalty=r.presence_penalty,
+                    logits_processor=_biased(r.logit_bias) if r.logit_bias else None,
                 )
             token = next(self._tokens)
         except StopIteration:

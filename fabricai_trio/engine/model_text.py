@@ -110,6 +110,11 @@ class ModelText:
         return "gguf" if self.template.name == GGUF_TEMPLATE else "fallback"
 
     @property
+    def n_vocab(self) -> int | None:
+        """Tokens in the vocabulary (token ids are below it); None until loaded."""
+        return None if self._vocab is None else self._vocab.n_vocab
+
+    @property
     def stop_tokens(self) -> frozenset[int]:
         """Tokens that end a chat reply: BOS, EOS, EOT and the template's end of turn."""
         return self._stop_tokens
@@ -178,6 +183,7 @@ class _Vocab:
         self._llama = llama
         self._vocab = llama._model.vocab
         self.metadata: dict[str, str] = dict(llama.metadata)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self._vocab))
         self.eot = int(llama_cpp.llama_vocab_eot(self._vocab))

@@ -85,7 +85,6 @@ UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v in (None, "none", "auto"),
     "logprobs": _false,
     "top_logprobs": lambda v: v in (None, 0),
-    "logit_bias": _empty,
     "response_format": lambda v: v is None or v == {"type": "text"},
     "modalities": lambda v: v in (None, ["text"]),
     "audio": _never,
@@ -103,7 +102,6 @@ UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
     "echo": _false,
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
-    "logit_bias": _empty,
 }
 
 
@@ -125,11 +123,10 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, description="Only 1 is supported.")
-    presence_penalty: float | None = Field(
-        None, ge=-2.0, le=2.0, description="Only 0 is supported (see `repeat_penalty`)."
-    )
-    frequency_penalty: float | None = Field(
-        None, ge=-2.0, le=2.0, description="Only 0 is supported (see `repeat_penalty`)."
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id -> bias (-100 to 100) added to its logit."
     )
     user: str | None = Field(None, description="Accepted and ignored.")
     # llama.cpp server extensions
@@ -137,6 +134,7 @@ class _SamplingFields(BaseModel):
     repeat_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension (llama.cpp)."
     )
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension (llama.cpp).")
     shared_prefix: bool | None = Field(
         None, description="Extension: share this prompt's prefix cache with every API key "
         "(for prompts that are public anyway); private to the caller by default.",
@@ -145,14 +143,6 @@ class _SamplingFields(BaseModel):
     def _check_common(self) -> None:
         if self.n not in (None, 1):
             raise unsupported("n", "only n=1 is supported", code="unsupported_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise unsupported(
-                    name,
-                    f"{name} is not supported (llama.cpp's `repeat_penalty` extension is): "
-                    "omit it or send 0",
-                    code="unsupported_value",
-                )
         if self.stream_options is not None and not self.stream:
             raise InvalidValue("stream_options is only allowed with stream=true",
                                param="stream_options")
@@ -162,8 +152,8 @@ class _SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling(self) -> dict[str, Any]:
-        fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty",
-                  "shared_prefix")
+        fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty", "min_p",
+                  "presence_penalty", "frequency_penalty", "logit_bias", "shared_prefix")
         values = {name: getattr(self, name) for name in fields}
         return {name: value for name, value in values.items() if value is not None}
 
