@@ -3,11 +3,16 @@
 * A bounded `trio` memory channel counts the queue: `try_enter()` puts a marker in it
   with `send_nowait()`, and `trio.WouldBlock` means the queue is full: `QueueFull` (a
   429) at once, never a wait. Markers are interchangeable; *which* waiting ticket runs
-  next is the `QueuePolicy`'s decision (FIFO today, see queue_policy.py).
+  next is the `QueuePolicy`'s decision (fair between principals or FIFO, see
+  queue_policy.py).
+* Per principal (an opaque string: API key owner, JWT subject, `anonymous`): at most
+  `max_queued_per_key` waiting (one more is `PerKeyLimit`, a 429, while others still
+  get in) and at most `max_concurrent_per_key` running (its other tickets wait, passed
+  over by the policy); 0 is no cap.
 * A dispatcher task (`run()`, in the app's services nursery) borrows a token of the
   `CapacityLimiter` (as many as the engine can run at once: no engine keeps a waiting
-  line of its own), takes one marker and grants the token to the ticket the policy
-  picks.
+  line of its own), waits until the policy picks a ticket (one not at its principal's
+  cap), takes one marker and grants the token to that ticket.
 * `Ticket.wait()` waits for the grant on a `trio.Event`, so it can be cancelled and
   called again (to send keepalives) without losing the ticket's place.
 * `Ticket.release()` is synchronous and idempotent: it frees the token, or takes the
@@ -15,17 +20,19 @@
   which the dispatcher skips, and which `try_enter()` drains when the channel is full.
   A request cancelled while queued therefore never reaches the engine.
 
-Invariant: markers in the channel = tickets waiting in the policy + `_abandoned`.
+Invariant: markers in the channel (plus the one the dispatcher may hold while every
+waiting principal is at its running cap) = tickets waiting in the policy + `_abandoned`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import trio
 
-from .core.errors import QueueFull
-from .queue_policy import FifoPolicy, QueuePolicy
+from .core.errors import PerKeyLimit, QueueFull
+from .queue_policy import FairPolicy, QueuePolicy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,8 +52,10 @@ class _Token:
 class Ticket:
     """One request's place: queued, then admitted (holding a token), then released."""
 
-    def __init__(self, admission: Admission, principal: str) -> None:
+    def __init__(self, admission: Admission, principal: str, cost: int) -> None:
         self.principal = principal
+        #: Expected tokens (prompt + max_tokens): what a fair policy weighs turns by.
+        self.cost = cost
         self._admission = admission
         self._granted = trio.Event()
         self._token: _Token | None = None
@@ -76,9 +85,13 @@ class Ticket:
         if self._token is not None:
             token, self._token = self._token, None
             admission._active -= 1
+            _decrement(admission._running, self.principal)
             admission._limiter.release_on_behalf_of(token)
+            admission._wake()
         elif admission._policy.remove(self):
+            _decrement(admission._waiting, self.principal)
             admission._abandoned += 1
+            admission._wake()
 
     def _grant(self, token: _Token) -> None:
         self._token = token
@@ -95,19 +108,26 @@ class Admission:
         max_queue: int,
         retry_after: int = 1,
         policy: QueuePolicy[Ticket] | None = None,
+        max_concurrent_per_key: int = 0,
+        max_queued_per_key: int = 0,
     ) -> None:
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._max_queue = max_queue
         self._retry_after = retry_after
         self._queue_in, self._queue_out = trio.open_memory_channel[None](max_queue)
-        self._policy: QueuePolicy[Ticket] = policy if policy is not None else FifoPolicy()
+        self._policy: QueuePolicy[Ticket] = policy if policy is not None else FairPolicy()
+        self._max_running_per_key = max_concurrent_per_key
+        self._max_queued_per_key = max_queued_per_key
         self._abandoned = 0  # markers in the channel whose ticket left the queue
         self._active = 0
+        self._running: Counter[str] = Counter()  # principal -> tickets admitted
+        self._waiting: Counter[str] = Counter()  # principal -> tickets in the policy
+        self._changed = trio.Event()  # a ticket arrived, or one released its token
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Grant limiter tokens to queued tickets, in the policy's order, until cancelled.
 
-        A token is borrowed *before* a marker is taken, so a ticket leaves the queue
+        A token is borrowed *before* a ticket is picked, so a ticket leaves the queue
         only when it can run: the channel alone bounds the queue.
         """
         task_status.started()
@@ -115,35 +135,75 @@ class Admission:
             token = _Token()
             await self._limiter.acquire_on_behalf_of(token)
             try:
-                while True:
-                    await self._queue_out.receive()
-                    ticket = self._policy.pop()
-                    if ticket is not None:
-                        break
-                    self._abandoned -= 1
+                ticket = await self._next()
             except BaseException:
                 self._limiter.release_on_behalf_of(token)
                 raise
             self._active += 1
+            self._running[ticket.principal] += 1
             ticket._grant(token)
 
-    def check_room(self) -> None:
-        """Raise `QueueFull` if `try_enter()` would, now: lets a request be refused
-        before any costly work (session reads, tokenization). Never checkpoints."""
+    async def _next(self) -> Ticket:
+        """Take a marker, then the ticket the policy picks for it.
+
+        A marker taken while every waiting ticket's principal is at its running cap
+        is held (it belongs to one of them) until a release or an arrival changes
+        that; if its ticket leaves meanwhile, it was an abandoned one."""
+        await self._queue_out.receive()
+        while True:
+            skip = self._at_cap if self._max_running_per_key else None
+            ticket = self._policy.pop(skip)
+            if ticket is not None:
+                _decrement(self._waiting, ticket.principal)
+                return ticket
+            if not len(self._policy):  # nothing waits: the marker was an abandoned one
+                self._abandoned -= 1
+                await self._queue_out.receive()
+                continue
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    def _at_cap(self, ticket: Ticket) -> bool:
+        return self._running[ticket.principal] >= self._max_running_per_key
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    def check_room(self, *, principal: str | None = None) -> None:
+        """Raise `QueueFull` (or `PerKeyLimit` for `principal`) if `try_enter()` would,
+        now: lets a request be refused before any costly work (session reads,
+        tokenization). Never checkpoints."""
+        if principal is not None:
+            self._check_principal(principal)
         if self._active >= self._limiter.total_tokens and len(self._policy) >= self._max_queue:
             raise QueueFull(self._retry_after)
 
-    def try_enter(self, *, principal: str = "anonymous") -> Ticket:
-        """Join the queue now, or raise `QueueFull`. Never blocks, never checkpoints."""
+    def try_enter(self, *, principal: str = "anonymous", cost: int = 1) -> Ticket:
+        """Join the queue now, or raise `QueueFull` / `PerKeyLimit`. `cost` is the
+        expected tokens (prompt + max_tokens). Never blocks, never checkpoints."""
+        self._check_principal(principal)
         try:
             self._queue_in.send_nowait(None)
         except trio.WouldBlock:
             if not self._drain_abandoned():
                 raise QueueFull(self._retry_after) from None
             self._queue_in.send_nowait(None)
-        ticket = Ticket(self, principal)
+        ticket = Ticket(self, principal, cost)
         self._policy.push(ticket)
+        self._waiting[principal] += 1
+        self._wake()
         return ticket
+
+    def _check_principal(self, principal: str) -> None:
+        """`PerKeyLimit` if `principal` may not queue one more ticket."""
+        cap = self._max_queued_per_key
+        if not cap or self._waiting[principal] < cap:
+            return
+        raise PerKeyLimit(
+            f"this identity already has {self._waiting[principal]} requests waiting "
+            f"(MAX_QUEUED_PER_KEY={cap}); retry later",
+            retry_after=self._retry_after,
+        )
 
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
@@ -166,3 +226,11 @@ class Admission:
             self._abandoned -= 1
             drained = True
         return drained
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    """One fewer for `key`; a count that reaches 0 is dropped (memory bounded by the
+    principals present)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -46,6 +46,7 @@ from .engine.loader import create_engine
 from .generation import GenerationService
 from .metrics import Metrics
 from .models import ModelSet, ServedModel
+from .rate_limit import MemoryBuckets, RateLimits, RedisBuckets
 from .realtime import SocketIOServer
 from .redis_channels import RedisChannels
 from .redis_stream_log import RedisStreamLog
@@ -199,6 +200,15 @@ def create_app(
     models = build_models(settings, engine=engine, engines=engines)
     store = store or create_store(settings)
     redis = RedisChannels(settings.redis_url) if settings.redis_url else None
+    rate_limits = RateLimits(
+        requests_per_minute=settings.rate_limit_requests_per_minute,
+        tokens_per_minute=settings.rate_limit_tokens_per_minute,
+        buckets=RedisBuckets(settings.redis_url, prefix=settings.redis_prefix,
+                             timeout_seconds=settings.store_timeout_seconds)
+        if settings.redis_url and (settings.rate_limit_requests_per_minute
+                                   or settings.rate_limit_tokens_per_minute)
+        else MemoryBuckets(),
+    )
     remote = RedisRemoteCancel(redis, prefix=settings.redis_prefix) if redis else None
     local_log = MemoryStreamLog(
         ttl_seconds=settings.resume_ttl_seconds, max_events=settings.resume_max_events
@@ -210,7 +220,7 @@ def create_app(
     authenticator = Authenticator.from_settings(settings)
     service = GenerationService(
         settings=settings, models=models, store=store, observer=metrics,
-        remote=remote, stream_log=stream_log,
+        remote=remote, stream_log=stream_log, rate_limits=rate_limits,
     )
     state = AppState(
         settings=settings, models=models, store=store, service=service,
@@ -272,6 +282,8 @@ async def run_services(
                 except Exception:  # the other engines and the store still close
                     log.exception("closing the model %s failed", model.name)
             await state.store.aclose()
+            if isinstance(state.service.rate_limits.buckets, RedisBuckets):
+                await state.service.rate_limits.buckets.aclose()
             if app.redis is not None:
                 await app.redis.aclose()
             log.info("services stopped: engines, session store and Redis client closed")

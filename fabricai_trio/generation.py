@@ -65,6 +65,7 @@ from .core.requests import GenerationRequest, parse_generation_request
 from .core.stream_ids import is_final
 from .models import ModelSet, ServedModel
 from .observer import NULL_OBSERVER, GenerationObserver
+from .rate_limit import RateLimits, Reservation
 from .sessions import (
     Message,
     Session,
@@ -122,6 +123,8 @@ class Generation:
     model: ServedModel
     session: Session | None = None
     lock_token: str | None = None
+    #: What the rate limits reserved for it (None without limits).
+    reservation: Reservation | None = None
     #: Why it was stopped: set by `cancel()`; a transport cut from outside is a disconnect.
     cancel_cause: CancelCause | None = None
     text: str = ""
@@ -310,10 +313,14 @@ class Generation:
         self.service.unregister(self)
         self.service.observer.on_finished(self, admitted=self.ticket.admitted)
         self.ticket.release()
+        timeout = self.service.settings.store_timeout_seconds
+        if self.reservation is not None:
+            with trio.move_on_after(timeout):  # the tokens it did not generate
+                unused = self.engine_request.max_tokens - self.completion_tokens
+                await self.service.rate_limits.give_back(self.reservation, tokens=unused)
         if self.session is None:
             return
         store = self.service.store
-        timeout = self.service.settings.store_timeout_seconds
         if store_turn:
             with trio.move_on_after(timeout) as scope:
                 try:
@@ -376,6 +383,7 @@ class GenerationService:
         observer: GenerationObserver = NULL_OBSERVER,
         remote: RemoteCancel | None = None,
         stream_log: StreamLog | None = None,
+        rate_limits: RateLimits | None = None,
     ) -> None:
         self.settings = settings
         if models is None:  # one model: `engine` and `admission`, named by the engine
@@ -383,6 +391,7 @@ class GenerationService:
                 raise TypeError("give `models`, or `engine` and `admission`")
             models = ModelSet([ServedModel(engine.info().model, settings, engine, admission)])
         self.models = models
+        self.rate_limits = rate_limits or RateLimits()
         self.store = store
         self.observer = observer
         self.remote = remote
@@ -414,9 +423,10 @@ class GenerationService:
 
         Raises a domain error: `ModelNotFound`, `Draining`, `ModelLoading`,
         `DuplicateRequestId`, session errors (`SessionModelMismatch` too),
-        `ContextLengthExceeded`, `QueueFull` (of the request's model). On success the
-        caller owns the returned `Generation` and must either iterate `events()` or
-        call `close()`. If cancelled, nothing is held (a session lock taken is released, shielded).
+        `ContextLengthExceeded`, `RateLimited`, `QueueFull` and `PerKeyLimit` (of the
+        request's model). On success the caller owns the returned `Generation` and must
+        either iterate `events()` or call `close()`. If cancelled, nothing is held (a
+        session lock taken is released, shielded).
         """
         chosen: list[ServedModel] = []
         try:
@@ -451,13 +461,14 @@ class GenerationService:
         lock_token: str | None = None
         if request.session_id is None:
             chosen.append(model)
-            model.admission.check_room()  # refuse before the session and the tokenizer
+            # Refuse before the session and the tokenizer.
+            model.admission.check_room(principal=owner)
         else:
             session = await self.open_session(
                 request.session_id, owner, autocreate=self.settings.session_autocreate
             )
             chosen.append(model := self._pick_model(request, session))
-            model.admission.check_room()
+            model.admission.check_room(principal=owner)
             lock_token = uuid.uuid4().hex
             await self._release_unreleased()
             if not await self.store_call(
@@ -474,7 +485,15 @@ class GenerationService:
             tokens, stop, stop_tokens = await self._prompt_tokens(
                 model, request, session, new_messages, max_tokens
             )
-            ticket = model.admission.try_enter(principal=owner)
+            cost = len(tokens) + max_tokens  # what fair turns and token limits weigh
+            reservation = await self.rate_limits.take(owner, tokens=cost)
+            try:
+                ticket = model.admission.try_enter(principal=owner, cost=cost)
+            except DomainError:
+                if reservation is not None:  # a refusal costs no tokens
+                    with trio.move_on_after(self.settings.store_timeout_seconds):
+                        await self.rate_limits.give_back(reservation, tokens=cost)
+                raise
             if (owner, request.request_id) in self._live:  # registered while we awaited
                 ticket.release()
                 raise DuplicateRequestId()
@@ -510,6 +529,7 @@ class GenerationService:
             model=model,
             session=session,
             lock_token=lock_token,
+            reservation=reservation,
         )
         self._live[generation.key] = generation
         self._idle = trio.Event()

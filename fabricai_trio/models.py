@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .admission import Admission
 from .core.engine import Engine
 from .core.errors import ModelNotFound
+from .queue_policy import FairPolicy, FifoPolicy
 from .settings import Settings
 
 
@@ -34,6 +35,9 @@ class ServedModel:
             max_concurrent=engine.info().slots,
             max_queue=settings.max_queue_size,
             retry_after=settings.retry_after_seconds,
+            policy=FairPolicy() if settings.queue_policy == "fair" else FifoPolicy(),
+            max_concurrent_per_key=settings.max_concurrent_per_key,
+            max_queued_per_key=settings.max_queued_per_key,
         )
         return cls(name, settings, engine, admission)
 

@@ -1,12 +1,16 @@
-"""The order in which queued requests get a slot: one small interface, FIFO today.
+"""The order in which queued requests get a slot: one small interface, two policies.
 
-`Admission` owns the bounds (how many run, how many may wait) and the waiting; a
-`QueuePolicy` only decides *which* waiting ticket goes next and where a ticket stands.
-Fair or priority scheduling between principals is another class with these methods.
+`Admission` owns the bounds (how many run, how many may wait, per principal too) and
+the waiting; a `QueuePolicy` only decides *which* waiting ticket goes next and where a
+ticket stands. `FairPolicy` (QUEUE_POLICY=fair, the default) serves principals in turn;
+`FifoPolicy` (QUEUE_POLICY=fifo) serves arrivals in order, for a gateway in front that
+does its own fair sharing.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -21,8 +25,11 @@ class QueuePolicy(Protocol[T]):
     def remove(self, item: T) -> bool:
         """`item` stops waiting (it left); False if it was not waiting."""
 
-    def pop(self) -> T | None:
-        """The item that goes next, no longer waiting; None if nothing waits."""
+    def pop(self, skip: Callable[[T], bool] | None = None) -> T | None:
+        """The item that goes next, no longer waiting; None if nothing waits.
+
+        Items for which `skip` is true (a principal at its concurrency cap) are passed
+        over and keep their place."""
 
     def position(self, item: T) -> int:
         """How many items go before `item` (0: it is next, or it is not waiting)."""
@@ -45,8 +52,10 @@ class FifoPolicy(QueuePolicy[T]):
         del self._items[item]
         return True
 
-    def pop(self) -> T | None:
+    def pop(self, skip: Callable[[T], bool] | None = None) -> T | None:
         for item in self._items:
+            if skip is not None and skip(item):
+                continue
             del self._items[item]
             return item
         return None
@@ -59,3 +68,110 @@ class FifoPolicy(QueuePolicy[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class Fair(Protocol):
+    """What the fair policy reads of an item: whose it is and what it is expected to cost."""
+
+    @property
+    def principal(self) -> str: ...
+
+    @property
+    def cost(self) -> int: ...
+
+
+F = TypeVar("F", bound=Fair)
+
+
+class FairPolicy(QueuePolicy[F]):
+    """Principals served in turn, weighted by expected tokens: start-time fair queuing,
+    the tag-based form of deficit round robin.
+
+    Each item gets a start tag `S = max(V, F_p)`, where `V` is the start tag of the
+    last item that went and `F_p` the finish tag (`S + cost`) of its principal's
+    previous item; items go in the order of (S, arrival). A principal's items have
+    strictly increasing tags, and a newcomer starts at `V`, at or before every waiting
+    item: so a principal that sends one request waits behind at most one request of
+    each other principal (the one each may have tagged `V` already), however many
+    those others queued. While principals stay busy each gets the same share of
+    expected tokens; one that was idle gets no credit for it (`S >= V`).
+
+    `position()` is exact for the current queue: the items that go before this one if
+    nothing else arrives (a newcomer of another principal may still go first).
+    """
+
+    #: Idle principals whose finish tag is kept (memory bound).
+    MAX_IDLE_TAGS = 4096
+
+    def __init__(self) -> None:
+        self._tags: dict[F, tuple[float, int]] = {}  # waiting item -> (start tag, arrival)
+        self._queues: dict[str, deque[F]] = {}  # principal -> its waiting items, in order
+        self._finish: dict[str, float] = {}  # principal -> finish tag of its last item
+        self._virtual = 0.0
+        self._arrivals = 0
+
+    def push(self, item: F) -> None:
+        principal = item.principal
+        start = max(self._virtual, self._finish.get(principal, 0.0))
+        self._finish[principal] = start + max(1, item.cost)
+        self._arrivals += 1
+        self._tags[item] = (start, self._arrivals)
+        self._queues.setdefault(principal, deque()).append(item)
+
+    def remove(self, item: F) -> bool:
+        if self._tags.pop(item, None) is None:
+            return False
+        queue = self._queues[item.principal]
+        queue.remove(item)
+        if not queue:
+            del self._queues[item.principal]
+        # Its tag stays spent: a principal cannot jump ahead by cancelling and resending.
+        return True
+
+    def pop(self, skip: Callable[[F], bool] | None = None) -> F | None:
+        best: F | None = None
+        for queue in self._queues.values():
+            head = queue[0]
+            if skip is not None and skip(head):
+                continue
+            if best is None or self._tags[head] < self._tags[best]:
+                best = head
+        if best is None:
+            return None
+        start, _ = self._tags.pop(best)
+        queue = self._queues[best.principal]
+        queue.popleft()
+        if not queue:
+            del self._queues[best.principal]
+        self._virtual = max(self._virtual, start)
+        self._forget_idle()
+        return best
+
+    def position(self, item: F) -> int:
+        tag = self._tags.get(item)
+        if tag is None:
+            return 0
+        return sum(1 for other in self._tags.values() if other < tag)
+
+    def principal_count(self, principal: str) -> int:
+        """Items of `principal` waiting now."""
+        queue = self._queues.get(principal)
+        return len(queue) if queue else 0
+
+    def __len__(self) -> int:
+        return len(self._tags)
+
+    def _forget_idle(self) -> None:
+        """Bound the memory of finish tags: drop those of principals with nothing
+        waiting that are at or behind `V` (they change nothing: `max(V, F_p) == V`);
+        past `MAX_IDLE_TAGS` idle principals, drop every idle one (they then start at
+        `V` like a newcomer, and the one-request bound still holds)."""
+        if len(self._finish) <= len(self._queues) + self.MAX_IDLE_TAGS // 2:
+            return
+        virtual = self._virtual
+        for principal, finish in list(self._finish.items()):
+            if finish <= virtual and principal not in self._queues:
+                del self._finish[principal]
+        if len(self._finish) > len(self._queues) + self.MAX_IDLE_TAGS:
+            for principal in [p for p in self._finish if p not in self._queues]:
+                del self._finish[principal]

@@ -129,6 +129,36 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(
         1, ge=0, le=3600, description="`Retry-After` sent with a 429."
     )
+    queue_policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="Order of the queue: `fair` serves identities (API key owner, JWT "
+        "subject; anonymous is one) in turn, weighted by expected tokens, so one waits "
+        "behind at most one request of each other; `fifo` serves arrivals in order (for "
+        "a gateway in front that shares fairly itself). See docs/fairness.md.",
+    )
+    max_concurrent_per_key: int = Field(
+        0, ge=0, le=256,
+        description="Generations one identity may run at once; its others wait in the "
+        "queue. 0: no cap.",
+    )
+    max_queued_per_key: int = Field(
+        0, ge=0, le=100_000,
+        description="Requests one identity may have waiting; one more gets 429 "
+        "`per_key_limit` while other identities still get in. 0: no cap (one identity "
+        "may then fill MAX_QUEUE_SIZE).",
+    )
+    rate_limit_requests_per_minute: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Requests one identity may start per minute (a token bucket: bursts "
+        "up to this); more get 429 `rate_limited`. Shared by every replica through "
+        "REDIS_URL, else per process. 0: off.",
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        0, ge=0, le=1_000_000_000,
+        description="Tokens one identity may use per minute: prompt + max_tokens is "
+        "reserved when a request starts and what it did not generate is given back "
+        "when it ends. 0: off.",
+    )
 
     # --- limits ---
     max_tokens_limit: int = Field(

@@ -207,7 +207,9 @@ _ERROR_TEXT = {
     K.NOT_FOUND: "Not found",
     K.CONFLICT: "Session busy or exists, or a duplicate request_id",
     K.TOO_LARGE: "Body too large",
-    K.OVERLOADED: "Queue full (`Retry-After`)",
+    K.OVERLOADED: "Queue full (`queue_full`), this identity's share of it taken "
+    "(`per_key_limit`), or its rate limit reached (`rate_limited`, with `X-RateLimit-*`); "
+    "`Retry-After` says when to retry",
     K.UNAVAILABLE: "Model loading, store down, or draining (`Retry-After`)",
 }
 

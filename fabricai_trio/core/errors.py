@@ -7,7 +7,8 @@ OpenAI-compatible routes differ (a field that fails validation is a 422 on ours,
 on OpenAI's, as OpenAI answers). The functions below the table render an error for
 every transport from that table alone:
 
-* `http_error()`: status, headers (`Retry-After`, `WWW-Authenticate`) and the JSON body
+* `http_error()`: status, headers (`Retry-After`, `WWW-Authenticate`,
+  `X-RateLimit-*`) and the JSON body
   `{"error": {"type", "code", "message", "param"}}`;
 * `error_event()`: the SSE `error` event and the Socket.IO `inference_error` payload;
 * `ack_error()`: the `{request_id, error}` of a Socket.IO acknowledgement;
@@ -42,7 +43,7 @@ class ErrorKind(enum.Enum):
     CONFLICT = "conflict"
     TOO_LARGE = "too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-    OVERLOADED = "overloaded"  # the queue is full: come back later
+    OVERLOADED = "overloaded"  # the queue, or the caller's share of it, is full: come back later
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"  # loading, a dependency down: come back later
 
@@ -318,6 +319,48 @@ class QueueFull(DomainError):
                          retry_after=retry_after)
 
 
+class PerKeyLimit(DomainError):
+    """This identity holds its share of the queue (MAX_QUEUED_PER_KEY); others still
+    get in."""
+
+    kind = ErrorKind.OVERLOADED
+    default_code = "per_key_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Where a principal stands against one rate limit: `X-RateLimit-*` on HTTP."""
+
+    limit: int  # per minute
+    remaining: int  # what may still be spent now
+    reset_seconds: int  # until the bucket is full again
+
+
+class RateLimited(DomainError):
+    """This identity spent its requests or tokens per minute (RATE_LIMIT_*_PER_MINUTE);
+    `which` is `requests` or `tokens`, `state` where it stands against that limit."""
+
+    kind = ErrorKind.OVERLOADED
+    default_code = "rate_limited"
+
+    def __init__(self, which: str, retry_after: int, state: RateLimit) -> None:
+        super().__init__(
+            f"rate limit of {state.limit} {which} per minute reached; retry in "
+            f"{retry_after} s", retry_after=retry_after,
+        )
+        self.which = which
+        self.state = state
+
+
+def rate_limit_headers(state: RateLimit) -> dict[str, str]:
+    """`X-RateLimit-Limit/Remaining/Reset` (reset in seconds from now)."""
+    return {
+        "X-RateLimit-Limit": str(state.limit),
+        "X-RateLimit-Remaining": str(max(0, state.remaining)),
+        "X-RateLimit-Reset": str(state.reset_seconds),
+    }
+
+
 class Unavailable(DomainError):
     """Not now: the model is loading (`model_loading`), the session store is down
     (`session_store_unavailable`)…; clients retry after `retry_after` seconds."""
@@ -398,6 +441,8 @@ def http_error(error: DomainError, *, dialect: Dialect = "native") -> HttpError:
         if error.invalid_token:
             challenge += ', error="invalid_token"'
         headers["WWW-Authenticate"] = challenge
+    if isinstance(error, RateLimited):
+        headers.update(rate_limit_headers(error.state))
     status = row.openai_status if dialect == "openai" else row.status
     return HttpError(status=status, headers=headers, body={"error": error_object(error)})
 
