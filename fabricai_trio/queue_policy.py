@@ -87,32 +87,35 @@ class FairPolicy(QueuePolicy[F]):
     """Principals served in turn, weighted by expected tokens: start-time fair queuing,
     the tag-based form of deficit round robin.
 
-    Each item gets a start tag `S = max(V, F_p)`, where `V` is the start tag of the
-    last item that went and `F_p` the finish tag (`S + cost`) of its principal's
-    previous item; items go in the order of (S, arrival). A principal's items have
-    strictly increasing tags, and a newcomer starts at `V`, at or before every waiting
-    item: so a principal that sends one request waits behind at most one request of
-    each other principal (the one each may have tagged `V` already), however many
-    those others queued. While principals stay busy each gets the same share of
-    expected tokens; one that was idle gets no credit for it (`S >= V`).
+    An item gets a start tag `S`: `V` (the start tag of the last item that went) if its
+    principal has nothing waiting, else the finish tag (`S + cost`) of that principal's
+    previous item; items go in the order of (S, arrival). So a principal's waiting
+    items have strictly increasing tags, and a newcomer starts at `V`, at or before
+    every waiting item: a principal that sends one request waits behind at most one
+    request of each other principal (the one each may have tagged `V` already),
+    however many those others queued. Principals that keep requests waiting get the
+    same share of expected tokens; one whose queue emptied starts afresh, with no
+    credit and no debt, as deficit round robin resets a flow's deficit.
+
+    A principal at its running cap is passed over (`skip`) and keeps no head start for
+    it (`_catch_up`).
 
     `position()` is exact for the current queue: the items that go before this one if
-    nothing else arrives (a newcomer of another principal may still go first).
+    nothing else arrives (a newcomer of another principal may still go first) and no
+    principal is at its running cap when its turn comes.
+    Memory: what is waiting, nothing per idle principal.
     """
-
-    #: Idle principals whose finish tag is kept (memory bound).
-    MAX_IDLE_TAGS = 4096
 
     def __init__(self) -> None:
         self._tags: dict[F, tuple[float, int]] = {}  # waiting item -> (start tag, arrival)
         self._queues: dict[str, deque[F]] = {}  # principal -> its waiting items, in order
-        self._finish: dict[str, float] = {}  # principal -> finish tag of its last item
+        self._finish: dict[str, float] = {}  # principal with items waiting -> last finish tag
         self._virtual = 0.0
         self._arrivals = 0
 
     def push(self, item: F) -> None:
         principal = item.principal
-        start = max(self._virtual, self._finish.get(principal, 0.0))
+        start = self._finish.get(principal, self._virtual)
         self._finish[principal] = start + max(1, item.cost)
         self._arrivals += 1
         self._tags[item] = (start, self._arrivals)
@@ -124,15 +127,17 @@ class FairPolicy(QueuePolicy[F]):
         queue = self._queues[item.principal]
         queue.remove(item)
         if not queue:
-            del self._queues[item.principal]
-        # Its tag stays spent: a principal cannot jump ahead by cancelling and resending.
+            self._forget(item.principal)
+        # Otherwise its turn stays spent: the principal's later items keep their tags.
         return True
 
     def pop(self, skip: Callable[[F], bool] | None = None) -> F | None:
         best: F | None = None
-        for queue in self._queues.values():
+        skipped: list[str] = []
+        for principal, queue in self._queues.items():
             head = queue[0]
             if skip is not None and skip(head):
+                skipped.append(principal)
                 continue
             if best is None or self._tags[head] < self._tags[best]:
                 best = head
@@ -142,9 +147,10 @@ class FairPolicy(QueuePolicy[F]):
         queue = self._queues[best.principal]
         queue.popleft()
         if not queue:
-            del self._queues[best.principal]
+            self._forget(best.principal)
         self._virtual = max(self._virtual, start)
-        self._forget_idle()
+        for principal in skipped:
+            self._catch_up(principal)
         return best
 
     def position(self, item: F) -> int:
@@ -153,25 +159,24 @@ class FairPolicy(QueuePolicy[F]):
             return 0
         return sum(1 for other in self._tags.values() if other < tag)
 
-    def principal_count(self, principal: str) -> int:
-        """Items of `principal` waiting now."""
-        queue = self._queues.get(principal)
-        return len(queue) if queue else 0
-
     def __len__(self) -> int:
         return len(self._tags)
 
-    def _forget_idle(self) -> None:
-        """Bound the memory of finish tags: drop those of principals with nothing
-        waiting that are at or behind `V` (they change nothing: `max(V, F_p) == V`);
-        past `MAX_IDLE_TAGS` idle principals, drop every idle one (they then start at
-        `V` like a newcomer, and the one-request bound still holds)."""
-        if len(self._finish) <= len(self._queues) + self.MAX_IDLE_TAGS // 2:
+    def _catch_up(self, principal: str) -> None:
+        """A principal passed over (at its running cap) while `V` moved on keeps no
+        head start: its items are moved forward so that the first starts at `V`, as a
+        newcomer's would. Otherwise it would come back with a run of turns that have
+        all gone by, and a newcomer would wait behind all of them."""
+        queue = self._queues[principal]
+        head_start, _ = self._tags[queue[0]]
+        shift = self._virtual - head_start
+        if shift <= 0:
             return
-        virtual = self._virtual
-        for principal, finish in list(self._finish.items()):
-            if finish <= virtual and principal not in self._queues:
-                del self._finish[principal]
-        if len(self._finish) > len(self._queues) + self.MAX_IDLE_TAGS:
-            for principal in [p for p in self._finish if p not in self._queues]:
-                del self._finish[principal]
+        for item in queue:
+            start, arrival = self._tags[item]
+            self._tags[item] = (start + shift, arrival)
+        self._finish[principal] += shift
+
+    def _forget(self, principal: str) -> None:
+        del self._queues[principal]
+        del self._finish[principal]

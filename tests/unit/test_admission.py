@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import trio
 import trio.testing
 
-from fabricai_trio.admission import Admission, Ticket
-from fabricai_trio.core.errors import QueueFull
+from fabricai_trio.admission import Admission, AdmissionStats, Ticket
+from fabricai_trio.core.errors import PerKeyLimit, QueueFull
+from fabricai_trio.queue_policy import FifoPolicy
 
 
 async def started(nursery: trio.Nursery, admission: Admission) -> Admission:
@@ -183,4 +185,154 @@ async def test_check_room_answers_as_try_enter_would(slots: int, queue: int) -> 
                 entered = False
             assert room == entered
             await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+# --- fairness between principals and per-principal caps ---
+
+
+async def test_a_flood_does_not_delay_another_principal_more_than_one_turn() -> None:
+    """A queues 20 behind its running one; B's one request goes next, and positions
+    in the queue say so."""
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(max_concurrent=1, max_queue=32))
+        flood = [admission.try_enter(principal="a", cost=50) for _ in range(20)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert flood[0].admitted
+        b = admission.try_enter(principal="b", cost=50)
+        assert b.position == 0
+        assert [t.position for t in flood[1:3]] == [1, 2]
+        flood[0].release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.admitted and not flood[1].admitted
+        for ticket in (b, *flood):
+            ticket.release()
+        nursery.cancel_scope.cancel()
+
+
+async def test_fifo_policy_serves_arrivals_in_order() -> None:
+    async with trio.open_nursery() as nursery:
+        admission = await started(
+            nursery, Admission(max_concurrent=1, max_queue=8, policy=FifoPolicy()))
+        flood = [admission.try_enter(principal="a") for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        b = admission.try_enter(principal="b")
+        assert b.position == 2  # behind a's two waiting
+        for ticket in (*flood, b):
+            ticket.release()
+        nursery.cancel_scope.cancel()
+
+
+async def test_queued_cap_refuses_only_the_principal_over_it() -> None:
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=1, max_queue=10, max_queued_per_key=2, retry_after=4))
+        a = [admission.try_enter(principal="a")]
+        await trio.testing.wait_all_tasks_blocked()
+        a += [admission.try_enter(principal="a") for _ in range(2)]  # 1 running, 2 waiting
+        with pytest.raises(PerKeyLimit) as refused:
+            admission.try_enter(principal="a")
+        assert (refused.value.code, refused.value.retry_after) == ("per_key_limit", 4)
+        with pytest.raises(PerKeyLimit):
+            admission.check_room(principal="a")
+        admission.check_room(principal="b")
+        b = admission.try_enter(principal="b")
+        assert admission.stats().queued == 3
+        a[1].release()  # one of a's waiting leaves: a may queue one more
+        a.append(admission.try_enter(principal="a"))
+        for ticket in (*a, b):
+            ticket.release()
+        nursery.cancel_scope.cancel()
+
+
+async def test_running_cap_passes_over_the_principal_and_lets_others_run() -> None:
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=3, max_queue=10, max_concurrent_per_key=1))
+        a = [admission.try_enter(principal="a") for _ in range(3)]
+        b = admission.try_enter(principal="b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert [t.admitted for t in a] == [True, False, False]
+        assert b.admitted
+        assert admission.stats().active == 2  # a third slot is free, a is at its cap
+        a[0].release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert a[1].admitted and not a[2].admitted
+        a[2].release()  # leaves the queue while the dispatcher holds a marker for it
+        a[1].release()
+        await trio.testing.wait_all_tasks_blocked()
+        c = [admission.try_enter(principal=p) for p in "cd"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(t.admitted for t in c)
+        for ticket in (b, *c):
+            ticket.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert admission.stats() == AdmissionStats(
+            max_concurrent=3, active=0, queued=0, queue_capacity=10)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("running_cap", "queued_cap"), [(0, 0), (1, 0), (1, 2), (2, 1)])
+async def test_random_principals_arrivals_and_cancellations_keep_the_invariants(
+    running_cap: int, queued_cap: int, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Several principals arrive and leave at random (cancelled while queued or while
+    running): no principal ever runs or waits beyond its caps, a principal that had
+    nothing queued is never behind more than one ticket of any other, the waiting
+    tickets' positions are 0..n-1, and nothing leaks."""
+    rng = random.Random(running_cap * 10 + queued_cap)
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=3, max_queue=8, max_concurrent_per_key=running_cap,
+            max_queued_per_key=queued_cap))
+        live: set[Ticket] = set()
+        refused = 0
+
+        def check() -> None:
+            running = Counter(t.principal for t in live if t.admitted)
+            waiting = Counter(t.principal for t in live if not t.admitted)
+            if running_cap:
+                assert max(running.values(), default=0) <= running_cap
+            if queued_cap:
+                assert max(waiting.values(), default=0) <= queued_cap
+            assert admission.stats().queued == sum(waiting.values())
+            assert sum(running.values()) == admission.stats().active <= 3
+            positions = sorted(t.position for t in live if not t.admitted)
+            assert positions == list(range(len(positions)))
+
+        async def client(principal: str) -> None:
+            nonlocal refused
+            alone = all(t.principal != principal or t.admitted for t in live)
+            try:
+                ticket = admission.try_enter(principal=principal, cost=rng.choice([1, 20, 300]))
+            except (QueueFull, PerKeyLimit):
+                refused += 1
+                return
+            live.add(ticket)
+            if alone and not ticket.admitted:
+                ahead = [t for t in live if not t.admitted and t.position < ticket.position]
+                assert max(Counter(t.principal for t in ahead).values(), default=0) <= 1
+            check()
+            try:
+                with trio.move_on_after(rng.random() * 0.08):
+                    await ticket.wait()
+                    check()
+                    await trio.sleep(rng.random() * 0.05)
+            finally:
+                ticket.release()
+                live.discard(ticket)
+
+        async with trio.open_nursery() as clients:
+            for _ in range(400):
+                clients.start_soon(client, rng.choice("aaaabbc"))
+                await trio.sleep(rng.random() * 0.004)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = admission.stats()
+        assert (stats.active, stats.queued) == (0, 0)
+        assert refused > 0
+        assert admission._abandoned >= 0
+        assert not admission._running and not admission._waiting
+        tickets = [admission.try_enter(principal=p) for p in "xyz"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(t.admitted for t in tickets)
         nursery.cancel_scope.cancel()
