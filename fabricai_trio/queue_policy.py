@@ -87,13 +87,14 @@ class FairPolicy(QueuePolicy[F]):
     """Principals served in turn, weighted by expected tokens: start-time fair queuing,
     the tag-based form of deficit round robin.
 
-    An item gets a start tag `S`: `V` (the start tag of the last item that went) if its
-    principal has nothing waiting, else the finish tag (`S + cost`) of that principal's
-    previous item; items go in the order of (S, arrival). So a principal's waiting
-    items have strictly increasing tags, and a newcomer starts at `V`, at or before
-    every waiting item: a principal that sends one request waits behind at most one
-    request of each other principal (the one each may have tagged `V` already),
-    however many those others queued. Principals that keep requests waiting get the
+    An item gets a start tag `S`: the finish tag (`S + cost`, cost >= 1) of its
+    principal's previous item if that one is still waiting; else `V` (the start tag of
+    the last item that went), or `V + 1/2` if the principal's last item finished after
+    `V` (it has just had a turn). Items go in the order of (S, arrival). Every waiting
+    item starts at `V` or later, so a principal with nothing waiting starts at or
+    before every other principal's second item: it waits behind at most one request
+    of each other principal, however many those queued (and behind none of a
+    principal whose turn it just took). Principals that keep requests waiting get the
     same share of expected tokens; one whose queue emptied starts afresh, with no
     credit and no debt, as deficit round robin resets a flow's deficit.
 
@@ -103,19 +104,29 @@ class FairPolicy(QueuePolicy[F]):
     `position()` is exact for the current queue: the items that go before this one if
     nothing else arrives (a newcomer of another principal may still go first) and no
     principal is at its running cap when its turn comes.
-    Memory: what is waiting, nothing per idle principal.
+    Memory: what is waiting, and the finish tags of at most `MAX_IDLE_TAGS` principals
+    with nothing waiting.
     """
+
+    #: Principals with nothing waiting whose finish tag is kept (a memory bound).
+    MAX_IDLE_TAGS = 4096
 
     def __init__(self) -> None:
         self._tags: dict[F, tuple[float, int]] = {}  # waiting item -> (start tag, arrival)
         self._queues: dict[str, deque[F]] = {}  # principal -> its waiting items, in order
-        self._finish: dict[str, float] = {}  # principal with items waiting -> last finish tag
+        self._finish: dict[str, float] = {}  # principal -> finish tag of its last item
         self._virtual = 0.0
         self._arrivals = 0
 
     def push(self, item: F) -> None:
         principal = item.principal
-        start = self._finish.get(principal, self._virtual)
+        last = self._finish.get(principal)
+        if principal in self._queues and last is not None:
+            start = last
+        elif last is not None and last > self._virtual:
+            start = self._virtual + 0.5
+        else:
+            start = self._virtual
         self._finish[principal] = start + max(1, item.cost)
         self._arrivals += 1
         self._tags[item] = (start, self._arrivals)
@@ -127,8 +138,8 @@ class FairPolicy(QueuePolicy[F]):
         queue = self._queues[item.principal]
         queue.remove(item)
         if not queue:
-            self._forget(item.principal)
-        # Otherwise its turn stays spent: the principal's later items keep their tags.
+            del self._queues[item.principal]
+        # Its turn stays spent: the principal's later items keep their tags.
         return True
 
     def pop(self, skip: Callable[[F], bool] | None = None) -> F | None:
@@ -147,10 +158,11 @@ class FairPolicy(QueuePolicy[F]):
         queue = self._queues[best.principal]
         queue.popleft()
         if not queue:
-            self._forget(best.principal)
+            del self._queues[best.principal]
         self._virtual = max(self._virtual, start)
         for principal in skipped:
             self._catch_up(principal)
+        self._forget_idle()
         return best
 
     def position(self, item: F) -> int:
@@ -177,6 +189,17 @@ class FairPolicy(QueuePolicy[F]):
             self._tags[item] = (start + shift, arrival)
         self._finish[principal] += shift
 
-    def _forget(self, principal: str) -> None:
-        del self._queues[principal]
-        del self._finish[principal]
+    def _forget_idle(self) -> None:
+        """Bound the memory of finish tags: drop those of principals with nothing
+        waiting that are at or behind `V` (they change nothing); past `MAX_IDLE_TAGS`
+        idle principals, drop every idle one (each then starts at `V` like a newcomer:
+        the one-request bound still holds)."""
+        if len(self._finish) <= len(self._queues) + self.MAX_IDLE_TAGS // 2:
+            return
+        virtual = self._virtual
+        for principal, finish in list(self._finish.items()):
+            if finish <= virtual and principal not in self._queues:
+                del self._finish[principal]
+        if len(self._finish) > len(self._queues) + self.MAX_IDLE_TAGS:
+            for principal in [p for p in self._finish if p not in self._queues]:
+                del self._finish[principal]

@@ -15,7 +15,13 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from ..core import jsonparse
-from ..core.errors import InvalidField, InvalidJson, NotFound, UnsupportedMediaType
+from ..core.errors import (
+    InvalidField,
+    InvalidJson,
+    NotFound,
+    UnsupportedMediaType,
+    rate_limit_headers,
+)
 from ..core.events import EVENT_NAMES, StreamEvent
 from ..core.requests import GenerationRequest
 from ..core.stream_ids import event_id, parse_event_id
@@ -28,6 +34,9 @@ from .schemas import CancelResult
 from .state import state
 
 blueprint = Blueprint("api", __name__)
+
+#: `request.scope` key: the `X-RateLimit-*` headers of the generation this request started.
+RATE_LIMIT_SCOPE_KEY = "fabricai.rate_limit_headers"
 
 
 def require_json_content_type() -> None:
@@ -85,6 +94,9 @@ async def start_stream(generation_request: GenerationRequest) -> Generation:
     generation = await service.prepare(generation_request, owner=current_owner())
     scope = cast(dict[str, Any], request.scope)
     attach_generation(scope, generation)
+    if generation.reservation is not None and generation.reservation.states:
+        # The first limit set (requests per minute, else tokens per minute).
+        scope[RATE_LIMIT_SCOPE_KEY] = rate_limit_headers(generation.reservation.states[0])
     if not generation.resumable:
         scope["fabricai.cleanups"].append(generation.close)
         return generation
@@ -96,6 +108,16 @@ async def start_stream(generation_request: GenerationRequest) -> Generation:
 
     scope["fabricai.cleanups"].append(creator_gone)
     return generation
+
+
+@blueprint.after_app_request
+async def add_rate_limit_headers(response: Response) -> Response:
+    """`X-RateLimit-*` on every response that started a generation (SSE and OpenAI
+    routes); a refusal carries them from the error table."""
+    headers = cast(dict[str, Any], request.scope).get(RATE_LIMIT_SCOPE_KEY)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 def frame(event: StreamEvent, position: int) -> bytes:

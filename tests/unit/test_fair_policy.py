@@ -119,14 +119,26 @@ def test_removed_items_leave_and_their_turn_is_spent() -> None:
     assert drain(policy) == [b0, a1]
 
 
-def test_idle_principals_take_no_memory() -> None:
+def test_idle_principals_do_not_grow_memory() -> None:
     policy: FairPolicy[Item] = FairPolicy()
-    for i in range(1000):
-        policy.push(Item(f"p{i}"))
+    for i in range(3 * FairPolicy.MAX_IDLE_TAGS):
         policy.push(Item(f"p{i}"))
         policy.pop()
-        policy.remove(policy._queues[f"p{i}"][0])
-    assert (len(policy), policy._finish, policy._queues) == (0, {}, {})
+    assert len(policy._finish) <= FairPolicy.MAX_IDLE_TAGS + 1
+    assert (len(policy), policy._queues) == (0, {})
+
+
+def test_a_principal_that_just_had_a_turn_goes_after_a_newcomer() -> None:
+    """a's request runs and a sends its next; b's first request, sent after, still
+    goes before it."""
+    policy: FairPolicy[Item] = FairPolicy()
+    a0 = Item("a")
+    policy.push(a0)
+    assert policy.pop() is a0
+    a1, b0 = Item("a"), Item("b")
+    policy.push(a1)
+    policy.push(b0)
+    assert (policy.position(b0), policy.position(a1)) == (0, 1)
 
 
 def test_random_arrivals_and_departures_keep_the_invariants() -> None:
