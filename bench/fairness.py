@@ -1,0 +1,200 @@
+"""Fair sharing between API keys under unequal load, on the real model.
+
+    nice -n 5 .venv/bin/python bench/fairness.py [--duration 40] [--json out.json]
+
+Four keys. Three heavy ones keep 6, 3 and 2 requests outstanding (closed loop: a new one
+as soon as one ends; prompts of 32 tokens, 32 tokens out); the light one sends one
+request every 2 s (open loop, 16 tokens out). Each configuration first measures the
+light key's TTFT alone on the idle server (8 requests in a row), then runs the mix for
+`--duration` seconds.
+
+Configurations (each a fresh server):
+
+* `fair+cap`: QUEUE_POLICY=fair, 4 slots, MAX_CONCURRENT_PER_KEY=1: the three heavy
+  keys use three slots, so the light key's request finds the fourth free.
+* `fair`: QUEUE_POLICY=fair, 2 slots, no cap: keys take turns in the queue.
+* `fifo`: QUEUE_POLICY=fifo, 2 slots, no cap: the queue in arrival order.
+
+Reported per configuration: tokens/s per key, Jain's fairness index, and the light
+key's TTFT p50/p99 under load over its idle p50/p99.
+
+Jain's index is taken over each key's throughput divided by its max-min fair share
+(Jain 1984): the light key asks for less than an equal share, so its share is what it
+asks for (its requests' tokens per second); the heavy keys split the rest equally
+(the rest = total measured throughput minus the light key's share). 1.0 is perfectly
+fair; a FIFO queue gives a key a share proportional to what it keeps outstanding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Prompts, Result, completion_body, model_id, our_server, pct
+from fabricai_trio.engine.model_files import embedded_model_path
+from fabricai_trio.settings import Settings
+
+KEYS = {"heavy6": 6, "heavy3": 3, "heavy2": 2}  # key -> requests kept outstanding
+LIGHT = "light"
+HEAVY_TOKENS, LIGHT_TOKENS, PROMPT_TOKENS = 32, 16, 32
+LIGHT_EVERY_S = 2.0
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "fair+cap": {"QUEUE_POLICY": "fair", "MAX_CONCURRENT_REQUESTS": "4",
+                 "MAX_CONCURRENT_PER_KEY": "1"},
+    "fair": {"QUEUE_POLICY": "fair", "MAX_CONCURRENT_REQUESTS": "2"},
+    "fifo": {"QUEUE_POLICY": "fifo", "MAX_CONCURRENT_REQUESTS": "2"},
+}
+
+
+def client(url: str, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(300, connect=30),
+        headers={"Authorization": f"Bearer {key}"},
+        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+    )
+
+
+async def stream(http: httpx.AsyncClient, body: dict[str, Any], tokens: list[float]) -> Result:
+    """One streamed `/v1/completions`; the arrival time of each token is appended to
+    `tokens` (so a request cut at the end of the window still counts what it got)."""
+    r = Result(sent=time.perf_counter())
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        r.status = response.status_code
+        if r.status != 200:
+            await response.aread()
+            return r
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or []
+            if choices and choices[0].get("text"):
+                now = time.perf_counter()
+                if r.ttft is None:
+                    r.ttft = now - r.sent
+                tokens.append(now)
+                r.tokens += 1
+    r.end = time.perf_counter()
+    return r
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+async def run_config(url: str, prompts: Prompts, duration: float, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    model = model_id(url)
+
+    def body(max_tokens: int) -> dict[str, Any]:
+        return completion_body(model, prompts.make(rng, PROMPT_TOKENS), max_tokens)
+
+    clients = {key: client(url, key) for key in [*KEYS, LIGHT]}
+    try:
+        idle: list[float] = []
+        for _ in range(8):
+            r = await stream(clients[LIGHT], body(LIGHT_TOKENS), [])
+            assert r.status == 200 and r.ttft is not None, r
+            idle.append(r.ttft)
+
+        arrivals: dict[str, list[float]] = {key: [] for key in [*KEYS, LIGHT]}
+        light_ttft: list[float] = []
+        refused: dict[str, int] = dict.fromkeys([*KEYS, LIGHT], 0)
+        light_sent = 0
+
+        async def heavy_loop(key: str) -> None:
+            while True:
+                r = await stream(clients[key], body(HEAVY_TOKENS), arrivals[key])
+                if r.status != 200:
+                    refused[key] += 1
+                    await trio.sleep(0.1)
+
+        async def light_one() -> None:
+            r = await stream(clients[LIGHT], body(LIGHT_TOKENS), arrivals[LIGHT])
+            if r.status != 200:
+                refused[LIGHT] += 1
+            elif r.ttft is not None:
+                light_ttft.append(r.ttft)
+
+        async with trio.open_nursery() as nursery:
+            for key, outstanding in KEYS.items():
+                for _ in range(outstanding):
+                    nursery.start_soon(heavy_loop, key)
+            await trio.sleep(2.0)  # warm: every heavy key has requests running and queued
+            start = time.perf_counter()
+            async with trio.open_nursery() as light:
+                while time.perf_counter() - start < duration:
+                    light.start_soon(light_one)
+                    light_sent += 1
+                    await trio.sleep(LIGHT_EVERY_S)
+            end = time.perf_counter()
+            nursery.cancel_scope.cancel()
+    finally:
+        for http in clients.values():
+            await http.aclose()
+
+    window = end - start
+    rates = {key: sum(1 for t in times if start <= t <= end) / window
+             for key, times in arrivals.items()}
+    light_demand = LIGHT_TOKENS / LIGHT_EVERY_S
+    light_share = min(light_demand, sum(rates.values()) / 4)
+    heavy_share = (sum(rates.values()) - light_share) / len(KEYS)
+    normalized = [rates[key] / heavy_share for key in KEYS] + [rates[LIGHT] / light_share]
+    return {
+        "tokens_per_s": {key: round(v, 2) for key, v in rates.items()},
+        "jain": round(jain(normalized), 3),
+        "jain_heavy_only": round(jain([rates[key] for key in KEYS]), 3),
+        "light_requests": light_sent,
+        "light_completed": len(light_ttft),
+        "refused": refused,
+        "idle_ttft_ms": {"p50": round(pct(idle, 50) * 1000, 1),
+                         "p99": round(pct(idle, 99) * 1000, 1)},
+        "light_ttft_ms": {"p50": round(pct(light_ttft, 50) * 1000, 1),
+                          "p99": round(pct(light_ttft, 99) * 1000, 1)},
+        "light_ttft_p99_over_idle_p50": round(pct(light_ttft, 99) / pct(idle, 50), 2),
+        "light_ttft_p99_over_idle_p99": round(pct(light_ttft, 99) / pct(idle, 99), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=40.0)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    model = embedded_model_path(Settings().model_cache_dir)
+    prompts = Prompts(model)
+    keys = ",".join([*KEYS, LIGHT])
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as logs:
+        for name in args.configs.split(","):
+            settings = CONFIGS[name]
+            slots = int(settings["MAX_CONCURRENT_REQUESTS"])
+            with ExitStack() as stack:
+                url = stack.enter_context(our_server(
+                    model, Path(logs), slots=slots, n_ctx=256,
+                    threads=args.threads, queue=64, API_KEYS=keys,
+                    **{k: v for k, v in settings.items() if k != "MAX_CONCURRENT_REQUESTS"},
+                ))
+                results[name] = trio.run(run_config, url, prompts, args.duration, args.seed)
+            print(name, json.dumps(results[name], indent=1), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
