@@ -42,7 +42,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Prompts, Result, completion_body, model_id, our_server, pct
+from bench.common import Prompts, Result, completion_body, our_server, pct
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
 
@@ -96,12 +96,12 @@ def jain(values: list[float]) -> float:
 
 async def run_config(url: str, prompts: Prompts, duration: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    model = model_id(url)
+    clients = {key: client(url, key) for key in [*KEYS, LIGHT]}
+    model = str((await clients[LIGHT].get("/v1/models")).json()["data"][0]["id"])
 
     def body(max_tokens: int) -> dict[str, Any]:
         return completion_body(model, prompts.make(rng, PROMPT_TOKENS), max_tokens)
 
-    clients = {key: client(url, key) for key in [*KEYS, LIGHT]}
     try:
         idle: list[float] = []
         for _ in range(8):
