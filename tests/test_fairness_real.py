@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 
 from .server_process import ServerProcess, model_env
 from .sse_client import aparse
@@ -86,7 +87,7 @@ async def test_a_flood_by_one_key_does_not_hold_back_another(fair_server: Server
         async with trio.open_nursery() as nursery:
             for i in range(20):
                 nursery.start_soon(send, client, "a", f"a{i}")
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             await wait_for(client, active=1, queued=10)
             nursery.start_soon(send, client, "b", "b")
         assert len(refused) == 9
