@@ -390,6 +390,12 @@ class Settings(BaseSettings):
                 f"{self.resolved_session_store}: owner ids must agree across restarts and "
                 "replicas"
             )
+        limited = self.rate_limit_requests_per_minute or self.rate_limit_tokens_per_minute
+        if has_keys and self.owner_id_secret is None and self.redis_url and limited:
+            raise ValueError(
+                "OWNER_ID_SECRET is required with API keys and rate limits kept in Redis: "
+                "a key's owner id (its rate-limit bucket) must agree across replicas"
+            )
 
     def file_api_keys(self) -> list[str]:
         """The keys of API_KEYS_FILE (blank lines and `#` comments skipped)."""

@@ -139,6 +139,8 @@ async def test_token_limit_holds_across_two_replicas_on_one_redis(redis: RedisSe
     clock: Redis is called from worker threads."""
     config = settings(api_keys=f"{KEY_A},{KEY_B}", max_concurrent_requests=2,
                       max_queue_size=8, redis_url=redis.url, redis_prefix="fair-replicas:",
+                      # The replicas' shared secret: one key, one owner id on both.
+                      owner_id_secret="fairness-replicas-owner-secret-0123456789",
                       rate_limit_tokens_per_minute=100)
     apps = [create_app(config, engine=FakeEngine(config, step_seconds=STEP_S / 100),
                        store=MemorySessionStore()) for _ in range(2)]

@@ -85,3 +85,17 @@ def test_bad_models_name_the_variable(
     with pytest.raises(ConfigError) as info:
         load_settings(models=models, default_model=default)
     assert message in str(info.value)
+
+
+def test_rate_limits_in_redis_with_api_keys_need_the_owner_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each replica must turn a key into the same owner id, or each would keep its own
+    bucket for it."""
+    for name, value in (("API_KEYS", "k1"), ("REDIS_URL", "redis://127.0.0.1:1/0"),
+                        ("SESSION_STORE", "memory"), ("RATE_LIMIT_REQUESTS_PER_MINUTE", "10")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="OWNER_ID_SECRET"):
+        load_settings()
+    monkeypatch.setenv("OWNER_ID_SECRET", "s" * 32)
+    assert load_settings().rate_limit_requests_per_minute == 10
