@@ -63,6 +63,7 @@ from .core.events import (
 from .core.messages import ChatMessage
 from .core.requests import GenerationRequest, parse_generation_request
 from .core.stream_ids import is_final
+from .engine.grammar import request_grammar
 from .models import ModelSet, ServedModel
 from .observer import NULL_OBSERVER, GenerationObserver
 from .rate_limit import RateLimits, Reservation
@@ -481,6 +482,7 @@ class GenerationService:
                 session = await self.open_session(session.id, owner)
                 chosen.append(model := self._pick_model(request, session))
             bias = logit_bias(request, model.engine.info().n_vocab)
+            grammar = request_grammar(request, model.engine)
             new_messages = request.new_messages()
             tokens, stop, stop_tokens = await self._prompt_tokens(
                 model, request, session, new_messages, max_tokens
@@ -514,6 +516,7 @@ class GenerationService:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             logit_bias=bias,
+            grammar=grammar,
             seed=request.seed,
             stop=tuple(dict.fromkeys([*request.stop, *stop])),
             stop_tokens=stop_tokens,

@@ -42,6 +42,9 @@ class EngineRequest:
     stop_tokens: frozenset[int] = frozenset()
     """Token ids that end the generation (finish_reason `stop`) besides the model's
     end-of-generation tokens: the chat template's BOS/EOS/end-of-turn."""
+    grammar: str | None = None
+    """A GBNF grammar every sampled token must follow (constrained decoding), checked
+    beforehand with `GrammarChecker.grammar_error`."""
     cache_scope: str | None = None
     """Whose prefix cache the request may read and fill: an engine reuses a prompt's KV
     only between requests of one scope (the principal), so that timing cannot tell one
@@ -104,6 +107,16 @@ class EngineInfo:
     n_vocab: int | None = None
     tokens_generated: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class GrammarChecker(Protocol):
+    """An engine that can constrain decoding with a GBNF grammar (`EngineRequest.grammar`).
+    The built-in engines are; a plug-in engine without it refuses grammars with a 400."""
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """Why `grammar` cannot be used with this model, or None if it can. Cheap and
+        synchronous: called before the request is admitted."""
 
 
 @runtime_checkable

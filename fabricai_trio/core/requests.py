@@ -6,7 +6,7 @@ for the same mistakes (`InvalidBody`, `InvalidField` naming the field).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -80,6 +80,35 @@ class SamplingParams(BaseModel):
         return value
 
 
+MAX_GRAMMAR_CHARS = 65_536
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: a named JSON Schema for the reply."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = Field(None, max_length=1024)
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is required with type json_schema, and only then")
+        return self
+
+
 class GenerationRequest(SamplingParams):
     """One generation, from any transport: a raw `prompt` or chat `messages`."""
 
@@ -96,6 +125,10 @@ class GenerationRequest(SamplingParams):
     #: Reuse, and leave for every principal, the prefix cache of the shared scope (for
     #: prompts that are public anyway); by default a principal's prefixes are its own.
     shared_prefix: bool = False
+    #: Constrained decoding: the reply is JSON (`json_object`), JSON valid against a
+    #: schema (`json_schema`), or follows a GBNF `grammar` (llama.cpp's grammar format).
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("request_id")
     @classmethod
@@ -120,7 +153,15 @@ class GenerationRequest(SamplingParams):
             raise ValueError("`prompt` must not be empty")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` must not be empty")
+        if self.grammar is not None and self.constrained_format is not None:
+            raise ValueError("give `grammar` or a JSON `response_format`, not both")
         return self
+
+    @property
+    def constrained_format(self) -> ResponseFormat | None:
+        """The `response_format` if it constrains the reply (not plain text)."""
+        fmt = self.response_format
+        return fmt if fmt is not None and fmt.type != "text" else None
 
     @property
     def is_chat(self) -> bool:

@@ -48,6 +48,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF, checked beforehand (ModelText.grammar_error)
 
 
 @dataclass(slots=True)
@@ -240,7 +241,7 @@ class BatchRunner:
         greedy = self._greedy.get(handle)
         if greedy is None and handle not in self._samplers:
             s = sampling[handle]
-            if s.temperature == 0:
+            if s.temperature == 0 and s.grammar is None:
                 greedy = self._greedy[handle] = _Greedy.of(s)
             else:
                 self._samplers[handle] = self._new_chain(s)
@@ -258,8 +259,9 @@ class BatchRunner:
         return float(top2[1] - top2[0])
 
     def _new_chain(self, s: Sampling) -> Any:
-        """For temperature != 0: the chain `Llama.generate` builds, so output matches
-        `LlamaEngine`."""
+        """For temperature != 0 or a grammar: the chain `Llama.generate` builds, so output
+        matches `LlamaEngine`. A grammar goes first (after the logit bias), over the whole
+        vocabulary: every later step then only sees tokens the grammar allows."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
@@ -269,6 +271,12 @@ class BatchRunner:
             biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))(
                 *(llama_cpp.llama_logit_bias(token, bias) for token, bias in s.logit_bias.items()))
             add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
+        if s.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, s.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                raise EngineError("the grammar does not parse")
+            add(grammar)
         if (s.repeat_penalty > 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
                 and s.temperature > 0 and s.top_k > 0):
             # The penalty scan over the whole vocabulary (262k for Gemma) costs ~2 ms a
@@ -280,7 +288,9 @@ class BatchRunner:
             self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
             s.presence_penalty))
         seed = RANDOM_SEED if s.seed is None else s.seed
-        if s.temperature < 0:
+        if s.temperature == 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        elif s.temperature < 0:
             add(llama_cpp.llama_sampler_init_dist(seed))
         else:
             add(llama_cpp.llama_sampler_init_top_k(s.top_k))

@@ -178,6 +178,9 @@ class BatchedEngine:
             },
         )
 
+    def grammar_error(self, grammar: str) -> str | None:
+        return self._text.grammar_error(grammar)
+
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return await self._text.tokenize(text, add_bos=add_bos)
 
@@ -217,6 +220,7 @@ class BatchedEngine:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             logit_bias=request.logit_bias,
+            grammar=request.grammar,
         )
         self._kick()
         try:

@@ -27,6 +27,7 @@ import llama_cpp
 import numpy as np
 import outcome
 import trio
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from ..core.engine import (
     ChatPrompt,
@@ -127,6 +128,9 @@ class LlamaEngine:
                    "kv_cells_used": sum(ctx.n_tokens for ctx in self._contexts),
                    "kv_cells_total": self._settings.n_ctx * len(self._contexts)},
         )
+
+    def grammar_error(self, grammar: str) -> str | None:
+        return self._text.grammar_error(grammar)
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return await self._text.tokenize(text, add_bos=add_bos)
@@ -287,6 +291,7 @@ class _Decoder:
                     frequency_penalty=r.frequency_penalty,
                     presence_penalty=r.presence_penalty,
                     logits_processor=_biased(r.logit_bias) if r.logit_bias else None,
+                    grammar=LlamaGrammar.from_string(r.grammar) if r.grammar else None,
                 )
             token = next(self._tokens)
         except StopIteration:

@@ -109,6 +109,12 @@ class ModelText:
             return "chat_format"
         return "gguf" if self.template.name == GGUF_TEMPLATE else "fallback"
 
+    def grammar_error(self, grammar: str) -> str | None:
+        """Why `grammar` (GBNF) cannot constrain this model; see `GrammarChecker`."""
+        if self._vocab is None:
+            return "the model is not loaded yet"
+        return self._vocab.grammar_error(grammar)
+
     @property
     def n_vocab(self) -> int | None:
         """Tokens in the vocabulary (token ids are below it); None until loaded."""
@@ -201,6 +207,16 @@ class _Vocab:
 
     def close(self) -> None:
         self._llama.close()
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """llama.cpp's own grammar parser, run on this vocabulary (a grammar sampler is
+        built and freed): None if `grammar` is usable."""
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            return "the grammar does not parse, or has no `root` rule (GBNF, llama.cpp)"
+        llama_cpp.llama_sampler_free(sampler)
+        return None
 
     def piece(self, token: int) -> str:
         if token < 0:

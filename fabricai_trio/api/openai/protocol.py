@@ -85,7 +85,6 @@ UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v in (None, "none", "auto"),
     "logprobs": _false,
     "top_logprobs": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "modalities": lambda v: v in (None, ["text"]),
     "audio": _never,
     "prediction": _never,
@@ -135,6 +134,12 @@ class _SamplingFields(BaseModel):
         None, gt=0.0, le=10.0, description="Extension (llama.cpp)."
     )
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension (llama.cpp).")
+    response_format: dict[str, Any] | None = Field(
+        None, description="`{type: text | json_object | json_schema}`, as OpenAI: the reply "
+        "is constrained to JSON (following `json_schema.schema`) by a grammar.",
+    )
+    grammar: str | None = Field(
+        None, description="Extension (llama.cpp): a GBNF grammar the reply must follow.")
     shared_prefix: bool | None = Field(
         None, description="Extension: share this prompt's prefix cache with every API key "
         "(for prompts that are public anyway); private to the caller by default.",
@@ -153,7 +158,8 @@ class _SamplingFields(BaseModel):
 
     def _sampling(self) -> dict[str, Any]:
         fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty", "min_p",
-                  "presence_penalty", "frequency_penalty", "logit_bias", "shared_prefix")
+                  "presence_penalty", "frequency_penalty", "logit_bias", "shared_prefix",
+                  "response_format", "grammar")
         values = {name: getattr(self, name) for name in fields}
         return {name: value for name, value in values.items() if value is not None}
 
@@ -384,6 +390,8 @@ class ModelCapabilities(BaseModel):
     chat: bool = True
     streaming: bool = True
     sessions: bool = True
+    #: `response_format` json_object / json_schema and `grammar` (constrained decoding).
+    structured_output: bool = False
     tools: bool = False
     embeddings: bool = False
 

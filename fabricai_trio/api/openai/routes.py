@@ -12,6 +12,7 @@ from contextlib import aclosing
 from pydantic import BaseModel
 from quart import Blueprint, Response, jsonify
 
+from ...core.engine import GrammarChecker
 from ...core.stream_ids import event_id
 from ...generation import Generation, Keepalive
 from .. import sse
@@ -24,6 +25,7 @@ from .protocol import (
     ChatCompletionRequest,
     ChatTemplateInfo,
     CompletionRequest,
+    ModelCapabilities,
     ModelCard,
     ModelList,
     StreamError,
@@ -120,5 +122,7 @@ async def list_models() -> Response:
                 name=info.chat_format,
                 source=source if source in ("gguf", "chat_format", "fallback") else None,
             ),
+            capabilities=ModelCapabilities(
+                structured_output=isinstance(model.engine, GrammarChecker)),
         ))
     return json_response(ModelList(data=cards))
