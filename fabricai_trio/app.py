@@ -40,6 +40,7 @@ from .api.routes import blueprint
 from .api.sessions import blueprint as sessions_blueprint
 from .api.socketio_events import create_socketio
 from .api.state import EXTENSION_KEY, AppState
+from .api.streaming import REQUEST_NURSERY_KEY
 from .auth import Authenticator
 from .core.engine import Engine, EngineError, EngineRequest, ModelLoadError
 from .engine.loader import create_engine
@@ -132,7 +133,11 @@ class FabricApp:
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUPS] = cleanups
         try:
-            await quart_app(scope, receive, send)
+            # The request's own tasks (a stream's producer, api/streaming.py) end with it.
+            async with trio.open_nursery() as nursery:
+                scope[REQUEST_NURSERY_KEY] = nursery
+                await quart_app(scope, receive, send)
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 for cleanup in cleanups:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -126,8 +126,10 @@ class Generation:
     lock_token: str | None = None
     #: What the rate limits reserved for it (None without limits).
     reservation: Reservation | None = None
-    #: Why it was stopped: set by `cancel()`; a transport cut from outside is a disconnect.
+    #: Why it was stopped: set by `cancel()`; a transport cut from outside is what
+    #: `cut_cause()` says (a disconnect, unless the transport knows better).
     cancel_cause: CancelCause | None = None
+    cut_cause: Callable[[], CancelCause] = field(default=lambda: "disconnect")
     text: str = ""
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
@@ -234,10 +236,14 @@ class Generation:
                         try:
                             with self._step():
                                 item = await anext(stream, None)
-                        except EngineError as exc:
-                            log.error("request %s: engine error: %s", rid, exc)
+                        except Exception as exc:  # an engine bug is an error, not a cancel
+                            if isinstance(exc, EngineError):
+                                log.error("request %s: engine error: %s", rid, exc)
+                                self.error = EngineFailed(str(exc))
+                            else:
+                                log.exception("request %s: unexpected engine failure", rid)
+                                self.error = EngineFailed("the engine failed unexpectedly")
                             self.finish_reason = "error"
-                            self.error = EngineFailed(str(exc))
                             await self._end()
                             yield self._logged(error_event(self.error, rid))
                             return
@@ -270,7 +276,7 @@ class Generation:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
                 if self.cancel_cause is None:
-                    self.cancel_cause = "disconnect"
+                    self.cancel_cause = self.cut_cause()
                 # A reconnect still learns how it ended, with the partial text.
                 self._logged(self.complete_event())
             raise

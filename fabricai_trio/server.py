@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import dataclass
 
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 from .app import FabricApp, create_app
 from .settings import Settings
@@ -15,15 +19,103 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ConnectionLimits:
+    """What `GuardedTCPServer` enforces on one server's connections."""
+
+    write_timeout_s: float
+    max_connections: int
+    open: int = 0
+
+
+#: The attribute of a Hypercorn `Config` that carries its `ConnectionLimits`.
+LIMITS_ATTRIBUTE = "fabricai_limits"
+
+
+class GuardedTCPServer(TCPServer):
+    """Hypercorn's connection, with a write deadline and a connection cap.
+
+    Hypercorn writes every byte (HTTP, SSE, websocket frames) through `protocol_send`,
+    shielded from cancellation: a client that stops reading blocks that write for ever
+    (TCP keeps a zero window open indefinitely), which held a request, its generation
+    and the server's shutdown. Here a write that does not complete within
+    `write_timeout_s` (SLOW_CLIENT_TIMEOUT_SECONDS) closes the connection instead; the
+    write is still shielded from other cancellations, so a healthy connection never
+    gets half a frame. A connection accepted while `max_connections` are open is closed
+    at once. A `Config` without `ConnectionLimits` gets Hypercorn's behaviour.
+    """
+
+    def _limits(self) -> ConnectionLimits | None:
+        limits = getattr(self.config, LIMITS_ATTRIBUTE, None)
+        return limits if isinstance(limits, ConnectionLimits) else None
+
+    async def run(self) -> None:
+        """Serve the connection, unless too many are open. Cancellation: Hypercorn's."""
+        limits = self._limits()
+        if limits is None:
+            await super().run()
+            return
+        if limits.open >= limits.max_connections:
+            log.warning("connection refused: %d connections open (MAX_CONNECTIONS)",
+                        limits.open)
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            return
+        limits.open += 1
+        try:
+            await super().run()
+        finally:
+            limits.open -= 1
+
+    async def protocol_send(self, event: Event) -> None:
+        limits = self._limits()
+        if limits is None or not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        gone = False
+        async with self.send_lock:
+            with trio.CancelScope(shield=True), trio.move_on_after(limits.write_timeout_s) as timer:
+                try:
+                    await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    gone = True
+            if timer.cancelled_caught:
+                log.info("closing a connection: a write did not complete in %.1f s "
+                         "(the client stopped reading)", limits.write_timeout_s)
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
+                gone = True
+            if gone:
+                await self.protocol.handle(Closed())
+
+
+# Hypercorn's trio worker builds its connections from this name.
+hypercorn.trio.run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined,misc]
+
+
 def hypercorn_config(settings: Settings) -> Config:
+    """Hypercorn's configuration for `settings`, with our connection limits."""
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
+    limit_connections(config, settings)
+    return config
+
+
+def limit_connections(config: Config, settings: Settings) -> Config:
+    """Bound what one client can hold: idle keep-alive time, websocket message size
+    (Hypercorn's default buffers 16 MiB before SOCKETIO_MAX_PAYLOAD applies), request
+    head size, write time (`GuardedTCPServer`) and the number of connections."""
+    config.keep_alive_timeout = settings.keep_alive_seconds
     config.h11_max_incomplete_size = 64 * 1024
+    config.websocket_max_message_size = settings.socketio_max_payload
+    setattr(config, LIMITS_ATTRIBUTE, ConnectionLimits(
+        write_timeout_s=settings.slow_client_timeout_seconds,
+        max_connections=settings.max_connections,
+    ))
     return config
 
 

@@ -188,6 +188,29 @@ class Settings(BaseSettings):
         description="After the drain: how long connections may take to send their last "
         "bytes before they are closed.",
     )
+    slow_client_timeout_seconds: float = Field(
+        15.0, gt=0, le=3600,
+        description="A client that has not taken what was sent to it for this long (it "
+        "stopped reading: the bytes stay unwritten) loses its generation (`finish_reason: "
+        "cancelled`, cause `slow_client`, turn stored) and its connection. Also the write "
+        "deadline of every socket: a write that does not complete in this time closes "
+        "the connection (docs/reliability.md).",
+    )
+    stream_buffer_bytes: int = Field(
+        65_536, ge=1024, le=64 * 1024 * 1024,
+        description="Bytes of events one HTTP stream (SSE, OpenAI) may have waiting to be "
+        "written to its client; while full, its generation waits (at most "
+        "SLOW_CLIENT_TIMEOUT_SECONDS). A frame counts until it is written.",
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, le=3600, description="An idle keep-alive HTTP connection is closed after "
+        "this long.",
+    )
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="Open TCP connections the server serves at once; more are closed as "
+        "soon as they are accepted.",
+    )
     resume_ttl_seconds: int = Field(
         600, ge=1, le=86_400,
         description="How long a stream's end (and a resumable stream's events) is kept for "
@@ -243,6 +266,31 @@ class Settings(BaseSettings):
     )
     socketio_connect_timeout_ms: int = Field(
         45_000, ge=10, description="Time a client has to CONNECT after the handshake."
+    )
+    socketio_max_inflight_events: int = Field(
+        100, ge=1, le=100_000,
+        description="Socket.IO events one connection may have in flight (handlers not yet "
+        "done); more are refused at once with an `inference_error` / error ack "
+        "(`too_many_events`).",
+    )
+    socketio_max_inflight_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1 << 30,
+        description="Bytes of Socket.IO events one connection may have in flight (received "
+        "and not yet handled); more are refused like SOCKETIO_MAX_INFLIGHT_EVENTS.",
+    )
+    socketio_max_packets_per_post: int = Field(
+        1000, ge=16, le=1_000_000,
+        description="Engine.IO packets one polling POST may carry; more: 400 and the "
+        "session closes.",
+    )
+    socketio_max_sessions: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="Engine.IO sessions open at once; a handshake beyond it gets 503.",
+    )
+    socketio_max_unconnected: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="Engine.IO sessions that have not yet connected to a Socket.IO "
+        "namespace; a session beyond it is closed at once.",
     )
     socketio_cors_origins: str = Field(
         "",

@@ -6,7 +6,7 @@ Thin by design: parse and validate into a `GenerationRequest`, hand it to the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from http import HTTPStatus
 from typing import Any, cast
@@ -32,6 +32,7 @@ from .auth_hook import current_identity
 from .request_log import attach_generation, request_id
 from .schemas import CancelResult
 from .state import state
+from .streaming import buffered
 
 blueprint = Blueprint("api", __name__)
 
@@ -126,9 +127,8 @@ def frame(event: StreamEvent, position: int) -> bytes:
                             event_id=event_id(event.request_id, position))
 
 
-async def sse_body(generation: Generation) -> AsyncIterator[bytes]:
-    """The SSE framing of a generation's events (Quart closes it on disconnect, which
-    cancels the generation)."""
+async def sse_body(generation: Generation) -> AsyncGenerator[bytes, None]:
+    """The SSE framing of a generation's events (closing it cancels the generation)."""
     async with aclosing(generation.events()) as events:
         async for event in events:
             if isinstance(event, Keepalive):
@@ -161,7 +161,7 @@ async def generation_response(generation_request: GenerationRequest) -> Response
     rid = generation.request_id
     if generation.resumable:
         return sse_response(followed_body(state().service, generation.owner, rid, -1), rid)
-    return sse_response(sse_body(generation), rid)
+    return sse_response(buffered(generation, sse_body(generation)), rid)
 
 
 def last_event_id() -> str | None:

@@ -29,6 +29,7 @@ from ..core.errors import (
     InvalidField,
     InvalidJson,
     NotFound,
+    TooManyEvents,
     Unauthenticated,
     ack_error,
     connect_refusal,
@@ -36,7 +37,14 @@ from ..core.errors import (
 )
 from ..core.events import EVENT_NAMES
 from ..generation import Generation, Keepalive
-from ..realtime import ClientGone, ConnectionRefused, RealtimeConfig, RedisPubSub, SocketIOServer
+from ..realtime import (
+    ClientGone,
+    CloseReason,
+    ConnectionRefused,
+    RealtimeConfig,
+    RedisPubSub,
+    SocketIOServer,
+)
 from ..realtime.asgi import Scope
 from ..realtime.sio_server import PACKET_REJECTED
 from ..redis_channels import RedisChannels
@@ -79,6 +87,7 @@ class InferenceEvents:
         on("inference_resume")(self.inference_resume)
         on("join_session")(self.join_session)
         on("leave_session")(self.leave_session)
+        self.server.on_busy(self.busy)
 
     async def connect(self, sid: str, auth: dict[str, Any] | None, scope: Scope) -> None:
         """Authenticate the CONNECT `auth` payload (`{token}` or `{apiKey}`); refused
@@ -138,6 +147,11 @@ class InferenceEvents:
             raise
         return {"request_id": generation.request_id}
 
+    async def busy(self, sid: str, event: str, args: list[Any]) -> dict[str, Any]:
+        """An event refused because this connection has too many in flight."""
+        error = TooManyEvents(self.server.config.max_inflight_events)
+        return await self.refuse(sid, error, self.request_id_of(args[0] if args else None))
+
     async def inference_resume(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
         """Replay what the client missed of its stream (after the token `last_index`;
         everything if absent) and follow it to its end, on this connection. Never starts
@@ -177,6 +191,10 @@ class InferenceEvents:
     async def stream(self, sid: str, generation: Generation) -> None:
         """Emit one generation's events to the client (and its session's room)."""
         room = session_room(generation.session.id) if generation.session else None
+        closed_because = self.server.close_reason_of(sid)
+        generation.cut_cause = lambda: (
+            "slow_client" if closed_because() is CloseReason.SLOW_CLIENT else "disconnect"
+        )
         try:
             async with aclosing(generation.events()) as events:
                 async for event in events:

@@ -361,6 +361,19 @@ def rate_limit_headers(state: RateLimit) -> dict[str, str]:
     }
 
 
+class TooManyEvents(DomainError):
+    """A Socket.IO connection has too many events (or event bytes) in flight: it must
+    wait for some of them to finish before it sends more."""
+
+    kind = ErrorKind.OVERLOADED
+    default_code = "too_many_events"
+    default_retry_after = 1
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this connection already has {limit} events in flight; wait for "
+                         "their acknowledgements before sending more")
+
+
 class Unavailable(DomainError):
     """Not now: the model is loading (`model_loading`), the session store is down
     (`session_store_unavailable`)…; clients retry after `retry_after` seconds."""

@@ -13,9 +13,10 @@ from pydantic import BaseModel
 
 #: How a generation ended. `cancelled`: a client, a disconnect or a shutdown stopped it.
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-#: Why a generation was cancelled: its client asked, its client went away, or the server
-#: is shutting down.
-CancelCause = Literal["disconnect", "cancel", "shutdown"]
+#: Why a generation was cancelled: its client asked, its client went away, the server
+#: is shutting down, or its client stopped reading (`slow_client`: what was sent to it
+#: stayed unwritten for SLOW_CLIENT_TIMEOUT_SECONDS).
+CancelCause = Literal["disconnect", "cancel", "shutdown", "slow_client"]
 
 
 class Usage(BaseModel):

@@ -38,6 +38,23 @@ class RealtimeConfig:
     """Outbound packets one session may have waiting; more closes it (slow consumer)."""
     max_buffered_bytes: int = 16 * 1024 * 1024
     """Outbound bytes one session may have waiting; more closes it (slow consumer)."""
+    slow_client_timeout_ms: int = 15_000
+    """Time a packet may stay unwritten (queued, or handed to a transport that could not
+    write it) before the session closes as a slow client."""
+    max_packets_per_post: int = 1000
+    """Packets one polling POST may carry; more is a 400 and the session closes."""
+    max_inbound_bytes: int = 4_000_000
+    """Received message bytes waiting for the application before the transport stops
+    reading (with `max_inbound_backlog`)."""
+    max_inflight_events: int = 100
+    """Socket.IO event handlers one namespace connection may have running; more are
+    refused (the application's `on_busy` answers them)."""
+    max_inflight_bytes: int = 8 * 1024 * 1024
+    """Bytes of the Socket.IO events of one connection whose handlers are running."""
+    max_sessions: int = 10_000
+    """Engine.IO sessions at once; a handshake beyond it gets 503."""
+    max_unconnected: int = 1000
+    """Sessions not yet connected to a Socket.IO namespace; one beyond it is closed."""
     max_packets_per_poll: int = 16
     """Packets in one polling GET response: python-engineio clients reject more than 16."""
     max_inbound_backlog: int = 256
@@ -80,6 +97,10 @@ class RealtimeConfig:
         return self.close_grace_ms / 1000
 
     @property
+    def slow_client_timeout_s(self) -> float:
+        return self.slow_client_timeout_ms / 1000
+
+    @property
     def body_timeout_s(self) -> float:
         return self.body_timeout_ms / 1000
 
@@ -101,6 +122,14 @@ class RealtimeConfig:
             connect_timeout_ms=settings.socketio_connect_timeout_ms,
             cors_origins=tuple(settings.cors_origins),
             path=path,
+            slow_client_timeout_ms=max(1, round(settings.slow_client_timeout_seconds * 1000)),
+            max_packets_per_post=settings.socketio_max_packets_per_post,
+            max_inbound_bytes=max(settings.socketio_max_payload,
+                                  settings.socketio_max_inflight_bytes // 2),
+            max_inflight_events=settings.socketio_max_inflight_events,
+            max_inflight_bytes=settings.socketio_max_inflight_bytes,
+            max_sessions=settings.socketio_max_sessions,
+            max_unconnected=settings.socketio_max_unconnected,
         )
 
     @classmethod

@@ -53,6 +53,9 @@ from .tasks import Signal
 
 logger = logging.getLogger("fabricai_trio.realtime")
 
+#: Packets of a polling POST decoded and delivered between two checkpoints.
+POST_BATCH = 64
+
 
 class EngineIOApp:
     """Engine.IO v4 server as an ASGI app (`http` and `websocket` scopes).
@@ -129,8 +132,10 @@ class EngineIOApp:
             raise RuntimeError(f"EngineIOApp cannot serve {scope['type']!r} scopes")
 
     def _route(self, scope: Scope) -> Decision:
-        accepting = self._accepting and (
-            scope["type"] == "websocket" or self._service_nursery is not None
+        accepting = (
+            self._accepting
+            and len(self._sessions) < self.config.max_sessions
+            and (scope["type"] == "websocket" or self._service_nursery is not None)
         )
         return route(
             parse_request(scope),
@@ -203,6 +208,8 @@ class EngineIOApp:
             socket._after_core()
             return
         await send_response(receive, send, ok(cors, answer))
+        core.output_written(trio.current_time())
+        socket._after_core()
 
     async def _post(self, socket: EngineIOSocket, receive: Receive, send: Send, post: Post) -> None:
         """A polling POST: body chunks go to the session as they come (it answers 413 the
@@ -223,8 +230,12 @@ class EngineIOApp:
                         break
             if timer.cancelled_caught:
                 raise core.post_timed_out()
-            core.end_of_post(trio.current_time())
+            done = core.end_of_post(trio.current_time(), batch=POST_BATCH)
             await socket._after_input()
+            while not done:  # a large payload: let other tasks run between batches
+                done = core.continue_post(trio.current_time(), batch=POST_BATCH)
+                await socket._after_input()
+                await trio.lowlevel.checkpoint()
         finally:
             core.end_post()
             socket._after_core()
@@ -329,6 +340,8 @@ class EngineIOApp:
                     key = "text" if isinstance(frame, str) else "bytes"
                     if not await _ws_send(send, {"type": "websocket.send", key: frame}, state):
                         return
+                core.output_written(trio.current_time())
+                socket._after_core()
                 # Output queued while we were writing fired the signal with nobody
                 # waiting: look again before waiting.
                 continue

@@ -21,9 +21,11 @@ refuses more than 16 packets (a client burst would be lost) and JSON-decodes mes
 bodies (`4{"a": 1}` would come back re-serialised); `decode_packet` keeps them verbatim.
 
 Outbound buffer policy: a session holds at most `max_buffered_packets` packets and
-`max_buffered_bytes` bytes waiting for the client. Going over closes the session with
-`CloseReason.BUFFER_OVERFLOW`: a slow consumer is disconnected, never silently skipped, and
-the producer never blocks on it.
+`max_buffered_bytes` bytes waiting for the client, counting those handed to the transport
+until it reports them written (`output_written()`). Going over closes the session with
+`CloseReason.BUFFER_OVERFLOW`; a packet still unwritten `slow_client_timeout_ms` after it
+was queued closes it with `CloseReason.SLOW_CLIENT`. A slow consumer is disconnected,
+never silently skipped, and the producer never blocks on it.
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ class CloseReason(enum.StrEnum):
     PARSE_ERROR = "parse error"  # an invalid or oversized packet
     PING_TIMEOUT = "ping timeout"
     BUFFER_OVERFLOW = "buffer overflow"  # the client could not keep up
+    SLOW_CLIENT = "slow client"  # what was sent stayed unwritten too long
     SERVER_CLOSE = "server close"  # the application closed the session
     SERVER_SHUTDOWN = "server shutting down"
 
@@ -272,9 +275,16 @@ class EngineIOSession:
         self._close_reason: CloseReason | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._outbound: collections.deque[eio_packet.Packet] = collections.deque()
+        self._queued_at: collections.deque[float] = collections.deque()  # per packet
         self._outbound_bytes = 0
+        # handed to the transport, not yet written: still counted, still timed
+        self._inflight_packets = 0
+        self._inflight_bytes = 0
+        self._inflight_since: float | None = None
+        self._now = 0.0  # the latest time the caller passed in
         self._final_poll_answer: str | None = None
         self._post_body = bytearray()
+        self._post_segments: collections.deque[str] = collections.deque()
         # each websocket gets a token, so a stale one can tell it is stale
         self._ws_token = 0
         self._probe_output: collections.deque[str] = collections.deque()
@@ -343,7 +353,10 @@ class EngineIOSession:
         self._close_reason = reason
         self._final_poll_answer = poll_answer
         self._outbound.clear()
+        self._queued_at.clear()
         self._outbound_bytes = 0
+        self._inflight_packets = self._inflight_bytes = 0
+        self._inflight_since = None
         self._probe_output.clear()
         self._next_ping_at = self._pong_deadline = None
         self._upgrade_deadline = self._close_deadline = None
@@ -370,6 +383,7 @@ class EngineIOSession:
     def handshake(self, now: float) -> str:
         """The encoded OPEN packet; the session is open and its heartbeat starts."""
         self._fire(Trigger.HANDSHAKE)
+        self._now = max(self._now, now)
         self._next_ping_at = now + self.config.ping_interval_s
         upgrades = ["websocket"] if self.transport is Transport.POLLING else []
         info = {
@@ -384,7 +398,7 @@ class EngineIOSession:
 
     # --- application output ------------------------------------------------------------
 
-    def send(self, data: str | bytes) -> None:
+    def send(self, data: str | bytes, now: float | None = None) -> None:
         """Queue a MESSAGE for the client.
 
         Raises `LocalProtocolError` unless the session `is_open`. Over the buffer limits
@@ -392,18 +406,45 @@ class EngineIOSession:
         """
         if not self.is_open:
             raise LocalProtocolError(f"cannot send in state {self.state.value}")
+        if now is not None:
+            self._now = max(self._now, now)
         self._queue(eio_packet.Packet(MESSAGE, data))
 
     def _queue(self, pkt: eio_packet.Packet, *, force: bool = False) -> None:
         size = _packet_size(pkt)
         if not force and (
-            len(self._outbound) + 1 > self.config.max_buffered_packets
-            or self._outbound_bytes + size > self.config.max_buffered_bytes
+            len(self._outbound) + self._inflight_packets + 1 > self.config.max_buffered_packets
+            or self._outbound_bytes + self._inflight_bytes + size > self.config.max_buffered_bytes
         ):
             self._abort(CloseReason.BUFFER_OVERFLOW)
             return
         self._outbound.append(pkt)
+        self._queued_at.append(self._now)
         self._outbound_bytes += size
+
+    def _take_packet(self) -> eio_packet.Packet:
+        """The oldest queued packet, handed to the transport: in flight until written."""
+        pkt = self._outbound.popleft()
+        queued_at = self._queued_at.popleft()
+        size = _packet_size(pkt)
+        self._outbound_bytes -= size
+        self._inflight_packets += 1
+        self._inflight_bytes += size
+        if self._inflight_since is None:
+            self._inflight_since = queued_at
+        return pkt
+
+    def output_written(self, now: float) -> None:
+        """The transport wrote everything it was handed (a GET's answer, websocket
+        frames): those packets no longer count against the buffer limits."""
+        self._now = max(self._now, now)
+        self._inflight_packets = self._inflight_bytes = 0
+        self._inflight_since = None
+
+    def _oldest_unwritten(self) -> float | None:
+        if self._inflight_since is not None:
+            return self._inflight_since
+        return self._queued_at[0] if self._queued_at else None
 
     def close(self, now: float, reason: CloseReason = CloseReason.SERVER_CLOSE) -> None:
         """Start a graceful close: CLOSE goes out after what is already queued."""
@@ -416,6 +457,7 @@ class EngineIOSession:
             self._drop_probe()
         self._fire(Trigger.CLOSE)
         self._close_reason = reason
+        self._now = max(self._now, now)
         self._queue(eio_packet.Packet(CLOSE), force=True)
         self._next_ping_at = self._pong_deadline = self._upgrade_deadline = None
         self._close_deadline = now + self.config.close_grace_s
@@ -427,6 +469,7 @@ class EngineIOSession:
     # --- incoming packets (both transports) --------------------------------------------
 
     def _receive_packet(self, pkt: eio_packet.Packet, now: float) -> None:
+        self._now = max(self._now, now)
         ptype = pkt.packet_type
         if ptype == MESSAGE:
             if self.state is not State.CLOSED:
@@ -493,9 +536,7 @@ class EngineIOSession:
             pkt_size = _packet_size(pkt)
             if packets and size + pkt_size > self.config.max_payload_bytes:
                 break
-            self._outbound.popleft()
-            self._outbound_bytes -= pkt_size
-            packets.append(pkt)
+            packets.append(self._take_packet())
             size += pkt_size
         if packets[-1].packet_type == CLOSE and self.state is State.CLOSING:
             self._close_sent()
@@ -543,10 +584,14 @@ class EngineIOSession:
         self.end_post()
         return RemoteProtocolError("request body timeout", failure=Failure.TIMEOUT)
 
-    def end_of_post(self, now: float) -> None:
-        """The whole POST body arrived: deliver its packets, however many there are.
+    def end_of_post(self, now: float, *, batch: int | None = None) -> bool:
+        """The whole POST body arrived: deliver its packets, in order; with `batch`, at
+        most that many now (`continue_post()` delivers the rest, so the transport can
+        yield between batches). True once every packet is delivered.
 
-        Raises `RemoteProtocolError` (and the session ends) if any packet is invalid.
+        Raises `RemoteProtocolError` (and the session ends) if the body carries more
+        than `max_packets_per_post` packets (checked before decoding any) or a packet
+        is invalid.
         """
         if self._get(PostState) is not PostState.READING:
             raise LocalProtocolError("no POST is being read")
@@ -558,17 +603,31 @@ class EngineIOSession:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise self._remote_error("payload is not UTF-8", CloseReason.PARSE_ERROR) from None
-        try:
-            packets = [decode_packet(seg) for seg in text.split(SEPARATOR)]
-        except RemoteProtocolError as exc:
-            raise self._remote_error(exc.message, CloseReason.PARSE_ERROR) from None
-        for pkt in packets:
-            if pkt.packet_type in (OPEN, UPGRADE):
-                raise self._remote_error("unexpected packet type", CloseReason.PARSE_ERROR)
-        for pkt in packets:
-            self._receive_packet(pkt, now)
+        if text.count(SEPARATOR) + 1 > self.config.max_packets_per_post:
+            raise self._remote_error("too many packets in one payload", CloseReason.PARSE_ERROR)
+        self._post_segments = collections.deque(text.split(SEPARATOR))
+        return self.continue_post(now, batch=batch)
+
+    def continue_post(self, now: float, *, batch: int | None = None) -> bool:
+        """Decode and deliver (at most `batch`) more packets of the POST body that
+        `end_of_post()` took; True once none is left. Raises like `end_of_post()`."""
+        segments = self._post_segments
+        count = 0
+        while segments and (batch is None or count < batch):
             if self._is_closed():  # a CLOSE: what follows it is not delivered
+                segments.clear()
                 break
+            try:
+                pkt = decode_packet(segments.popleft())
+            except RemoteProtocolError as exc:
+                segments.clear()
+                raise self._remote_error(exc.message, CloseReason.PARSE_ERROR) from None
+            if pkt.packet_type in (OPEN, UPGRADE):
+                segments.clear()
+                raise self._remote_error("unexpected packet type", CloseReason.PARSE_ERROR)
+            self._receive_packet(pkt, now)
+            count += 1
+        return not segments
 
     def end_post(self) -> None:
         """The POST is over, whatever happened to it (idempotent)."""
@@ -662,8 +721,7 @@ class EngineIOSession:
             return frames
         out: list[str | bytes] = []
         while self._outbound:
-            pkt = self._outbound.popleft()
-            self._outbound_bytes -= _packet_size(pkt)
+            pkt = self._take_packet()
             out.append(encode_ws(pkt))
             if pkt.packet_type == CLOSE and self.state is State.CLOSING:
                 self._close_sent()
@@ -690,14 +748,27 @@ class EngineIOSession:
                 self._pong_deadline,
                 self._upgrade_deadline,
                 self._close_deadline,
+                self._slow_deadline(),
             )
             if t is not None
         ]
         return min(times) if times else None
 
+    def _slow_deadline(self) -> float | None:
+        if self.state in (State.CLOSING, State.CLOSED):  # the close grace bounds it
+            return None
+        oldest = self._oldest_unwritten()
+        return None if oldest is None else oldest + self.config.slow_client_timeout_s
+
     def tick(self, now: float) -> None:
-        """Let time pass: send a PING, or end the session on a missed PONG, etc."""
+        """Let time pass: send a PING, or end the session on a missed PONG, a packet
+        left unwritten too long, etc."""
+        self._now = max(self._now, now)
         if self.state is State.CLOSED:
+            return
+        slow = self._slow_deadline()
+        if slow is not None and now >= slow:
+            self._abort(CloseReason.SLOW_CLIENT)
             return
         if self._close_deadline is not None and now >= self._close_deadline:
             self._abort(self._close_reason or CloseReason.SERVER_CLOSE)

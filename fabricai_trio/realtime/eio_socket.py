@@ -68,6 +68,7 @@ class EngineIOSocket:
         self._forget = forget
         self.scope = scope
         self._inbound: collections.deque[str | bytes] = collections.deque()
+        self._inbound_bytes = 0
         self._output = Signal()  # core output or state may have changed
         self._input = Signal()  # a message arrived or the session closed
         self._drained = Signal()  # the application took a message
@@ -96,6 +97,7 @@ class EngineIOSocket:
             if self._inbound:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 data = self._inbound.popleft()
+                self._inbound_bytes -= len(data)
                 self._drained.fire()
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
@@ -111,7 +113,7 @@ class EngineIOSocket:
         """
         if not self._core.is_open:
             return False
-        self._core.send(data)
+        self._core.send(data, trio.current_time())
         self._after_core()
         return True
 
@@ -134,6 +136,7 @@ class EngineIOSocket:
         while (event := self._core.next_event()) is not None:
             if isinstance(event, MessageReceived):
                 self._inbound.append(event.data)
+                self._inbound_bytes += len(event.data)
                 self._input.fire()
             elif isinstance(event, SessionClosed):
                 self._closed.set()
@@ -152,7 +155,10 @@ class EngineIOSocket:
         """`_after_core()`, then wait while the application is too far behind (this is
         the backpressure that stops a POST answer or the websocket reader)."""
         self._after_core()
-        while len(self._inbound) > self._config.max_inbound_backlog:
+        while (
+            len(self._inbound) > self._config.max_inbound_backlog
+            or self._inbound_bytes > self._config.max_inbound_bytes
+        ):
             if self._closed.is_set():
                 return
             await self._drained.wait()

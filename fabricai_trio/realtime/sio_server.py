@@ -29,7 +29,6 @@ Rooms, sids and ack ids are kept by `socketio.base_manager.BaseManager`.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import inspect
 import logging
@@ -72,6 +71,9 @@ from .tasks import run_logged
 logger = logging.getLogger("fabricai_trio.realtime")
 
 ConnectHandler = Callable[[str, dict[str, Any] | None, Scope], Awaitable[None]]
+#: `(sid, event, args) -> ACK result` for an event refused because its connection has
+#: too many in flight (`RealtimeConfig.max_inflight_events` / `max_inflight_bytes`).
+BusyHandler = Callable[[str, str, list[Any]], Awaitable[Any]]
 DisconnectHandler = Callable[[str, "DisconnectReason"], Awaitable[None]]
 #: The pseudo-event of a packet whose JSON `core.jsonparse` refused: `(sid, reason)`.
 PACKET_REJECTED = "packet_rejected"
@@ -97,6 +99,7 @@ class DisconnectReason(enum.StrEnum):
     PARSE_ERROR = CloseReason.PARSE_ERROR.value
     PING_TIMEOUT = CloseReason.PING_TIMEOUT.value
     BUFFER_OVERFLOW = CloseReason.BUFFER_OVERFLOW.value
+    SLOW_CLIENT = CloseReason.SLOW_CLIENT.value
     SERVER_CLOSE = CloseReason.SERVER_CLOSE.value
     SERVER_SHUTDOWN = CloseReason.SERVER_SHUTDOWN.value
 
@@ -112,6 +115,8 @@ class _Connection:
     early: Messages = field(default_factory=list)  # sent during the connect handler
     tasks: set[trio.CancelScope] = field(default_factory=set)
     data: dict[str, Any] = field(default_factory=dict)
+    inflight_events: int = 0  # event handlers running
+    inflight_bytes: int = 0  # the size of their events
 
 
 @dataclass(eq=False)
@@ -169,6 +174,8 @@ class SocketIOServer:
         self._disconnect_handlers: dict[str, DisconnectHandler] = {}
         self._event_handlers: dict[tuple[str, str], EventHandler] = {}
         self._rejection_handlers: dict[str, EventHandler] = {}
+        self._busy_handler: BusyHandler | None = None
+        self._unconnected = 0  # clients that have not connected to a namespace yet
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -232,6 +239,24 @@ class SocketIOServer:
             return handler
 
         return decorator
+
+    def on_busy(self, handler: BusyHandler) -> BusyHandler:
+        """Register what answers an event refused because its connection already has
+        `max_inflight_events` handlers (or `max_inflight_bytes` of events) running: it
+        runs in the client's reader, must not wait long, and its result is the ACK.
+        Without one, a refused event gets an ACK with no arguments."""
+        self._busy_handler = handler
+        return handler
+
+    def close_reason_of(self, sid: str, namespace: str = DEFAULT_NAMESPACE
+                        ) -> Callable[[], CloseReason | None]:
+        """A function telling why the client's session ended (None while it lasts);
+        it keeps working after the client is gone. Raises `ClientGone`."""
+        conn = self._connection(sid, namespace, allow_pending=True)
+        if conn is None:
+            raise ClientGone(f"{sid!r} is not connected to {namespace}")
+        socket = conn.client.socket
+        return lambda: socket.close_reason
 
     # --- emitting ----------------------------------------------------------------------
 
@@ -437,6 +462,11 @@ class SocketIOServer:
             try:
                 with scope:
                     await fn(*args)
+            except ClientGone:
+                if self._connections.get(conn.sid) is conn:
+                    raise
+                # the client left while it ran: nothing to report
+                logger.debug("%s: %s ended, its client is gone", conn.sid, what)
             finally:
                 conn.tasks.discard(scope)
 
@@ -451,14 +481,31 @@ class SocketIOServer:
 
     async def run_session(self, socket: EngineIOSocket) -> None:
         """Read the client's packets in order until the session ends (cancelled then)."""
+        if self._unconnected >= self.config.max_unconnected:
+            logger.warning("closing %s: %d sessions have not connected yet",
+                           socket.sid, self._unconnected)
+            socket.close()
+            await trio.lowlevel.checkpoint()
+            return
         client = _Client(socket, SocketIOParser(max_attachments=self.config.max_attachments))
         self._clients[socket.sid] = client
+        self._unconnected += 1
+        try:
+            await self._read_packets(client)
+        finally:
+            if not client.ever_connected:
+                self._unconnected -= 1
+
+    async def _read_packets(self, client: _Client) -> None:
+        socket = client.socket
         socket.spawn(self._connect_timeout, client, what="connect timeout")
+        size = 0  # bytes of the event being assembled (a packet and its attachments)
         while True:
             try:
                 data = await socket.receive()
             except SessionEnded:
                 return
+            size += len(data)
             try:
                 event = client.parser.receive(data)
                 if event is None:
@@ -471,7 +518,8 @@ class SocketIOServer:
                 logger.info("closing %s: %s", socket.sid, exc.message)
                 socket.close(CloseReason.PARSE_ERROR)
                 return
-            await self._dispatch(client, event)
+            await self._dispatch(client, event, size)
+            size = 0
 
     async def session_ended(self, socket: EngineIOSocket, reason: CloseReason) -> None:
         """Run the disconnect handlers of every namespace the client was in, one after
@@ -495,7 +543,7 @@ class SocketIOServer:
             logger.info("closing %s: no CONNECT in time", client.socket.sid)
             client.socket.close()
 
-    async def _dispatch(self, client: _Client, event: SioEvent) -> None:
+    async def _dispatch(self, client: _Client, event: SioEvent, size: int = 0) -> None:
         if isinstance(event, ConnectRequested):
             await self._connect(client, event)
         elif isinstance(event, EventReceived):
@@ -505,9 +553,18 @@ class SocketIOServer:
                 logger.debug("event %r for an unconnected namespace", event.event)
             elif handler is None:
                 logger.debug("no handler for event %r in %s", event.event, event.namespace)
+            elif (conn.inflight_events >= self.config.max_inflight_events
+                  or conn.inflight_bytes + size > self.config.max_inflight_bytes):
+                await self._refuse_busy(conn, event)
             else:
-                with contextlib.suppress(ClientGone):  # the session is closing: drop it
-                    self._spawn(conn, self._run_event, (conn, handler, event), what=event.event)
+                conn.inflight_events += 1
+                conn.inflight_bytes += size
+                try:
+                    self._spawn(conn, self._run_event, (conn, handler, event, size),
+                                what=event.event)
+                except ClientGone:  # the session is closing: drop it
+                    conn.inflight_events -= 1
+                    conn.inflight_bytes -= size
         elif isinstance(event, AckReceived):
             conn = client.connections.get(event.namespace)
             callbacks = self._manager.callbacks.get(conn.sid) if conn is not None else None
@@ -540,8 +597,11 @@ class SocketIOServer:
             return
         call = EventReceived(namespace=namespace, event=PACKET_REJECTED, args=[event.reason],
                              ack_id=event.ack_id)
-        with contextlib.suppress(ClientGone):
-            self._spawn(conn, self._run_event, (conn, handler, call), what=PACKET_REJECTED)
+        conn.inflight_events += 1  # `_run_event` counts it out
+        try:
+            self._spawn(conn, self._run_event, (conn, handler, call, 0), what=PACKET_REJECTED)
+        except ClientGone:
+            conn.inflight_events -= 1
 
     async def _connect(self, client: _Client, event: ConnectRequested) -> None:
         """Run the connect handler inline (later packets of this client wait for it),
@@ -578,15 +638,38 @@ class SocketIOServer:
                 socket.send(message)
             return
         conn.pending = False
-        client.ever_connected = True
+        if not client.ever_connected:
+            client.ever_connected = True
+            self._unconnected -= 1
         early, conn.early = conn.early, []
         self._send(conn, encode_connect(namespace, conn.sid) + early)
 
     async def _run_event(
-        self, conn: _Connection, handler: EventHandler, event: EventReceived
+        self, conn: _Connection, handler: EventHandler, event: EventReceived, size: int
     ) -> None:
         """One event handler call, then its ACK; cancelled (no ACK) if the client leaves."""
-        result = await handler(conn.sid, *event.args)
+        try:
+            result = await handler(conn.sid, *event.args)
+        finally:
+            conn.inflight_events -= 1
+            conn.inflight_bytes -= size
+        if event.ack_id is not None and self._connections.get(conn.sid) is conn:
+            self._send(conn, encode_ack(conn.namespace, event.ack_id, _ack_args(result)))
+
+    async def _refuse_busy(self, conn: _Connection, event: EventReceived) -> None:
+        """An event over the connection's in-flight limits: not run; the busy handler
+        (if any) answers it, bounded by the disconnect handler timeout."""
+        logger.info("%s: event %r refused: %d events in flight", conn.sid, event.event,
+                    conn.inflight_events)
+        result: Any = None
+        if self._busy_handler is not None:
+            with trio.move_on_after(self.config.disconnect_handler_timeout_s):
+                try:
+                    result = await self._busy_handler(conn.sid, event.event, list(event.args))
+                except Exception:
+                    logger.exception("busy handler failed")
+        else:
+            await trio.lowlevel.checkpoint()
         if event.ack_id is not None and self._connections.get(conn.sid) is conn:
             self._send(conn, encode_ack(conn.namespace, event.ack_id, _ack_args(result)))
 

@@ -482,9 +482,66 @@ def test_outbound_buffer_is_bounded_by_bytes() -> None:
     s, token = websocket(RealtimeConfig(max_buffered_bytes=1000))
     s.send("x" * 500)
     assert s.take_ws_output(token) == ["4" + "x" * 500]
+    s.output_written(0.0)
     s.send("x" * 500)
     s.send("x" * 500)
     assert s.close_reason is CloseReason.BUFFER_OVERFLOW
+
+
+def test_frames_count_against_the_buffer_until_written() -> None:
+    s, token = websocket(RealtimeConfig(max_buffered_bytes=1000))
+    s.send("x" * 500)
+    assert s.take_ws_output(token) == ["4" + "x" * 500]
+    s.send("x" * 600)  # the first is handed out but not written: 1100 bytes
+    assert s.close_reason is CloseReason.BUFFER_OVERFLOW
+
+
+def test_a_packet_left_unwritten_too_long_closes_the_session_as_a_slow_client() -> None:
+    s, token = websocket(RealtimeConfig(slow_client_timeout_ms=5000))
+    s.send("a", 1.0)
+    assert s.take_ws_output(token) == ["4a"]
+    s.output_written(2.0)
+    s.send("b", 3.0)
+    assert s.take_ws_output(token) == ["4b"]  # handed out, never written
+    assert s.next_deadline() == 8.0
+    s.tick(7.9)
+    assert s.is_open
+    s.tick(8.0)
+    assert s.close_reason is CloseReason.SLOW_CLIENT
+    assert s.next_deadline() is None
+
+
+def test_a_polling_client_that_does_not_fetch_is_a_slow_client() -> None:
+    s = polling(RealtimeConfig(slow_client_timeout_ms=5000, ping_interval_ms=60_000))
+    s.send("a", 1.0)
+    s.tick(5.9)
+    assert s.is_open
+    s.tick(6.0)
+    assert s.close_reason is CloseReason.SLOW_CLIENT
+
+
+def test_a_post_with_too_many_packets_is_refused_before_decoding() -> None:
+    s = polling(RealtimeConfig(max_packets_per_post=16))
+    s.begin_post(0.0)
+    s.receive_post_data("\x1e".join(["6"] * 17).encode())
+    with pytest.raises(RemoteProtocolError):
+        s.end_of_post(0.0)
+    assert s.close_reason is CloseReason.PARSE_ERROR
+
+
+def messages(s: EngineIOSession) -> list[str | bytes]:
+    return [e.data for e in events(s) if isinstance(e, MessageReceived)]
+
+
+def test_a_post_is_delivered_in_batches() -> None:
+    s = polling()
+    s.begin_post(0.0)
+    s.receive_post_data("\x1e".join(f"4m{i}" for i in range(10)).encode())
+    assert not s.end_of_post(0.0, batch=4)
+    assert messages(s) == ["m0", "m1", "m2", "m3"]
+    assert not s.continue_post(0.0, batch=4)
+    assert s.continue_post(0.0, batch=4)
+    assert messages(s) == [f"m{i}" for i in range(4, 10)]
 
 
 def test_poll_response_is_capped_for_python_clients() -> None:

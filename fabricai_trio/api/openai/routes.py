@@ -6,7 +6,7 @@ admission, same cleanup on disconnect); streams are framed by `api/sse.py`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from pydantic import BaseModel
@@ -20,6 +20,7 @@ from ..http_errors import use_dialect
 from ..request_log import request_id
 from ..routes import read_json_body, start_stream
 from ..state import state
+from ..streaming import buffered
 from . import serving
 from .protocol import (
     ChatCompletionRequest,
@@ -51,7 +52,7 @@ def json_response(body: BaseModel) -> Response:
 async def sse_frames(
     chunks: AsyncGenerator[BaseModel | Keepalive, None], generation: Generation, *,
     include_usage: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """`data: {chunk}` lines, then `data: [DONE]` (not after an error). Each chunk's SSE
     id names the stream and the position of the event it came from."""
     exclude = None if include_usage else {"usage"}
@@ -76,8 +77,8 @@ async def respond(
         return json_response(await serving.complete(generation, fmt))
     include_usage = openai_request.include_usage
     chunks = serving.stream(generation, fmt, include_usage=include_usage)
-    response = Response(sse_frames(chunks, generation, include_usage=include_usage),
-                        headers=sse.SSE_HEADERS)
+    frames = sse_frames(chunks, generation, include_usage=include_usage)
+    response = Response(buffered(generation, frames), headers=sse.SSE_HEADERS)
     response.headers["X-Request-Id"] = generation.request_id
     response.timeout = None
     return response
