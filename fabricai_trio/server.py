@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import hypercorn.trio.run
 import trio
@@ -26,6 +27,18 @@ class ConnectionLimits:
     write_timeout_s: float
     max_connections: int
     open: int = 0
+    #: Writes in progress (their deadlines move up when the server stops).
+    writes: set[trio.CancelScope] = field(default_factory=set)
+    #: No write may last past this (`trio.current_time()` clock): set at shutdown.
+    close_at: float = math.inf
+
+    def close_by(self, deadline: float) -> None:
+        """Shutdown: every write, running or future, ends by `deadline` (then its
+        connection closes), so a client that stopped reading cannot hold the process
+        past the grace period."""
+        self.close_at = min(self.close_at, deadline)
+        for scope in self.writes:
+            scope.deadline = min(scope.deadline, self.close_at)
 
 
 #: The attribute of a Hypercorn `Config` that carries its `ConnectionLimits`.
@@ -74,11 +87,15 @@ class GuardedTCPServer(TCPServer):
             return
         gone = False
         async with self.send_lock:
-            with trio.CancelScope(shield=True), trio.move_on_after(limits.write_timeout_s) as timer:
+            deadline = min(trio.current_time() + limits.write_timeout_s, limits.close_at)
+            with trio.CancelScope(shield=True), trio.move_on_at(deadline) as timer:
+                limits.writes.add(timer)
                 try:
                     await self.stream.send_all(event.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     gone = True
+                finally:
+                    limits.writes.discard(timer)
             if timer.cancelled_caught:
                 log.info("closing a connection: a write did not complete in %.1f s "
                          "(the client stopped reading)", limits.write_timeout_s)
@@ -158,6 +175,9 @@ async def serve_app(settings: Settings, app: FabricApp | None = None) -> int:
             await stop.wait()
             if not app.fatal.is_set():
                 await app.begin_shutdown()
+            limits = getattr(config, LIMITS_ATTRIBUTE, None)
+            if isinstance(limits, ConnectionLimits):  # Hypercorn's grace starts now
+                limits.close_by(trio.current_time() + settings.shutdown_grace_seconds)
 
         nursery.start_soon(watch_signals)
         nursery.start_soon(watch_fatal)
