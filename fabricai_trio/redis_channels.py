@@ -44,10 +44,17 @@ class RedisChannels:
         poll_interval_s: float = 0.2,
         retry_interval_s: float = 1.0,
         max_threads: int = 4,
+        timeout_s: float = 5.0,
     ) -> None:
         self.poll_interval_s = poll_interval_s
         self.retry_interval_s = retry_interval_s
-        self.client: redis.Redis = redis.Redis.from_url(url)
+        # Our own timeouts, not redis-py's defaults (no socket timeout: a paused Redis
+        # held a worker thread, and what waited on it, for ever). `timeout_s` must stay
+        # above the stream log's XREAD block time.
+        self.client: redis.Redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 2.0),
+            health_check_interval=30,
+        )
         self._limiter = trio.CapacityLimiter(max_threads)
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
@@ -60,6 +67,18 @@ class RedisChannels:
         """Publish; the number of subscribers that got it. Raises `redis.RedisError`."""
         receivers: int = await self.call(self.client.publish, channel, payload)
         return receivers
+
+    async def publish_many(self, channel: str, payloads: list[bytes]) -> None:
+        """Publish several messages in one round trip (a pipeline). Raises
+        `redis.RedisError`, e.g. a timeout when Redis does not answer in time."""
+
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for payload in payloads:
+                pipe.publish(channel, payload)
+            pipe.execute()
+
+        await self.call(run)
 
     async def listen(
         self,

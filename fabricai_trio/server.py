@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import signal
 import math
+import signal
 from dataclasses import dataclass, field
 
 import hypercorn.trio.run

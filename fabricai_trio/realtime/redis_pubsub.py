@@ -2,7 +2,11 @@
 
 The Redis connection and its worker threads are the app's `RedisChannels`. Fan-out is
 best effort: local clients already have the message when it is published, so a Redis
-outage is logged and retried, never raised into `emit()`.
+outage is logged and retried, never raised into `emit()`. `emit()` never waits on Redis
+either: `publish()` only queues (a bounded queue; a full one drops the message and
+counts it), and a publisher task (run beside the subscriber in `listen()`) sends what
+is queued in one pipeline per batch. With Redis paused a stream goes on at full speed;
+only the other replicas' copies are lost.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import trio
 from redis.exceptions import RedisError
 
-from ..redis_channels import RedisChannels
+from ..redis_channels import RedisChannels, next_batch
 from .pubsub import BroadcastMessage
 
 logger = logging.getLogger("fabricai_trio.realtime")
@@ -76,19 +80,40 @@ class RedisPubSub:
     """A `PubSub` over one Redis channel of the app's `RedisChannels` (which the app
     owns and closes)."""
 
-    def __init__(self, redis: RedisChannels, *, channel: str = "fabricai:socketio") -> None:
+    def __init__(
+        self, redis: RedisChannels, *, channel: str = "fabricai:socketio",
+        queue_size: int = 1024,
+    ) -> None:
         self.channel = channel
         self._redis = redis
+        self._outgoing, self._queued = trio.open_memory_channel[bytes](queue_size)
+        #: Messages not published: the queue was full, or Redis failed them.
+        self.dropped = 0
 
     async def publish(self, message: BroadcastMessage) -> None:
-        """Publish in a worker thread; a Redis error is logged, not raised.
-
-        Cancellation waits for the thread's call to finish (it is short), then raises.
-        """
+        """Queue `message` for the publisher task; never waits on Redis. A full queue
+        (Redis slow or down) drops it: logged, counted in `dropped`."""
         try:
-            await self._redis.publish(self.channel, encode_message(message))
-        except RedisError as exc:
-            logger.warning("Socket.IO fan-out: publish to Redis failed: %s", exc)
+            self._outgoing.send_nowait(encode_message(message))
+        except trio.WouldBlock:
+            self._drop(1, "the publish queue is full (Redis is slow or down)")
+        await trio.lowlevel.checkpoint()
+
+    def _drop(self, count: int, why: str) -> None:
+        if self.dropped == 0 or (self.dropped + count) // 1000 > self.dropped // 1000:
+            logger.warning("Socket.IO fan-out: %d message(s) dropped so far: %s",
+                           self.dropped + count, why)
+        self.dropped += count
+
+    async def _publish_queued(self) -> None:
+        """Send what is queued, one pipeline per batch, until cancelled; each call is
+        bounded by the client's socket timeout (`RedisChannels`)."""
+        while True:
+            batch = await next_batch(self._queued)
+            try:
+                await self._redis.publish_many(self.channel, batch)
+            except RedisError as exc:
+                self._drop(len(batch), f"publish to Redis failed: {exc}")
 
     async def listen(
         self,
@@ -106,4 +131,6 @@ class RedisPubSub:
                 return
             deliver(message)
 
-        await self._redis.listen(self.channel, on_message, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._publish_queued)
+            await self._redis.listen(self.channel, on_message, task_status=task_status)

@@ -109,3 +109,31 @@ async def test_redis_outage_does_not_break_emit() -> None:
         await server.emit("still", "works")  # local delivery; the publish failure is logged
         assert await c.recv() == '2["still","works"]'
         nursery.cancel_scope.cancel()
+
+
+async def test_a_paused_redis_never_slows_emit() -> None:
+    """Redis paused (SIGSTOP: connections hang): emits go on at full speed, the
+    fan-out queue drops what it cannot hold, and the publisher's calls time out."""
+    from ..redis_server import RedisServer
+
+    with RedisServer() as server:
+        redis_channels = RedisChannels(server.url, timeout_s=1.0, retry_interval_s=0.05)
+        pubsub = RedisPubSub(redis_channels, channel="paused", queue_size=16)
+        sio = SocketIOServer(REF, pubsub=pubsub)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sio.run)
+            c = await open_client(sio.asgi_app, nursery)
+            sid = await c.connect()
+            sio.enter_room(sid, "watchers")
+            server.pause()
+            try:
+                for i in range(200):  # a room broadcast publishes every time
+                    with trio.fail_after(5):  # a hang guard: an emit only queues
+                        await sio.emit("token", i, to="watchers")
+                for i in range(200):
+                    assert await c.recv() == f'2["token",{i}]'
+                assert pubsub.dropped >= 200 - 16 - 1
+            finally:
+                server.resume()
+            nursery.cancel_scope.cancel()
+        await redis_channels.aclose()
