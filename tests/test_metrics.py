@@ -128,7 +128,7 @@ def test_gauges_429_and_cancellations(http: httpx.Client, server: ServerProcess)
 @pytest.mark.model
 def test_known_label_values_start_at_zero(http: httpx.Client) -> None:
     samples = scrape(http)
-    for cause in ("disconnect", "cancel", "shutdown"):
+    for cause in ("disconnect", "cancel", "shutdown", "slow_client"):
         assert ("fabricai_cancellations_total", frozenset({("cause", cause)})) in samples
     for kind in ("unavailable", "timeout", "write_failed"):
         assert value(samples, "fabricai_session_store_errors_total", kind=kind) == 0
