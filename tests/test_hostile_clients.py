@@ -234,3 +234,20 @@ async def test_a_polling_client_that_stops_fetching_is_cancelled_as_slow_client(
         session = await app.state.store.get("s2")
         assert session is not None and session.messages[-1].finish_reason == "cancelled"
         assert (await client.get("/socket.io/", params=params)).status_code == 400  # closed
+
+
+async def test_a_websocket_client_that_stops_reading_is_cancelled_as_slow_client() -> None:
+    from .test_slow_clients import websocket_prompt_and_never_read
+
+    async with served(step_seconds=0.001, **SLOW) as (app, client):
+        port = int(str(client.base_url).rsplit(":", 1)[1])
+        sock = await trio.to_thread.run_sync(
+            websocket_prompt_and_never_read, port,
+            {"prompt": "hi", "max_tokens": 4000, "session_id": "s3"})
+        try:
+            await wait_for(lambda: slow_cancels(app) == 1, timeout=60)
+            await wait_for(lambda: app.state.service.live_count == 0)
+            session = await app.state.store.get("s3")
+            assert session is not None and session.messages[-1].finish_reason == "cancelled"
+        finally:
+            sock.close()
