@@ -251,3 +251,47 @@ async def test_a_websocket_client_that_stops_reading_is_cancelled_as_slow_client
             assert session is not None and session.messages[-1].finish_reason == "cancelled"
         finally:
             sock.close()
+
+
+async def test_connections_beyond_max_connections_are_closed_at_once() -> None:
+    async with served(max_connections=3) as (_, client):
+        port = int(str(client.base_url).rsplit(":", 1)[1])
+
+        def request_on_new_connection() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                try:
+                    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    return sock.recv(4096)
+                except ConnectionResetError:  # closed with the request unread
+                    return b""
+
+        assert (await client.get("/livez")).status_code == 200  # the client's connection
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            assert await trio.to_thread.run_sync(request_on_new_connection) == b""
+        finally:
+            for sock in idle:
+                sock.close()
+        served_again = b""
+        for _ in range(100):  # once the idle ones are gone, a new connection is served
+            served_again = await trio.to_thread.run_sync(request_on_new_connection)
+            if served_again:
+                break
+            await trio.sleep(0.05)
+        assert served_again.startswith(b"HTTP/1.1 200")
+
+
+async def test_sessions_and_sessions_that_never_connect_are_capped() -> None:
+    async with served(socketio_max_unconnected=2, socketio_max_sessions=3) as (_, client):
+        params = {"EIO": "4", "transport": "polling"}
+        first, second = await open_polling(client), await open_polling(client)
+        third = await open_polling(client)  # over the unconnected cap: closed at once
+        closed = await client.get("/socket.io/", params={**params, "sid": third})
+        assert closed.text == "1"
+        for sid in (first, second):  # these may connect
+            await client.post("/socket.io/", params={**params, "sid": sid}, content="40")
+            assert (await client.get("/socket.io/",
+                                     params={**params, "sid": sid})).text.startswith("40")
+        await open_polling(client)  # the third session
+        refused = await client.get("/socket.io/", params=params)
+        assert refused.status_code == 503
