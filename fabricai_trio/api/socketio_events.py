@@ -191,11 +191,11 @@ class InferenceEvents:
     async def stream(self, sid: str, generation: Generation) -> None:
         """Emit one generation's events to the client (and its session's room)."""
         room = session_room(generation.session.id) if generation.session else None
-        closed_because = self.server.close_reason_of(sid)
-        generation.cut_cause = lambda: (
-            "slow_client" if closed_because() is CloseReason.SLOW_CLIENT else "disconnect"
-        )
         try:
+            closed_because = self.server.close_reason_of(sid)
+            generation.cut_cause = lambda: (
+                "slow_client" if closed_because() is CloseReason.SLOW_CLIENT else "disconnect"
+            )
             async with aclosing(generation.events()) as events:
                 async for event in events:
                     if not isinstance(event, Keepalive):
