@@ -23,7 +23,7 @@ import pytest
 
 from .server_process import ServerProcess, model_env
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
 LONG = 900  # tokens: far more than fits in the socket buffers before the writes block
 SLOW_TIMEOUT = 2.0
@@ -31,7 +31,13 @@ SLOW_TIMEOUT = 2.0
 
 #: A hang guard, not a budget: how long the socket buffers take to fill depends on the
 #: decode speed (about 130 tokens fill the kernel's buffers on loopback).
-GUARD = 240
+GUARD = 600
+
+
+def long_id(name: str) -> str:
+    """A request id of the longest length allowed: every event carries it, so the
+    socket buffers fill in fewer tokens."""
+    return (name + "-" * 128)[:128]
 
 
 def start(model_path: Path, logs: Path, **settings: str) -> ServerProcess:
@@ -63,11 +69,13 @@ def stuck_socket(port: int) -> socket.socket:
     return sock
 
 
-def post_and_never_read(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+def post_and_never_read(port: int, path: str, body: dict[str, Any], request_id: str = ""
+                        ) -> socket.socket:
     sock = stuck_socket(port)
     data = json.dumps(body).encode()
+    extra = f"X-Request-Id: {request_id}\r\n" if request_id else ""
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode()
+            f"{extra}Content-Length: {len(data)}\r\n\r\n").encode()
     sock.sendall(head + data)
     return sock
 
@@ -141,10 +149,11 @@ def test_sse_and_openai_clients_that_stop_reading_free_their_slots(
     stuck = [
         post_and_never_read(server.port, "/v1/inference_sse",
                             {"prompt": "Once upon a time", "max_tokens": LONG,
-                             "session_id": "slow-sse"}),
+                             "session_id": "slow-sse", "request_id": long_id("sse")}),
         post_and_never_read(server.port, "/v1/chat/completions",
                             {"messages": [{"role": "user", "content": "Tell a long story."}],
-                             "max_tokens": LONG, "stream": True, "session_id": "slow-openai"}),
+                             "max_tokens": LONG, "stream": True, "session_id": "slow-openai"},
+                            request_id=long_id("openai")),
     ]
     try:
         deadline = time.monotonic() + 60
@@ -170,7 +179,8 @@ def test_sse_and_openai_clients_that_stop_reading_free_their_slots(
 def test_a_websocket_client_that_stops_reading_frees_its_slot(server: ServerProcess) -> None:
     before = slow_client_cancels(server.url)
     sock = websocket_prompt_and_never_read(
-        server.port, {"prompt": "Once upon a time", "max_tokens": LONG, "session_id": "slow-ws"})
+        server.port, {"prompt": "Once upon a time", "max_tokens": LONG, "session_id": "slow-ws",
+                      "request_id": long_id("ws")})
     try:
         deadline = time.monotonic() + GUARD
         while slow_client_cancels(server.url) - before < 1:
