@@ -462,11 +462,6 @@ class SocketIOServer:
             try:
                 with scope:
                     await fn(*args)
-            except ClientGone:
-                if self._connections.get(conn.sid) is conn:
-                    raise
-                # the client left while it ran: nothing to report
-                logger.debug("%s: %s ended, its client is gone", conn.sid, what)
             finally:
                 conn.tasks.discard(scope)
 
