@@ -130,6 +130,9 @@ class Generation:
     #: `cut_cause()` says (a disconnect, unless the transport knows better).
     cancel_cause: CancelCause | None = None
     cut_cause: Callable[[], CancelCause] = field(default=lambda: "disconnect")
+    #: Called by `cancel()`: a transport whose consumer may be blocked on its client
+    #: (api/streaming.py) unblocks it, so the cancel takes effect at once.
+    on_cancel: Callable[[], None] | None = None
     text: str = ""
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
@@ -193,6 +196,8 @@ class Generation:
             self.cancel_cause = cause
         if self._step_scope is not None:
             self._step_scope.cancel()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @contextmanager
     def _step(self) -> Iterator[trio.CancelScope]:

@@ -45,6 +45,7 @@ class Outbox(Generic[T]):
         self._entries: collections.deque[_Entry[T]] = collections.deque()
         self._bytes = 0
         self._closed = False
+        self._released = False
         self.slow = False
         self._changed = trio.Event()
 
@@ -68,6 +69,13 @@ class Outbox(Generic[T]):
         self.slow = True
         self._notify()
 
+    def release(self) -> None:
+        """The generation is ending (it was cancelled): `put()` stops waiting for room,
+        so its last few events get through and it can end now, not when the client reads.
+        """
+        self._released = True
+        self._notify()
+
     async def put(self, frame: T, size: int, *, force: bool = False) -> bool:
         """Queue a frame; waits while the buffer is full. False if the client is slow
         (the frame is dropped), unless `force` (queued whatever the buffer holds).
@@ -77,7 +85,8 @@ class Outbox(Generic[T]):
         if force:
             await trio.lowlevel.checkpoint()
         else:
-            while not self.slow and self._entries and self._bytes + size > self.max_bytes:
+            while (not self.slow and not self._released and self._entries
+                   and self._bytes + size > self.max_bytes):
                 await self._changed.wait()
             if self.slow:
                 await trio.lowlevel.checkpoint()

@@ -46,6 +46,7 @@ def buffered(generation: Generation, frames: AsyncGenerator[bytes, None]) -> Asy
         generation.cancel("slow_client")
 
     generation.cut_cause = cut_cause
+    generation.on_cancel = outbox.release  # a cancel (shutdown, explicit) is not held up
     nursery: trio.Nursery = cast(dict[str, Any], request.scope)[REQUEST_NURSERY_KEY]
     nursery.start_soon(partial(
         pump, frames, outbox, on_slow=on_slow,

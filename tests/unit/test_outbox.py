@@ -130,3 +130,34 @@ async def test_an_engine_that_raises_ends_the_generation_with_error(
         assert events[-1].code == "engine_error"  # type: ignore[union-attr]
         session = await h.store.get("s1")
         assert session is not None and session.messages[-1].finish_reason == "error"
+
+
+async def test_a_cancel_is_not_held_up_by_a_client_that_stopped_reading(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness(max_tokens_limit=2048) as h:
+        await h.store.create("alice", session_id="s1")
+        request = GenerationRequest(prompt="hello there", session_id="s1", max_tokens=1000,
+                                    request_id="r1")
+        generation = await h.service.prepare(request, owner="alice")
+        outbox = Outbox[bytes](max_bytes=256, timeout=600.0)  # never slow in this test
+        generation.on_cancel = outbox.release
+
+        async def framed(g: Generation) -> AsyncGenerator[bytes, None]:
+            async for event in g.events():
+                yield repr(event).encode()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: pump(
+                framed(generation), outbox, on_slow=lambda: None,
+                finished=lambda: generation.finish_reason is not None,
+            ))
+            assert await outbox.get() is not None  # taken, never written
+            await trio.sleep(5.0)  # the outbox is full: the generation waits
+            assert generation.finish_reason is None
+            started = trio.current_time()
+            assert await h.service.cancel("alice", "r1", "shutdown")
+        assert trio.current_time() - started < 1.0  # ended at once, not after 600 s
+        ended = generation.complete_event()
+        assert (ended.finish_reason, ended.cancel_cause) == ("cancelled", "shutdown")
+        assert h.admission.stats().active == 0 and h.service.live_count == 0
