@@ -5,6 +5,7 @@ cause `slow_client`, and the turn is stored; one that reads keeps it."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from unittest.mock import patch
 
 import trio
 import trio.testing
@@ -15,8 +16,7 @@ from fabricai_trio.core.requests import GenerationRequest
 from fabricai_trio.generation import Generation
 from fabricai_trio.outbox import Outbox, pump
 
-from ..fakes import FakeEngine
-from .test_generation_cancel import harness
+from .test_generation_cancel import Harness, harness
 
 
 async def test_frames_count_until_written_and_a_full_outbox_waits(
@@ -110,26 +110,27 @@ async def test_a_client_that_stops_reading_loses_its_generation_as_slow_client(
 async def test_an_engine_that_raises_ends_the_generation_with_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    class Broken(FakeEngine):
-        async def generate_stream(  # type: ignore[override]
-            self, request: EngineRequest
-        ) -> AsyncGenerator[Chunk, None]:
-            await trio.sleep(0.1)
-            if request.max_tokens:
-                raise RuntimeError("boom")
-            yield Chunk("never", 1)
+    async def broken(request: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        await trio.sleep(0.1)
+        if request.max_tokens:
+            raise RuntimeError("boom")
+        yield Chunk("never", 1)
 
     async with harness() as h:
-        h.service.engine = Broken(h.service.settings)
-        await h.store.create("alice", session_id="s1")
-        request = GenerationRequest(prompt="hi", session_id="s1", max_tokens=4, request_id="r1")
-        generation = await h.service.prepare(request, owner="alice")
-        events = [event async for event in generation.events()]
-        assert not any(isinstance(e, CompleteEvent) for e in events)
-        assert generation.finish_reason == "error" and generation.cancel_cause is None
-        assert events[-1].code == "engine_error"  # type: ignore[union-attr]
-        session = await h.store.get("s1")
-        assert session is not None and session.messages[-1].finish_reason == "error"
+        with patch.object(h.engine, "generate_stream", broken):
+            await run_broken(h)
+
+
+async def run_broken(h: Harness) -> None:
+    await h.store.create("alice", session_id="s1")
+    request = GenerationRequest(prompt="hi", session_id="s1", max_tokens=4, request_id="r1")
+    generation = await h.service.prepare(request, owner="alice")
+    events = [event async for event in generation.events()]
+    assert not any(isinstance(e, CompleteEvent) for e in events)
+    assert generation.finish_reason == "error" and generation.cancel_cause is None
+    assert events[-1].code == "engine_error"  # type: ignore[union-attr]
+    session = await h.store.get("s1")
+    assert session is not None and session.messages[-1].finish_reason == "error"
 
 
 async def test_a_cancel_is_not_held_up_by_a_client_that_stopped_reading(
