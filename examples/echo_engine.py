@@ -11,7 +11,15 @@ from collections.abc import AsyncGenerator, Sequence
 
 import trio
 
-from fabricai_trio.core.engine import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
+from fabricai_trio.core.engine import (
+    ChatPrompt,
+    Chunk,
+    EngineInfo,
+    EngineRequest,
+    Finish,
+    TokenMemo,
+    check_limit,
+)
 from fabricai_trio.core.messages import ChatMessage
 from fabricai_trio.core.textstream import StopMatcher
 from fabricai_trio.settings import Settings
@@ -40,15 +48,21 @@ class EchoEngine:
             loaded=self._loaded, tokens_generated=self._generated,
         )
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
         await trio.lowlevel.checkpoint()
-        return [self._ids.setdefault(w, len(self._ids)) for w in text.split()]
+        # `limit`: more tokens than that raise TooManyTokens (a 400 context_length_exceeded).
+        return check_limit([self._ids.setdefault(w, len(self._ids)) for w in text.split()],
+                           limit)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return ChatPrompt(text=messages[-1].content if messages else "")
 
-    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
-        return await self.tokenize(prompt.text)
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
+        return await self.tokenize(prompt.text, limit=limit)
 
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         words = {v: k for k, v in self._ids.items()}

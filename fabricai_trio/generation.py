@@ -32,7 +32,16 @@ from typing import Protocol, TypeVar
 import trio
 
 from .admission import Admission, Ticket
-from .core.engine import Chunk, Engine, EngineError, EngineRequest, Finish
+from .core.engine import (
+    ChatPrompt,
+    Chunk,
+    Engine,
+    EngineError,
+    EngineRequest,
+    Finish,
+    TokenMemo,
+    TooManyTokens,
+)
 from .core.errors import (
     ContextLengthExceeded,
     DomainError,
@@ -126,6 +135,8 @@ class Generation:
     lock_token: str | None = None
     #: What the rate limits reserved for it (None without limits).
     reservation: Reservation | None = None
+    #: Stored messages left out of the prompt to fit the context (None: no session).
+    dropped_messages: int | None = None
     #: Why it was stopped: set by `cancel()`; a transport cut from outside is what
     #: `cut_cause()` says (a disconnect, unless the transport knows better).
     cancel_cause: CancelCause | None = None
@@ -301,6 +312,7 @@ class Generation:
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
                 total_tokens=self.prompt_tokens + self.completion_tokens,
+                dropped_messages=self.dropped_messages,
             ),
             timings=_timings(self.created_at, self.admitted_at or done, self.first_token_at,
                              done, self.completion_tokens),
@@ -495,10 +507,8 @@ class GenerationService:
             bias = logit_bias(request, model.engine.info().n_vocab)
             grammar = request_grammar(request, model.engine)
             new_messages = request.new_messages()
-            tokens, stop, stop_tokens = await self._prompt_tokens(
-                model, request, session, new_messages, max_tokens
-            )
-            cost = len(tokens) + max_tokens  # what fair turns and token limits weigh
+            prompt = await self._prompt_tokens(model, request, session, new_messages, max_tokens)
+            cost = len(prompt.tokens) + max_tokens  # what fair turns and token limits weigh
             reservation = await self.rate_limits.take(owner, tokens=cost)
             try:
                 ticket = model.admission.try_enter(principal=owner, cost=cost)
@@ -517,7 +527,7 @@ class GenerationService:
             raise
         engine_request = EngineRequest(
             request_id=request.request_id,
-            prompt_tokens=tokens,
+            prompt_tokens=prompt.tokens,
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
@@ -529,8 +539,8 @@ class GenerationService:
             logit_bias=bias,
             grammar=grammar,
             seed=request.seed,
-            stop=tuple(dict.fromkeys([*request.stop, *stop])),
-            stop_tokens=stop_tokens,
+            stop=tuple(dict.fromkeys([*request.stop, *prompt.stop])),
+            stop_tokens=prompt.stop_tokens,
             cache_scope=None if request.shared_prefix else owner,
         )
         generation = Generation(
@@ -544,6 +554,7 @@ class GenerationService:
             session=session,
             lock_token=lock_token,
             reservation=reservation,
+            dropped_messages=prompt.dropped_messages if session is not None else None,
         )
         self._live[generation.key] = generation
         self._idle = trio.Event()
@@ -733,38 +744,84 @@ class GenerationService:
         session: Session | None,
         new_messages: Sequence[ChatMessage],
         max_tokens: int,
-    ) -> tuple[list[int], tuple[str, ...], frozenset[int]]:
-        """Tokens to decode, stop strings and stop tokens; history is trimmed oldest turn
-        first (system kept) to fit. A conversation the chat template refuses is a 400."""
+    ) -> PromptTokens:
+        """Tokens to decode, stop strings and stop tokens, within `n_ctx - max_tokens`;
+        else `ContextLengthExceeded`, counted no further than needed (the engine stops
+        at the budget). A conversation the chat template refuses is a 400.
+
+        A session's history is trimmed, oldest whole turn first (the system prompt is
+        kept), to the fewest turns dropped that fit: a binary search over how many to
+        drop (the token count only grows with the turns kept), with one `TokenMemo` so
+        that each stretch of the conversation is tokenized once per request, not once
+        per try. Cancellation stops it between two pieces of tokenizing."""
         n_ctx = model.settings.n_ctx
         engine = model.engine
         budget = n_ctx - max_tokens
         if not request.is_chat:
-            tokens = await engine.tokenize(request.prompt or "")
-            if len(tokens) > budget:
-                raise _too_long(len(tokens), max_tokens, n_ctx)
-            return tokens, (), frozenset()
+            try:
+                tokens = await engine.tokenize(request.prompt or "", limit=budget)
+            except TooManyTokens as exc:
+                raise _too_long(exc, max_tokens, n_ctx) from None
+            return PromptTokens(tokens)
         history = [
             ChatMessage(role=m.role, content=m.content)
             for m in (session.messages if session is not None else ())
             if m.content or m.role != "assistant"
         ]
         system = [m for m in history if m.role == "system"]
-        older = [m for m in history if m.role != "system"]
-        while True:
+        turns = _turns([m for m in history if m.role != "system"])
+        memo = TokenMemo()
+
+        async def attempt(dropped: int) -> tuple[ChatPrompt, list[int]] | TooManyTokens:
+            kept = [m for turn in turns[dropped:] for m in turn]
             # A conversation the template refuses raises `InvalidMessages` (400).
-            chat = engine.format_chat([*system, *older, *new_messages])
-            tokens = await engine.tokenize_chat(chat)
-            if len(tokens) <= budget:
-                return tokens, chat.stop, chat.stop_tokens
-            if not older:
-                raise _too_long(len(tokens), max_tokens, n_ctx)
-            # Drop the oldest whole turn (its user message and the reply after it): a
-            # conversation that opened with a reply would put the system text after it.
-            end = 1
-            while end < len(older) and older[end].role != "user":
-                end += 1
-            older = older[end:]
+            chat = engine.format_chat([*system, *kept, *new_messages])
+            try:
+                return chat, await engine.tokenize_chat(chat, limit=budget, memo=memo)
+            except TooManyTokens as exc:
+                return exc
+
+        best = await attempt(0)
+        fewest = 0
+        if isinstance(best, TooManyTokens) and turns:
+            best = await attempt(len(turns))  # the least the prompt can be
+            fewest = len(turns)
+            if not isinstance(best, TooManyTokens):
+                too_many = 0  # best is at `fewest`, and dropping `too_many` does not fit
+                while fewest - too_many > 1:
+                    middle = (too_many + fewest) // 2
+                    tried = await attempt(middle)
+                    if isinstance(tried, TooManyTokens):
+                        too_many = middle
+                    else:
+                        best, fewest = tried, middle
+        if isinstance(best, TooManyTokens):
+            raise _too_long(best, max_tokens, n_ctx)
+        chat, tokens = best
+        return PromptTokens(tokens, chat.stop, chat.stop_tokens,
+                            dropped_messages=sum(len(t) for t in turns[:fewest]))
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """What `_prompt_tokens` found: the tokens, the chat's stops, what was trimmed."""
+
+    tokens: list[int]
+    stop: tuple[str, ...] = ()
+    stop_tokens: frozenset[int] = frozenset()
+    dropped_messages: int = 0
+
+
+def _turns(messages: Sequence[ChatMessage]) -> list[list[ChatMessage]]:
+    """History as whole turns: a user message and the replies after it (what comes
+    before the first user message is a turn of its own: dropping it alone would put
+    the system text after a reply)."""
+    turns: list[list[ChatMessage]] = []
+    for m in messages:
+        if m.role == "user" or not turns:
+            turns.append([m])
+        else:
+            turns[-1].append(m)
+    return turns
 
 
 @contextmanager
@@ -791,9 +848,6 @@ def logit_bias(request: GenerationRequest, n_vocab: int | None) -> dict[int, flo
     return bias
 
 
-def _too_long(prompt_tokens: int, max_tokens: int, n_ctx: int) -> ContextLengthExceeded:
-    return ContextLengthExceeded(
-        f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) does not fit "
-        f"the context window ({n_ctx} tokens)",
-        param="max_tokens",
-    )
+def _too_long(exc: TooManyTokens, max_tokens: int, n_ctx: int) -> ContextLengthExceeded:
+    return ContextLengthExceeded(prompt_tokens=exc.at_least, exact=exc.exact,
+                                 n_ctx=n_ctx, max_tokens=max_tokens)

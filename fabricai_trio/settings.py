@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     n_threads: int = Field(
         max(1, os.cpu_count() or 1), ge=1, le=1024, description="CPU threads per decode."
     )
+    tokenize_threads: int = Field(
+        1, ge=1, le=64,
+        description="Worker threads that tokenize prompts at once (a limiter of their own: "
+        "decoding never waits for them). Prompts are tokenized in pieces of about 1 KB, so a "
+        "long prompt waits its turn between pieces instead of holding a thread.",
+    )
     n_batch: int = Field(
         512, ge=1, le=65_536,
         description="ENGINE=llama: prompt tokens evaluated per llama.cpp decode call (at most "

@@ -11,7 +11,15 @@ from collections.abc import AsyncGenerator, Sequence
 import trio
 import trio.lowlevel
 
-from fabricai_trio.core.engine import ChatPrompt, Chunk, EngineInfo, EngineRequest, Finish
+from fabricai_trio.core.engine import (
+    ChatPrompt,
+    Chunk,
+    EngineInfo,
+    EngineRequest,
+    Finish,
+    TokenMemo,
+    check_limit,
+)
 from fabricai_trio.core.messages import ChatMessage
 from fabricai_trio.settings import Settings
 
@@ -41,16 +49,20 @@ class FakeEngine:
             loaded=self.loaded, tokens_generated=self.tokens_generated,
         )
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
         await trio.lowlevel.checkpoint()
-        return [0] * (len(text.split()) + int(add_bos))
+        return check_limit([0] * (len(text.split()) + int(add_bos)), limit)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         text = "".join(f"<{m.role}> {m.content} " for m in messages) + "<assistant>"
         return ChatPrompt(text=text, stop=("<end>",))
 
-    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
-        return await self.tokenize(prompt.text, add_bos=prompt.add_bos)
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
+        return await self.tokenize(prompt.text, add_bos=prompt.add_bos, limit=limit)
 
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         self.started.append(request.request_id)

@@ -21,6 +21,50 @@ class ModelLoadError(Exception):
     """The model could not be loaded (missing or corrupt file): start-up stops."""
 
 
+class TooManyTokens(Exception):
+    """A text has more tokens than the `limit` its caller gave, so tokenizing stopped.
+
+    `at_least` tokens are certain (every token of the text if `exact`): an engine may
+    stop as soon as the limit is passed, or refuse from the text's size alone.
+    """
+
+    def __init__(self, at_least: int, *, exact: bool) -> None:
+        super().__init__(f"at least {at_least} tokens" if not exact else f"{at_least} tokens")
+        self.at_least = at_least
+        self.exact = exact
+
+
+class TokenMemo:
+    """The tokens of text stretches one caller has already had tokenized (one request).
+
+    History trimming renders the same conversation several times, each time without
+    some of its oldest turns; with a memo an engine tokenizes each stretch of text once
+    per request instead of once per rendering. Kept per request, never shared between
+    callers (a shared one would tell one client, by its speed, what another sent).
+    """
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, tuple[int, ...]] = {}
+        self.hits = 0
+
+    def get(self, text: str) -> tuple[int, ...] | None:
+        found = self._tokens.get(text)
+        if found is not None:
+            self.hits += 1
+        return found
+
+    def put(self, text: str, tokens: Sequence[int]) -> None:
+        self._tokens[text] = tuple(tokens)
+
+
+def check_limit(tokens: list[int], limit: int | None) -> list[int]:
+    """`tokens`, or `TooManyTokens` if there are more than `limit`: for engines that
+    tokenize a whole text at once."""
+    if limit is not None and len(tokens) > limit:
+        raise TooManyTokens(len(tokens), exact=True)
+    return tokens
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineRequest:
     """What the engine decodes: prompt tokens plus sampling parameters."""
@@ -131,8 +175,15 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Tokens of `text`, as the model will see them. Cancel-safe (no shared state)."""
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
+        """Tokens of `text`, as the model will see them.
+
+        With `limit`: raises `TooManyTokens` once more than `limit` tokens are certain
+        (the built-in engines refuse a text too large to fit from its size alone, and
+        tokenize the rest in bounded pieces, stopping at the limit). Cancellation takes
+        effect between two pieces (no shared state is left behind)."""
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         """Render a conversation with the model's chat template (pure, fast).
@@ -140,9 +191,13 @@ class Engine(Protocol):
         Raises `core.errors.InvalidMessages` (a 400) if the template refuses it.
         """
 
-    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
         """Tokens of a rendered chat: control tokens only where the template wrote
-        them, never from message contents. Cancel-safe (no shared state)."""
+        them, never from message contents. `limit` as for `tokenize`; `memo` (may be
+        ignored) spares re-tokenizing text already seen by this caller. Cancellation
+        takes effect between two pieces (no shared state is left behind)."""
 
     def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         """Decode; yields `Chunk`s and, if the stream ends by itself, one `Finish`.

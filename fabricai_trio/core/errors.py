@@ -90,12 +90,16 @@ class DomainError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: int | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
         self.retry_after = retry_after if retry_after is not None else self.default_retry_after
+        #: Fields an error of this kind adds to the error object (after the four common
+        #: ones), the same on every transport.
+        self.details: dict[str, Any] = details or {}
 
     @property
     def status_hint(self) -> int:
@@ -138,8 +142,23 @@ class Unsupported(DomainError):
 
 
 class ContextLengthExceeded(DomainError):
+    """The prompt and `max_tokens` do not fit the context window. The error object
+    carries `prompt_tokens` (a lower bound when `prompt_tokens_exact` is false: the
+    server stops counting once the prompt cannot fit), `n_ctx` and `max_tokens`."""
+
     kind = ErrorKind.BAD_REQUEST
     default_code = "context_length_exceeded"
+
+    def __init__(self, *, prompt_tokens: int, exact: bool, n_ctx: int, max_tokens: int
+                 ) -> None:
+        counted = f"{prompt_tokens}" if exact else f"at least {prompt_tokens}"
+        super().__init__(
+            f"the prompt ({counted} tokens) plus max_tokens ({max_tokens}) does not fit "
+            f"the context window ({n_ctx} tokens)",
+            param="max_tokens",
+            details={"prompt_tokens": prompt_tokens, "prompt_tokens_exact": exact,
+                     "n_ctx": n_ctx, "max_tokens": max_tokens},
+        )
 
 
 class InvalidMessages(DomainError):
@@ -434,12 +453,14 @@ class HttpError:
 
 
 def error_object(error: DomainError) -> dict[str, Any]:
-    """`{"type", "code", "message", "param"}`: the inside of every error body."""
+    """`{"type", "code", "message", "param"}` and the error's `details`: the inside of
+    every error body."""
     return {
         "type": ERROR_TABLE[error.kind].type,
         "code": error.code,
         "message": error.message,
         "param": error.param,
+        **error.details,
     }
 
 

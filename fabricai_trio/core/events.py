@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 #: How a generation ended. `cancelled`: a client, a disconnect or a shutdown stopped it.
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -23,6 +23,18 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    #: Session requests only: stored messages left out of the prompt, oldest whole turns
+    #: first, so that it fits the context window (0: the whole history was used).
+    #: Absent for requests without a session.
+    dropped_messages: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_extension(self, handler: SerializerFunctionWrapHandler
+                                 ) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        if data.get("dropped_messages") is None:
+            data.pop("dropped_messages", None)
+        return data
 
 
 class Timings(BaseModel):
@@ -64,6 +76,10 @@ class ErrorEvent(BaseModel):
 
     `code` is the same string as in the HTTP error body; `status` its HTTP status.
     """
+
+    #: An error's own fields follow the common ones (`context_length_exceeded`:
+    #: `prompt_tokens`, `prompt_tokens_exact`, `n_ctx`, `max_tokens`).
+    model_config = ConfigDict(extra="allow")
 
     request_id: str
     status: int

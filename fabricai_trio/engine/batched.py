@@ -39,7 +39,15 @@ from functools import partial
 import outcome
 import trio
 
-from ..core.engine import ChatPrompt, Chunk, EngineError, EngineInfo, EngineRequest, Finish
+from ..core.engine import (
+    ChatPrompt,
+    Chunk,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    Finish,
+    TokenMemo,
+)
 from ..core.messages import ChatMessage
 from ..core.textstream import TextAssembler
 from ..settings import Settings
@@ -175,20 +183,25 @@ class BatchedEngine:
                 "kv_copies": st.kv_copies,
                 "kv_cells_used": st.kv_cells_used,
                 "kv_cells_total": self._settings.n_ctx * self._scheduler.n_seq_max,
+                **text.stats(),
             },
         )
 
     def grammar_error(self, grammar: str) -> str | None:
         return self._text.grammar_error(grammar)
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return await self._text.tokenize(text, add_bos=add_bos)
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
+        return await self._text.tokenize(text, add_bos=add_bos, limit=limit)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)
 
-    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
-        return await self._text.tokenize_chat(prompt)
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
+        return await self._text.tokenize_chat(prompt, limit=limit, memo=memo)
 
     # --- generation ---
 

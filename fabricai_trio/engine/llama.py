@@ -37,6 +37,7 @@ from ..core.engine import (
     EngineRequest,
     Finish,
     ModelLoadError,
+    TokenMemo,
 )
 from ..core.messages import ChatMessage
 from ..core.textstream import TextAssembler
@@ -126,20 +127,25 @@ class LlamaEngine:
                    "prompt_tokens_reused": self._prompt_tokens_reused,
                    # What the contexts hold (reused by the next prompt of the same scope).
                    "kv_cells_used": sum(ctx.n_tokens for ctx in self._contexts),
-                   "kv_cells_total": self._settings.n_ctx * len(self._contexts)},
+                   "kv_cells_total": self._settings.n_ctx * len(self._contexts),
+                   **text.stats()},
         )
 
     def grammar_error(self, grammar: str) -> str | None:
         return self._text.grammar_error(grammar)
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return await self._text.tokenize(text, add_bos=add_bos)
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
+        return await self._text.tokenize(text, add_bos=add_bos, limit=limit)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)
 
-    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
-        return await self._text.tokenize_chat(prompt)
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
+        return await self._text.tokenize_chat(prompt, limit=limit, memo=memo)
 
     # --- generation ---
 

@@ -11,18 +11,54 @@ rendered prompt with special tokens on (it splits the text at control tokens, th
 tokenizes each stretch of text in between), except that control tokens are looked
 for only in the parts the template wrote: a message that contains `<|im_start|>`
 gets the tokens of that text, not the control token.
+
+Bounded work (issue 17): llama.cpp's tokenizer is quadratic in the number of
+user-defined tokens a text holds (Gemma's newline and tab runs, HTML tags: 32 kB of
+short lines take seconds), so a text is never handed to it whole:
+
+* With a `limit` (the room left in the context window), a text is first measured in
+  bytes: no token of the vocabulary covers more than `max_token_bytes` bytes of text
+  (the longest token piece, found at load), so a text of more than `limit *
+  max_token_bytes` bytes certainly has more than `limit` tokens and is refused
+  (`TooManyTokens`) without being tokenized at all.
+* The rest is tokenized in pieces of at most `PIECE_CHARS` characters, each fast
+  (about a millisecond, whatever the text), and tokenizing stops as soon as the count
+  passes the limit. A piece ends, where it can, between two characters that no token
+  of the vocabulary holds side by side (after a newline, before a space...): no token
+  can span such a boundary, so for a SentencePiece vocabulary without a space prefix
+  (Gemma) the pieces' tokens are exactly the whole text's. Where no such boundary is
+  near, the piece is cut anyway (never inside a control or user-defined token); the
+  tokens then differ from a whole tokenization only around that cut. Either way the
+  tokens counted are the tokens the model is given.
+* Pieces run in worker threads on a `CapacityLimiter` of their own
+  (`TOKENIZE_THREADS`), one piece per thread call, so a cancelled request (its client
+  left) stops between two pieces, and decoding never waits behind tokenizing: the
+  decode steps run on threads of their own (`trio.lowlevel.start_thread_soon`), on no
+  limiter.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import trio
 
-from ..core.engine import ChatPrompt, EngineError, ModelLoadError, PromptPart
+from ..core.engine import (
+    ChatPrompt,
+    EngineError,
+    ModelLoadError,
+    PromptPart,
+    TokenMemo,
+    TooManyTokens,
+)
 from ..core.messages import ChatMessage
 from ..settings import Settings
 from .chat import GGUF_TEMPLATE, ChatTemplate, select_template
@@ -32,11 +68,17 @@ from .model_files import embedded_by_name, resolve_model_path
 # `<table>`, runs of newlines) are ordinary added text: llama.cpp matches them with
 # special tokens off too, so they are left to the tokenizer, across part boundaries.
 _CONTROL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+_USER_DEFINED = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+_BYTE = llama_cpp.LLAMA_TOKEN_ATTR_BYTE
 _LSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP
 _RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
 _SPLIT_CACHE_SIZE = 4096  # distinct template parts remembered (they repeat every turn)
-INLINE_TOKENIZE_CHARS = 2048
-"""Texts up to this many characters are tokenized without a worker thread (~0.1 ms)."""
+PIECE_CHARS = 1024
+"""Most characters llama.cpp tokenizes in one call: about a millisecond even for the
+texts its tokenizer is slowest on (one short line after another), ~0.2 ms for prose."""
+INLINE_TOKENIZE_CHARS = 512
+"""Pieces up to this many characters are tokenized without a worker thread (at most
+~0.5 ms, less than the worker-thread round trip for most texts)."""
 
 
 def fallback_chat_format(llm_model: Path | str | None, architecture: str) -> str:
@@ -46,6 +88,27 @@ def fallback_chat_format(llm_model: Path | str | None, architecture: str) -> str
     if embedded is not None and embedded.fallback_chat_format is not None:
         return embedded.fallback_chat_format
     return "gemma" if architecture.startswith("gemma") else "chatml"
+
+
+@dataclass(frozen=True, slots=True)
+class VocabShape:
+    """What bounded tokenization needs to know of a vocabulary (found once at load)."""
+
+    max_token_bytes: int
+    """The most bytes of text one token covers (0: unknown, no bound from size)."""
+    pairs: frozenset[str]
+    """Every two characters some token holds side by side: a piece boundary between
+    two characters not in here splits no token."""
+    special_pairs: frozenset[str]
+    """The same for control and user-defined tokens only: a forced cut never falls
+    inside one of them."""
+    pieces: bool
+    """Whether texts may be tokenized in pieces (not for a vocabulary that puts a space
+    before each text it tokenizes, or one that normalizes text)."""
+
+
+_SHAPES: dict[tuple[str, int, int], VocabShape] = {}  # per model file: the scan is ~0.5 s
+_SHAPES_LOCK = threading.Lock()
 
 
 class ModelText:
@@ -59,6 +122,9 @@ class ModelText:
         self._stop_tokens: frozenset[int] = frozenset()
         self._in_threads = 0  # tokenize calls running in worker threads
         self._idle = trio.Event()
+        self._limiter = trio.CapacityLimiter(settings.tokenize_threads)
+        self.pieces_tokenized = 0  # llama.cpp tokenize calls for prompts (tests, status)
+        self.refused_by_size = 0  # texts refused from their size, never tokenized
 
     async def load(self) -> Path:
         """Find the model file and open its vocabulary (worker threads); the file's path.
@@ -125,11 +191,23 @@ class ModelText:
         """Tokens that end a chat reply: BOS, EOS, EOT and the template's end of turn."""
         return self._stop_tokens
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+    @property
+    def shape(self) -> VocabShape:
+        return self._loaded().shape
+
+    def stats(self) -> dict[str, object]:
+        """Tokenizer figures for `/v1/status` (`engine`)."""
+        return {"tokenize_pieces": self.pieces_tokenized,
+                "tokenize_refused_by_size": self.refused_by_size}
+
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
         """Tokens of plain text; control tokens written in it are recognised (a raw
-        prompt is the caller's own template)."""
-        return await self._run(len(text), lambda vocab: vocab.tokenize(
-            text, add_bos=add_bos, special=True))
+        prompt is the caller's own template). `limit`: see the module doc."""
+        vocab = self._loaded()
+        bos = add_bos and vocab.adds_bos and vocab.bos >= 0
+        return await self._tokenize([text], bos=bos, special=True, limit=limit, memo=None)
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         """Render with the chat template. Raises `InvalidMessages`."""
@@ -144,23 +222,83 @@ class ModelText:
             add_bos=self.template.add_bos,
         )
 
-    async def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
         """Tokens of a rendered chat (module doc); a prompt without parts is all
-        template text."""
-        return await self._run(len(prompt.text), lambda vocab: vocab.tokenize_chat(prompt))
-
-    async def _run(self, chars: int, fn: Callable[[_Vocab], list[int]]) -> list[int]:
-        """`fn(vocab)` inline for short texts, else in a worker thread (never abandoned,
-        counted so that `aclose()` waits for it)."""
-        inline = chars <= INLINE_TOKENIZE_CHARS
-        if inline:
-            await trio.lowlevel.checkpoint()  # before looking at _vocab: aclose may run here
+        template text. `memo`: stretches between control tokens already tokenized for
+        this caller are taken from it, new ones added."""
         vocab = self._loaded()
-        if inline:
-            return fn(vocab)
+        stretches = vocab.chat_stretches(prompt)
+        bos = (prompt.add_bos and vocab.adds_bos and vocab.bos >= 0
+               and stretches[:1] != [vocab.bos])
+        return await self._tokenize(stretches, bos=bos, special=False, limit=limit, memo=memo)
+
+    async def _tokenize(
+        self,
+        stretches: Sequence[str | int],
+        *,
+        bos: bool,
+        special: bool,
+        limit: int | None,
+        memo: TokenMemo | None,
+    ) -> list[int]:
+        """Text stretches (and control token ids between them) as tokens, each stretch
+        in pieces; `TooManyTokens` as soon as more than `limit` are certain."""
+        vocab = self._loaded()
+        shape = vocab.shape
+        if limit is not None and shape.max_token_bytes:
+            at_least = int(bos) + sum(
+                1 if isinstance(s, int)
+                else math.ceil(len(s.encode("utf-8", "surrogatepass")) / shape.max_token_bytes)
+                for s in stretches
+            )
+            if at_least > limit:
+                self.refused_by_size += 1
+                await trio.lowlevel.checkpoint()
+                raise TooManyTokens(at_least, exact=False)
+        tokens: list[int] = [vocab.bos] if bos else []
+        last = len(stretches) - 1
+        for i, stretch in enumerate(stretches):
+            if isinstance(stretch, int):
+                tokens.append(stretch)
+                continue
+            known = memo.get(stretch) if memo is not None else None
+            if known is not None:
+                tokens += known
+            else:
+                start = len(tokens)
+                pieces = vocab.pieces(stretch)
+                for j, piece in enumerate(pieces):
+                    tokens += await self._piece(vocab, piece, special)
+                    if (limit is not None and len(tokens) > limit
+                            and (i < last or j < len(pieces) - 1)):
+                        raise TooManyTokens(len(tokens), exact=False)
+                if memo is not None:
+                    memo.put(stretch, tokens[start:])
+            if limit is not None and len(tokens) > limit and i < last:
+                raise TooManyTokens(len(tokens), exact=False)
+        if limit is not None and len(tokens) > limit:
+            raise TooManyTokens(len(tokens), exact=True)
+        await trio.lowlevel.checkpoint()  # even when every stretch came from the memo
+        return tokens
+
+    async def _piece(self, vocab: _Vocab, piece: str, special: bool) -> list[int]:
+        """One piece: inline if short, else in a worker thread on the tokenizer's own
+        limiter (never abandoned, counted so that `aclose()` waits for it). A
+        checkpoint either way, so a cancelled caller stops here."""
+        self.pieces_tokenized += 1
+        if len(piece) <= INLINE_TOKENIZE_CHARS:
+            await trio.lowlevel.checkpoint()
+            if self._vocab is None:  # aclose ran during the checkpoint
+                raise EngineError("the model is not loaded")
+            return vocab.tokenize(piece, add_bos=False, special=special)
         self._in_threads += 1
         try:
-            return await trio.to_thread.run_sync(fn, vocab)
+            return await trio.to_thread.run_sync(
+                lambda: vocab.tokenize(piece, add_bos=False, special=special),
+                limiter=self._limiter,
+            )
         finally:
             self._in_threads -= 1
             if not self._in_threads:
@@ -181,11 +319,31 @@ class ModelText:
             await trio.to_thread.run_sync(vocab.close)
 
 
+def split_pieces(text: str, shape: VocabShape, size: int = PIECE_CHARS) -> list[str]:
+    """`text` in pieces of at most `size` characters (and at least half that, but for
+    the last), each ending where no token can span (module doc) if such a place is in
+    its second half, else where no control or user-defined token is cut."""
+    if len(text) <= size or not shape.pieces:
+        return [text]
+    out: list[str] = []
+    start, n = 0, len(text)
+    pairs, special = shape.pairs, shape.special_pairs
+    while n - start > size:
+        hi, lo = start + size, start + size // 2
+        cut = next((p for p in range(hi, lo, -1) if text[p - 1:p + 1] not in pairs), 0)
+        if not cut:
+            cut = next((p for p in range(hi, lo, -1) if text[p - 1:p + 1] not in special), hi)
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 class _Vocab:
     """A vocab-only llama.cpp model plus what chat tokenization needs. Thread-safe:
     llama.cpp's tokenizer is read-only; the split cache has a lock."""
 
-    def __init__(self, llama: llama_cpp.Llama) -> None:
+    def __init__(self, llama: llama_cpp.Llama, shape: VocabShape) -> None:
         self._llama = llama
         self._vocab = llama._model.vocab
         self.metadata: dict[str, str] = dict(llama.metadata)
@@ -193,7 +351,8 @@ class _Vocab:
         self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self._vocab))
         self.eot = int(llama_cpp.llama_vocab_eot(self._vocab))
-        self._adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.shape = shape
         self._splits: dict[str, tuple[str | int, ...]] = {}
         self._lock = threading.Lock()
 
@@ -203,7 +362,7 @@ class _Vocab:
             llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"LLM_MODEL: cannot load {path}: {exc}") from None
-        return cls(llama)
+        return cls(llama, _shape_of(path, llama))
 
     def close(self) -> None:
         self._llama.close()
@@ -224,15 +383,22 @@ class _Vocab:
         return self._llama.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        # A lone surrogate (valid JSON, not valid UTF-8) is tokenized as U+FFFD.
+        return self._llama.tokenize(text.encode("utf-8", "replace"), add_bos=add_bos,
+                                    special=special)
 
-    def tokenize_chat(self, prompt: ChatPrompt) -> list[int]:
-        tokens: list[int] = []
+    def pieces(self, text: str) -> list[str]:
+        return split_pieces(text, self.shape)
+
+    def chat_stretches(self, prompt: ChatPrompt) -> list[str | int]:
+        """The text between control tokens (each stretch tokenized with special tokens
+        off) and the control token ids, as `tokenize_chat` feeds them."""
+        out: list[str | int] = []
         pending: list[str] = []  # text since the last control token
 
         def flush() -> None:
             if pending:
-                tokens.extend(self.tokenize("".join(pending), add_bos=False, special=False))
+                out.append("".join(pending))
                 pending.clear()
 
         for part in prompt.parts or (PromptPart(prompt.text, template=True),):
@@ -242,13 +408,11 @@ class _Vocab:
             for piece in self.split_specials(part.text):
                 if isinstance(piece, int):
                     flush()
-                    tokens.append(piece)
+                    out.append(piece)
                 else:
                     pending.append(piece)
         flush()
-        if prompt.add_bos and self._adds_bos and self.bos >= 0 and tokens[:1] != [self.bos]:
-            tokens.insert(0, self.bos)
-        return tokens
+        return out
 
     def split_specials(self, text: str) -> tuple[str | int, ...]:
         """`text` as text runs and control-token ids, split as llama.cpp's tokenizer
@@ -291,3 +455,70 @@ class _Vocab:
                 self._splits.clear()
             self._splits[text] = result
         return result
+
+
+def _shape_of(path: Path, llama: llama_cpp.Llama) -> VocabShape:
+    """Scan the vocabulary once per model file (module doc): the longest token in
+    bytes, and which characters tokens hold side by side."""
+    stat = os.stat(path)
+    key = (str(path), stat.st_size, int(stat.st_mtime_ns))
+    with _SHAPES_LOCK:
+        known = _SHAPES.get(key)
+    if known is not None:
+        return known
+    vocab = llama._model.vocab
+    kind = int(llama_cpp.llama_vocab_type(vocab))
+    attrs = [int(llama_cpp.llama_vocab_get_attr(vocab, t))
+             for t in range(int(llama_cpp.llama_vocab_n_tokens(vocab)))]
+    pieces = _token_pieces(vocab, attrs, spm=kind == llama_cpp.LLAMA_VOCAB_TYPE_SPM)
+    special = [p for p, a in zip(pieces, attrs, strict=True) if a & (_CONTROL | _USER_DEFINED)]
+    space_prefix = llama.metadata.get("tokenizer.ggml.add_space_prefix", "true") != "false"
+    # A token covers at most its piece's bytes, so the longest piece bounds the bytes per
+    # token for vocabularies that do not normalize the text (SentencePiece's space prefix
+    # only adds a byte); a UTF-8 character is at most 4 bytes (an unknown one is 1 token).
+    bounded = kind in (llama_cpp.LLAMA_VOCAB_TYPE_BPE, llama_cpp.LLAMA_VOCAB_TYPE_SPM)
+    shape = VocabShape(
+        max_token_bytes=max(4, *map(len, pieces)) if bounded else 0,
+        pairs=_pairs(pieces),
+        special_pairs=_pairs(special),
+        pieces=kind == llama_cpp.LLAMA_VOCAB_TYPE_BPE or (
+            kind == llama_cpp.LLAMA_VOCAB_TYPE_SPM and not space_prefix),
+    )
+    with _SHAPES_LOCK:
+        _SHAPES[key] = shape
+    return shape
+
+
+def _token_pieces(vocab: object, attrs: Sequence[int], *, spm: bool) -> list[bytes]:
+    """Every token's text as it appears in a text (control tokens as written). For
+    SentencePiece from the vocabulary's own strings (5x faster than asking llama.cpp
+    for each piece): spaces are written `▁` there, byte tokens `<0xNN>`."""
+    n_vocab = len(attrs)
+    out: list[bytes] = []
+    if spm:
+        space = "\u2581".encode()
+        for token in range(n_vocab):
+            raw = llama_cpp.llama_vocab_get_text(vocab, token) or b""
+            if attrs[token] & _BYTE:
+                out.append(bytes([int(raw[3:5], 16)]) if len(raw) == 6 else raw)
+            else:
+                out.append(raw.replace(space, b" "))
+        return out
+    buf = ctypes.create_string_buffer(512)
+    for token in range(n_vocab):
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        out.append(buf.raw[:max(n, 0)])
+    return out
+
+
+def _pairs(pieces: Sequence[bytes]) -> frozenset[str]:
+    """Every two characters that some piece holds side by side (numpy: ~2M characters)."""
+    text = b"\0".join(pieces).decode("utf-8", "replace")  # NUL ends any broken sequence
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(codes) < 2:
+        return frozenset()
+    left, right = codes[:-1], codes[1:]
+    keep = (left != 0) & (right != 0)  # not across the joins
+    both = np.unique((left[keep] << np.uint64(21)) | right[keep]).tolist()
+    mask = (1 << 21) - 1
+    return frozenset(chr(c >> 21) + chr(c & mask) for c in both)

@@ -181,9 +181,11 @@ async def test_a_full_queue_refuses_before_the_session_and_the_tokenizer(
         tokenized: list[str] = []
         tokenize = h.engine.tokenize
 
-        async def counting(text: str, *, add_bos: bool = True) -> list[int]:
+        async def counting(
+            text: str, *, add_bos: bool = True, limit: int | None = None
+        ) -> list[int]:
             tokenized.append(text)
-            return await tokenize(text, add_bos=add_bos)
+            return await tokenize(text, add_bos=add_bos, limit=limit)
 
         h.engine.tokenize = counting  # type: ignore[method-assign]
         h.engine.tokenize_chat = None  # type: ignore[assignment,method-assign]
