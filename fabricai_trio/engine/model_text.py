@@ -122,7 +122,8 @@ class ModelText:
         self._stop_tokens: frozenset[int] = frozenset()
         self._in_threads = 0  # tokenize calls running in worker threads
         self._idle = trio.Event()
-        self._limiter = trio.CapacityLimiter(settings.tokenize_threads)
+        #: Held by each piece tokenized in a worker thread (TOKENIZE_THREADS).
+        self.limiter = trio.CapacityLimiter(settings.tokenize_threads)
         self.pieces_tokenized = 0  # llama.cpp tokenize calls for prompts (tests, status)
         self.refused_by_size = 0  # texts refused from their size, never tokenized
 
@@ -287,18 +288,20 @@ class ModelText:
         """One piece: inline if short, else in a worker thread on the tokenizer's own
         limiter (never abandoned, counted so that `aclose()` waits for it). A
         checkpoint either way, so a cancelled caller stops here."""
-        self.pieces_tokenized += 1
         if len(piece) <= INLINE_TOKENIZE_CHARS:
             await trio.lowlevel.checkpoint()
             if self._vocab is None:  # aclose ran during the checkpoint
                 raise EngineError("the model is not loaded")
+            self.pieces_tokenized += 1
             return vocab.tokenize(piece, add_bos=False, special=special)
         self._in_threads += 1
         try:
-            return await trio.to_thread.run_sync(
+            tokens = await trio.to_thread.run_sync(
                 lambda: vocab.tokenize(piece, add_bos=False, special=special),
-                limiter=self._limiter,
+                limiter=self.limiter,
             )
+            self.pieces_tokenized += 1
+            return tokens
         finally:
             self._in_threads -= 1
             if not self._in_threads:
