@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from quart import Blueprint, Quart, Response, current_app, jsonify
 
@@ -32,10 +32,19 @@ from .state import EXTENSION_KEY, AppState
 
 
 class ErrorDetail(BaseModel):
+    """The common fields; some codes add their own (below)."""
+
     type: str
     code: str
     message: str
     param: str | None
+    prompt_tokens: int | None = Field(
+        None, description="`context_length_exceeded`: the prompt's tokens (at least this "
+        "many when `prompt_tokens_exact` is false: counting stops once it cannot fit)")
+    prompt_tokens_exact: bool | None = Field(None, description="`context_length_exceeded`")
+    n_ctx: int | None = Field(None, description="`context_length_exceeded`: the context size")
+    max_tokens: int | None = Field(
+        None, description="`context_length_exceeded`: the reply budget asked for")
 
 
 class ErrorBody(BaseModel):

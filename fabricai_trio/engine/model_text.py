@@ -43,7 +43,7 @@ import ctypes
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,12 +268,12 @@ class ModelText:
             if known is not None:
                 tokens += known
             else:
-                start = len(tokens)
-                pieces = vocab.pieces(stretch)
-                for j, piece in enumerate(pieces):
+                start, done = len(tokens), 0
+                for piece in iter_pieces(stretch, shape):
                     tokens += await self._piece(vocab, piece, special)
+                    done += len(piece)
                     if (limit is not None and len(tokens) > limit
-                            and (i < last or j < len(pieces) - 1)):
+                            and (i < last or done < len(stretch))):
                         raise TooManyTokens(len(tokens), exact=False)
                 if memo is not None:
                     memo.put(stretch, tokens[start:])
@@ -326,9 +326,14 @@ def split_pieces(text: str, shape: VocabShape, size: int = PIECE_CHARS) -> list[
     """`text` in pieces of at most `size` characters (and at least half that, but for
     the last), each ending where no token can span (module doc) if such a place is in
     its second half, else where no control or user-defined token is cut."""
+    return list(iter_pieces(text, shape, size))
+
+
+def iter_pieces(text: str, shape: VocabShape, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`split_pieces`, one at a time: a caller that stops early splits no further."""
     if len(text) <= size or not shape.pieces:
-        return [text]
-    out: list[str] = []
+        yield text
+        return
     start, n = 0, len(text)
     pairs, special = shape.pairs, shape.special_pairs
     while n - start > size:
@@ -336,10 +341,9 @@ def split_pieces(text: str, shape: VocabShape, size: int = PIECE_CHARS) -> list[
         cut = next((p for p in range(hi, lo, -1) if text[p - 1:p + 1] not in pairs), 0)
         if not cut:
             cut = next((p for p in range(hi, lo, -1) if text[p - 1:p + 1] not in special), hi)
-        out.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    out.append(text[start:])
-    return out
+    yield text[start:]
 
 
 class _Vocab:
@@ -389,9 +393,6 @@ class _Vocab:
         # A lone surrogate (valid JSON, not valid UTF-8) is tokenized as U+FFFD.
         return self._llama.tokenize(text.encode("utf-8", "replace"), add_bos=add_bos,
                                     special=special)
-
-    def pieces(self, text: str) -> list[str]:
-        return split_pieces(text, self.shape)
 
     def chat_stretches(self, prompt: ChatPrompt) -> list[str | int]:
         """The text between control tokens (each stretch tokenized with special tokens
