@@ -156,7 +156,7 @@ async def real_server(**overrides: Any) -> AsyncIterator[tuple[FabricApp, httpx.
     async with trio.open_nursery() as nursery:
         asgi: Any = app
         binds = await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop.wait))
-        async with httpx.AsyncClient(base_url=binds[0], timeout=60) as client:
+        async with httpx.AsyncClient(base_url=binds[0], timeout=300) as client:  # hang guard
             with trio.fail_after(120):
                 await app.ready.wait()
             yield app, client, engine, store
@@ -333,6 +333,11 @@ async def test_trimming_a_400_turn_session_is_linear() -> None:
         second = await client.post("/v1/inference_sse", json={
             "prompt": "Again?", "session_id": "long", "max_tokens": 2})
         assert '"dropped_messages"' in second.text
+        # The OpenAI chat route reports it in its usage too.
+        chat = await client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "Once more?"}],
+            "session_id": "long", "max_tokens": 2})
+        assert chat.json()["usage"]["dropped_messages"] > 700
         # Without a session, usage has no dropped_messages.
         plain = await client.post("/v1/inference_sse", json={"prompt": "Hi", "max_tokens": 2})
         assert "dropped_messages" not in plain.text
