@@ -290,10 +290,14 @@ class ModelText:
         checkpoint either way, so a cancelled caller stops here."""
         if len(piece) <= INLINE_TOKENIZE_CHARS:
             await trio.lowlevel.checkpoint()
-            if self._vocab is None:  # aclose ran during the checkpoint
+            if self._vocab is not vocab:  # aclose ran during the checkpoint
                 raise EngineError("the model is not loaded")
             self.pieces_tokenized += 1
             return vocab.tokenize(piece, add_bos=False, special=special)
+        # No checkpoint from this check to the count `aclose()` waits on: it cannot free
+        # the vocabulary under this thread.
+        if self._vocab is not vocab:
+            raise EngineError("the model is not loaded")
         self._in_threads += 1
         try:
             tokens = await trio.to_thread.run_sync(
