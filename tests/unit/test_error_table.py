@@ -10,6 +10,7 @@ import pytest
 
 from fabricai_trio.core.errors import (
     ERROR_TABLE,
+    ContextLengthExceeded,
     DomainError,
     ErrorKind,
     InvalidField,
@@ -84,6 +85,20 @@ def test_stream_and_socketio_payloads_carry_the_same_code() -> None:
                                       "error": http_error(error).body["error"]}
     message, data = connect_refusal(error)
     assert message == error.message and data == http_error(error).body["error"]
+
+
+def test_context_length_exceeded_carries_its_counts_everywhere() -> None:
+    error = ContextLengthExceeded(prompt_tokens=5000, exact=False, n_ctx=4096, max_tokens=256)
+    counts = {"prompt_tokens": 5000, "prompt_tokens_exact": False, "n_ctx": 4096,
+              "max_tokens": 256}
+    body = http_error(error).body["error"]
+    assert body == {"type": "invalid_request_error", "code": "context_length_exceeded",
+                    "message": error.message, "param": "max_tokens", **counts}
+    assert "at least 5000 tokens" in error.message
+    assert http_error(error).status == http_error(error, dialect="openai").status == 400
+    event = error_event(error, "r1").model_dump()
+    assert event == {"request_id": "r1", "status": 400, **body}
+    assert ack_error(error, "r1")["error"] == body
 
 
 @pytest.mark.parametrize("kind", list(ErrorKind))
