@@ -198,7 +198,8 @@ async def assert_idle(client: httpx.AsyncClient) -> None:
 async def test_context_length_exceeded_on_every_transport() -> None:
     mib = LINES * ((1 << 20) // 3)  # ~1 MiB of JSON once its newlines are escaped
     async with real_server() as (_, client, _, _):
-        before = (await engine_status(client))["engine"]
+        status = await engine_status(client)
+        before, name = status["engine"], status["model"]["name"]
         # SSE: a 1 MiB body is refused from its size, before any tokenizing.
         body = json.dumps({"prompt": mib, "max_tokens": MAX_TOKENS})
         assert len(body) >= 1 << 20
@@ -212,13 +213,13 @@ async def test_context_length_exceeded_on_every_transport() -> None:
 
         # OpenAI chat and completions: the same object, the OpenAI column's status.
         chat = await client.post("/v1/chat/completions", json={
-            "model": "m", "messages": [{"role": "user", "content": mib[:200_000]}],
+            "model": name, "messages": [{"role": "user", "content": mib[:200_000]}],
             "max_tokens": MAX_TOKENS})
         assert chat.status_code == 400
         assert_too_long(chat.json()["error"], exact=False)
         words = "word " * 1_500  # small: counted exactly
         completion = await client.post("/v1/completions", json={
-            "model": "m", "prompt": words, "max_tokens": MAX_TOKENS})
+            "model": name, "prompt": words, "max_tokens": MAX_TOKENS})
         assert completion.status_code == 400
         assert_too_long(completion.json()["error"])
 
@@ -308,6 +309,7 @@ async def test_a_client_that_leaves_during_tokenizing_frees_everything() -> None
 
 async def test_trimming_a_400_turn_session_is_linear() -> None:
     async with real_server() as (_, client, _, store):
+        name = (await engine_status(client))["model"]["name"]
         session = await store.create("anonymous", session_id="long")
         await store.append_turn(session.id, [Message(role="system", content="Be terse.")])
         for i in range(400):
@@ -335,7 +337,7 @@ async def test_trimming_a_400_turn_session_is_linear() -> None:
         assert '"dropped_messages"' in second.text
         # The OpenAI chat route reports it in its usage too.
         chat = await client.post("/v1/chat/completions", json={
-            "model": "m", "messages": [{"role": "user", "content": "Once more?"}],
+            "model": name, "messages": [{"role": "user", "content": "Once more?"}],
             "session_id": "long", "max_tokens": 2})
         assert chat.json()["usage"]["dropped_messages"] > 700
         # Without a session, usage has no dropped_messages.
