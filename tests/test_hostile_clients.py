@@ -31,15 +31,17 @@ class GatedEngine(FakeEngine):
     gate: trio.Event
     waiting = 0
 
-    async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
         if text != "hi":  # the warm-up
-            return await super().tokenize(text, add_bos=add_bos)
+            return await super().tokenize(text, add_bos=add_bos, limit=limit)
         GatedEngine.waiting += 1
         try:
             await GatedEngine.gate.wait()
         finally:
             GatedEngine.waiting -= 1
-        return await super().tokenize(text, add_bos=add_bos)
+        return await super().tokenize(text, add_bos=add_bos, limit=limit)
 
 
 async def test_the_101st_event_in_flight_on_one_connection_is_refused() -> None:
