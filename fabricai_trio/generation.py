@@ -50,12 +50,14 @@ from .core.errors import (
     EngineFailed,
     InvalidField,
     ModelLoading,
-    NotFound,
     QueueFull,
     SessionBusy,
-    SessionForbidden,
     SessionModelMismatch,
+    SessionStoreFull,
     SessionStoreUnavailable,
+    SessionTooLarge,
+    TooManySessions,
+    UnknownSession,
     error_event,
 )
 from .core.events import (
@@ -77,12 +79,16 @@ from .models import ModelSet, ServedModel
 from .observer import NULL_OBSERVER, GenerationObserver
 from .rate_limit import RateLimits, Reservation
 from .sessions import (
+    LimitReached,
     Message,
     Session,
     SessionExists,
+    SessionFull,
     SessionStore,
     SessionStoreError,
+    StoreFull,
     StoreUnavailable,
+    content_bytes,
 )
 from .settings import Settings
 from .stream_log import MemoryStreamLog, StreamLog
@@ -348,7 +354,10 @@ class Generation:
         if store_turn:
             with trio.move_on_after(timeout) as scope:
                 try:
-                    await store.append_turn(self.session.id, self._turn_messages())
+                    # Only into the session this generation opened: not into one another
+                    # identity created under the same id after a delete.
+                    await store.append_turn(self.session.id, self._turn_messages(),
+                                            incarnation=self.session.incarnation)
                 except SessionStoreError as exc:
                     self.service.observer.on_store_error("write_failed")
                     log.error("request %s: turn not stored: %s", self.request_id, exc)
@@ -356,7 +365,7 @@ class Generation:
                 self.service.observer.on_store_error("timeout")
                 log.error("request %s: turn not stored: store timed out", self.request_id)
         if self.lock_token is not None:
-            await self.service.unlock(self.session.id, self.lock_token)
+            await self.service.unlock(self.session, self.lock_token)
 
     def _turn_messages(self) -> list[Message]:
         now = time.time()
@@ -429,8 +438,8 @@ class GenerationService:
         self._live: dict[Key, Generation] = {}  # prepared and not yet closed
         self._idle = trio.Event()  # set whenever nothing is live
         self._idle.set()
-        # session id -> token of a lock `unlock` could not release (store down then).
-        self._unreleased: dict[str, str] = {}
+        # (session id, incarnation) -> token of a lock `unlock` could not release.
+        self._unreleased: dict[tuple[str, str], str] = {}
 
     @property
     def engine(self) -> Engine:
@@ -496,17 +505,26 @@ class GenerationService:
             lock_token = uuid.uuid4().hex
             await self._release_unreleased()
             if not await self.store_call(
-                self.store.try_lock(session.id, lock_token, self.settings.session_lock_seconds)
+                self.store.try_lock(session.id, lock_token, self.settings.session_lock_seconds,
+                                    incarnation=session.incarnation)
             ):
                 raise SessionBusy()
+        locked = session
         try:
-            if session is not None:
+            new_messages = request.new_messages()
+            if locked is not None:
                 # Again, under the lock: a turn that ended after the first read is history.
-                session = await self.open_session(session.id, owner)
+                session = await self.open_session(locked.id, owner)
+                if session.incarnation != locked.incarnation:
+                    raise UnknownSession()  # deleted (and created again) meanwhile
                 chosen.append(model := self._pick_model(request, session))
+                limit = self.settings.session_max_bytes
+                if content_bytes(session.messages) + sum(
+                    len(m.content.encode("utf-8", "surrogatepass")) for m in new_messages
+                ) > limit:
+                    raise SessionTooLarge(limit)
             bias = logit_bias(request, model.engine.info().n_vocab)
             grammar = request_grammar(request, model.engine)
-            new_messages = request.new_messages()
             prompt = await self._prompt_tokens(model, request, session, new_messages, max_tokens)
             cost = len(prompt.tokens) + max_tokens  # what fair turns and token limits weigh
             reservation = await self.rate_limits.take(owner, tokens=cost)
@@ -521,9 +539,9 @@ class GenerationService:
                 ticket.release()
                 raise DuplicateRequestId()
         except BaseException:
-            if session is not None and lock_token is not None:
+            if locked is not None and lock_token is not None:
                 with trio.CancelScope(shield=True):
-                    await self.unlock(session.id, lock_token)
+                    await self.unlock(locked, lock_token)
             raise
         engine_request = EngineRequest(
             request_id=request.request_id,
@@ -695,22 +713,23 @@ class GenerationService:
             generation.cancel("shutdown")
         await self._idle.wait()
 
-    async def unlock(self, session_id: str, token: str) -> None:
-        """Release a session lock. If the store is down, the lock is remembered and
-        released once the store answers again (or it expires by itself)."""
+    async def unlock(self, session: Session | tuple[str, str], token: str) -> None:
+        """Release the lock of a session's incarnation. If the store is down, the lock is
+        remembered and released once the store answers again (or it expires by itself)."""
+        key = (session.id, session.incarnation) if isinstance(session, Session) else session
         with trio.move_on_after(self.settings.store_timeout_seconds), suppress(StoreUnavailable):
-            await self.store.unlock(session_id, token)
-            self._unreleased.pop(session_id, None)
+            await self.store.unlock(key[0], token, incarnation=key[1])
+            self._unreleased.pop(key, None)
             return
-        self._unreleased[session_id] = token
+        self._unreleased[key] = token
 
     async def _release_unreleased(self) -> None:
         """Retry the locks left behind by an outage, before taking a new lock: without
         this a session whose generation ended while the store was down would stay busy
         for SESSION_LOCK_SECONDS after the store is back. Bounded by one store timeout."""
         with trio.move_on_after(self.settings.store_timeout_seconds):
-            for session_id, token in list(self._unreleased.items()):
-                await self.unlock(session_id, token)
+            for key, token in list(self._unreleased.items()):
+                await self.unlock(key, token)
 
     async def store_call(self, call: Awaitable[T]) -> T:
         """Await one store call with the store timeout; `SessionStoreUnavailable` if the
@@ -721,9 +740,10 @@ class GenerationService:
     async def open_session(
         self, session_id: str, owner: str, *, autocreate: bool = False
     ) -> Session:
-        """The caller's session: `NotFound` if unknown (unless `autocreate`),
-        `SessionForbidden` if another owner's, `SessionStoreUnavailable` if the store is
-        down; used by generations and the session routes."""
+        """The caller's session: `UnknownSession` (404) if unknown (unless `autocreate`),
+        malformed or another owner's (the same answer: ids of others stay secret),
+        `SessionStoreUnavailable` if the store is down; used by generations, the session
+        routes and Socket.IO rooms."""
         with store_deadline(self.settings.store_timeout_seconds, self.observer):
             session = await self.store.get(session_id)
             if session is None and autocreate:
@@ -731,10 +751,8 @@ class GenerationService:
                     session = await self.store.create(owner, session_id=session_id)
                 except SessionExists:  # a concurrent first use created it: use that one
                     session = await self.store.get(session_id)
-        if session is None:
-            raise NotFound("session not found", code="session_not_found", param="session_id")
-        if session.owner != owner:
-            raise SessionForbidden()
+        if session is None or session.owner != owner:
+            raise UnknownSession()
         return session
 
     async def _prompt_tokens(
@@ -833,6 +851,8 @@ def store_deadline(
     try:
         with trio.fail_after(timeout):
             yield
+    except LimitReached as exc:
+        raise _limit_error(exc) from None
     except (StoreUnavailable, trio.TooSlowError) as exc:
         observer.on_store_error("timeout" if isinstance(exc, trio.TooSlowError) else "unavailable")
         raise SessionStoreUnavailable() from None
@@ -846,6 +866,15 @@ def logit_bias(request: GenerationRequest, n_vocab: int | None) -> dict[int, flo
         raise InvalidField("logit_bias", f"token id {max(bias)} is not below the model's "
                            f"vocabulary size {n_vocab}")
     return bias
+
+
+def _limit_error(exc: LimitReached) -> DomainError:
+    """A store limit as what the client is told (429 or 413, see the error table)."""
+    if isinstance(exc, SessionFull):
+        return SessionTooLarge(exc.limit)
+    if isinstance(exc, StoreFull):
+        return SessionStoreFull()
+    return TooManySessions(exc.limit)
 
 
 def _too_long(exc: TooManyTokens, max_tokens: int, n_ctx: int) -> ContextLengthExceeded:

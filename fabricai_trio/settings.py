@@ -263,6 +263,22 @@ class Settings(BaseSettings):
     store_timeout_seconds: float = Field(
         2.0, gt=0, le=600, description="Timeout of one session store call."
     )
+    session_max_per_owner: int = Field(
+        100, ge=1,
+        description="Live sessions one identity may keep; creating one more is a 429 "
+        "`too_many_sessions`.",
+    )
+    session_max_bytes: int = Field(
+        1_048_576, ge=1024,
+        description="UTF-8 bytes of message content one session may hold. A request that "
+        "would pass it is a 413 `session_too_large` before anything runs; the reply of a "
+        "generation let in is always stored, so a session holds at most this plus one reply.",
+    )
+    memory_store_max_bytes: int = Field(
+        268_435_456, ge=65_536,
+        description="SESSION_STORE=memory only: bytes of message content (plus 1 KiB per "
+        "session) the whole store may hold; past it, a 429 `session_store_full`.",
+    )
 
     # --- Socket.IO ---
     socketio_ping_interval_ms: int = Field(25_000, ge=10, description="Engine.IO ping interval.")

@@ -171,8 +171,9 @@ def test_another_identitys_session_is_403(http: httpx.Client) -> None:
     for other in (bearer(BETA), bearer(token("user-42"))):
         for method, path, body in uses:
             response = http.request(method, path, headers=other, json=body)
-            assert response.status_code == 403, (method, path, response.text)
-            assert response.json()["error"]["code"] == "session_forbidden"
+            # Another identity's session looks exactly like a missing one.
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["code"] == "session_not_found"
         listed = http.get("/v1/sessions", headers=other).json()["data"]
         assert sid not in {s["id"] for s in listed}
     assert http.get(f"/v1/sessions/{sid}", headers={"X-Api-Key": ALPHA}).status_code == 200

@@ -67,21 +67,25 @@ class FlakyStore(MemorySessionStore):
         await self._reachable()
         return await super().list_sessions(owner)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, incarnation: str | None = None) -> bool:
         await self._reachable()
-        return await super().delete(session_id)
+        return await super().delete(session_id, incarnation=incarnation)
 
-    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
+    async def append_turn(
+        self, session_id: str, messages: Sequence[Message], *, incarnation: str | None = None
+    ) -> Session:
         await self._reachable()
-        return await super().append_turn(session_id, messages)
+        return await super().append_turn(session_id, messages, incarnation=incarnation)
 
-    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
+    async def try_lock(
+        self, session_id: str, token: str, ttl_seconds: float, *, incarnation: str = ""
+    ) -> bool:
         await self._reachable()
-        return await super().try_lock(session_id, token, ttl_seconds)
+        return await super().try_lock(session_id, token, ttl_seconds, incarnation=incarnation)
 
-    async def unlock(self, session_id: str, token: str) -> None:
+    async def unlock(self, session_id: str, token: str, *, incarnation: str = "") -> None:
         await self._reachable()
-        await super().unlock(session_id, token)
+        await super().unlock(session_id, token, incarnation=incarnation)
 
 
 def settings(**overrides: Any) -> Settings:
@@ -251,18 +255,22 @@ async def test_unknown_session_is_404_on_every_route(
         assert_error(response, 404, "session_not_found", "session_id")
 
 
-async def test_another_owners_session_is_403_and_untouched(
+async def test_another_owners_session_looks_missing_and_is_untouched(
     client: httpx.AsyncClient, store: FlakyStore
 ) -> None:
+    """403 would tell a caller which ids exist: another identity's session answers
+    exactly what a session that never existed answers."""
     await store.create("someone-else", system_prompt="private", session_id="theirs")
     for method, path in [
-        ("GET", "/v1/sessions/theirs"),
-        ("GET", "/v1/sessions/theirs/messages"),
-        ("DELETE", "/v1/sessions/theirs"),
+        ("GET", "/v1/sessions/{}"),
+        ("GET", "/v1/sessions/{}/messages"),
+        ("DELETE", "/v1/sessions/{}"),
     ]:
-        error = assert_error(await client.request(method, path), 403, "session_forbidden",
-                             "session_id")
-        assert error["type"] == "permission_error"
+        theirs = await client.request(method, path.format("theirs"))
+        missing = await client.request(method, path.format("never-made"))
+        error = assert_error(theirs, 404, "session_not_found", "session_id")
+        assert (theirs.status_code, theirs.headers.get("content-type"), theirs.content) == (
+            missing.status_code, missing.headers.get("content-type"), missing.content)
         assert "private" not in json.dumps(error)
     assert await store.get("theirs") is not None
 

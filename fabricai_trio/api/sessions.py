@@ -1,8 +1,9 @@
 """HTTP routes of conversation sessions: create, list, read, read messages, delete.
 
-Thin like the SSE routes. Ownership (`NotFound`, `SessionForbidden`) and the store
-timeout (`SessionStoreUnavailable`) come from the `GenerationService`, so a
-session is found, refused and timed out the same way here as in a generation request.
+Thin like the SSE routes. Ownership (`UnknownSession`: another identity's session
+looks exactly like a missing one), limits and the store timeout
+(`SessionStoreUnavailable`) come from the `GenerationService`, so a session is found,
+refused and timed out the same way here as in a generation request.
 The caller is `current_owner()`: when auth lands, these routes follow it unchanged.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from quart import Blueprint, Response, jsonify, request
 
-from ..core.errors import NotFound, SessionIdTaken
+from ..core.errors import SessionIdTaken, UnknownSession
 from ..sessions import SessionExists
 from .routes import current_owner, read_json_body
 from .schemas import (
@@ -80,12 +81,18 @@ async def get_messages(session_id: str) -> Response:
 
 @blueprint.delete("/v1/sessions/<session_id>")
 async def delete_session(session_id: str) -> Response:
-    """204 once gone. A generation running on it finishes; its turn is then not stored."""
-    service = state().service
+    """204 once gone. A generation running on it finishes; its turn is then not stored
+    (not even in a session created again under the same id), and the session's
+    Socket.IO room is emptied on every replica."""
+    app_state = state()
+    service = app_state.service
     session = await service.open_session(session_id, current_owner())
-    if not await service.store_call(service.store.delete(session.id)):
-        raise NotFound("session not found", code="session_not_found",
-                       param="session_id")  # deleted meanwhile
+    deleted = await service.store_call(
+        service.store.delete(session.id, incarnation=session.incarnation)
+    )
+    if not deleted:
+        raise UnknownSession()  # deleted meanwhile
+    await app_state.session_deleted(session)
     response = Response(b"", status=204)
     del response.headers["Content-Type"]  # no body, so no type
     return response

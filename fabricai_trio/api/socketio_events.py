@@ -55,8 +55,10 @@ from .state import AppState
 OWNER = "owner"
 
 
-def session_room(session_id: str) -> str:
-    return f"session:{session_id}"
+def session_room(session: Session) -> str:
+    """The room of one incarnation of a session: a client that joined a session that was
+    deleted hears nothing of a session created again under its id (by anyone)."""
+    return f"session:{session.id}:{session.incarnation}"
 
 
 def create_socketio(state: AppState, redis: RedisChannels | None) -> SocketIOServer:
@@ -67,7 +69,9 @@ def create_socketio(state: AppState, redis: RedisChannels | None) -> SocketIOSer
         RedisPubSub(redis, channel=f"{settings.redis_prefix}socketio") if redis else None
     )
     server = SocketIOServer(RealtimeConfig.from_settings(settings), pubsub=pubsub)
-    InferenceEvents(server, state).register()
+    events = InferenceEvents(server, state)
+    events.register()
+    state.session_deleted_hooks.append(events.session_deleted)
     return server
 
 
@@ -176,7 +180,7 @@ class InferenceEvents:
                      creator: Generation | None) -> None:
         """Emit a stream read from the stream log; `creator`: this connection started the
         resumable generation and stops counting as its follower when it ends."""
-        room = session_room(session.id) if session else None
+        room = session_room(session) if session else None
         try:
             events = self.state.service.follow(self.owner(sid), request_id, after)
             async with aclosing(events) as items:
@@ -190,7 +194,7 @@ class InferenceEvents:
 
     async def stream(self, sid: str, generation: Generation) -> None:
         """Emit one generation's events to the client (and its session's room)."""
-        room = session_room(generation.session.id) if generation.session else None
+        room = session_room(generation.session) if generation.session else None
         try:
             closed_because = self.server.close_reason_of(sid)
             generation.cut_cause = lambda: (
@@ -225,15 +229,23 @@ class InferenceEvents:
         try:
             if not isinstance(session_id, str):
                 raise InvalidField("session_id", "field required")
-            await self.state.service.open_session(session_id, self.owner(sid))
+            session = await self.state.service.open_session(session_id, self.owner(sid))
         except DomainError as error:
             return {"session_id": session_id, "error": ack_error(error, None)["error"]}
-        self.server.enter_room(sid, session_room(session_id))
+        self.server.enter_room(sid, session_room(session))
         return {"session_id": session_id, "joined": True}
 
     async def leave_session(self, sid: str, payload: Any = None, *_: Any) -> dict[str, Any]:
+        """Leave every room of that session id (whatever incarnation was joined)."""
         session_id = payload.get("session_id") if isinstance(payload, dict) else None
         await trio.lowlevel.checkpoint()
         if isinstance(session_id, str):
-            self.server.leave_room(sid, session_room(session_id))
+            prefix = f"session:{session_id}:"
+            for room in self.server.rooms_of(sid):
+                if room.startswith(prefix):
+                    self.server.leave_room(sid, room)
         return {"session_id": session_id, "left": True}
+
+    async def session_deleted(self, session: Session) -> None:
+        """Empty the deleted session's room, on this replica and every other one."""
+        await self.server.close_room(session_room(session))

@@ -8,6 +8,7 @@ depend on the composition layer.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -19,7 +20,7 @@ from ..core.engine import Engine
 from ..generation import GenerationService
 from ..metrics import Metrics
 from ..models import ModelSet
-from ..sessions import SessionStore
+from ..sessions import Session, SessionStore
 from ..settings import Settings
 from .schemas import Readiness, StartupProgress, StoreHealth
 
@@ -41,6 +42,15 @@ class AppState:
     #: `failed` (any model that fails to load fails the start-up).
     phase: Literal["loading", "warming", "ready", "failed"] = "loading"
     phase_since: float = field(default_factory=time.monotonic)
+    #: Called after a session is deleted (Socket.IO empties its room on every replica).
+    session_deleted_hooks: list[Callable[[Session], Awaitable[None]]] = field(
+        default_factory=list
+    )
+
+    async def session_deleted(self, session: Session) -> None:
+        """Run the hooks, in order. Cancelled: the remaining hooks do not run."""
+        for hook in self.session_deleted_hooks:
+            await hook(session)
 
     @property
     def engine(self) -> Engine:

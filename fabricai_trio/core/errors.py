@@ -43,6 +43,7 @@ class ErrorKind(enum.Enum):
     CONFLICT = "conflict"
     TOO_LARGE = "too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    QUOTA_EXCEEDED = "quota_exceeded"  # a per-key or per-store cap on what is kept
     OVERLOADED = "overloaded"  # the queue, or the caller's share of it, is full: come back later
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"  # loading, a dependency down: come back later
@@ -67,6 +68,7 @@ ERROR_TABLE: dict[ErrorKind, Presentation] = {
     ErrorKind.CONFLICT: Presentation(409, "conflict_error", 409),
     ErrorKind.TOO_LARGE: Presentation(413, "invalid_request_error", 413),
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: Presentation(415, "invalid_request_error", 415),
+    ErrorKind.QUOTA_EXCEEDED: Presentation(429, "rate_limit_error", 429),
     ErrorKind.OVERLOADED: Presentation(429, "rate_limit_error", 429),
     ErrorKind.INTERNAL: Presentation(500, "server_error", 500),
     ErrorKind.UNAVAILABLE: Presentation(503, "unavailable_error", 503),
@@ -282,12 +284,14 @@ class AuthThrottled(DomainError):
                          retry_after=retry_after)
 
 
-class SessionForbidden(DomainError):
-    kind = ErrorKind.FORBIDDEN
-    default_code = "session_forbidden"
+class UnknownSession(NotFound):
+    """Unknown, expired, malformed, or another identity's: the same answer for all four,
+    so a caller cannot learn which session ids exist."""
+
+    default_code = "session_not_found"
 
     def __init__(self) -> None:
-        super().__init__("this session belongs to another identity", param="session_id")
+        super().__init__("session not found", param="session_id")
 
 
 # --- the state of the server ---------------------------------------------------------
@@ -318,6 +322,39 @@ class SessionModelMismatch(DomainError):
     def __init__(self, session_model: str, model: str) -> None:
         super().__init__(f"this session runs on the model {session_model!r}, not {model!r}: "
                          "omit `model` or name that one", param="model")
+
+
+class TooManySessions(DomainError):
+    """The caller already keeps SESSION_MAX_PER_OWNER live sessions."""
+
+    kind = ErrorKind.QUOTA_EXCEEDED
+    default_code = "too_many_sessions"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"you already have {limit} sessions; delete one first")
+
+
+class SessionTooLarge(DomainError):
+    """The session already holds SESSION_MAX_BYTES, or this request would pass it."""
+
+    kind = ErrorKind.TOO_LARGE
+    default_code = "session_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the session would hold more than {limit} bytes of messages; "
+                         "start a new session", param="session_id")
+
+
+class SessionStoreFull(DomainError):
+    """The in-process store holds MEMORY_STORE_MAX_BYTES: nothing new until sessions
+    are deleted or expire."""
+
+    kind = ErrorKind.QUOTA_EXCEEDED
+    default_code = "session_store_full"
+    default_retry_after = 60
+
+    def __init__(self) -> None:
+        super().__init__("the session store is full; retry later")
 
 
 class DuplicateRequestId(DomainError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import trio
 
@@ -29,6 +29,8 @@ class BroadcastMessage:
     to: tuple[str, ...] | None
     """Rooms (a sid is a room); None = everyone in the namespace."""
     skip_sids: tuple[str, ...] = ()
+    action: Literal["emit", "close_room"] = "emit"
+    """`close_room`: empty the rooms in `to` (no event is sent; `event` and `args` unused)."""
 
 
 class PubSub(Protocol):

@@ -15,7 +15,7 @@ import base64
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from redis.exceptions import RedisError
@@ -58,6 +58,7 @@ def encode_message(message: BroadcastMessage) -> bytes:
             "args": _encode_value(list(message.args)),
             "to": list(message.to) if message.to is not None else None,
             "skip_sids": list(message.skip_sids),
+            "action": message.action,
         },
         separators=(",", ":"),
     ).encode()
@@ -73,7 +74,14 @@ def decode_message(raw: bytes | str) -> BroadcastMessage:
         args=tuple(_decode_value(data["args"])),
         to=tuple(data["to"]) if data["to"] is not None else None,
         skip_sids=tuple(data["skip_sids"]),
+        action=_action(data.get("action", "emit")),
     )
+
+
+def _action(value: Any) -> Literal["emit", "close_room"]:
+    if value == "emit" or value == "close_room":
+        return value  # type: ignore[no-any-return]
+    raise ValueError(f"unknown fan-out action {value!r}")
 
 
 class RedisPubSub:

@@ -381,6 +381,10 @@ class SocketIOServer:
     def _deliver_remote(self, message: BroadcastMessage) -> None:
         if message.origin == self.server_id:
             return
+        if message.action == "close_room":
+            for room in message.to or ():
+                self._close_room_here(room, message.namespace)
+            return
         self._deliver(message.namespace, message.event, message.args, message.to, message.skip_sids)
 
     def _send(self, conn: _Connection, messages: Messages) -> None:
@@ -402,6 +406,30 @@ class SocketIOServer:
 
     def leave_room(self, sid: str, room: str, namespace: str = DEFAULT_NAMESPACE) -> None:
         self._manager.basic_leave_room(sid, namespace, room)
+
+    async def close_room(self, room: str, namespace: str = DEFAULT_NAMESPACE) -> None:
+        """Take every client out of `room`, here and (with a pub/sub) on every other
+        server: a broadcast to it reaches no one afterwards. Cancellation may leave the
+        other servers' rooms as they were."""
+        self._close_room_here(room, namespace)
+        if self._pubsub is not None:
+            await self._pubsub.publish(BroadcastMessage(
+                origin=self.server_id, namespace=namespace, event="", args=(), to=(room,),
+                action="close_room",
+            ))
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def rooms_of(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+        """The rooms a connected client is in (its own sid room included)."""
+        return list(self._manager.get_rooms(sid, namespace))
+
+    def _close_room_here(self, room: str, namespace: str) -> None:
+        if room not in self._manager.rooms.get(namespace, {}):
+            return
+        if self._manager.is_sid_room(namespace, room):
+            return  # a client's own room is never closed
+        self._manager.basic_close_room(room, namespace)
 
     def session_data(self, sid: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
         """A dict for the application's per-connection state (gone at disconnect)."""

@@ -5,25 +5,37 @@ their own modules (`redis_store`, `sql`) so a memory-only server never loads the
 """
 
 from .base import (
+    LimitReached,
     SessionExists,
+    SessionFull,
     SessionNotFound,
     SessionStore,
     SessionStoreError,
+    StoreFull,
+    StoreLimits,
     StoreUnavailable,
+    TooManySessions,
+    content_bytes,
 )
 from .factory import create_store
 from .memory import MemorySessionStore
 from .models import Message, Session, SessionInfo
 
 __all__ = [
+    "LimitReached",
     "MemorySessionStore",
     "Message",
     "Session",
     "SessionExists",
+    "SessionFull",
     "SessionInfo",
     "SessionNotFound",
     "SessionStore",
     "SessionStoreError",
+    "StoreFull",
+    "StoreLimits",
     "StoreUnavailable",
+    "TooManySessions",
+    "content_bytes",
     "create_store",
 ]

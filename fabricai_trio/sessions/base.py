@@ -6,15 +6,41 @@ tests (`tests/sessions/test_contract.py`), so the server never branches on the b
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..core.ids import SESSION_ID_RE, is_session_id
 from .models import Message, Session, SessionInfo
 
-#: Session ids are used in Redis keys and SQL keys: keep them short and printable.
-SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: Session ids are used in Redis keys and SQL keys: the API's pattern, checked here too.
+SESSION_ID_PATTERN = SESSION_ID_RE
 MAX_OWNER_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """What one store keeps at most; None: no cap.
+
+    `max_sessions_per_owner`: live sessions of one owner (`create` raises
+    `TooManySessions`). `max_session_bytes`: UTF-8 bytes of message content in one
+    session; a write is refused (`SessionFull`) when the session's bytes plus what the
+    write adds *from the client* (every message but the assistant's reply) would pass it.
+    The reply of a generation that was let in is always kept, so a turn that started is
+    never lost: a session holds at most the cap plus one reply. `max_total_bytes`: the
+    same rule over every session of the store (memory store only; `StoreFull`), each
+    session counting `SESSION_OVERHEAD_BYTES` more.
+    """
+
+    max_sessions_per_owner: int | None = None
+    max_session_bytes: int | None = None
+    max_total_bytes: int | None = None
+
+
+NO_LIMITS = StoreLimits()
+#: What an empty session costs the memory store's global count (ids, times, dicts).
+SESSION_OVERHEAD_BYTES = 1024
 
 
 class SessionStoreError(Exception):
@@ -33,6 +59,30 @@ class SessionNotFound(SessionStoreError, LookupError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} not found")
         self.session_id = session_id
+
+
+class LimitReached(SessionStoreError):
+    """A write refused by one of the store's `StoreLimits`; nothing was written."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class TooManySessions(LimitReached):
+    def __init__(self, owner_limit: int) -> None:
+        super().__init__(f"the owner already has {owner_limit} sessions", owner_limit)
+
+
+class SessionFull(LimitReached):
+    def __init__(self, session_id: str, byte_limit: int) -> None:
+        super().__init__(f"session {session_id!r} would pass {byte_limit} bytes", byte_limit)
+        self.session_id = session_id
+
+
+class StoreFull(LimitReached):
+    def __init__(self, byte_limit: int) -> None:
+        super().__init__(f"the store would pass {byte_limit} bytes", byte_limit)
 
 
 class SessionExists(SessionStoreError):
@@ -61,10 +111,13 @@ class SessionStore(Protocol):
     async def create(
         self, owner: str, *, system_prompt: str | None = None, session_id: str | None = None
     ) -> Session:
-        """Create a session (id: `session_id`, else a new uuid4 hex).
+        """Create a session (id: `session_id`, else a new uuid4 hex) with a new random
+        `incarnation`: a session deleted and created again under its id is another
+        session, and writes meant for the old one never land in the new one.
 
         A `system_prompt` becomes the first message. Raises `SessionExists` if the id is
-        taken, `ValueError` for a malformed id or owner. Cancelled: created or not, whole.
+        taken, `ValueError` for a malformed id or owner, `TooManySessions`, `SessionFull`
+        or `StoreFull` past a limit. Cancelled: created or not, whole.
         """
         ...
 
@@ -82,25 +135,34 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
+    async def append_turn(
+        self, session_id: str, messages: Sequence[Message], *, incarnation: str | None = None
+    ) -> Session:
         """Append a whole turn (user message(s) and the assistant reply) atomically.
 
         Updates `updated_at` and refreshes the TTL. Returns the session after the write.
-        Raises `SessionNotFound` if the session is gone, `TypeError`/`ValueError` for an
-        empty turn or a non-`Message` item (nothing is written). Concurrent turns on one
-        session all land, each contiguous. Cancelled: the turn is in full or not at all.
+        With `incarnation`, the write lands only in that incarnation of the session (the
+        check and the write are one atomic step). Raises `SessionNotFound` if the session
+        (or that incarnation) is gone, `SessionFull`/`StoreFull` past a limit,
+        `TypeError`/`ValueError` for an empty turn or a non-`Message` item (nothing is
+        written). Concurrent turns on one session all land, each contiguous. Cancelled:
+        the turn is in full or not at all.
         """
         ...
 
-    async def delete(self, session_id: str) -> bool:
-        """Delete a session and its messages; False if it did not exist.
+    async def delete(self, session_id: str, *, incarnation: str | None = None) -> bool:
+        """Delete a session and its messages; False if it did not exist (or, with
+        `incarnation`, if the live session under that id is another incarnation).
 
         Cancelled: deleted or not, whole.
         """
         ...
 
-    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
-        """Take the session's generation lock for `token` unless someone holds it.
+    async def try_lock(
+        self, session_id: str, token: str, ttl_seconds: float, *, incarnation: str = ""
+    ) -> bool:
+        """Take the generation lock of the session's `incarnation` for `token` unless
+        someone holds it (a lock of a deleted incarnation never blocks the next one).
 
         The lock expires after `ttl_seconds` by itself, so a crashed worker cannot keep
         it. Not re-entrant: the holder's own second call returns False. Cancelled: the
@@ -108,7 +170,7 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def unlock(self, session_id: str, token: str) -> None:
+    async def unlock(self, session_id: str, token: str, *, incarnation: str = "") -> None:
         """Release the lock only if `token` holds it (an expired-and-retaken lock stays).
 
         Cancelled: released or not; the lock expires anyway.
@@ -136,7 +198,30 @@ def check_session_id(session_id: str) -> str:
 
 def is_valid_session_id(session_id: object) -> bool:
     """A malformed id cannot name a stored session: reads answer 'not found' for it."""
-    return isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id) is not None
+    return is_session_id(session_id)
+
+
+def new_incarnation() -> str:
+    """A random id for one life of a session (128 bits, hex)."""
+    return secrets.token_hex(16)
+
+
+def content_bytes(messages: Iterable[Message], *, client_only: bool = False) -> int:
+    """UTF-8 bytes of the messages' content; `client_only`: not counting assistant
+    replies (what a limit check weighs, see `StoreLimits`)."""
+    return sum(
+        len(m.content.encode("utf-8", "surrogatepass"))
+        for m in messages
+        if not (client_only and m.role == "assistant")
+    )
+
+
+def check_limits(limits: StoreLimits) -> StoreLimits:
+    for name in ("max_sessions_per_owner", "max_session_bytes", "max_total_bytes"):
+        value = getattr(limits, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return limits
 
 
 def check_owner(owner: str) -> str:
@@ -149,6 +234,14 @@ def check_token(token: str) -> str:
     if not isinstance(token, str) or not 0 < len(token) <= 255:
         raise ValueError("lock token must be a string of 1 to 255 characters")
     return token
+
+
+def check_incarnation(incarnation: str) -> str:
+    if not isinstance(incarnation, str) or len(incarnation) > 64 or not (
+        incarnation == "" or (incarnation.isascii() and incarnation.isalnum())
+    ):
+        raise ValueError("incarnation must be up to 64 letters and digits")
+    return incarnation
 
 
 def check_ttl(ttl_seconds: float) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import SessionStore
+from .base import SessionStore, StoreLimits
 from .memory import MemorySessionStore
 
 if TYPE_CHECKING:
@@ -20,8 +20,19 @@ def create_store(settings: Settings) -> SessionStore:
     backend = settings.resolved_session_store
     ttl = float(settings.session_ttl_seconds)
     timeout = settings.store_timeout_seconds
+    limits = StoreLimits(
+        max_sessions_per_owner=settings.session_max_per_owner,
+        max_session_bytes=settings.session_max_bytes,
+    )
     if backend == "memory":
-        return MemorySessionStore(ttl_seconds=ttl)
+        return MemorySessionStore(
+            ttl_seconds=ttl,
+            limits=StoreLimits(
+                max_sessions_per_owner=limits.max_sessions_per_owner,
+                max_session_bytes=limits.max_session_bytes,
+                max_total_bytes=settings.memory_store_max_bytes,
+            ),
+        )
     if backend == "redis":
         from .redis_store import RedisSessionStore
 
@@ -32,11 +43,14 @@ def create_store(settings: Settings) -> SessionStore:
             prefix=settings.redis_prefix,
             ttl_seconds=ttl,
             timeout_seconds=timeout,
+            limits=limits,
         )
     if backend == "sql":
         from .sql import SqlSessionStore
 
         if not settings.database_url:
             raise ValueError("DATABASE_URL is required when SESSION_STORE=sql")
-        return SqlSessionStore(settings.database_url, ttl_seconds=ttl, timeout_seconds=timeout)
+        return SqlSessionStore(
+            settings.database_url, ttl_seconds=ttl, timeout_seconds=timeout, limits=limits
+        )
     raise ValueError(f"unknown session store {backend!r}")

@@ -55,13 +55,19 @@ class SessionInfo(_Frozen):
 
 
 class Session(_Frozen):
-    """A conversation: its owner, its times (epoch seconds) and its messages in order."""
+    """A conversation: its owner, its times (epoch seconds) and its messages in order.
+
+    `incarnation` is random per `create`: the id names a session only until it is
+    deleted, the incarnation names this one life of it (rooms, locks and turn writes are
+    bound to it). "" for sessions stored before incarnations existed.
+    """
 
     id: str
     owner: str
     created_at: float
     updated_at: float
     messages: tuple[Message, ...] = ()
+    incarnation: str = ""
 
     @classmethod
     def from_json(cls, data: str | bytes) -> Session:

@@ -4,12 +4,14 @@ redis-py has no trio support, so every call runs in a worker thread
 (`ThreadedSessionStore`), never abandoned: a cancelled call still finishes its Redis
 command, which keeps every write all-or-nothing.
 
-Keys, all under `prefix`:
-  `{p}session:{id}`           hash: owner, created_at, updated_at
+Keys, all under `prefix` (a session id has no `:`, so no id names another key):
+  `{p}session:{id}`           hash: owner, created_at, updated_at, incarnation, bytes
   `{p}session:{id}:messages`  list of message JSON, in order
   `{p}owner:{owner}`          zset of session ids, score = expiry (epoch seconds)
-  `{p}lock:{id}`              string: the lock holder's token, with a PX expiry
-Session keys expire `ttl_seconds` after the last write (PEXPIRE on every write).
+  `{p}lock:{id}#{incarnation}` string: the lock holder's token, with a PX expiry
+Session keys expire `ttl_seconds` after the last write (PEXPIRE on every write). The
+limits (`StoreLimits`) are checked under WATCH on the keys they read, so the check and
+the write are one transaction (a concurrent writer makes it run again).
 
 Failure policy: socket timeouts equal `timeout_seconds` and redis-py's own retries are
 off, so a dead or paused Redis costs one timeout per call, never a hang, and a write is
@@ -34,11 +36,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .base import (
+    NO_LIMITS,
     SessionExists,
+    SessionFull,
     SessionNotFound,
     SessionStoreError,
+    StoreLimits,
     StoreUnavailable,
+    TooManySessions,
     check_ttl,
+    content_bytes,
 )
 from .models import Message, Session, SessionInfo
 from .threaded import ThreadedSessionStore
@@ -69,8 +76,11 @@ class RedisSessionStore(ThreadedSessionStore):
         ttl_seconds: float = 86_400.0,
         timeout_seconds: float = 2.0,
         max_connections: int = 16,
+        limits: StoreLimits = NO_LIMITS,
     ) -> None:
-        super().__init__(timeout_seconds=timeout_seconds, max_threads=max_connections)
+        super().__init__(
+            timeout_seconds=timeout_seconds, max_threads=max_connections, limits=limits
+        )
         self._prefix = prefix
         self._ttl_ms = max(1, round(check_ttl(ttl_seconds) * 1000))
         self._client: redis.Redis = redis.Redis.from_url(
@@ -94,8 +104,8 @@ class RedisSessionStore(ThreadedSessionStore):
     def _owner_key(self, owner: str) -> str:
         return f"{self._prefix}owner:{owner}"
 
-    def _lock_key(self, sid: str) -> str:
-        return f"{self._prefix}lock:{sid}"
+    def _lock_key(self, sid: str, incarnation: str) -> str:
+        return f"{self._prefix}lock:{sid}#{incarnation}"
 
     # --- threads (see ThreadedSessionStore) ---
 
@@ -128,22 +138,35 @@ class RedisSessionStore(ThreadedSessionStore):
                 raise StoreUnavailable("redis: too much contention on one session")
             time.sleep(random.uniform(0, 0.002))
 
-    def _create_sync(self, owner: str, sid: str, first: tuple[Message, ...]) -> Session:
+    def _create_sync(
+        self, owner: str, sid: str, first: tuple[Message, ...], incarnation: str
+    ) -> Session:
         meta_key, messages_key = self._meta_key(sid), self._messages_key(sid)
+        owner_key = self._owner_key(owner)
+        size = content_bytes(first)
+        limits = self._limits
+        if limits.max_session_bytes is not None and size > limits.max_session_bytes:
+            raise SessionFull(sid, limits.max_session_bytes)
 
         def body(pipe: Pipeline) -> Session:
-            pipe.watch(meta_key)  # type: ignore[no-untyped-call]
+            pipe.watch(meta_key, owner_key)  # type: ignore[no-untyped-call]
             if pipe.exists(meta_key):
                 raise SessionExists(sid)
             now = time.time()
+            cap = limits.max_sessions_per_owner
+            # Live ids only (score = expiry); deleted ones left the zset with their hash.
+            if cap is not None and int(pipe.zcount(owner_key, f"({now}", "+inf")) >= cap:
+                raise TooManySessions(cap)
             pipe.multi()
             pipe.delete(messages_key)  # leftovers if the hash expired a moment earlier
-            pipe.hset(meta_key, mapping={"owner": owner, "created_at": now, "updated_at": now})
+            pipe.hset(meta_key, mapping={"owner": owner, "created_at": now, "updated_at": now,
+                                         "incarnation": incarnation, "bytes": size})
             if first:
                 pipe.rpush(messages_key, *(m.to_json() for m in first))
             self._queue_refresh(pipe, sid, owner, now)
             pipe.execute()
-            return Session(id=sid, owner=owner, created_at=now, updated_at=now, messages=first)
+            return Session(id=sid, owner=owner, created_at=now, updated_at=now, messages=first,
+                           incarnation=incarnation)
 
         return self._transaction(body)
 
@@ -183,19 +206,27 @@ class RedisSessionStore(ThreadedSessionStore):
                 )
         return sorted(infos, key=lambda info: info.updated_at, reverse=True)
 
-    def _append_sync(self, sid: str, turn: tuple[Message, ...]) -> Session:
+    def _append_sync(
+        self, sid: str, turn: tuple[Message, ...], incarnation: str | None
+    ) -> Session:
         meta_key, messages_key = self._meta_key(sid), self._messages_key(sid)
         encoded = [m.to_json() for m in turn]
+        asked, added = content_bytes(turn, client_only=True), content_bytes(turn)
+        limit = self._limits.max_session_bytes
 
         def body(pipe: Pipeline) -> Session:
             pipe.watch(meta_key)  # type: ignore[no-untyped-call]
             meta = {str(k): str(v) for k, v in pipe.hgetall(meta_key).items()}
-            if not meta:
+            if not meta or (incarnation is not None
+                            and meta.get("incarnation", "") != incarnation):
                 raise SessionNotFound(sid)
+            if limit is not None and int(meta.get("bytes", 0)) + asked > limit:
+                raise SessionFull(sid, limit)
             now = time.time()
             pipe.multi()
             pipe.rpush(messages_key, *encoded)
             pipe.hset(meta_key, "updated_at", now)
+            pipe.hincrby(meta_key, "bytes", added)
             self._queue_refresh(pipe, sid, meta["owner"], now)
             pipe.lrange(messages_key, 0, -1)
             raw = pipe.execute()[-1]
@@ -203,12 +234,15 @@ class RedisSessionStore(ThreadedSessionStore):
 
         return self._transaction(body)
 
-    def _delete_sync(self, sid: str) -> bool:
+    def _delete_sync(self, sid: str, incarnation: str | None) -> bool:
         meta_key = self._meta_key(sid)
 
         def body(pipe: Pipeline) -> bool:
             pipe.watch(meta_key)  # type: ignore[no-untyped-call]
-            found = pipe.hget(meta_key, "owner")
+            found, live = pipe.hmget(meta_key, ["owner", "incarnation"])
+            if found is not None and incarnation is not None and (live or "") != incarnation:
+                pipe.unwatch()  # type: ignore[no-untyped-call]
+                return False  # another incarnation lives under this id now
             owner = None if found is None else str(found)
             pipe.multi()
             pipe.delete(meta_key, self._messages_key(sid))
@@ -218,12 +252,12 @@ class RedisSessionStore(ThreadedSessionStore):
 
         return self._transaction(body)
 
-    def _try_lock_sync(self, sid: str, token: str, ttl: float) -> bool:
+    def _try_lock_sync(self, sid: str, incarnation: str, token: str, ttl: float) -> bool:
         px = max(1, round(ttl * 1000))
-        return bool(self._client.set(self._lock_key(sid), token, nx=True, px=px))
+        return bool(self._client.set(self._lock_key(sid, incarnation), token, nx=True, px=px))
 
-    def _unlock_sync(self, sid: str, token: str) -> None:
-        self._unlock_script(keys=[self._lock_key(sid)], args=[token])
+    def _unlock_sync(self, sid: str, incarnation: str, token: str) -> None:
+        self._unlock_script(keys=[self._lock_key(sid, incarnation)], args=[token])
 
     def _ping_sync(self) -> bool:
         return bool(self._client.ping())
@@ -248,4 +282,5 @@ def _session(sid: str, meta: dict[str, Any], raw: list[str]) -> Session:
         created_at=float(meta["created_at"]),
         updated_at=float(meta["updated_at"]),
         messages=tuple(Message.from_json(item) for item in raw),
+        incarnation=meta.get("incarnation", ""),
     )

@@ -19,14 +19,19 @@ from typing import TypeVar
 import trio
 
 from .base import (
+    NO_LIMITS,
     SessionNotFound,
     SessionStoreError,
+    StoreLimits,
+    check_incarnation,
+    check_limits,
     check_owner,
     check_session_id,
     check_token,
     check_ttl,
     check_turn,
     is_valid_session_id,
+    new_incarnation,
 )
 from .models import Message, Session, SessionInfo
 
@@ -38,9 +43,12 @@ class ThreadedSessionStore(ABC):
 
     backend: str
 
-    def __init__(self, *, timeout_seconds: float, max_threads: int) -> None:
+    def __init__(
+        self, *, timeout_seconds: float, max_threads: int, limits: StoreLimits = NO_LIMITS
+    ) -> None:
         self._timeout = check_ttl(timeout_seconds)
         self._limiter = trio.CapacityLimiter(max_threads)
+        self._limits = check_limits(limits)
 
     # --- the protocol (see base.SessionStore for the contract) ---
 
@@ -50,7 +58,9 @@ class ThreadedSessionStore(ABC):
         check_owner(owner)
         sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
         first = () if system_prompt is None else (Message(role="system", content=system_prompt),)
-        return await self._call(functools.partial(self._create_sync, owner, sid, first))
+        return await self._call(
+            functools.partial(self._create_sync, owner, sid, first, new_incarnation())
+        )
 
     async def get(self, session_id: str) -> Session | None:
         if not is_valid_session_id(session_id):
@@ -61,30 +71,41 @@ class ThreadedSessionStore(ABC):
     async def list_sessions(self, owner: str) -> list[SessionInfo]:
         return await self._call(functools.partial(self._list_sync, owner))
 
-    async def append_turn(self, session_id: str, messages: Sequence[Message]) -> Session:
+    async def append_turn(
+        self, session_id: str, messages: Sequence[Message], *, incarnation: str | None = None
+    ) -> Session:
         turn = check_turn(messages)
         if not is_valid_session_id(session_id):
             await trio.lowlevel.checkpoint()
             raise SessionNotFound(session_id)
-        return await self._call(functools.partial(self._append_sync, session_id, turn))
+        return await self._call(
+            functools.partial(self._append_sync, session_id, turn, incarnation)
+        )
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, incarnation: str | None = None) -> bool:
         if not is_valid_session_id(session_id):
             await trio.lowlevel.checkpoint()
             return False
-        return await self._call(functools.partial(self._delete_sync, session_id))
+        return await self._call(functools.partial(self._delete_sync, session_id, incarnation))
 
-    async def try_lock(self, session_id: str, token: str, ttl_seconds: float) -> bool:
+    async def try_lock(
+        self, session_id: str, token: str, ttl_seconds: float, *, incarnation: str = ""
+    ) -> bool:
         check_session_id(session_id)
         check_token(token)
+        check_incarnation(incarnation)
         ttl = check_ttl(ttl_seconds)
-        return await self._call(functools.partial(self._try_lock_sync, session_id, token, ttl))
+        return await self._call(
+            functools.partial(self._try_lock_sync, session_id, incarnation, token, ttl)
+        )
 
-    async def unlock(self, session_id: str, token: str) -> None:
+    async def unlock(self, session_id: str, token: str, *, incarnation: str = "") -> None:
         if not is_valid_session_id(session_id):
             await trio.lowlevel.checkpoint()
             return
-        await self._call(functools.partial(self._unlock_sync, session_id, token))
+        await self._call(
+            functools.partial(self._unlock_sync, session_id, incarnation, token)
+        )
 
     async def ping(self) -> bool:
         """Waits at most about two store timeouts (limiter queue, then one round trip)."""
@@ -119,7 +140,10 @@ class ThreadedSessionStore(ABC):
         """The store error for a client exception (None: not the client's, re-raise)."""
 
     @abstractmethod
-    def _create_sync(self, owner: str, sid: str, first: tuple[Message, ...]) -> Session: ...
+    def _create_sync(
+        self, owner: str, sid: str, first: tuple[Message, ...], incarnation: str
+    ) -> Session:
+        """Create, enforcing `self._limits` (per owner, per session) atomically."""
 
     @abstractmethod
     def _get_sync(self, sid: str) -> Session | None: ...
@@ -128,16 +152,20 @@ class ThreadedSessionStore(ABC):
     def _list_sync(self, owner: str) -> list[SessionInfo]: ...
 
     @abstractmethod
-    def _append_sync(self, sid: str, turn: tuple[Message, ...]) -> Session: ...
+    def _append_sync(
+        self, sid: str, turn: tuple[Message, ...], incarnation: str | None
+    ) -> Session:
+        """Append if the session (and `incarnation`, unless None) is live, enforcing
+        `max_session_bytes`; the check and the write are one transaction."""
 
     @abstractmethod
-    def _delete_sync(self, sid: str) -> bool: ...
+    def _delete_sync(self, sid: str, incarnation: str | None) -> bool: ...
 
     @abstractmethod
-    def _try_lock_sync(self, sid: str, token: str, ttl: float) -> bool: ...
+    def _try_lock_sync(self, sid: str, incarnation: str, token: str, ttl: float) -> bool: ...
 
     @abstractmethod
-    def _unlock_sync(self, sid: str, token: str) -> None: ...
+    def _unlock_sync(self, sid: str, incarnation: str, token: str) -> None: ...
 
     @abstractmethod
     def _ping_sync(self) -> bool: ...

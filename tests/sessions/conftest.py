@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fabricai_trio.sessions import MemorySessionStore, SessionStore
+from fabricai_trio.sessions import MemorySessionStore, SessionStore, StoreLimits
 
 from ..postgres_server import PostgresServer, postgres_binaries
 from ..redis_server import RedisServer, redis_server_binary
@@ -56,15 +56,21 @@ def backend(request: pytest.FixtureRequest) -> tuple[str, str | None]:
 async def make_store(
     backend: tuple[str, str | None], tmp_path: Path
 ) -> AsyncIterator[StoreFactory]:
-    """`make_store(ttl_seconds=..., timeout_seconds=...)` builds a fresh store of the
-    backend under test; all of them are closed after the test."""
+    """`make_store(ttl_seconds=..., timeout_seconds=..., limits=...)` builds a fresh
+    store of the backend under test; all of them are closed after the test."""
     name, url = backend
     made: list[SessionStore] = []
 
-    def factory(*, ttl_seconds: float = 3600.0, timeout_seconds: float = 5.0) -> SessionStore:
+    def factory(
+        *,
+        ttl_seconds: float = 3600.0,
+        timeout_seconds: float = 5.0,
+        limits: StoreLimits | None = None,
+    ) -> SessionStore:
         store: SessionStore
+        limits = limits or StoreLimits()
         if name == "memory":
-            store = MemorySessionStore(ttl_seconds=ttl_seconds)
+            store = MemorySessionStore(ttl_seconds=ttl_seconds, limits=limits)
         elif name == "redis":
             from fabricai_trio.sessions.redis_store import RedisSessionStore
 
@@ -74,6 +80,7 @@ async def make_store(
                 prefix=f"test:{uuid.uuid4().hex[:8]}:",
                 ttl_seconds=ttl_seconds,
                 timeout_seconds=timeout_seconds,
+                limits=limits,
             )
         else:
             from fabricai_trio.sessions.sql import SqlSessionStore
@@ -86,7 +93,7 @@ async def make_store(
                 assert url is not None
                 db_url = url
             store = SqlSessionStore(
-                db_url, ttl_seconds=ttl_seconds, timeout_seconds=timeout_seconds
+                db_url, ttl_seconds=ttl_seconds, timeout_seconds=timeout_seconds, limits=limits
             )
         made.append(store)
         return store

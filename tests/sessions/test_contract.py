@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -19,9 +19,12 @@ from fabricai_trio.sessions import (
     Message,
     Session,
     SessionExists,
+    SessionFull,
     SessionNotFound,
     SessionStore,
+    StoreLimits,
     StoreUnavailable,
+    TooManySessions,
 )
 
 from .conftest import StoreFactory
@@ -95,14 +98,19 @@ async def test_create_with_id_and_duplicate(store: SessionStore, owner: str) -> 
 
 
 async def test_unknown_and_malformed_ids(store: SessionStore, owner: str) -> None:
-    for sid in ("0" * 32, "no such session", "", "x" * 500):
+    # `:` and `.` are not in the id pattern: "x:messages" would name Redis's message
+    # list of session "x" (a 500 once); it names nothing now, on every backend.
+    named = await store.create(owner, system_prompt="s")
+    for sid in ("0" * 32, "no such session", "", "x" * 500, f"{named.id}:messages",
+                f"{named.id}.x", "a\n"):
         assert await store.get(sid) is None
         with pytest.raises(SessionNotFound):
             await store.append_turn(sid, turn("t"))
         assert await store.delete(sid) is False
         await store.unlock(sid, "token")  # harmless
-    with pytest.raises(ValueError):
-        await store.create(owner, session_id="has space")
+    for bad in ("has space", "has:colon", "has.dot", "x" * 129):
+        with pytest.raises(ValueError):
+            await store.create(owner, session_id=bad)
     with pytest.raises(ValueError):
         await store.create("")
     with pytest.raises(ValueError):
@@ -393,3 +401,156 @@ async def test_every_call_is_a_checkpoint(
     sid = (await store.create(owner)).id
     with trio.testing.assert_checkpoints():
         await call(store, sid)
+
+
+# --- incarnations: a deleted session and one created again under its id are two ---
+
+
+async def test_every_create_is_a_new_incarnation(store: SessionStore, owner: str) -> None:
+    sid = f"team-chat-{owner}"
+    first = await store.create(owner, session_id=sid)
+    assert len(first.incarnation) == 32
+    assert (await store.get(sid)) == first
+    assert await store.delete(sid) is True
+    second = await store.create(owner + "-2", session_id=sid)
+    assert second.incarnation != first.incarnation
+    assert (await store.get(sid)) == second
+
+
+async def test_a_turn_for_a_deleted_incarnation_never_lands_in_the_new_one(
+    store: SessionStore, owner: str
+) -> None:
+    sid = f"team-chat-{owner}"
+    old = await store.create(owner, session_id=sid)
+    await store.append_turn(sid, turn("kept"), incarnation=old.incarnation)
+    await store.delete(sid)
+    new = await store.create(owner + "-other", session_id=sid, system_prompt="theirs")
+    with pytest.raises(SessionNotFound):
+        await store.append_turn(sid, turn("stale"), incarnation=old.incarnation)
+    stored = await store.get(sid)
+    assert stored is not None and stored.incarnation == new.incarnation
+    assert [m.content for m in stored.messages] == ["theirs"]
+    after = await store.append_turn(sid, turn("theirs"), incarnation=new.incarnation)
+    assert landed_turns(after, skip=1) == ["theirs"]
+
+
+async def test_delete_of_a_stale_incarnation_leaves_the_new_one(
+    store: SessionStore, owner: str
+) -> None:
+    sid = f"team-chat-{owner}"
+    old = await store.create(owner, session_id=sid)
+    await store.delete(sid, incarnation=old.incarnation)
+    new = await store.create(owner + "-other", session_id=sid)
+    assert await store.delete(sid, incarnation=old.incarnation) is False
+    assert await store.get(sid) == new
+    assert await store.delete(sid, incarnation=new.incarnation) is True
+
+
+async def test_locks_are_per_incarnation(store: SessionStore, owner: str) -> None:
+    sid = f"team-chat-{owner}"
+    old = await store.create(owner, session_id=sid)
+    assert await store.try_lock(sid, "old", 60, incarnation=old.incarnation)
+    await store.delete(sid)
+    new = await store.create(owner + "-other", session_id=sid)
+    # The stale generation's lock does not make the new session busy…
+    assert await store.try_lock(sid, "new", 60, incarnation=new.incarnation)
+    assert not await store.try_lock(sid, "again", 60, incarnation=new.incarnation)
+    # …and its unlock does not free the new session's lock.
+    await store.unlock(sid, "old", incarnation=old.incarnation)
+    assert not await store.try_lock(sid, "again", 60, incarnation=new.incarnation)
+    await store.unlock(sid, "new", incarnation=new.incarnation)
+    assert await store.try_lock(sid, "again", 60, incarnation=new.incarnation)
+
+
+async def test_concurrent_turns_race_a_delete_and_recreate(
+    store: SessionStore, owner: str
+) -> None:
+    """Turns of the old incarnation racing delete + create: none lands in the new one."""
+    sid = f"race-{owner}"
+    old = await store.create(owner, session_id=sid)
+    new: list[Session] = []
+
+    async def stale(i: int) -> None:
+        with suppress(SessionNotFound):
+            await store.append_turn(sid, turn(f"old{i}"), incarnation=old.incarnation)
+
+    async def replace() -> None:
+        await store.delete(sid)
+        new.append(await store.create(owner + "-b", session_id=sid))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(stale, i)
+        nursery.start_soon(replace)
+    stored = await store.get(sid)
+    assert stored is not None and stored.incarnation == new[0].incarnation
+    assert stored.messages == ()
+
+
+# --- limits ---
+
+
+async def test_sessions_per_owner_cap(make_store: StoreFactory, owner: str) -> None:
+    store = make_store(limits=StoreLimits(max_sessions_per_owner=3))
+    made = [await store.create(owner) for _ in range(3)]
+    with pytest.raises(TooManySessions):
+        await store.create(owner)
+    with pytest.raises(TooManySessions):
+        await store.create(owner, session_id=f"named-{owner}")
+    await store.create(owner + "-other")  # per owner: another one is not counted
+    await store.delete(made[0].id)
+    await store.create(owner)  # a deleted session frees its place
+    with pytest.raises(TooManySessions):
+        await store.create(owner)
+    assert len(await store.list_sessions(owner)) == 3
+
+
+async def test_sessions_per_owner_cap_under_concurrent_creates(
+    make_store: StoreFactory, owner: str
+) -> None:
+    store = make_store(limits=StoreLimits(max_sessions_per_owner=4))
+    refused = 0
+
+    async def create() -> None:
+        nonlocal refused
+        try:
+            await store.create(owner)
+        except TooManySessions:
+            refused += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(12):
+            nursery.start_soon(create)
+    assert (len(await store.list_sessions(owner)), refused) == (4, 8)
+
+
+async def test_session_bytes_cap(make_store: StoreFactory, owner: str) -> None:
+    store = make_store(limits=StoreLimits(max_session_bytes=100))
+    with pytest.raises(SessionFull):
+        await store.create(owner, system_prompt="é" * 51)  # 102 bytes in UTF-8
+    session = await store.create(owner, system_prompt="s" * 60)
+    user = Message(role="user", content="u" * 30, request_id="a")
+    reply = Message(role="assistant", content="r" * 500, request_id="a")
+    # 60 + 30 <= 100: let in; the reply is always kept (it was already generated).
+    stored = await store.append_turn(session.id, [user, reply])
+    assert len(stored.messages) == 3
+    with pytest.raises(SessionFull):  # the session is past its cap: nothing more
+        await store.append_turn(session.id, [Message(role="user", content="x")])
+    after = await store.get(session.id)
+    assert after is not None and len(after.messages) == 3  # nothing written
+
+
+async def test_memory_store_total_cap() -> None:
+    from fabricai_trio.sessions import MemorySessionStore, StoreFull
+
+    store = MemorySessionStore(limits=StoreLimits(max_total_bytes=12_000))
+    first = await store.create("a", system_prompt="x" * 4000)
+    second = await store.create("b", system_prompt="x" * 4000)
+    assert store.total_bytes == 2 * (4000 + 1024)
+    with pytest.raises(StoreFull):
+        await store.create("c", system_prompt="x" * 4000)
+    with pytest.raises(StoreFull):
+        await store.append_turn(second.id, [Message(role="user", content="y" * 2000)])
+    await store.delete(first.id)
+    await store.create("c", system_prompt="x" * 4000)
+    assert store.total_bytes == 2 * (4000 + 1024)

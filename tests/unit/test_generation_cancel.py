@@ -198,19 +198,19 @@ async def test_a_full_queue_refuses_before_the_session_and_the_tokenizer(
             await g.close()
 
 
-async def test_other_owner_is_403_and_unknown_is_404(
+async def test_other_owner_and_unknown_are_the_same_404(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
         await h.store.create("alice", session_id="s1")
-        with pytest.raises(DomainError) as info:
+        with pytest.raises(DomainError) as theirs:
             await h.service.prepare(make_request(), owner="mallory")
-        assert info.value.status_hint == 403
-        with pytest.raises(DomainError) as info:
+        with pytest.raises(DomainError) as unknown:
             await h.service.prepare(
                 GenerationRequest(prompt="x", session_id="nope"), owner="alice"
             )
-        assert info.value.status_hint == 404
+        assert theirs.value.status_hint == unknown.value.status_hint == 404
+        assert repr(theirs.value) == repr(unknown.value)
 
 
 async def test_keepalives_while_queued(autojump_clock: trio.testing.MockClock) -> None:
