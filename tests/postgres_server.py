@@ -14,6 +14,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -123,6 +124,29 @@ class PostgresServer:
         if self._started:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
             self._started = False
+
+    def processes(self) -> list[int]:
+        """The postmaster and every process it forked (the backends of the connections)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found = [postmaster]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == postmaster:
+                found.append(int(stat.parent.name))
+        return found
+
+    def pause(self) -> None:
+        """SIGSTOP the whole cluster: connections stay open, the kernel still acks what
+        clients send, nothing ever answers (a hung server)."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.processes():
+            os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         try:
