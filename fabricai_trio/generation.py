@@ -84,6 +84,7 @@ from .sessions import (
     Session,
     SessionExists,
     SessionFull,
+    SessionNotFound,
     SessionStore,
     SessionStoreError,
     StoreFull,
@@ -358,6 +359,9 @@ class Generation:
                     # identity created under the same id after a delete.
                     await store.append_turn(self.session.id, self._turn_messages(),
                                             incarnation=self.session.incarnation)
+                except SessionNotFound:  # deleted while it ran: nowhere to store it
+                    log.info("request %s: session deleted meanwhile, turn dropped",
+                             self.request_id)
                 except SessionStoreError as exc:
                     self.service.observer.on_store_error("write_failed")
                     log.error("request %s: turn not stored: %s", self.request_id, exc)

@@ -154,7 +154,7 @@ def test_good_credentials_pass_on_every_route(
 
 
 @pytest.mark.model
-def test_another_identitys_session_is_403(http: httpx.Client) -> None:
+def test_another_identitys_session_is_404(http: httpx.Client) -> None:
     created = http.post("/v1/sessions", headers=bearer(ALPHA), json={"system_prompt": "x"})
     assert created.status_code == 201, created.text
     session = created.json()
@@ -187,7 +187,7 @@ def test_jwt_subject_owns_its_sessions(http: httpx.Client) -> None:
     # Another token of the same subject is the same owner.
     again = http.get(f"/v1/sessions/{sid}", headers=bearer(token("user-7", expires_in=60)))
     assert again.status_code == 200
-    assert http.get(f"/v1/sessions/{sid}", headers=bearer(ALPHA)).status_code == 403
+    assert http.get(f"/v1/sessions/{sid}", headers=bearer(ALPHA)).status_code == 404
 
 
 @pytest.mark.model

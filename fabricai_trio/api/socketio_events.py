@@ -247,5 +247,8 @@ class InferenceEvents:
         return {"session_id": session_id, "left": True}
 
     async def session_deleted(self, session: Session) -> None:
-        """Empty the deleted session's room, on this replica and every other one."""
+        """Empty the deleted session's room, on this replica and every other one.
+        Cancelled: this replica's room is empty; the others may keep theirs (their
+        members still hear nothing of a new session under the id: rooms are per
+        incarnation)."""
         await self.server.close_room(session_room(session))

@@ -71,6 +71,9 @@ def test_message_codec_round_trip() -> None:
         skip_sids=("x",),
     )
     assert decode_message(encode_message(message)) == message
+    closing = BroadcastMessage(origin="a", namespace="/", event="", args=(), to=("r",),
+                               action="close_room")
+    assert decode_message(encode_message(closing)) == closing
 
 
 async def test_broadcast_reaches_clients_of_another_server(redis_url: str) -> None:

@@ -488,6 +488,35 @@ async def test_pubsub_fans_out_across_servers() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_close_room_empties_it_on_every_server() -> None:
+    """A deleted session's room: nobody in it, here or on another server, hears a later
+    broadcast to it; the members' own sid rooms and other rooms stay."""
+    hub = LocalPubSub()
+    a, b = SocketIOServer(REF, pubsub=hub), SocketIOServer(REF, pubsub=hub)
+    async with trio.open_nursery() as nursery:
+        await run_server(a, nursery)
+        await run_server(b, nursery)
+        ca = await open_client(a.asgi_app, nursery)
+        cb = await open_client(b.asgi_app, nursery)
+        sid_a, sid_b = await ca.connect(), await cb.connect()
+        a.enter_room(sid_a, "doomed")
+        b.enter_room(sid_b, "doomed")
+        b.enter_room(sid_b, "kept")
+        await a.close_room("doomed")
+        await a.close_room(sid_a)  # a sid's own room is never closed
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(b.rooms_of(sid_b)) == {sid_b, "kept"}
+        await a.emit("late", to="doomed")
+        await b.emit("late", to="doomed")
+        await a.emit("mine", to=sid_a)
+        await a.emit("still", to="kept")
+        assert await ca.recv() == '2["mine"]'
+        assert await cb.recv() == '2["still"]'
+        await trio.testing.wait_all_tasks_blocked()
+        assert ca.pending() == [] and cb.pending() == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_shutdown_closes_clients_and_runs_disconnect_handlers() -> None:
     server = SocketIOServer(REF)
     reasons: list[DisconnectReason] = []
