@@ -23,6 +23,8 @@ from .server_process import ServerProcess, model_env
 pytestmark = pytest.mark.model
 
 KEY_1, KEY_2 = "key-one-0123456789", "key-two-0123456789"
+#: Replicas on one store must derive the same owner id from a key.
+OWNER_SECRET = "owner-id-secret-of-these-tests-0123456789"
 LONG = {"prompt": "Once upon a time", "max_tokens": 512, "temperature": 0}
 
 
@@ -78,7 +80,8 @@ def servers(model_path: Path, server_logs: Path, store: str, stack: ExitStack
             ) -> tuple[ServerProcess, ServerProcess]:
     """(replica one, replica two): the same server twice on the memory store, two
     replicas sharing a private Redis on the Redis store."""
-    settings = {"API_KEYS": f"{KEY_1},{KEY_2}", "MAX_TOKENS_LIMIT": "512",
+    settings = {"API_KEYS": f"{KEY_1},{KEY_2}", "OWNER_ID_SECRET": OWNER_SECRET,
+                "MAX_TOKENS_LIMIT": "512",
                 "MAX_CONCURRENT_REQUESTS": "2", "MAX_QUEUE_SIZE": "2"}
     if store == "memory":
         one = stack.enter_context(ServerProcess(model_env(model_path, **settings),
@@ -189,7 +192,8 @@ def test_ids_outside_the_api_pattern_are_404_not_500(
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def capped(request: pytest.FixtureRequest, model_path: Path, server_logs: Path
            ) -> Iterator[ServerProcess]:
-    settings = {"API_KEYS": f"{KEY_1},{KEY_2}", "SESSION_MAX_PER_OWNER": "3",
+    settings = {"API_KEYS": f"{KEY_1},{KEY_2}", "OWNER_ID_SECRET": OWNER_SECRET,
+                "SESSION_MAX_PER_OWNER": "3",
                 "SESSION_MAX_BYTES": "4096", "MEMORY_STORE_MAX_BYTES": "65536"}
     with ExitStack() as stack:
         if request.param == "redis":
