@@ -266,7 +266,7 @@ class Settings(BaseSettings):
     session_max_per_owner: int = Field(
         100, ge=1,
         description="Live sessions one identity may keep; creating one more is a 429 "
-        "`too_many_sessions`.",
+        "`too_many_sessions`. With auth off every client is `anonymous`: one cap for all.",
     )
     session_max_bytes: int = Field(
         1_048_576, ge=1024,

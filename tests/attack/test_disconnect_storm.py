@@ -186,7 +186,9 @@ async def test_random_disconnects_leave_nothing_behind(
 ) -> None:
     env = model_env(model_path, MAX_CONCURRENT_REQUESTS="2", MAX_QUEUE_SIZE="6", N_CTX="512",
                     REDIS_URL=redis.url, REDIS_PREFIX=f"storm{random.randrange(10**6)}:",
-                    SSE_KEEPALIVE_SECONDS="0.5")
+                    SSE_KEEPALIVE_SECONDS="0.5",
+                    # One identity (auth off) owns every session here.
+                    SESSION_MAX_PER_OWNER=str(CLIENTS))
     rng = random.Random(20261201)
     outcomes = [
         Outcome(session_id=f"storm-{i}", transport=rng.choice(TRANSPORTS),
