@@ -31,6 +31,8 @@ from .batch_scheduler import BatchEntry, PadRow, SeqCopy, SeqRemove, StepPlan
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size` default, as LlamaEngine has
+#: llama.cpp's `llama_token_data` as a numpy record, for candidate arrays over numpy.
+TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 MIN_P = 0.05  # Llama.generate defaults, kept so sampled output matches LlamaEngine
 TYPICAL_P = 1.0
 PAD_TOKEN = 2  # any valid token: a pad row's cell is dropped right after its step
@@ -155,6 +157,8 @@ class BatchRunner:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._samplers: dict[int, Any] = {}  # handle -> llama.cpp sampler chain
         self._greedy: dict[int, _Greedy] = {}
+        self._grammars: dict[int, Any] = {}  # handle -> llama.cpp grammar sampler
+        self._candidates = np.empty(self._n_vocab, dtype=TOKEN_DATA)
         self._piece_buf = ctypes.create_string_buffer(256)
         self.n_seq_max = n_seq_max
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)
@@ -177,9 +181,10 @@ class BatchRunner:
     def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling]) -> StepResult:
         for handle in plan.released:
             self._greedy.pop(handle, None)
-            chain = self._samplers.pop(handle, None)
-            if chain is not None:
-                llama_cpp.llama_sampler_free(chain)
+            for samplers in (self._samplers, self._grammars):
+                sampler = samplers.pop(handle, None)
+                if sampler is not None:
+                    llama_cpp.llama_sampler_free(sampler)
         for op in plan.ops:
             if isinstance(op, SeqCopy):
                 llama_cpp.llama_memory_seq_cp(self._mem, op.src, op.dst, -1, -1)
@@ -241,13 +246,71 @@ class BatchRunner:
         greedy = self._greedy.get(handle)
         if greedy is None and handle not in self._samplers:
             s = sampling[handle]
-            if s.temperature == 0 and s.grammar is None:
+            if s.grammar is not None:
+                grammar = llama_cpp.llama_sampler_init_grammar(
+                    self._vocab, s.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise EngineError("the grammar does not parse")
+                self._grammars[handle] = grammar
+            if s.temperature == 0:
                 greedy = self._greedy[handle] = _Greedy.of(s)
             else:
                 self._samplers[handle] = self._new_chain(s)
+        if handle in self._grammars:
+            return self._sample_constrained(handle, greedy, index)
         if greedy is None:
             return int(llama_cpp.llama_sampler_sample(self._samplers[handle], self._ctx, index))
         return greedy.pick(self._logits(index))
+
+    def _sample_constrained(self, handle: int, greedy: _Greedy | None, index: int) -> int:
+        """Sample as without a grammar, then ask the grammar about that one token; only
+        if it refuses, mask the whole vocabulary with the grammar and sample again (what
+        llama.cpp's own common sampler does). Checking 262k tokens against a grammar
+        costs several decode steps; checking one costs nothing, and a model under a
+        grammar mostly picks an allowed token anyway."""
+        grammar = self._grammars[handle]
+        logits = self._logits(index)
+        if greedy is not None:
+            token = greedy.pick(logits)  # penalises `logits` in place
+            if not self._allows(grammar, token):
+                greedy.recent.pop()
+                cur = self._candidate_array(logits)
+                llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+                token = int(self._candidates["id"][np.argmax(self._candidates["logit"])])
+                greedy.recent.append(token)
+        else:
+            chain = self._samplers[handle]
+            token = self._apply(chain, self._candidate_array(logits))
+            if not self._allows(grammar, token):
+                cur = self._candidate_array(logits)
+                llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+                token = self._apply(chain, cur)
+            llama_cpp.llama_sampler_accept(chain, token)
+        llama_cpp.llama_sampler_accept(grammar, token)
+        return token
+
+    def _candidate_array(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> Any:
+        """Every token with its logit, as llama.cpp's candidate array (over our buffer)."""
+        cand = self._candidates
+        cand["id"] = np.arange(self._n_vocab, dtype=np.intc)
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        return llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=self._n_vocab,
+            selected=-1, sorted=False)
+
+    @staticmethod
+    def _apply(chain: Any, cur: Any) -> int:
+        """Run a chain on a candidate array (without accepting): the token it selects."""
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
+        return int(cur.data[cur.selected].id)
+
+    @staticmethod
+    def _allows(grammar: Any, token: int) -> bool:
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
+        cur = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+        return bool(np.isfinite(one[0].logit))
 
     def _logits(self, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
         return np.ctypeslib.as_array(
@@ -259,9 +322,8 @@ class BatchRunner:
         return float(top2[1] - top2[0])
 
     def _new_chain(self, s: Sampling) -> Any:
-        """For temperature != 0 or a grammar: the chain `Llama.generate` builds, so output
-        matches `LlamaEngine`. A grammar goes first (after the logit bias), over the whole
-        vocabulary: every later step then only sees tokens the grammar allows."""
+        """For temperature != 0: the chain `Llama.generate` builds, so output matches
+        `LlamaEngine`."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
@@ -271,12 +333,6 @@ class BatchRunner:
             biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))(
                 *(llama_cpp.llama_logit_bias(token, bias) for token, bias in s.logit_bias.items()))
             add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
-        if s.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, s.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                raise EngineError("the grammar does not parse")
-            add(grammar)
         if (s.repeat_penalty > 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
                 and s.temperature > 0 and s.top_k > 0):
             # The penalty scan over the whole vocabulary (262k for Gemma) costs ~2 ms a
@@ -288,9 +344,7 @@ class BatchRunner:
             self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
             s.presence_penalty))
         seed = RANDOM_SEED if s.seed is None else s.seed
-        if s.temperature == 0:
-            add(llama_cpp.llama_sampler_init_greedy())
-        elif s.temperature < 0:
+        if s.temperature < 0:
             add(llama_cpp.llama_sampler_init_dist(seed))
         else:
             add(llama_cpp.llama_sampler_init_top_k(s.top_k))
@@ -321,9 +375,10 @@ class BatchRunner:
         return out
 
     def close(self) -> None:
-        for chain in self._samplers.values():
-            llama_cpp.llama_sampler_free(chain)
+        for sampler in (*self._samplers.values(), *self._grammars.values()):
+            llama_cpp.llama_sampler_free(sampler)
         self._samplers.clear()
+        self._grammars.clear()
         self._greedy.clear()
         if self._ctx is not None:
             llama_cpp.llama_batch_free(self._batch)
