@@ -94,8 +94,11 @@ async def test_a_flood_by_one_key_does_not_hold_back_another(fair_server: Server
         assert {(status, code) for _, status, code in refused} == {(429, "per_key_limit")}
         assert all(rid.startswith("a") for rid, _, _ in refused)
         assert b_queued == [{"request_id": "b", "position": 0}]
-        # One slot: B completes right after the request of A that was running.
-        assert completed.index("b") == 1
+        # One slot, and B queued first in line: it runs right after the A request that
+        # held the slot when it arrived; that is A's first or, when A's first 2-token
+        # request ended before B's reached the server, A's second (the exact order is
+        # checked on a fake engine with MockClock in test_fairness_routes.py).
+        assert completed.index("b") <= 2
         assert len(completed) == 12
 
 
