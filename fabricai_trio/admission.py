@@ -1,4 +1,4 @@
-"""Admission control: the one queue in front of the engine.
+"""Admission control: the one queue in front of a model's engine (one per served model).
 
 * A bounded `trio` memory channel counts the queue: `try_enter()` puts a marker in it
   with `send_nowait()`, and `trio.WouldBlock` means the queue is full: `QueueFull` (a
