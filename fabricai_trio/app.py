@@ -41,6 +41,7 @@ from .api.sessions import blueprint as sessions_blueprint
 from .api.socketio_events import create_socketio
 from .api.state import EXTENSION_KEY, AppState
 from .api.streaming import REQUEST_NURSERY_KEY
+from .api.tokens import blueprint as tokens_blueprint
 from .auth import Authenticator
 from .core.engine import Engine, EngineError, EngineRequest, ModelLoadError
 from .engine.loader import create_engine
@@ -232,7 +233,8 @@ def create_app(
         metrics=metrics, auth=authenticator,
     )
     quart_app.extensions[EXTENSION_KEY] = state
-    for bp in (blueprint, operations_blueprint, sessions_blueprint, openai_blueprint,
+    for bp in (blueprint, operations_blueprint, sessions_blueprint, tokens_blueprint,
+               openai_blueprint,
                openapi_blueprint, playground_blueprint):
         quart_app.register_blueprint(bp)
     request_log.init_app(quart_app)  # before auth: a 401 is logged with its route

@@ -483,6 +483,25 @@ class GenerationService:
             return self.models.get(kept)  # a model no longer served: `ModelNotFound`
         return named or self.models.default
 
+    async def count_prompt(
+        self, request: GenerationRequest, *, owner: str
+    ) -> tuple[ServedModel, PromptTokens]:
+        """The prompt a generation of `request` would decode: the chat template, the
+        session's history and its trimming to `n_ctx - max_tokens`, by the same code as
+        `prepare` (`POST /v1/tokenize`), without a queue place or the session lock.
+        Raises what `prepare` would for the same request (unknown model or session,
+        `ContextLengthExceeded`, ...). Cancelled: stops between two tokenizer pieces."""
+        if not self.ready:
+            raise ModelLoading()
+        session = None
+        if request.session_id is not None:
+            session = await self.open_session(request.session_id, owner)
+        model = self._pick_model(request, session)
+        max_tokens = request.max_tokens or self.settings.default_max_tokens
+        prompt = await self._prompt_tokens(model, request, session, request.new_messages(),
+                                           max_tokens)
+        return model, prompt
+
     async def _prepare(
         self, request: GenerationRequest, owner: str, chosen: list[ServedModel]
     ) -> Generation:

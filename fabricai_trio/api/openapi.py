@@ -175,15 +175,30 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ok=oai.ChatCompletionResponse, stream=oai.ChatCompletionChunk, errors=_GEN_ERRORS,
         dialect="openai",
         description="`stream: true` answers `data: {chunk}` lines and `data: [DONE]`. "
-        "Unsupported fields (tools, logprobs, n > 1, penalties ≠ 0, …) are a 400 naming "
-        "the field. `session_id` (extension) continues a stored session.",
+        "Unsupported fields (tools, logprobs, n > 1, …) are a 400 naming the field. "
+        "`session_id` (extension) continues a stored session.",
     ),
     ("POST", "/v1/completions"): Operation(
         "OpenAI-compatible text completion", "openai", request=oai.CompletionRequest,
         ok=oai.CompletionResponse, stream=oai.CompletionChunk, errors=_GEN_ERRORS,
         dialect="openai",
     ),
-    ("GET", "/v1/models"): Operation("The served model", "openai", ok=oai.ModelList),
+    ("GET", "/v1/models"): Operation("The served models", "openai", ok=oai.ModelList),
+    ("POST", "/v1/tokenize"): Operation(
+        "The tokens a generation of this body would decode", "tokens",
+        request=requests.GenerationRequest, ok=schemas.TokenizeResponse,
+        errors=(K.BAD_REQUEST, K.NOT_FOUND, K.CONFLICT, K.TOO_LARGE, K.INVALID_FIELD,
+                K.UNAVAILABLE),
+        description="The body of `POST /v1/inference_sse` (`prompt`, or `messages` and an "
+        "optional `session_id`; `model`, `max_tokens`): the chat template, the session's "
+        "history and its trimming apply as for a generation. Nothing is generated and no "
+        "queue place is taken; a prompt that does not fit is 400 `context_length_exceeded`.",
+    ),
+    ("POST", "/v1/detokenize"): Operation(
+        "Token ids back to text", "tokens", request=schemas.DetokenizeRequest,
+        ok=schemas.DetokenizeResponse, errors=(K.BAD_REQUEST, K.NOT_FOUND, K.INVALID_FIELD,
+                                               K.UNAVAILABLE),
+    ),
     ("GET", "/metrics"): Operation(
         "Prometheus metrics (text exposition format)", "operations", ok="text/plain",
     ),

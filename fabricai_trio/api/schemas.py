@@ -96,6 +96,41 @@ class SessionMessages(BaseModel):
     data: list[SessionMessage]
 
 
+class TokenizeResponse(BaseModel):
+    """`POST /v1/tokenize`: the tokens a generation of the same body would decode."""
+
+    model: str
+    tokens: list[int]
+    count: int
+    max_model_len: int = Field(description="The model's context size (`N_CTX`).")
+    dropped_messages: int = Field(
+        0, description="Stored session messages the prompt leaves out to fit the context.")
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /v1/detokenize`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    model: str
+    prompt: str
+
+
+def parse_detokenize(data: Any) -> DetokenizeRequest:
+    """Validate a `POST /v1/detokenize` body: `InvalidBody` / `InvalidField`."""
+    if not isinstance(data, dict):
+        raise InvalidBody("the body must be a JSON object")
+    try:
+        return DetokenizeRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_field(exc) from None
+
+
 def parse_session_create(data: Any) -> SessionCreateRequest:
     """Validate a `POST /v1/sessions` body: `InvalidBody` / `InvalidField`, like
     generation requests."""

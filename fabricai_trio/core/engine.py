@@ -164,6 +164,16 @@ class GrammarChecker(Protocol):
 
 
 @runtime_checkable
+class Detokenizer(Protocol):
+    """An engine that turns token ids back into text (`POST /v1/detokenize`); the
+    built-in engines are."""
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of `tokens` (control tokens written out; invalid UTF-8 replaced).
+        Every id must be below `EngineInfo.n_vocab`."""
+
+
+@runtime_checkable
 class Engine(Protocol):
     """A model backend. All methods may be called from the trio thread only."""
 

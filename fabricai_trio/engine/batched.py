@@ -190,6 +190,9 @@ class BatchedEngine:
     def grammar_error(self, grammar: str) -> str | None:
         return self._text.grammar_error(grammar)
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._text.detokenize(tokens)
+
     async def tokenize(
         self, text: str, *, add_bos: bool = True, limit: int | None = None
     ) -> list[int]:

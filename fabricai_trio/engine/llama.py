@@ -134,6 +134,9 @@ class LlamaEngine:
     def grammar_error(self, grammar: str) -> str | None:
         return self._text.grammar_error(grammar)
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._text.detokenize(tokens)
+
     async def tokenize(
         self, text: str, *, add_bos: bool = True, limit: int | None = None
     ) -> list[int]:

@@ -176,6 +176,12 @@ class ModelText:
             return "chat_format"
         return "gguf" if self.template.name == GGUF_TEMPLATE else "fallback"
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """See `Detokenizer` (fast: the trio thread)."""
+        if self._vocab is None:
+            raise EngineError("the model is not loaded")
+        return self._vocab.detokenize(tokens)
+
     def grammar_error(self, grammar: str) -> str | None:
         """Why `grammar` (GBNF) cannot constrain this model; see `GrammarChecker`."""
         if self._vocab is None:
@@ -387,6 +393,10 @@ class _Vocab:
             return "the grammar does not parse, or has no `root` rule (GBNF, llama.cpp)"
         llama_cpp.llama_sampler_free(sampler)
         return None
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._llama.detokenize(list(tokens), special=True).decode(
+            "utf-8", errors="replace")
 
     def piece(self, token: int) -> str:
         if token < 0:
