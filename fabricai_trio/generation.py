@@ -445,16 +445,6 @@ class GenerationService:
         # (session id, incarnation) -> token of a lock `unlock` could not release.
         self._unreleased: dict[tuple[str, str], str] = {}
 
-    @property
-    def engine(self) -> Engine:
-        """The default model's engine."""
-        return self.models.default.engine
-
-    @property
-    def admission(self) -> Admission:
-        """The default model's admission."""
-        return self.models.default.admission
-
     async def prepare(self, request: GenerationRequest, *, owner: str) -> Generation:
         """Check and admit a request, and register it under (owner, request_id).
 

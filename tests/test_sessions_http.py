@@ -504,7 +504,7 @@ async def test_the_turn_is_stored_before_complete_is_sent(
                 assert session is not None
                 assert [m.role for m in session.messages] == ["user", "assistant"]
                 assert session.messages[1].content == event.text
-                assert svc.admission.stats().active == 0
+                assert svc.models.default.admission.stats().active == 0
                 assert await store.try_lock("s", "next-turn", 5.0)
                 break
         else:

@@ -5,7 +5,7 @@ What every transport shares (requests, messages, stream events) is in `core/`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -121,22 +121,15 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def parse_detokenize(data: Any) -> DetokenizeRequest:
-    """Validate a `POST /v1/detokenize` body: `InvalidBody` / `InvalidField`."""
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], data: Any) -> Body:
+    """Validate a decoded JSON body (`POST /v1/sessions`, `/v1/detokenize`):
+    `InvalidBody` / `InvalidField`, like generation requests."""
     if not isinstance(data, dict):
         raise InvalidBody("the body must be a JSON object")
     try:
-        return DetokenizeRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_field(exc) from None
-
-
-def parse_session_create(data: Any) -> SessionCreateRequest:
-    """Validate a `POST /v1/sessions` body: `InvalidBody` / `InvalidField`, like
-    generation requests."""
-    if not isinstance(data, dict):
-        raise InvalidBody("the body must be a JSON object")
-    try:
-        return SessionCreateRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_field(exc) from None

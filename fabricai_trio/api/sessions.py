@@ -18,11 +18,12 @@ from ..core.errors import SessionIdTaken, UnknownSession
 from ..sessions import SessionExists
 from .routes import current_owner, read_json_body
 from .schemas import (
+    SessionCreateRequest,
     SessionList,
     SessionMessage,
     SessionMessages,
     SessionObject,
-    parse_session_create,
+    parse_body,
 )
 from .state import state
 
@@ -44,7 +45,7 @@ async def _optional_json_body() -> Any:
 
 @blueprint.post("/v1/sessions")
 async def create_session() -> Response:
-    body = parse_session_create(await _optional_json_body())
+    body = parse_body(SessionCreateRequest, await _optional_json_body())
     service = state().service
     try:
         session = await service.store_call(

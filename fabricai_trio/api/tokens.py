@@ -9,7 +9,7 @@ from quart import Blueprint, Response
 from ..core.engine import Detokenizer
 from ..core.errors import InvalidField, ModelLoading
 from .routes import current_owner, read_json_body
-from .schemas import DetokenizeResponse, TokenizeResponse, parse_detokenize
+from .schemas import DetokenizeRequest, DetokenizeResponse, TokenizeResponse, parse_body
 from .state import state
 
 blueprint = Blueprint("tokens", __name__)
@@ -34,7 +34,7 @@ async def tokenize() -> Response:
 
 @blueprint.post("/v1/detokenize")
 async def detokenize() -> Response:
-    body = parse_detokenize(await read_json_body())
+    body = parse_body(DetokenizeRequest, await read_json_body())
     if not state().service.ready:
         raise ModelLoading()
     models = state().models
