@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -40,20 +40,17 @@ import outcome
 import trio
 
 from ..core.engine import (
-    ChatPrompt,
     Chunk,
     EngineError,
     EngineInfo,
     EngineRequest,
     Finish,
-    TokenMemo,
 )
-from ..core.messages import ChatMessage
 from ..core.textstream import TextAssembler
 from ..settings import Settings
 from .batch_scheduler import BatchScheduler, Sampled, SchedulerFull, StepPlan
 from .batch_step import BatchRunner, Sampling, StepResult, check_fits
-from .model_text import ModelText
+from .model_text import ModelText, ModelTextMethods
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +76,7 @@ class _Stream:
     error: str | None = None  # the step carrying it failed
 
 
-class BatchedEngine:
+class BatchedEngine(ModelTextMethods):
     """Continuous batching on one context, with a prefix cache of finished sequences."""
 
     def __init__(self, settings: Settings) -> None:
@@ -186,25 +183,6 @@ class BatchedEngine:
                 **text.stats(),
             },
         )
-
-    def grammar_error(self, grammar: str) -> str | None:
-        return self._text.grammar_error(grammar)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._text.detokenize(tokens)
-
-    async def tokenize(
-        self, text: str, *, add_bos: bool = True, limit: int | None = None
-    ) -> list[int]:
-        return await self._text.tokenize(text, add_bos=add_bos, limit=limit)
-
-    def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return self._text.format_chat(messages)
-
-    async def tokenize_chat(
-        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
-    ) -> list[int]:
-        return await self._text.tokenize_chat(prompt, limit=limit, memo=memo)
 
     # --- generation ---
 

@@ -19,7 +19,7 @@ token without touching its (freed) context.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +30,24 @@ import trio
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from ..core.engine import (
-    ChatPrompt,
     Chunk,
     EngineError,
     EngineInfo,
     EngineRequest,
     Finish,
     ModelLoadError,
-    TokenMemo,
 )
-from ..core.messages import ChatMessage
 from ..core.textstream import TextAssembler
 from ..settings import Settings
 from .batch_scheduler import common_prefix
-from .model_text import ModelText
+from .model_text import ModelText, ModelTextMethods
 
 log = logging.getLogger(__name__)
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
 
 
-class LlamaEngine:
+class LlamaEngine(ModelTextMethods):
     """The default engine: a pool of llama.cpp contexts over one mmapped model."""
 
     def __init__(self, settings: Settings) -> None:
@@ -130,25 +127,6 @@ class LlamaEngine:
                    "kv_cells_total": self._settings.n_ctx * len(self._contexts),
                    **text.stats()},
         )
-
-    def grammar_error(self, grammar: str) -> str | None:
-        return self._text.grammar_error(grammar)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._text.detokenize(tokens)
-
-    async def tokenize(
-        self, text: str, *, add_bos: bool = True, limit: int | None = None
-    ) -> list[int]:
-        return await self._text.tokenize(text, add_bos=add_bos, limit=limit)
-
-    def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
-        return self._text.format_chat(messages)
-
-    async def tokenize_chat(
-        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
-    ) -> list[int]:
-        return await self._text.tokenize_chat(prompt, limit=limit, memo=memo)
 
     # --- generation ---
 

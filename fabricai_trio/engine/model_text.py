@@ -540,3 +540,30 @@ def _pairs(pieces: Sequence[bytes]) -> frozenset[str]:
     both = np.unique((left[keep] << np.uint64(21)) | right[keep]).tolist()
     mask = (1 << 21) - 1
     return frozenset(chr(c >> 21) + chr(c & mask) for c in both)
+
+
+class ModelTextMethods:
+    """The text side of the `Engine` protocol (and of `GrammarChecker`, `Detokenizer`)
+    for an engine whose tokenizer and chat template are a `ModelText`: both built-in
+    engines. Cancellation as in `ModelText`: a tokenization stops between two pieces."""
+
+    _text: ModelText
+
+    def grammar_error(self, grammar: str) -> str | None:
+        return self._text.grammar_error(grammar)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._text.detokenize(tokens)
+
+    async def tokenize(
+        self, text: str, *, add_bos: bool = True, limit: int | None = None
+    ) -> list[int]:
+        return await self._text.tokenize(text, add_bos=add_bos, limit=limit)
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
+        return self._text.format_chat(messages)
+
+    async def tokenize_chat(
+        self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
+    ) -> list[int]:
+        return await self._text.tokenize_chat(prompt, limit=limit, memo=memo)
