@@ -1,16 +1,18 @@
-"""The order in which queued requests get a slot: one small interface, two policies.
+"""The order in which queued requests get a slot: one small interface, three policies.
 
 `Admission` owns the bounds (how many run, how many may wait, per principal too) and
 the waiting; a `QueuePolicy` only decides *which* waiting ticket goes next and where a
 ticket stands. `FairPolicy` (QUEUE_POLICY=fair, the default) serves principals in turn;
 `FifoPolicy` (QUEUE_POLICY=fifo) serves arrivals in order, for a gateway in front that
-does its own fair sharing.
+does its own fair sharing. `PriorityPolicy` (more than one of PRIORITY_CLASSES) puts one
+of those per priority class and serves higher classes first, with a bound on how long
+a lower class waits.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -31,8 +33,15 @@ class QueuePolicy(Protocol[T]):
         Items for which `skip` is true (a principal at its concurrency cap) are passed
         over and keep their place."""
 
+    def peek(self, skip: Callable[[T], bool] | None = None) -> T | None:
+        """The item `pop(skip)` would return, left waiting (nothing changes)."""
+
     def position(self, item: T) -> int:
         """How many items go before `item` (0: it is next, or it is not waiting)."""
+
+    def ordered(self) -> list[T]:
+        """Every waiting item, in the order `pop()` would return them if nothing else
+        arrived and nothing were skipped (item `i` has `position` `i`)."""
 
     def __len__(self) -> int: ...
 
@@ -53,11 +62,15 @@ class FifoPolicy(QueuePolicy[T]):
         return True
 
     def pop(self, skip: Callable[[T], bool] | None = None) -> T | None:
-        for item in self._items:
-            if skip is not None and skip(item):
-                continue
+        item = self.peek(skip)
+        if item is not None:
             del self._items[item]
-            return item
+        return item
+
+    def peek(self, skip: Callable[[T], bool] | None = None) -> T | None:
+        for item in self._items:
+            if skip is None or not skip(item):
+                return item
         return None
 
     def position(self, item: T) -> int:
@@ -65,6 +78,9 @@ class FifoPolicy(QueuePolicy[T]):
             if waiting is item:
                 return index
         return 0
+
+    def ordered(self) -> list[T]:
+        return list(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -143,15 +159,7 @@ class FairPolicy(QueuePolicy[F]):
         return True
 
     def pop(self, skip: Callable[[F], bool] | None = None) -> F | None:
-        best: F | None = None
-        skipped: list[str] = []
-        for principal, queue in self._queues.items():
-            head = queue[0]
-            if skip is not None and skip(head):
-                skipped.append(principal)
-                continue
-            if best is None or self._tags[head] < self._tags[best]:
-                best = head
+        best, skipped = self._select(skip)
         if best is None:
             return None
         start, _ = self._tags.pop(best)
@@ -165,11 +173,33 @@ class FairPolicy(QueuePolicy[F]):
         self._forget_idle()
         return best
 
+    def peek(self, skip: Callable[[F], bool] | None = None) -> F | None:
+        return self._select(skip)[0]
+
+    def _select(self, skip: Callable[[F], bool] | None) -> tuple[F | None, list[str]]:
+        """The head with the smallest tag among principals not skipped, and the
+        principals skipped."""
+        best: F | None = None
+        skipped: list[str] = []
+        for principal, queue in self._queues.items():
+            head = queue[0]
+            if skip is not None and skip(head):
+                skipped.append(principal)
+                continue
+            if best is None or self._tags[head] < self._tags[best]:
+                best = head
+        return best, skipped
+
     def position(self, item: F) -> int:
         tag = self._tags.get(item)
         if tag is None:
             return 0
         return sum(1 for other in self._tags.values() if other < tag)
+
+    def ordered(self) -> list[F]:
+        # A principal's tags grow along its queue, so the smallest tag is always a
+        # head: popping in tag order is what `pop()` does.
+        return sorted(self._tags, key=self._tags.__getitem__)
 
     def __len__(self) -> int:
         return len(self._tags)
@@ -203,3 +233,110 @@ class FairPolicy(QueuePolicy[F]):
         if len(self._finish) > len(self._queues) + self.MAX_IDLE_TAGS:
             for principal in [p for p in self._finish if p not in self._queues]:
                 del self._finish[principal]
+
+
+class Ranked(Protocol):
+    """What the priority policy reads of an item: its class, 0 being the highest."""
+
+    @property
+    def rank(self) -> int: ...
+
+
+R = TypeVar("R", bound=Ranked)
+
+
+class PriorityPolicy(QueuePolicy[R]):
+    """Priority classes, each with its own policy (fair or FIFO) inside: the highest
+    class with a request that can go goes first, with a bound on starvation.
+
+    A class *waits* when its next request (its inner policy's `peek`, passing over
+    what `skip` holds back) could go. Each class counts the admissions of higher
+    classes made while it waited since its own last admission; a class whose count
+    reached `starvation_limit` (K) goes next, before any higher class (the lowest
+    such class first). So a waiting class sees at most K admissions of higher classes
+    between two of its own: its next request waits behind at most K requests of
+    higher classes. A class that empties starts its count afresh, and a class whose requests
+    are all held back (MAX_CONCURRENT_PER_KEY) does not count (it is not starved by
+    the others). With one class this is exactly its inner policy.
+
+    `position()` replays that order over the current queue (no arrivals, nothing
+    held back), so it is exact in the same sense as the inner policies': O(n log n).
+    """
+
+    def __init__(self, classes: Sequence[QueuePolicy[R]], *, starvation_limit: int) -> None:
+        if not classes:
+            raise ValueError("at least one class")
+        if starvation_limit < 1:
+            raise ValueError("starvation_limit must be at least 1")
+        self._classes = list(classes)
+        self._limit = starvation_limit
+        #: Per class: admissions of higher classes while it waited (since its last).
+        self._passed = [0] * len(classes)
+
+    def push(self, item: R) -> None:
+        self._classes[self._rank(item)].push(item)
+
+    def remove(self, item: R) -> bool:
+        rank = self._rank(item)
+        removed = self._classes[rank].remove(item)
+        if removed and not len(self._classes[rank]):
+            self._passed[rank] = 0
+        return removed
+
+    def pop(self, skip: Callable[[R], bool] | None = None) -> R | None:
+        waiting = [rank for rank, policy in enumerate(self._classes)
+                   if len(policy) and policy.peek(skip) is not None]
+        if not waiting:
+            return None
+        chosen = self._choose(waiting, self._passed)
+        item = self._classes[chosen].pop(skip)
+        assert item is not None  # peek said so, and nothing changed since
+        self._count(chosen, waiting, self._passed)
+        return item
+
+    def peek(self, skip: Callable[[R], bool] | None = None) -> R | None:
+        waiting = [rank for rank, policy in enumerate(self._classes)
+                   if len(policy) and policy.peek(skip) is not None]
+        if not waiting:
+            return None
+        return self._classes[self._choose(waiting, self._passed)].peek(skip)
+
+    def position(self, item: R) -> int:
+        rank = self._rank(item)
+        if sum(1 for policy in self._classes if len(policy)) <= 1:
+            return self._classes[rank].position(item)
+        for index, other in enumerate(self.ordered()):
+            if other is item:
+                return index
+        return 0
+
+    def ordered(self) -> list[R]:
+        """Replay `pop()` on copies of the class queues and counts."""
+        queues = [deque(policy.ordered()) for policy in self._classes]
+        passed = list(self._passed)
+        out: list[R] = []
+        while waiting := [rank for rank, queue in enumerate(queues) if queue]:
+            chosen = self._choose(waiting, passed)
+            out.append(queues[chosen].popleft())
+            self._count(chosen, waiting, passed)
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(policy) for policy in self._classes)
+
+    def _rank(self, item: R) -> int:
+        return min(max(item.rank, 0), len(self._classes) - 1)
+
+    def _choose(self, waiting: list[int], passed: list[int]) -> int:
+        """Of the waiting classes: the lowest starved one, else the highest."""
+        starved = [rank for rank in waiting if passed[rank] >= self._limit]
+        return max(starved) if starved else min(waiting)
+
+    @staticmethod
+    def _count(chosen: int, waiting: list[int], passed: list[int]) -> None:
+        """`chosen` had an admission: its count restarts, and every lower class that
+        waited saw one more admission of a higher class."""
+        passed[chosen] = 0
+        for rank in waiting:
+            if rank > chosen:
+                passed[rank] += 1
