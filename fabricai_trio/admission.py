@@ -9,6 +9,9 @@
   `max_queued_per_key` waiting (one more is `PerKeyLimit`, a 429, while others still
   get in) and at most `max_concurrent_per_key` running (its other tickets wait, passed
   over by the policy); 0 is no cap.
+* Each ticket has a priority class (one of `classes`, highest first; a request that
+  names none, or an unknown one, gets `default_class`). With a `PriorityPolicy` the
+  classes order the queue; either way they count: waiting and admitted per class.
 * A dispatcher task (`run()`, in the app's services nursery) borrows a token of the
   `CapacityLimiter` (as many as the engine can run at once: no engine keeps a waiting
   line of its own), waits until the policy picks a ticket (one not at its principal's
@@ -27,12 +30,23 @@ waiting principal is at its running cap) = tickets waiting in the policy + `_aba
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
 from .core.errors import PerKeyLimit, QueueFull
 from .queue_policy import FairPolicy, QueuePolicy
+
+#: The one class when none are configured.
+DEFAULT_CLASS = "normal"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClassStats:
+    name: str
+    queued: int  # waiting now
+    admitted: int  # admitted since start
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,6 +55,8 @@ class AdmissionStats:
     active: int
     queued: int
     queue_capacity: int
+    #: Per priority class, highest first.
+    classes: tuple[ClassStats, ...] = ()
 
 
 class _Token:
@@ -52,10 +68,12 @@ class _Token:
 class Ticket:
     """One request's place: queued, then admitted (holding a token), then released."""
 
-    def __init__(self, admission: Admission, principal: str, cost: int) -> None:
+    def __init__(self, admission: Admission, principal: str, cost: int, rank: int = 0) -> None:
         self.principal = principal
         #: Expected tokens (prompt + max_tokens): what a fair policy weighs turns by.
         self.cost = cost
+        #: Its priority class's index in `Admission.classes` (0: the highest).
+        self.rank = rank
         self._admission = admission
         self._granted = trio.Event()
         self._token: _Token | None = None
@@ -64,6 +82,10 @@ class Ticket:
     @property
     def admitted(self) -> bool:
         return self._granted.is_set() and not self._released
+
+    @property
+    def priority_class(self) -> str:
+        return self._admission.classes[self.rank]
 
     @property
     def position(self) -> int:
@@ -90,6 +112,7 @@ class Ticket:
             admission._wake()
         elif admission._policy.remove(self):
             _decrement(admission._waiting, self.principal)
+            admission._waiting_by_rank[self.rank] -= 1
             admission._abandoned += 1
             admission._wake()
 
@@ -110,7 +133,19 @@ class Admission:
         policy: QueuePolicy[Ticket] | None = None,
         max_concurrent_per_key: int = 0,
         max_queued_per_key: int = 0,
+        classes: Sequence[str] = (DEFAULT_CLASS,),
+        default_class: str | None = None,
     ) -> None:
+        if not classes:
+            raise ValueError("at least one priority class")
+        #: Priority class names, highest first (a `PriorityPolicy` orders by them).
+        self.classes: tuple[str, ...] = tuple(classes)
+        self._ranks = {name: rank for rank, name in enumerate(self.classes)}
+        if default_class is None:  # as settings resolve PRIORITY_DEFAULT_CLASS
+            default_class = DEFAULT_CLASS if DEFAULT_CLASS in self._ranks else self.classes[-1]
+        self._default_rank = self._ranks[default_class]
+        self._waiting_by_rank = [0] * len(self.classes)
+        self._admitted_by_rank = [0] * len(self.classes)
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._max_queue = max_queue
         self._retry_after = retry_after
@@ -141,6 +176,7 @@ class Admission:
                 raise
             self._active += 1
             self._running[ticket.principal] += 1
+            self._admitted_by_rank[ticket.rank] += 1
             ticket._grant(token)
 
     async def _next(self) -> Ticket:
@@ -155,6 +191,7 @@ class Admission:
             ticket = self._policy.pop(skip)
             if ticket is not None:
                 _decrement(self._waiting, ticket.principal)
+                self._waiting_by_rank[ticket.rank] -= 1
                 return ticket
             if not len(self._policy):  # nothing waits: the marker was an abandoned one
                 self._abandoned -= 1
@@ -178,9 +215,11 @@ class Admission:
         if self._active >= self._limiter.total_tokens and len(self._policy) >= self._max_queue:
             raise QueueFull(self._retry_after)
 
-    def try_enter(self, *, principal: str = "anonymous", cost: int = 1) -> Ticket:
+    def try_enter(self, *, principal: str = "anonymous", cost: int = 1,
+                  priority_class: str | None = None) -> Ticket:
         """Join the queue now, or raise `QueueFull` / `PerKeyLimit`. `cost` is the
-        expected tokens (prompt + max_tokens). Never blocks, never checkpoints."""
+        expected tokens (prompt + max_tokens); `priority_class` one of `classes` (None
+        or another name: the default class). Never blocks, never checkpoints."""
         self._check_principal(principal)
         try:
             self._queue_in.send_nowait(None)
@@ -188,9 +227,11 @@ class Admission:
             if not self._drain_abandoned():
                 raise QueueFull(self._retry_after) from None
             self._queue_in.send_nowait(None)
-        ticket = Ticket(self, principal, cost)
+        rank = self.rank_of(priority_class)
+        ticket = Ticket(self, principal, cost, rank)
         self._policy.push(ticket)
         self._waiting[principal] += 1
+        self._waiting_by_rank[rank] += 1
         self._wake()
         return ticket
 
@@ -205,12 +246,24 @@ class Admission:
             retry_after=self._retry_after,
         )
 
+    def rank_of(self, priority_class: str | None) -> int:
+        """The index of `priority_class` in `classes`; the default class's if it is
+        None or not one of them."""
+        if priority_class is None:
+            return self._default_rank
+        return self._ranks.get(priority_class, self._default_rank)
+
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
             max_concurrent=int(self._limiter.total_tokens),
             active=self._active,
             queued=len(self._policy),
             queue_capacity=self._max_queue,
+            classes=tuple(
+                ClassStats(name=name, queued=self._waiting_by_rank[rank],
+                           admitted=self._admitted_by_rank[rank])
+                for rank, name in enumerate(self.classes)
+            ),
         )
 
     def _drain_abandoned(self) -> bool:

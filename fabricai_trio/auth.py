@@ -16,6 +16,10 @@ server's secret nobody can tell which key it is, or test a guess offline), a JWT
 tag of the owner id, never the id. `Authenticator.authenticate()` takes plain headers and
 `authenticate_payload()` a Socket.IO CONNECT `auth` object, so every transport
 authenticates the same way; both take the client's address for `AuthThrottle`.
+
+An identity may carry a priority class (docs/fairness.md): an API key's from
+API_KEYS_FILE (`priority=<class>`), a JWT's from the claim JWT_PRIORITY_CLAIM when it
+names one of PRIORITY_CLASSES; otherwise None, the default class.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +64,8 @@ class Identity:
 
     owner: str
     kind: Literal["anonymous", "api_key", "jwt"]
+    #: Its priority class, one of PRIORITY_CLASSES; None: the default class.
+    priority_class: str | None = None
 
     @property
     def tag(self) -> str:
@@ -154,12 +160,21 @@ class Authenticator:
         jwt_require_exp: bool = True,
         jwt_leeway_seconds: float = 0.0,
         throttle: AuthThrottle | None = None,
+        key_classes: Mapping[str, str] | None = None,
+        jwt_priority_claim: str | None = None,
+        priority_classes: Collection[str] = (),
     ) -> None:
         # Keys are kept as SHA-256 digests (the lookup never compares secrets), each with
-        # its owner id, computed once here.
+        # its identity (owner id and priority class), computed once here.
         secret = owner_secret if owner_secret is not None else secrets.token_bytes(32)
-        self._keys = {hashlib.sha256(k.encode()).digest(): key_owner(k, secret)
-                      for k in api_keys if k}
+        classes = key_classes or {}
+        self._keys = {
+            hashlib.sha256(k.encode()).digest(): Identity(key_owner(k, secret), "api_key",
+                                                          classes.get(k))
+            for k in api_keys if k
+        }
+        self._jwt_priority_claim = jwt_priority_claim
+        self._priority_classes = frozenset(priority_classes)
         self._jwt_key = jwt_key
         self._jwt_algorithm = jwt_algorithm
         self._jwt_audience = jwt_audience
@@ -184,6 +199,9 @@ class Authenticator:
         owner_secret = settings.owner_id_secret
         return cls(
             api_keys=settings.configured_api_keys(),
+            key_classes=settings.file_api_key_classes(),
+            jwt_priority_claim=settings.jwt_priority_claim,
+            priority_classes=settings.priority_class_names,
             owner_secret=owner_secret.get_secret_value().encode() if owner_secret else None,
             jwt_key=jwt_key,
             jwt_algorithm=algorithm,
@@ -257,9 +275,9 @@ class Authenticator:
             raise
 
     def _check(self, credential: str) -> Identity:
-        owner = self._keys.get(hashlib.sha256(credential.encode()).digest())
-        if owner is not None:
-            return Identity(owner, "api_key")
+        identity = self._keys.get(hashlib.sha256(credential.encode()).digest())
+        if identity is not None:
+            return identity
         if self._jwt_key is not None and credential.count(".") == 2:
             return self._decode_jwt(credential)
         raise unauthorized("invalid_api_key", "the API key or token is not valid", invalid=True)
@@ -294,4 +312,13 @@ class Authenticator:
                 f"{MAX_OWNER_LENGTH} characters",
                 invalid=True,
             )
-        return Identity(owner, "jwt")
+        return Identity(owner, "jwt", self._claimed_class(claims))
+
+    def _claimed_class(self, claims: Mapping[str, Any]) -> str | None:
+        """The class JWT_PRIORITY_CLAIM names, if it is one of PRIORITY_CLASSES; else
+        None (the default class: a token is not refused for it, since the identity
+        provider, not this server, decides what its tokens say)."""
+        if self._jwt_priority_claim is None:
+            return None
+        value = claims.get(self._jwt_priority_claim)
+        return value if isinstance(value, str) and value in self._priority_classes else None

@@ -50,7 +50,9 @@ from .core.errors import (
     EngineFailed,
     InvalidField,
     ModelLoading,
+    PerKeyLimit,
     QueueFull,
+    RateLimited,
     SessionBusy,
     SessionModelMismatch,
     SessionStoreFull,
@@ -188,6 +190,15 @@ class Generation:
     def ttft_seconds(self) -> float | None:
         """Accepted → first token: what the client waited (queue included)."""
         return None if self.first_token_at is None else self.first_token_at - self.created_at
+
+    @property
+    def queue_wait_seconds(self) -> float | None:
+        """Accepted → admitted (None: it never got a slot)."""
+        return None if self.admitted_at is None else self.admitted_at - self.created_at
+
+    @property
+    def priority_class(self) -> str:
+        return self.ticket.priority_class
 
     @property
     def resumable(self) -> bool:
@@ -445,9 +456,12 @@ class GenerationService:
         # (session id, incarnation) -> token of a lock `unlock` could not release.
         self._unreleased: dict[tuple[str, str], str] = {}
 
-    async def prepare(self, request: GenerationRequest, *, owner: str) -> Generation:
+    async def prepare(self, request: GenerationRequest, *, owner: str,
+                      priority_class: str | None = None) -> Generation:
         """Check and admit a request, and register it under (owner, request_id).
 
+        `priority_class` is the identity's (auth.Identity); None or a name that is not
+        one of PRIORITY_CLASSES: the default class.
         Raises a domain error: `ModelNotFound`, `Draining`, `ModelLoading`,
         `DuplicateRequestId`, session errors (`SessionModelMismatch` too),
         `ContextLengthExceeded`, `RateLimited`, `QueueFull` and `PerKeyLimit` (of the
@@ -457,9 +471,18 @@ class GenerationService:
         """
         chosen: list[ServedModel] = []
         try:
-            return await self._prepare(request, owner, chosen)
+            return await self._prepare(request, owner, chosen, priority_class)
         except QueueFull:
             self.observer.on_rejected(chosen[-1].name if chosen else self.models.default.name)
+            raise
+        except (PerKeyLimit, RateLimited) as refusal:
+            model = chosen[-1] if chosen else self.models.default
+            admission = model.admission
+            self.observer.on_refused(
+                model.name,
+                "per_key_limit" if isinstance(refusal, PerKeyLimit) else "rate_limited",
+                priority_class=admission.classes[admission.rank_of(priority_class)],
+            )
             raise
 
     def _pick_model(self, request: GenerationRequest, session: Session | None) -> ServedModel:
@@ -493,7 +516,8 @@ class GenerationService:
         return model, prompt
 
     async def _prepare(
-        self, request: GenerationRequest, owner: str, chosen: list[ServedModel]
+        self, request: GenerationRequest, owner: str, chosen: list[ServedModel],
+        priority_class: str | None,
     ) -> Generation:
         model = self._pick_model(request, None)
         if self.draining:
@@ -542,7 +566,8 @@ class GenerationService:
             cost = len(prompt.tokens) + max_tokens  # what fair turns and token limits weigh
             reservation = await self.rate_limits.take(owner, tokens=cost)
             try:
-                ticket = model.admission.try_enter(principal=owner, cost=cost)
+                ticket = model.admission.try_enter(principal=owner, cost=cost,
+                                                   priority_class=priority_class)
             except DomainError:
                 if reservation is not None:  # a refusal costs no tokens
                     with trio.move_on_after(self.settings.store_timeout_seconds):

@@ -8,6 +8,9 @@ stats at scrape time, so they can never drift from the truth; so are the batched
 engine's figures (sequences per decode step, prefix-cache reuse), from `Engine.info()`.
 Everything about generations has a `model` label, whose values are the served models
 (MODELS, or the one LLM_MODEL): a bounded set, each present from the first scrape.
+Per-class figures add `priority_class`, whose values are PRIORITY_CLASSES (at most 8,
+fixed at start-up; a request's class is always one of them), and refusals `reason`,
+one of `observer.RefusalReason`: no label a client can grow.
 A per-app registry (not prometheus_client's global one) lets several apps live in one
 process (tests).
 See docs/metrics.md.
@@ -28,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .core.events import CancelCause, FinishReason
-from .observer import FinishedGeneration, StoreErrorKind
+from .observer import FinishedGeneration, RefusalReason, StoreErrorKind
 
 if TYPE_CHECKING:
     from .models import ModelSet
@@ -37,6 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CANCEL_CAUSES = get_args(CancelCause)
 STORE_ERROR_KINDS = get_args(StoreErrorKind)
 FINISH_REASONS = get_args(FinishReason)
+REFUSAL_REASONS = get_args(RefusalReason)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
@@ -72,6 +76,20 @@ class ModelsCollector(Collector):
             for model in self._models:
                 family.add_metric([model.name], float(getattr(model.admission.stats(), attribute)))
             yield family
+        depth = GaugeMetricFamily(
+            "fabricai_queue_depth_by_class", "Requests waiting for a slot, by priority class.",
+            labels=["model", "priority_class"],
+        )
+        admissions = CounterMetricFamily(
+            "fabricai_admissions", "Requests that got a slot, by priority class.",
+            labels=["model", "priority_class"],
+        )
+        for model in self._models:
+            for figures in model.admission.stats().classes:
+                depth.add_metric([model.name, figures.name], float(figures.queued))
+                admissions.add_metric([model.name, figures.name], figures.admitted)
+        yield depth
+        yield admissions
         extras = [(m.name, m.engine.info().extra) for m in self._models]
         kv = [(n, x) for n, x in extras if isinstance(x.get("kv_cells_total"), int)]
         if kv:
@@ -154,10 +172,22 @@ class Metrics:
             "fabricai_prompt_tokens", "Prompt tokens of generations that got a slot.",
             ["model"], registry=registry,
         )
+        self.refusals = Counter(
+            "fabricai_refusals",
+            "Requests refused with 429 for their identity alone: `per_key_limit` "
+            "(MAX_QUEUED_PER_KEY) or `rate_limited` (RATE_LIMIT_*_PER_MINUTE).",
+            ["model", "reason", "priority_class"], registry=registry,
+        )
         self.ttft = Histogram(
             "fabricai_time_to_first_token_seconds",
             "From accepting a request (queue wait included) to its first visible token.",
-            ["model"], buckets=TTFT_BUCKETS, registry=registry,
+            ["model", "priority_class"], buckets=TTFT_BUCKETS, registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "fabricai_queue_wait_seconds",
+            "From accepting a request to its slot, for requests that got one (observed "
+            "when they end).",
+            ["model", "priority_class"], buckets=TTFT_BUCKETS, registry=registry,
         )
         self.token_latency = Histogram(
             "fabricai_time_per_output_token_seconds",
@@ -177,13 +207,21 @@ class Metrics:
             for reason in FINISH_REASONS:
                 self.generations.labels(model.name, reason)
             for per_model in (self.rejections, self.completion_tokens, self.prompt_tokens,
-                              self.ttft, self.token_latency):
+                              self.token_latency):
                 per_model.labels(model.name)
+            for priority_class in model.admission.classes:
+                self.ttft.labels(model.name, priority_class)
+                self.queue_wait.labels(model.name, priority_class)
+                for refusal in REFUSAL_REASONS:
+                    self.refusals.labels(model.name, refusal, priority_class)
 
     # --- GenerationObserver ---
 
     def on_rejected(self, model: str) -> None:
         self.rejections.labels(model).inc()
+
+    def on_refused(self, model: str, reason: RefusalReason, *, priority_class: str) -> None:
+        self.refusals.labels(model, reason, priority_class).inc()
 
     def on_token_timing(self, seconds: float, tokens: int, *, model: str) -> None:
         histogram = self.token_latency.labels(model)
@@ -200,8 +238,11 @@ class Metrics:
         self.completion_tokens.labels(model).inc(generation.completion_tokens)
         if admitted:
             self.prompt_tokens.labels(model).inc(generation.prompt_tokens)
+        priority_class = generation.priority_class
+        if generation.queue_wait_seconds is not None:
+            self.queue_wait.labels(model, priority_class).observe(generation.queue_wait_seconds)
         if generation.ttft_seconds is not None:
-            self.ttft.labels(model).observe(generation.ttft_seconds)
+            self.ttft.labels(model, priority_class).observe(generation.ttft_seconds)
 
     def on_store_error(self, kind: StoreErrorKind) -> None:
         self.store_errors.labels(kind).inc()

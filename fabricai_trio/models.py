@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .admission import Admission
+from .admission import Admission, Ticket
 from .core.engine import Engine
 from .core.errors import ModelNotFound
-from .queue_policy import FairPolicy, FifoPolicy
+from .queue_policy import FairPolicy, FifoPolicy, PriorityPolicy, QueuePolicy
 from .settings import Settings
 
 
@@ -35,11 +35,26 @@ class ServedModel:
             max_concurrent=engine.info().slots,
             max_queue=settings.max_queue_size,
             retry_after=settings.retry_after_seconds,
-            policy=FairPolicy() if settings.queue_policy == "fair" else FifoPolicy(),
+            policy=queue_policy(settings),
             max_concurrent_per_key=settings.max_concurrent_per_key,
             max_queued_per_key=settings.max_queued_per_key,
+            classes=settings.priority_class_names,
+            default_class=settings.resolved_priority_default_class,
         )
         return cls(name, settings, engine, admission)
+
+
+def queue_policy(settings: Settings) -> QueuePolicy[Ticket]:
+    """QUEUE_POLICY's policy; with more than one of PRIORITY_CLASSES, one such per
+    class under a `PriorityPolicy`."""
+    def inner() -> QueuePolicy[Ticket]:
+        return FairPolicy() if settings.queue_policy == "fair" else FifoPolicy()
+
+    classes = settings.priority_class_names
+    if len(classes) == 1:
+        return inner()
+    return PriorityPolicy([inner() for _ in classes],
+                          starvation_limit=settings.priority_starvation_limit)
 
 
 class ModelSet:

@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 from .core.events import CancelCause, FinishReason
 
 StoreErrorKind = Literal["unavailable", "timeout", "write_failed"]
+#: Refusals of one identity that leave others served (a full queue is `on_rejected`).
+RefusalReason = Literal["per_key_limit", "rate_limited"]
 
 
 class FinishedGeneration(Protocol):
@@ -29,11 +31,19 @@ class FinishedGeneration(Protocol):
     def completion_tokens(self) -> int: ...
     @property
     def ttft_seconds(self) -> float | None: ...
+    @property
+    def queue_wait_seconds(self) -> float | None: ...
+    @property
+    def priority_class(self) -> str: ...
 
 
 class GenerationObserver(Protocol):
     def on_rejected(self, model: str) -> None:
         """A request was refused because the model's queue was full (a 429)."""
+
+    def on_refused(self, model: str, reason: RefusalReason, *, priority_class: str) -> None:
+        """A request was refused for its identity alone (a 429): it holds its share of
+        the queue (`per_key_limit`) or spent its rate limit (`rate_limited`)."""
 
     def on_token_timing(self, seconds: float, tokens: int, *, model: str) -> None:
         """`tokens` more tokens were decoded `seconds` after the previous ones
@@ -51,6 +61,9 @@ class NullObserver:
     """Observes nothing."""
 
     def on_rejected(self, model: str) -> None:
+        pass
+
+    def on_refused(self, model: str, reason: RefusalReason, *, priority_class: str) -> None:
         pass
 
     def on_token_timing(self, seconds: float, tokens: int, *, model: str) -> None:

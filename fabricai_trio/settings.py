@@ -153,6 +153,26 @@ class Settings(BaseSettings):
         "`per_key_limit` while other identities still get in. 0: no cap (one identity "
         "may then fill MAX_QUEUE_SIZE).",
     )
+    priority_classes: str = Field(
+        "high,normal,low",
+        description="Priority classes, highest first (comma-separated, 1-8 names of "
+        "lowercase letters, digits, `_` and `-`). A key's class comes from API_KEYS_FILE "
+        "(`priority=<class>`) or the JWT claim JWT_PRIORITY_CLAIM; higher classes are "
+        "served first, within PRIORITY_STARVATION_LIMIT. One name: no classes. See "
+        "docs/fairness.md.",
+    )
+    priority_default_class: str | None = Field(
+        None,
+        description="The class of a request whose identity names none (or names an unknown "
+        "one in its JWT); one of PRIORITY_CLASSES. Unset: `normal` if it is one, else the "
+        "lowest class.",
+    )
+    priority_starvation_limit: int = Field(
+        4, ge=1, le=1_000_000,
+        description="Admissions of higher priority classes a waiting lower class lets go "
+        "first at most: a class whose next request could run gets at least one slot in "
+        "every PRIORITY_STARVATION_LIMIT + 1.",
+    )
     rate_limit_requests_per_minute: int = Field(
         0, ge=0, le=1_000_000,
         description="Requests one identity may start per minute (a token bucket: bursts "
@@ -333,7 +353,8 @@ class Settings(BaseSettings):
         None, description="Comma-separated API keys accepted as `Bearer` or `X-Api-Key`."
     )
     api_keys_file: Path | None = Field(
-        None, description="File of API keys, one per line (`#` comments allowed)."
+        None, description="File of API keys, one per line (`#` comments allowed), each "
+        "optionally followed by `priority=<class>` (one of PRIORITY_CLASSES)."
     )
     owner_id_secret: SecretStr | None = Field(
         None,
@@ -354,6 +375,12 @@ class Settings(BaseSettings):
     jwt_require_exp: bool = Field(True, description="A JWT without `exp` is refused.")
     jwt_leeway_seconds: float = Field(
         10.0, ge=0, le=300, description="Clock skew allowed on a JWT's `exp`, `nbf` and `iat`."
+    )
+    jwt_priority_claim: str | None = Field(
+        None,
+        description="JWT claim naming the token's priority class (one of PRIORITY_CLASSES; "
+        "missing, not a string or unknown: PRIORITY_DEFAULT_CLASS). Unset: JWTs get the "
+        "default class.",
     )
     auth_failure_limit: int = Field(
         20, ge=0, le=1_000_000,
@@ -398,6 +425,17 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("priority_classes")
+    @classmethod
+    def _priority_classes_parse(cls, value: str) -> str:
+        parse_priority_classes(value)
+        return value
+
+    @field_validator("priority_default_class", "jwt_priority_claim", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
     @field_validator("api_keys_file")
     @classmethod
     def _keys_file_exists(cls, value: Path | None) -> Path | None:
@@ -427,8 +465,21 @@ class Settings(BaseSettings):
             if self.default_model not in names:
                 raise ValueError(f"DEFAULT_MODEL: {self.default_model!r} is not one of MODELS "
                                  f"({', '.join(names)})")
+        self._check_priorities()
         self._check_auth()
         return self
+
+    def _check_priorities(self) -> None:
+        """Class names are a bounded set (they are metric labels); the default class
+        and every class the keys file names must be one of them."""
+        names = self.priority_class_names
+        if self.priority_default_class is not None and self.priority_default_class not in names:
+            raise ValueError(f"PRIORITY_DEFAULT_CLASS: {self.priority_default_class!r} is not "
+                             f"one of PRIORITY_CLASSES ({', '.join(names)})")
+        for key_class in self.file_api_key_classes().values():
+            if key_class not in names:
+                raise ValueError(f"API_KEYS_FILE names the priority class {key_class!r}, which "
+                                 f"is not one of PRIORITY_CLASSES ({', '.join(names)})")
 
     def _check_auth(self) -> None:
         """Fail closed: a credential setting that is set must hold a credential, and
@@ -469,13 +520,34 @@ class Settings(BaseSettings):
 
     def file_api_keys(self) -> list[str]:
         """The keys of API_KEYS_FILE (blank lines and `#` comments skipped)."""
+        return [key for key, _ in self._file_entries()]
+
+    def file_api_key_classes(self) -> dict[str, str]:
+        """Key → priority class, for the keys of API_KEYS_FILE that name one."""
+        return {key: key_class for key, key_class in self._file_entries()
+                if key_class is not None}
+
+    def _file_entries(self) -> list[tuple[str, str | None]]:
         if self.api_keys_file is None:
             return []
         try:
-            lines = self.api_keys_file.read_text().splitlines()
+            text = self.api_keys_file.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"API_KEYS_FILE: {exc}") from None
-        return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        return parse_keys_file(text)
+
+    @property
+    def priority_class_names(self) -> list[str]:
+        """PRIORITY_CLASSES as a list, highest first."""
+        return parse_priority_classes(self.priority_classes)
+
+    @property
+    def resolved_priority_default_class(self) -> str:
+        """PRIORITY_DEFAULT_CLASS, else `normal` if it is a class, else the lowest."""
+        names = self.priority_class_names
+        if self.priority_default_class is not None:
+            return self.priority_default_class
+        return "normal" if "normal" in names else names[-1]
 
     def configured_api_keys(self) -> list[str]:
         """Every API key of API_KEYS and API_KEYS_FILE."""
@@ -540,6 +612,51 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+#: A priority class name (it is a metric label value, and appears in the keys file).
+PRIORITY_CLASS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+#: Most priority classes (the `priority_class` label stays a small set).
+MAX_PRIORITY_CLASSES = 8
+
+
+def parse_priority_classes(value: str) -> list[str]:
+    """`PRIORITY_CLASSES` text as names, highest first; `ValueError` says what is wrong."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ValueError("name at least one class")
+    if len(names) > MAX_PRIORITY_CLASSES:
+        raise ValueError(f"at most {MAX_PRIORITY_CLASSES} classes")
+    for name in names:
+        if not PRIORITY_CLASS_PATTERN.match(name):
+            raise ValueError(f"class {name!r}: a lowercase letter, then up to 31 lowercase "
+                             "letters, digits, _ and - expected")
+    if len(set(names)) != len(names):
+        raise ValueError("a class appears twice")
+    return names
+
+
+def parse_keys_file(text: str) -> list[tuple[str, str | None]]:
+    """An API keys file as (key, priority class or None) pairs.
+
+    One key per line, blank lines and `#` comments skipped; the key may be followed,
+    after whitespace, by `priority=<class>`. A key holds no whitespace (a bearer token
+    never does, RFC 6750), so anything else after it is refused (`ValueError` naming
+    the line, never the key) rather than read as part of the key."""
+    entries: list[tuple[str, str | None]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        key, key_class = fields[0], None
+        for attribute in fields[1:]:
+            name, sep, value = attribute.partition("=")
+            if name != "priority" or not sep or not value or key_class is not None:
+                raise ValueError(f"API_KEYS_FILE line {number}: after the key, only one "
+                                 "`priority=<class>` is allowed")
+            key_class = value
+        entries.append((key, key_class))
+    return entries
 
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")

@@ -8,10 +8,15 @@ the real model over a real socket is in test_fairness_real.py.
 from __future__ import annotations
 
 import json
+import time
 from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
 
+import jwt
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 
 from fabricai_trio.app import create_app
 from fabricai_trio.core.errors import RateLimit, RateLimited, error_event
@@ -159,3 +164,119 @@ async def test_token_limit_holds_across_two_replicas_on_one_redis(redis: RedisSe
     for app in apps:
         buckets = app.state.service.rate_limits.buckets
         assert getattr(buckets, "fallbacks", None) == 0
+
+
+# --- priority classes (keys file, JWT claim) ---
+
+JWT_SECRET = "priority-routes-jwt-secret-0123456789abcdef"
+LOW_KEY, HIGH_KEY, PLAIN_KEY = "prio-low", "prio-high", "prio-plain"
+
+
+def bearer(credential: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {credential}"}
+
+
+def token(subject: str, **claims: object) -> str:
+    payload = {"sub": subject, "exp": int(time.time()) + 3600, **claims}
+    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
+
+
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys"
+    path.write_text(f"# classes\n{LOW_KEY} priority=low\n{HIGH_KEY}  priority=high\n"
+                    f"{PLAIN_KEY}\n")
+    return path
+
+
+def priority_settings(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    return {"api_keys": "prio-admin", "api_keys_file": keys_file(tmp_path),
+            "jwt_secret": JWT_SECRET, "jwt_priority_claim": "tier",
+            "max_concurrent_requests": 1, "max_queue_size": 16,
+            "priority_starvation_limit": 2, **overrides}
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_classes_from_the_keys_file_and_a_jwt_claim_order_the_queue(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path,
+) -> None:
+    """One slot. The low key runs one request and queues three; then a high key, a
+    JWT whose `tier` claim is `high`, and a key with no class (normal) queue one each.
+    The two high requests go first, then (K = 2 high admissions passed) the starved
+    classes, the lowest first: l1, then n0, then the low key's rest. Each `queued`
+    event's position is the number of requests that ran before it."""
+    async with running(**priority_settings(tmp_path)) as (client, engine, _):
+        body = {"prompt": "p", "max_tokens": 2}
+        senders = [("l0", bearer(LOW_KEY)), ("l1", bearer(LOW_KEY)), ("l2", bearer(LOW_KEY)),
+                   ("l3", bearer(LOW_KEY)), ("h0", bearer(HIGH_KEY)),
+                   ("j0", bearer(token("jwt-user", tier="high"))), ("n0", bearer(PLAIN_KEY))]
+        positions: dict[str, int] = {}
+        async with AsyncExitStack() as stack:
+            streams = []
+            for rid, headers in senders:
+                stream = await stack.enter_async_context(client.stream(
+                    "POST", SSE, json={**body, "request_id": rid}, headers=headers))
+                queued = await stream.next_event(comments=False)
+                assert queued is not None and queued.event == "queued"
+                positions[rid] = queued.data["position"]
+                streams.append(stream)
+                if rid == "l0":
+                    await client.wait_status(active=1, queued=0, headers=bearer(PLAIN_KEY))
+            for stream in streams:
+                assert names(await stream.rest())[-1] == "complete"
+        order = ["l0", "h0", "j0", "l1", "n0", "l2", "l3"]
+        assert engine.started == order
+        assert positions == {"l0": 0, "l1": 0, "l2": 1, "l3": 2, "h0": 0, "j0": 1, "n0": 3}
+        metrics = samples((await client.get("/metrics", headers=bearer(PLAIN_KEY))).text)
+        admitted = {dict(labels)["priority_class"]: value for (name, labels), value
+                    in metrics.items() if name == "fabricai_admissions_total"}
+        assert admitted == {"high": 2, "normal": 1, "low": 4}
+
+
+async def test_an_unknown_claim_is_the_default_class_and_refusals_are_counted(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path,
+) -> None:
+    """A JWT whose claim names no class, or is not a string, is the default class
+    (normal): it adds no label value. `per_key_limit` and `rate_limited` refusals are
+    counted by reason and class; no metric has a `priority_class` outside the three."""
+    async with running(**priority_settings(
+            tmp_path, max_queued_per_key=1, rate_limit_requests_per_minute=4,
+            max_concurrent_requests=2)) as (client, _, _):
+        body = {"prompt": "p", "max_tokens": 1}
+        for credential in (token("u1", tier="platinum"), token("u2", tier=["high"]),
+                           token("u3")):
+            assert (await client.post(SSE, json=body, headers=bearer(credential))).status == 200
+        # The low key: four requests a minute, the fifth is refused.
+        for _ in range(4):
+            assert (await client.post(SSE, json=body, headers=bearer(LOW_KEY))).status == 200
+        refused = await client.post(SSE, json=body, headers=bearer(LOW_KEY))
+        assert refused.json()["error"]["code"] == "rate_limited"
+        # The high key: two running, one waiting (its cap); a fourth is refused.
+        long_body = {"prompt": "p", "max_tokens": 40}
+        async with AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(client.stream(
+                "POST", SSE, json=long_body, headers=bearer(HIGH_KEY))) for _ in range(3)]
+            await client.wait_status(active=2, queued=1, headers=bearer(PLAIN_KEY))
+            over = await client.post(SSE, json=long_body, headers=bearer(HIGH_KEY))
+            assert over.json()["error"]["code"] == "per_key_limit"
+            metrics = samples((await client.get("/metrics", headers=bearer(PLAIN_KEY))).text)
+            depth = {dict(labels)["priority_class"]: value for (name, labels), value
+                     in metrics.items() if name == "fabricai_queue_depth_by_class"}
+            assert depth == {"high": 1, "normal": 0, "low": 0}
+            for stream in streams:
+                assert names(await stream.rest())[-1] == "complete"
+        metrics = samples((await client.get("/metrics", headers=bearer(PLAIN_KEY))).text)
+        classes = {dict(labels).get("priority_class") for (_, labels) in metrics} - {None}
+        assert classes == {"high", "normal", "low"}
+        refusals = {(dict(labels)["reason"], dict(labels)["priority_class"]): value
+                    for (name, labels), value in metrics.items()
+                    if name == "fabricai_refusals_total" and value}
+        assert refusals == {("rate_limited", "low"): 1, ("per_key_limit", "high"): 1}
+        for histogram in ("fabricai_time_to_first_token_seconds_count",
+                          "fabricai_queue_wait_seconds_count"):
+            counts = {dict(labels)["priority_class"]: value for (name, labels), value
+                      in metrics.items() if name == histogram}
+            assert counts == {"high": 3, "normal": 3, "low": 4}, histogram

@@ -92,7 +92,9 @@ async def start_stream(generation_request: GenerationRequest) -> Generation:
     nursery (it outlives this connection for its grace): the request only stops
     counting as one of its followers."""
     service = state().service
-    generation = await service.prepare(generation_request, owner=current_owner())
+    identity = current_identity()
+    generation = await service.prepare(generation_request, owner=identity.owner,
+                                       priority_class=identity.priority_class)
     scope = cast(dict[str, Any], request.scope)
     attach_generation(scope, generation)
     if generation.reservation is not None and generation.reservation.states:

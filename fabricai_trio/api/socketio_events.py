@@ -53,6 +53,7 @@ from ..stream_log import NothingMissing, StreamNotFound
 from .state import AppState
 
 OWNER = "owner"
+PRIORITY_CLASS = "priority_class"
 
 
 def session_room(session: Session) -> str:
@@ -99,12 +100,14 @@ class InferenceEvents:
         await trio.lowlevel.checkpoint()
         client = scope.get("client")
         try:
-            owner = self.state.auth.authenticate_payload(
+            identity = self.state.auth.authenticate_payload(
                 auth, client=client[0] if client else None
-            ).owner
+            )
         except (Unauthenticated, AuthThrottled) as error:
             raise ConnectionRefused(*connect_refusal(error)) from None
-        self.server.session_data(sid)[OWNER] = owner
+        data = self.server.session_data(sid)
+        data[OWNER] = identity.owner
+        data[PRIORITY_CLASS] = identity.priority_class
 
     async def packet_rejected(self, sid: str, reason: str) -> dict[str, Any]:
         """An event whose JSON is beyond the bounds: `inference_error` (`invalid_json`)
@@ -132,7 +135,10 @@ class InferenceEvents:
         request_id = self.request_id_of(payload)
         service = self.state.service
         try:
-            generation = await service.prepare(service.parse(payload), owner=self.owner(sid))
+            generation = await service.prepare(
+                service.parse(payload), owner=self.owner(sid),
+                priority_class=self.server.session_data(sid).get(PRIORITY_CLASS),
+            )
         except DomainError as error:
             return await self.refuse(sid, error, request_id)
         if generation.resumable:

@@ -9,9 +9,9 @@ import pytest
 import trio
 import trio.testing
 
-from fabricai_trio.admission import Admission, AdmissionStats, Ticket
+from fabricai_trio.admission import Admission, AdmissionStats, ClassStats, Ticket
 from fabricai_trio.core.errors import PerKeyLimit, QueueFull
-from fabricai_trio.queue_policy import FifoPolicy
+from fabricai_trio.queue_policy import FairPolicy, FifoPolicy, PriorityPolicy
 
 
 async def started(nursery: trio.Nursery, admission: Admission) -> Admission:
@@ -268,7 +268,8 @@ async def test_running_cap_passes_over_the_principal_and_lets_others_run() -> No
             ticket.release()
         await trio.testing.wait_all_tasks_blocked()
         assert admission.stats() == AdmissionStats(
-            max_concurrent=3, active=0, queued=0, queue_capacity=10)
+            max_concurrent=3, active=0, queued=0, queue_capacity=10,
+            classes=(ClassStats(name="normal", queued=0, admitted=5),))
         nursery.cancel_scope.cancel()
 
 
@@ -335,4 +336,97 @@ async def test_random_principals_arrivals_and_cancellations_keep_the_invariants(
         tickets = [admission.try_enter(principal=p) for p in "xyz"]
         await trio.testing.wait_all_tasks_blocked()
         assert all(t.admitted for t in tickets)
+        nursery.cancel_scope.cancel()
+
+
+# --- priority classes ---
+
+CLASSES = ("high", "normal", "low")
+
+
+def prioritized(*, limit: int) -> Admission:
+    return Admission(
+        max_concurrent=1, max_queue=32, classes=CLASSES,
+        policy=PriorityPolicy([FairPolicy[Ticket]() for _ in CLASSES], starvation_limit=limit),
+    )
+
+
+async def test_priority_order_and_the_starvation_bound_in_virtual_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One slot, each request holds it 1 s. A low key's three requests arrive first,
+    then a high key floods ten: the high ones go first, but a low one runs after at
+    most K = 2 high ones, so the low key's second request waits (K + 1) s, not 11 s.
+    The positions the tickets were told on arrival are the order they ran in."""
+    admission = prioritized(limit=2)
+    admitted: list[tuple[str, float]] = []
+    tickets: dict[str, Ticket] = {}
+
+    async def client(name: str, priority: str, task_status: trio.TaskStatus[None]) -> None:
+        ticket = admission.try_enter(principal=name[0], priority_class=priority)
+        tickets[name] = ticket
+        task_status.started()
+        try:
+            await ticket.wait()
+            admitted.append((name, trio.current_time()))
+            await trio.sleep(1)
+        finally:
+            ticket.release()
+
+    async with trio.open_nursery() as nursery:
+        await started(nursery, admission)
+        async with trio.open_nursery() as clients:
+            for name in ("l0", "l1", "l2"):
+                await clients.start(client, name, "low")
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(10):
+                await clients.start(client, f"h{i}", "high")
+            positions = {name: t.position for name, t in tickets.items() if not t.admitted}
+            stats = admission.stats()
+            assert [(c.name, c.queued) for c in stats.classes] == [
+                ("high", 10), ("normal", 0), ("low", 2)]
+        nursery.cancel_scope.cancel()
+    order = [name for name, _ in admitted]
+    assert order == ["l0", "h0", "h1", "l1", "h2", "h3", "l2", *(f"h{i}" for i in range(4, 10))]
+    assert sorted(positions, key=positions.__getitem__) == order[1:]
+    assert dict(admitted)["l1"] - dict(admitted)["l0"] == 3.0  # (K + 1) holds of the slot
+    assert [(c.name, c.admitted, c.queued) for c in admission.stats().classes] == [
+        ("high", 10, 0), ("normal", 0, 0), ("low", 3, 0)]
+
+
+async def test_a_class_it_does_not_know_is_the_default_class() -> None:
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, prioritized(limit=4))
+        tickets = [admission.try_enter(principal="p", priority_class=name)
+                   for name in ("high", None, "bogus", "low")]
+        assert [t.priority_class for t in tickets] == ["high", "normal", "normal", "low"]
+        defaulted = Admission(max_concurrent=1, max_queue=1, classes=("gold", "bronze"))
+        assert defaulted.try_enter().priority_class == "bronze"  # no `normal`: the lowest
+        for ticket in tickets:
+            ticket.release()
+        nursery.cancel_scope.cancel()
+
+
+async def test_per_key_caps_hold_inside_the_classes() -> None:
+    """A high key at its running cap is passed over (the free slot goes to a low key)
+    and gets the next slot it frees; its queued cap refuses it alone."""
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=2, max_queue=8, classes=CLASSES, max_concurrent_per_key=1,
+            max_queued_per_key=2,
+            policy=PriorityPolicy([FairPolicy[Ticket]() for _ in CLASSES], starvation_limit=1)))
+        high = [admission.try_enter(principal="h", priority_class="high")]
+        await trio.testing.wait_all_tasks_blocked()
+        high += [admission.try_enter(principal="h", priority_class="high") for _ in range(2)]
+        with pytest.raises(PerKeyLimit):
+            admission.try_enter(principal="h", priority_class="high")
+        low = admission.try_enter(principal="l", priority_class="low")
+        await trio.testing.wait_all_tasks_blocked()
+        # h runs one (its cap); the second slot goes to the low key, not to h's next.
+        assert [t.admitted for t in high] == [True, False, False] and low.admitted
+        high[0].release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert high[1].admitted
+        for ticket in (*high, low):
+            ticket.release()
         nursery.cancel_scope.cancel()

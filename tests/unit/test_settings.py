@@ -99,3 +99,57 @@ def test_rate_limits_in_redis_with_api_keys_need_the_owner_secret(
         load_settings()
     monkeypatch.setenv("OWNER_ID_SECRET", "s" * 32)
     assert load_settings().rate_limit_requests_per_minute == 10
+
+
+def test_priority_classes_and_their_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.priority_class_names == ["high", "normal", "low"]
+    assert settings.resolved_priority_default_class == "normal"
+    monkeypatch.setenv("PRIORITY_CLASSES", " gold , silver,bronze ")
+    assert load_settings().priority_class_names == ["gold", "silver", "bronze"]
+    assert load_settings().resolved_priority_default_class == "bronze"  # no `normal`
+    monkeypatch.setenv("PRIORITY_DEFAULT_CLASS", "silver")
+    assert load_settings().resolved_priority_default_class == "silver"
+
+
+@pytest.mark.parametrize(("classes", "default", "message"), [
+    ("", None, "PRIORITY_CLASSES: name at least one class"),
+    ("a,b,c,d,e,f,g,h,i", None, "PRIORITY_CLASSES: at most 8"),
+    ("high,High", None, "PRIORITY_CLASSES: class 'High'"),
+    ("high,high", None, "PRIORITY_CLASSES: a class appears twice"),
+    ("high,low", "normal", "PRIORITY_DEFAULT_CLASS: 'normal' is not one of"),
+])
+def test_bad_priority_classes_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, classes: str, default: str | None, message: str,
+) -> None:
+    monkeypatch.setenv("PRIORITY_CLASSES", classes)
+    if default is not None:
+        monkeypatch.setenv("PRIORITY_DEFAULT_CLASS", default)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert message in str(info.value)
+
+
+def test_keys_file_classes(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nsk-one\n  sk-two   priority=high \n\nsk-three priority=low\n")
+    settings = load_settings(api_keys_file=path)
+    assert settings.file_api_keys() == ["sk-one", "sk-two", "sk-three"]
+    assert settings.file_api_key_classes() == {"sk-two": "high", "sk-three": "low"}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("sk-one priority=urgent", "names the priority class 'urgent', which is not one of"),
+    ("sk-one urgent", "line 2: after the key, only one `priority=<class>`"),
+    ("sk-one priority=high priority=low", "line 2: after the key"),
+    ("sk-one priority=", "line 2: after the key"),
+])
+def test_a_keys_file_with_a_bad_class_refuses_to_start(
+    tmp_path: Path, line: str, message: str,
+) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"sk-zero\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(api_keys_file=path)
+    assert message in str(info.value)
+    assert "sk-one" not in str(info.value)  # a key never appears in an error
