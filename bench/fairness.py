@@ -14,9 +14,12 @@ Configurations (each a fresh server):
   keys use three slots, so the light key's request finds the fourth free.
 * `fair`: QUEUE_POLICY=fair, 4 slots, no cap: keys take turns in the queue.
 * `fifo`: QUEUE_POLICY=fifo, 4 slots, no cap: the queue in arrival order.
+* `priority`: `fair`, with the light key in the `high` priority class, `heavy2` in
+  `normal` and the other two heavy keys in `low` (API_KEYS_FILE `priority=`).
 
-Reported per configuration: tokens/s per key, Jain's fairness index, and the light
-key's TTFT p50/p99 under load over its idle p50/p99.
+Reported per configuration: tokens/s per key, Jain's fairness index, the light
+key's TTFT p50/p99 under load over its idle p50/p99, and TTFT p50/p99 per priority
+class (`normal` for every key when the configuration has no classes).
 
 Jain's index is taken over each key's throughput divided by its max-min fair share
 (Jain 1984): the light key never has more than one request out, so it asks for less
@@ -58,6 +61,11 @@ CONFIGS: dict[str, dict[str, str]] = {
                  "MAX_CONCURRENT_PER_KEY": "1"},
     "fair": {"QUEUE_POLICY": "fair", "MAX_CONCURRENT_REQUESTS": "4"},
     "fifo": {"QUEUE_POLICY": "fifo", "MAX_CONCURRENT_REQUESTS": "4"},
+    "priority": {"QUEUE_POLICY": "fair", "MAX_CONCURRENT_REQUESTS": "4"},
+}
+#: Each key's priority class, per configuration (absent: every key is `normal`).
+CLASSES: dict[str, dict[str, str]] = {
+    "priority": {LIGHT: "high", "heavy2": "normal", "heavy3": "low", "heavy6": "low"},
 }
 
 
@@ -69,9 +77,11 @@ def client(url: str, key: str) -> httpx.AsyncClient:
     )
 
 
-async def stream(http: httpx.AsyncClient, body: dict[str, Any], tokens: list[float]) -> Result:
+async def stream(http: httpx.AsyncClient, body: dict[str, Any], tokens: list[float],
+                 first: list[tuple[float, float]] | None = None) -> Result:
     """One streamed `/v1/completions`; the arrival time of each token is appended to
-    `tokens` (so a request cut at the end of the window still counts what it got)."""
+    `tokens` (so a request cut at the end of the window still counts what it got), and
+    (sent, TTFT) to `first` at the first token."""
     r = Result(sent=time.perf_counter())
     async with http.stream("POST", "/v1/completions", json=body) as response:
         r.status = response.status_code
@@ -86,6 +96,8 @@ async def stream(http: httpx.AsyncClient, body: dict[str, Any], tokens: list[flo
                 now = time.perf_counter()
                 if r.ttft is None:
                     r.ttft = now - r.sent
+                    if first is not None:
+                        first.append((r.sent, r.ttft))
                 tokens.append(now)
                 r.tokens += 1
     r.end = time.perf_counter()
@@ -96,7 +108,8 @@ def jain(values: list[float]) -> float:
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
 
 
-async def run_config(url: str, prompts: Prompts, duration: float, seed: int) -> dict[str, Any]:
+async def run_config(url: str, prompts: Prompts, duration: float, seed: int,
+                     classes: dict[str, str]) -> dict[str, Any]:
     rng = random.Random(seed)
     clients = {key: client(url, key) for key in [*KEYS, LIGHT]}
     model = str((await clients[LIGHT].get("/v1/models")).json()["data"][0]["id"])
@@ -113,12 +126,14 @@ async def run_config(url: str, prompts: Prompts, duration: float, seed: int) -> 
 
         arrivals: dict[str, list[float]] = {key: [] for key in [*KEYS, LIGHT]}
         light_ttft: list[float] = []
+        heavy_first: dict[str, list[tuple[float, float]]] = {key: [] for key in KEYS}
         refused: dict[str, int] = dict.fromkeys([*KEYS, LIGHT], 0)
         light_sent = 0
 
         async def heavy_loop(key: str) -> None:
             while True:
-                r = await stream(clients[key], body(HEAVY_TOKENS), arrivals[key])
+                r = await stream(clients[key], body(HEAVY_TOKENS), arrivals[key],
+                                 heavy_first[key])
                 if r.status != 200:
                     refused[key] += 1
                     await trio.sleep(0.1)
@@ -165,7 +180,21 @@ async def run_config(url: str, prompts: Prompts, duration: float, seed: int) -> 
                           "p99": round(pct(light_ttft, 99) * 1000, 1)},
         "light_ttft_p99_over_idle_p50": round(pct(light_ttft, 99) / pct(idle, 50), 2),
         "light_ttft_p99_over_idle_p99": round(pct(light_ttft, 99) / pct(idle, 99), 2),
+        "ttft_ms_by_class": ttft_by_class(
+            {**{key: [ttft for sent, ttft in firsts if start <= sent <= end]
+                for key, firsts in heavy_first.items()}, LIGHT: light_ttft}, classes),
     }
+
+
+def ttft_by_class(ttfts: dict[str, list[float]], classes: dict[str, str]
+                  ) -> dict[str, dict[str, float]]:
+    """TTFT p50/p99 (ms) and count of the keys of each priority class."""
+    grouped: dict[str, list[float]] = {}
+    for key, values in ttfts.items():
+        grouped.setdefault(classes.get(key, "normal"), []).extend(values)
+    return {name: {"p50": round(pct(values, 50) * 1000, 1),
+                   "p99": round(pct(values, 99) * 1000, 1), "n": len(values)}
+            for name, values in grouped.items() if values}
 
 
 def main() -> None:
@@ -178,19 +207,24 @@ def main() -> None:
     args = parser.parse_args()
     model = embedded_model_path(Settings().model_cache_dir)
     prompts = Prompts(model)
-    keys = ",".join([*KEYS, LIGHT])
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as logs:
         for name in args.configs.split(","):
             settings = CONFIGS[name]
             slots = int(settings["MAX_CONCURRENT_REQUESTS"])
+            classes = CLASSES.get(name, {})
+            keys_file = Path(logs) / f"keys-{name}"
+            keys_file.write_text("".join(
+                f"{key} priority={classes[key]}\n" if key in classes else f"{key}\n"
+                for key in [*KEYS, LIGHT]))
             with ExitStack() as stack:
                 url = stack.enter_context(our_server(
                     model, Path(logs), slots=slots, n_ctx=256,
-                    threads=args.threads, queue=64, API_KEYS=keys,
+                    threads=args.threads, queue=64, API_KEYS_FILE=str(keys_file),
                     **{k: v for k, v in settings.items() if k != "MAX_CONCURRENT_REQUESTS"},
                 ))
-                results[name] = trio.run(run_config, url, prompts, args.duration, args.seed)
+                results[name] = trio.run(run_config, url, prompts, args.duration, args.seed,
+                                         classes)
             print(name, json.dumps(results[name], indent=1), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
