@@ -3,14 +3,15 @@
 One slot, so requests run one at a time in the order they are admitted. A key's class
 comes from the API keys file (`priority=<class>`) or a JWT's `tier` claim
 (JWT_PRIORITY_CLAIM); a high-class request that queues after a low one is admitted
-before it, and /metrics counts admissions, waits and TTFT per class, with no
-`priority_class` outside PRIORITY_CLASSES. The exact order under a flood and the
-starvation bound are checked in virtual time (tests/unit/test_admission.py,
-tests/test_fairness_routes.py).
+before it (over HTTP and Socket.IO), and /metrics counts admissions, waits and TTFT
+per class, with no `priority_class` outside PRIORITY_CLASSES. The exact order under a
+flood and the starvation bound are checked in virtual time
+(tests/unit/test_admission.py, tests/test_fairness_routes.py).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import socketio
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -87,14 +89,39 @@ def by_class(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name:
             for (sample, labels), value in metrics.items() if sample == name}
 
 
-async def queued_pair(client: httpx.AsyncClient, early: str, late: str
-                      ) -> tuple[list[str], dict[str, int]]:
+async def queued_pair(client: httpx.AsyncClient, early: str, late: str, *,
+                      late_over_socketio: bool = False) -> tuple[list[str], dict[str, int]]:
     """The low key's long request holds the slot (it has streamed a token); a request
-    with the `early` credential queues, then one with the `late` credential; then the
-    holder leaves. Returns the order in which the two completed (one slot: the order
-    they were admitted in) and the positions their `queued` events said."""
+    with the `early` credential queues, then one with the `late` credential (over
+    Socket.IO, its CONNECT `auth`, if `late_over_socketio`); then the holder leaves.
+    Returns the order in which the two completed (one slot: the order they were
+    admitted in) and the positions their `queued` events said."""
     completed: list[str] = []
     positions: dict[str, int] = {}
+
+    async def send_socketio(name: str, api_key: str, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        sio = socketio.Client(reconnection=False)
+        queued, done = threading.Event(), threading.Event()
+
+        def on_queued(data: dict[str, Any]) -> None:
+            positions[name] = data["position"]
+            queued.set()
+
+        sio.on("inference_queued", on_queued)
+        sio.on("inference_complete", lambda data: done.set())
+        await trio.to_thread.run_sync(lambda: sio.connect(
+            str(client.base_url), auth={"apiKey": api_key}, transports=["websocket"],
+            wait_timeout=10))
+        try:
+            sio.emit("inference_prompt", {**SHORT, "request_id": f"sio-{name}"})
+            assert await trio.to_thread.run_sync(queued.wait, 60)
+            task_status.started()
+            assert await trio.to_thread.run_sync(done.wait, 120)
+            completed.append(name)
+        finally:
+            await trio.to_thread.run_sync(sio.disconnect)
 
     async def send(name: str, credential: str, *,
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -127,7 +154,7 @@ async def queued_pair(client: httpx.AsyncClient, early: str, late: str
     async with trio.open_nursery() as nursery:
         await nursery.start(hold)
         await nursery.start(send, "early", early)
-        await nursery.start(send, "late", late)
+        await nursery.start(send_socketio if late_over_socketio else send, "late", late)
         assert await concurrency(client) == (1, 2)  # both wait behind the holder
         hold_scope.cancel()
     return completed, positions
@@ -170,3 +197,14 @@ async def test_a_jwt_claim_names_the_class_and_an_unknown_one_is_the_default(
                 for (name, labels) in after if name == "fabricai_refusals_total"}
     assert refusals == {(reason, c) for reason in ("per_key_limit", "rate_limited")
                         for c in ("high", "normal", "low")}
+
+
+async def test_the_class_holds_over_socketio(priority_server: ServerProcess) -> None:
+    """The class of the key a Socket.IO connection authenticated with (CONNECT
+    `auth`) orders its prompts as over HTTP."""
+    async with httpx.AsyncClient(base_url=priority_server.url, timeout=120) as client:
+        # The early one is `normal`: a `high` taken for the default would not pass it.
+        completed, positions = await queued_pair(client, early=PLAIN, late=HIGH,
+                                                 late_over_socketio=True)
+    assert completed == ["late", "early"]
+    assert positions == {"early": 0, "late": 0}
