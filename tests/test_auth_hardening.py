@@ -85,20 +85,27 @@ def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     ({"HOST": "0.0.0.0"}, "AUTH_MODE=off"),
     ({"AUTH_MODE": "off", "API_KEYS": "k"}, "AUTH_MODE=off but API_KEYS set"),
     ({"API_KEYS": "k", "REDIS_URL": "redis://127.0.0.1:1/0"}, "OWNER_ID_SECRET is required"),
+    ({"API_KEYS_FILE": "<unknown class>"}, "names the priority class 'urgent'"),
+    ({"API_KEYS_FILE": "<text after a key>"}, "line 2: after the key, only one"),
 ], ids=["empty keys", "blank keys", "comments-only file", "empty jwt secret",
         "short jwt secret", "short owner secret", "open on 0.0.0.0", "off with keys",
-        "shared store without owner secret"])
+        "shared store without owner secret", "unknown class in the keys file",
+        "text after a key"])
 def test_start_up_refuses_what_would_fail_open(
     tmp_path: Path, env: dict[str, str], reason: str
 ) -> None:
-    if env.get("API_KEYS_FILE") == "<comments>":
+    files = {"<comments>": "# no keys yet\n\n   # still none\n",
+             "<unknown class>": "sk-good priority=high\nsk-typo priority=urgent\n",
+             "<text after a key>": "sk-good\nsk-secret-two # a comment\n"}
+    if env.get("API_KEYS_FILE") in files:
         keys = tmp_path / "keys.txt"
-        keys.write_text("# no keys yet\n\n   # still none\n")
+        keys.write_text(files[env["API_KEYS_FILE"]])
         env = {**env, "API_KEYS_FILE": str(keys)}
     result = run_serve({"HOST": "127.0.0.1", **env})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert "sk-typo" not in result.stderr and "sk-secret" not in result.stderr
 
 
 # --- owner ids ---------------------------------------------------------------------------
