@@ -170,8 +170,8 @@ class Settings(BaseSettings):
     priority_starvation_limit: int = Field(
         4, ge=1, le=1_000_000,
         description="Admissions of higher priority classes a waiting lower class lets go "
-        "first at most: a class whose next request could run gets at least one slot in "
-        "every PRIORITY_STARVATION_LIMIT + 1.",
+        "first at most: between two slots given to a class whose next request could run, "
+        "at most this many go to higher classes.",
     )
     rate_limit_requests_per_minute: int = Field(
         0, ge=0, le=1_000_000,
