@@ -40,6 +40,7 @@ from .core.engine import (
     EngineRequest,
     Finish,
     TokenMemo,
+    ToolTemplates,
     TooManyTokens,
 )
 from .core.errors import (
@@ -76,6 +77,7 @@ from .core.events import (
 from .core.messages import ChatMessage
 from .core.requests import GenerationRequest, parse_generation_request
 from .core.stream_ids import is_final
+from .core.tools import has_tool_turns, render_fallback
 from .engine.grammar import request_grammar
 from .models import ModelSet, ServedModel
 from .observer import NULL_OBSERVER, GenerationObserver
@@ -831,7 +833,7 @@ class GenerationService:
         async def attempt(dropped: int) -> tuple[ChatPrompt, list[int]] | TooManyTokens:
             kept = [m for turn in turns[dropped:] for m in turn]
             # A conversation the template refuses raises `InvalidMessages` (400).
-            chat = engine.format_chat([*system, *kept, *new_messages])
+            chat = render_chat(engine, request, [*system, *kept, *new_messages])
             try:
                 return chat, await engine.tokenize_chat(chat, limit=budget, memo=memo)
             except TooManyTokens as exc:
@@ -856,6 +858,22 @@ class GenerationService:
         chat, tokens = best
         return PromptTokens(tokens, chat.stop, chat.stop_tokens,
                             dropped_messages=sum(len(t) for t in turns[:fewest]))
+
+def render_chat(engine: Engine, request: GenerationRequest, messages: list[ChatMessage]
+                ) -> ChatPrompt:
+    """The conversation through the model's chat template. With tools offered (not
+    `tool_choice: none`), or tool calls and results in it: by the template's own tool
+    format if it has one, else written into plain messages (`render_fallback`)."""
+    tools = request.tools
+    shown = tools.tools if tools is not None and tools.active else ()
+    if not shown and not has_tool_turns(messages):
+        return engine.format_chat(messages)
+    if isinstance(engine, ToolTemplates):
+        chat = engine.format_chat_tools(messages, shown)
+        if chat is not None:
+            return chat
+    return engine.format_chat(render_fallback(messages, shown))
+
 
 @dataclass(frozen=True, slots=True)
 class PromptTokens:

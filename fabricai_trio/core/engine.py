@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from .messages import ChatMessage
+from .tools import ToolDefinition
 
 
 class EngineError(Exception):
@@ -161,6 +162,21 @@ class GrammarChecker(Protocol):
     def grammar_error(self, grammar: str) -> str | None:
         """Why `grammar` cannot be used with this model, or None if it can. Cheap and
         synchronous: called before the request is admitted."""
+
+
+@runtime_checkable
+class ToolTemplates(Protocol):
+    """An engine whose chat template may have a tool format of its own (the built-in
+    engines: a GGUF template that writes `<tool_call>`). Without one, or for another
+    engine, tools and tool turns are written into plain messages
+    (`core.tools.render_fallback`) and go through `Engine.format_chat`."""
+
+    def format_chat_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolDefinition]
+    ) -> ChatPrompt | None:
+        """The conversation and `tools` rendered by the template's tool format, or None
+        if it has none. Pure and fast, like `format_chat`; raises `InvalidMessages` or
+        `InvalidField` (a 400)."""
 
 
 @runtime_checkable

@@ -18,9 +18,10 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import InvalidBody, invalid_field
+from .errors import InvalidBody, Unsupported, invalid_field
 from .ids import SESSION_ID_PATTERN, is_request_id, new_request_id
 from .messages import ChatMessage
+from .tools import ToolConfig, has_tool_turns
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
@@ -129,6 +130,9 @@ class GenerationRequest(SamplingParams):
     #: schema (`json_schema`), or follows a GBNF `grammar` (llama.cpp's grammar format).
     response_format: ResponseFormat | None = None
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    #: Tool calling (OpenAI's chat route): the functions offered and how they may be
+    #: called; the reply is parsed for calls (core/tools.py).
+    tools: ToolConfig | None = None
 
     @field_validator("request_id")
     @classmethod
@@ -180,10 +184,16 @@ def parse_generation_request(
     """Validate a decoded JSON body (or query mapping): `InvalidBody` / `InvalidField`."""
     if not isinstance(data, dict):
         raise InvalidBody("the body must be a JSON object")
+    if "tools" in data:
+        raise Unsupported("tool calling is served by POST /v1/chat/completions", param="tools")
     try:
-        return GenerationRequest.model_validate(
+        request = GenerationRequest.model_validate(
             data,
             context={"max_tokens_limit": max_tokens_limit, "resume_grace_max": resume_grace_max},
         )
     except ValidationError as exc:
         raise invalid_field(exc) from None
+    if request.messages is not None and has_tool_turns(request.messages):
+        raise Unsupported("tool calls and tool messages are served by POST "
+                          "/v1/chat/completions", param="messages", code="unsupported_value")
+    return request

@@ -35,10 +35,12 @@ from llama_cpp import llama_chat_format as formats
 from ..core.engine import ModelLoadError, PromptPart
 from ..core.errors import InvalidMessages
 from ..core.messages import ChatMessage
+from ..core.tools import CALL_OPEN
 
-Items = list[dict[str, str]]
-Renderer = Callable[[Items], str]
-"""Messages (`role`, `content`) -> the prompt text, ending with the assistant's cue."""
+Items = list[dict[str, Any]]
+Renderer = Callable[..., str]
+"""Messages (`role`, `content`; `tools=` for a template with a tool format) -> the
+prompt text, ending with the assistant's cue."""
 
 _NAMED: dict[str, Callable[..., Any]] = {
     "gemma": formats.format_gemma,
@@ -64,13 +66,17 @@ class ChatTemplate:
     """Renders messages for one model; build it with `select_template()`."""
 
     def __init__(
-        self, name: str, renderer: Renderer, *, add_bos: bool, stop: tuple[str, ...] = ()
+        self, name: str, renderer: Renderer, *, add_bos: bool, stop: tuple[str, ...] = (),
+        tool_format: bool = False,
     ) -> None:
         self.name = name
         self._renderer = renderer
         self.add_bos = add_bos
         """Whether tokenizing should add the model's BOS (Jinja templates write it)."""
         self.stop = stop
+        self.tool_format = tool_format
+        """Whether the template writes tools, calls and results itself, in the tool
+        format of core/tools.py (`<tool_call>`): Qwen 2.5 and 3, Hermes, SmolLM3."""
 
     def render(self, messages: Sequence[ChatMessage]) -> tuple[PromptPart, ...]:
         """The prompt, split into template parts and message contents.
@@ -80,12 +86,18 @@ class ChatTemplate:
         items = [{"role": m.role, "content": m.content} for m in messages]
         return self.render_items(items)
 
-    def render_items(self, items: Items) -> tuple[PromptPart, ...]:
+    def render_items(
+        self, items: Items, tools: list[dict[str, Any]] | None = None
+    ) -> tuple[PromptPart, ...]:
+        """`items` (with `tools`, for a template with a tool format) as parts. An empty
+        content gets no placeholder: a template may branch on whether it is empty."""
         marker = f"\ue000{secrets.token_hex(6)}:"
-        placeholders = [f"{marker}{i}\ue001" for i in range(len(items))]
-        real = self._call(items)
+        placeholders = [f"{marker}{i}\ue001" if item["content"] else ""
+                        for i, item in enumerate(items)]
+        real = self._call(items, tools)
         marked = self._call(
-            [{**item, "content": ph} for item, ph in zip(items, placeholders, strict=True)]
+            [{**item, "content": ph} for item, ph in zip(items, placeholders, strict=True)],
+            tools,
         )
         # [template, index, template, index, ..., template]
         pieces = re.split(re.escape(marker) + r"(\d+)\ue001", marked)
@@ -119,8 +131,10 @@ class ChatTemplate:
             after = not part.template and part.text == "\ue002a"
         return ""
 
-    def _call(self, items: Items) -> str:
+    def _call(self, items: Items, tools: list[dict[str, Any]] | None = None) -> str:
         try:
+            if tools is not None:
+                return self._renderer(items, tools=tools)
             return self._renderer(items)
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise InvalidMessages(f"chat template {self.name}: {exc}") from None
@@ -165,7 +179,7 @@ def select_template(
     if source:
         return ChatTemplate(
             GGUF_TEMPLATE, jinja_renderer(source, bos=bos, eos=eos), add_bos=False,
-            stop=(eos,) if eos else (),
+            stop=(eos,) if eos else (), tool_format=has_tool_format(source),
         )
     return named_template(fallback)
 
@@ -190,6 +204,12 @@ def named_template(name: str) -> ChatTemplate:
     return ChatTemplate(name, render, add_bos=True, stop=stops)
 
 
+def has_tool_format(source: str) -> bool:
+    """Whether a Jinja chat template renders `tools` and writes calls as `<tool_call>`
+    (the one tool format this server parses)."""
+    return "tools" in source and CALL_OPEN in source and "tool_calls" in source
+
+
 def jinja_renderer(source: str, *, bos: str, eos: str) -> Renderer:
     """A sandboxed Jinja template with the variables Hugging Face templates expect."""
     env = ImmutableSandboxedEnvironment(
@@ -204,10 +224,11 @@ def jinja_renderer(source: str, *, bos: str, eos: str) -> Renderer:
     def raise_exception(message: str) -> None:
         raise InvalidMessages(message)
 
-    def render(items: Items) -> str:
+    def render(items: Items, tools: list[dict[str, Any]] | None = None) -> str:
         now = datetime.now()
         return template.render(
             messages=items,
+            tools=tools,
             add_generation_prompt=True,
             bos_token=bos,
             eos_token=eos,

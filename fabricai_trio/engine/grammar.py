@@ -1,4 +1,5 @@
-"""Constrained decoding: a request's `response_format` or `grammar` as one GBNF grammar.
+"""Constrained decoding: a request's `response_format`, `grammar` or forced tool calls
+(`tool_choice` `required` or a named function) as one GBNF grammar.
 
 JSON Schema is translated by llama-cpp-python's `json_schema_to_gbnf` (the converter
 llama.cpp ships), any JSON object by its JSON grammar; the engine then runs llama.cpp's
@@ -10,16 +11,23 @@ used is a 4xx naming the field, never a failed stream.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from ..core.engine import Engine, GrammarChecker
 from ..core.errors import InvalidField
 from ..core.requests import MAX_GRAMMAR_CHARS, GenerationRequest
+from ..core.tools import CALL_CLOSE, CALL_OPEN, FunctionDefinition, ToolConfig
 
 
 def request_grammar(request: GenerationRequest, engine: Engine) -> str | None:
     """The GBNF grammar the reply must follow, or None; raises `InvalidField` naming
-    `response_format` or `grammar`."""
+    `response_format`, `grammar` or `tools`."""
     fmt = request.constrained_format
+    if request.tools is not None and request.tools.active:
+        grammar = tool_call_grammar(request.tools)  # checks every schema, even for `auto`
+        if not request.tools.forced:
+            return None
+        return _checked(grammar, engine, "tools")
     if fmt is None and request.grammar is None:
         return None
     # llama-cpp-python is imported on first use: a plug-in engine may run without it.
@@ -38,9 +46,70 @@ def request_grammar(request: GenerationRequest, engine: Engine) -> str | None:
             raise InvalidField(param, f"the JSON schema cannot be compiled: {exc}") from None
     else:
         grammar = JSON_GBNF
+    return _checked(grammar, engine, param)
+
+
+def _checked(grammar: str, engine: Engine, param: str) -> str:
     if not isinstance(engine, GrammarChecker):
         raise InvalidField(param, "this model's engine does not support constrained decoding")
     error = engine.grammar_error(grammar)
     if error is not None:
         raise InvalidField(param, error)
     return grammar
+
+
+def tool_call_grammar(tools: ToolConfig) -> str:
+    """The reply as calls in the tool format (core/tools.py), one (`parallel_tool_calls`
+    false) or more, each naming a function it may call with arguments that follow that
+    function's `parameters` schema. A schema the converter cannot compile: `InvalidField`
+    naming `tools.N.function.parameters`."""
+    from llama_cpp import llama_grammar
+
+    schema_converter: Any = llama_grammar.SchemaConverter  # untyped
+    converter: Any = schema_converter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False,
+                                dotall=False, raw_pattern=False)
+    callable_names = {f.name for f in tools.callable}
+    alternatives = []
+    for index, tool in enumerate(tools.tools):
+        function = tool.function
+        schema = _arguments_schema(converter, function, index)
+        if function.name in callable_names:
+            alternatives.append({
+                "type": "object",
+                "properties": {"name": {"const": function.name}, "arguments": schema},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            })
+    try:
+        call: str = converter.visit({"anyOf": alternatives} if len(alternatives) > 1
+                               else alternatives[0], "tool-call")
+    except Exception as exc:  # the converter raises whatever it meets: all are 4xx
+        raise InvalidField("tools", f"the tools cannot be compiled: {exc}") from None
+    one = f'"{CALL_OPEN}\\n" {call} "\\n{CALL_CLOSE}"'
+    root = f'root ::= {one} ("\\n" {one})*' if tools.parallel_tool_calls else f"root ::= {one}"
+    rules: str = converter.format_grammar()
+    grammar = f"{rules}\n{root}\n"
+    if len(grammar) > 8 * MAX_GRAMMAR_CHARS:
+        raise InvalidField("tools", "the tools' schemas make too large a grammar")
+    return grammar
+
+
+def _arguments_schema(converter: Any, function: FunctionDefinition, index: int
+                      ) -> dict[str, object]:
+    """The function's `parameters`, its `$ref`s resolved against itself (not against the
+    call schema it is put in); compiled once on its own, so that an error names it."""
+    from llama_cpp import llama_grammar
+
+    param = f"tools.{index}.function.parameters"
+    schema = json.loads(json.dumps(function.arguments_schema()))  # a copy: refs are rewritten
+    if len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
+        raise InvalidField(param, f"the schema is over {MAX_GRAMMAR_CHARS} characters")
+    try:
+        schema_converter: Any = llama_grammar.SchemaConverter  # untyped
+        probe: Any = schema_converter(prop_order={}, allow_fetch=False, dotall=False,
+                                raw_pattern=False)
+        probe.visit(probe.resolve_refs(json.loads(json.dumps(schema)), f"tool{index}"), "")
+        resolved: dict[str, object] = converter.resolve_refs(schema, f"tool{index}")
+    except Exception as exc:  # the converter raises whatever it meets: all are 4xx
+        raise InvalidField(param, f"the JSON schema cannot be compiled: {exc}") from None
+    return resolved

@@ -40,12 +40,14 @@ short lines take seconds), so a text is never handed to it whole:
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -59,7 +61,9 @@ from ..core.engine import (
     TokenMemo,
     TooManyTokens,
 )
+from ..core.errors import InvalidField
 from ..core.messages import ChatMessage
+from ..core.tools import ToolDefinition
 from ..settings import Settings
 from .chat import GGUF_TEMPLATE, ChatTemplate, select_template
 from .model_files import embedded_by_name, resolve_model_path
@@ -229,6 +233,45 @@ class ModelText:
             add_bos=self.template.add_bos,
         )
 
+    def format_chat_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolDefinition]
+    ) -> ChatPrompt | None:
+        """Render tools, calls and tool results with the template's own tool format;
+        None if it has none (see `ToolTemplates`). The template writes the tools and
+        the calls' names and arguments itself, so a text in them that would be read
+        as a control token is refused (`InvalidField`): it must not forge a turn.
+        Raises `InvalidMessages` if the template refuses the conversation."""
+        template = self.template
+        if template is None:
+            raise EngineError("the model is not loaded")
+        if not template.tool_format:
+            return None
+        vocab = self._loaded()
+        tool_list = [t.model_dump(exclude_none=True) for t in tools]
+        _refuse_control_tokens(vocab, json.dumps(tool_list, ensure_ascii=False), "tools")
+        items: list[dict[str, Any]] = []
+        for index, m in enumerate(messages):
+            item: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                calls = [{"id": c.id, "type": "function",
+                          "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                         for c in m.tool_calls]
+                _refuse_control_tokens(vocab, json.dumps(calls, ensure_ascii=False),
+                                       f"messages.{index}.tool_calls")
+                item["tool_calls"] = calls
+            if m.tool_call_id is not None:
+                _refuse_control_tokens(vocab, m.tool_call_id, f"messages.{index}.tool_call_id")
+                item["tool_call_id"] = m.tool_call_id
+            items.append(item)
+        parts = template.render_items(items, tool_list or None)
+        return ChatPrompt(
+            text="".join(p.text for p in parts),
+            parts=parts,
+            stop=template.stop,
+            stop_tokens=self._stop_tokens,
+            add_bos=template.add_bos,
+        )
+
     async def tokenize_chat(
         self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None
     ) -> list[int]:
@@ -330,6 +373,20 @@ class ModelText:
         vocab, self._vocab = self._vocab, None
         if vocab is not None:
             await trio.to_thread.run_sync(vocab.close)
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as templates expect them (an object), or the client's text
+    as it is if it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _refuse_control_tokens(vocab: _Vocab, text: str, param: str) -> None:
+    if any(isinstance(piece, int) for piece in vocab.split_specials(text)):
+        raise InvalidField(param, "holds the text of one of the model's control tokens")
 
 
 def split_pieces(text: str, shape: VocabShape, size: int = PIECE_CHARS) -> list[str]:
@@ -562,6 +619,11 @@ class ModelTextMethods:
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)
+
+    def format_chat_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolDefinition]
+    ) -> ChatPrompt | None:
+        return self._text.format_chat_tools(messages, tools)
 
     async def tokenize_chat(
         self, prompt: ChatPrompt, *, limit: int | None = None, memo: TokenMemo | None = None

@@ -17,16 +17,25 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    field_validator,
     model_serializer,
 )
 
 from ...core.errors import InvalidBody, InvalidField, InvalidValue, Unsupported, invalid_field
 from ...core.events import Usage
 from ...core.ids import SESSION_ID_PATTERN
-from ...core.messages import ChatMessage, Role
+from ...core.messages import ChatMessage, ChatRole, ToolCall
 from ...core.requests import GenerationRequest
+from ...core.tools import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    ToolChoiceMode,
+    ToolConfig,
+    ToolDefinition,
+    has_tool_turns,
+)
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def unsupported(param: str, message: str, *, code: str = "unsupported_parameter") -> Unsupported:
@@ -51,14 +60,32 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=256)
+    #: JSON text, as the model wrote it (OpenAI's shape: a string, not an object).
+    arguments: str
+
+
+class ToolCallParam(BaseModel):
+    """A call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: FunctionCallParam
+
+
 class ChatCompletionMessageParam(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCallParam] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
     function_call: Any = None
     refusal: str | None = None
 
@@ -78,9 +105,6 @@ def _false(value: Any) -> bool:
 #: OpenAI fields we recognise but do not implement: accepted only with a value that
 #: asks for nothing (the test says which), else 400 naming the field.
 UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
-    "tools": _empty,
-    "tool_choice": lambda v: v in (None, "none", "auto"),
-    "parallel_tool_calls": lambda v: True,
     "functions": _empty,
     "function_call": lambda v: v in (None, "none", "auto"),
     "logprobs": _false,
@@ -174,12 +198,62 @@ class ChatCompletionRequest(_SamplingFields):
         pattern=SESSION_ID_PATTERN,
         description="Extension: continue this stored session (send only the new turn).",
     )
+    tools: list[ToolDefinition] | None = Field(
+        None, max_length=MAX_TOOLS, description="Functions the model may call "
+        "(docs/openai.md, tool calling).")
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = Field(
+        None, description="`none`, `auto` (the default with tools), `required`, or "
+        "`{type: function, function: {name}}`; `required` and a named function are "
+        "constrained by a grammar.")
+    parallel_tool_calls: bool | None = Field(
+        None, description="Whether a reply may make more than one call (default true).")
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        """One message naming `tool_choice` for any wrong shape (not one per union arm)."""
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        if isinstance(value, dict):
+            try:
+                return NamedToolChoice.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError(invalid_field(exc).message) from None
+        raise ValueError("must be `none`, `auto`, `required` or "
+                         "`{type: function, function: {name}}`")
+
+    def tool_config(self) -> ToolConfig | None:
+        """`tools`, `tool_choice` and `parallel_tool_calls` checked together; None
+        without tools or a choice that asks for them."""
+        if not self.tools and self.tool_choice in (None, "none", "auto"):
+            return None
+        config = ToolConfig(
+            tools=tuple(self.tools or ()),
+            tool_choice=self.tool_choice or "auto",
+            parallel_tool_calls=(True if self.parallel_tool_calls is None
+                                 else self.parallel_tool_calls),
+        )
+        config.check()
+        return config
 
     def to_generation_request(
         self, *, request_id: str, max_tokens_limit: int
     ) -> GenerationRequest:
         self._check_common()
         messages = [_to_chat_message(i, m) for i, m in enumerate(self.messages)]
+        tools = self.tool_config()
+        if self.session_id is not None and (
+            (tools is not None and tools.active) or has_tool_turns(messages)
+        ):
+            raise unsupported("session_id", "tool calling does not work with a session yet: "
+                              "send the whole conversation without session_id",
+                              code="unsupported_value")
+        if tools is not None and tools.active and (
+            self.grammar is not None or (self.response_format or {}).get("type")
+            not in (None, "text")
+        ):
+            raise InvalidValue("tools cannot be combined with `grammar` or a JSON "
+                               "`response_format` (use tool_choice `none`)", param="tools")
         max_tokens = self.max_completion_tokens or self.max_tokens
         param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
         return _build(
@@ -190,6 +264,7 @@ class ChatCompletionRequest(_SamplingFields):
                 "session_id": self.session_id,
                 "model": self.model,
                 "request_id": request_id,
+                "tools": tools,
             },
             max_tokens_limit,
             rename={"max_tokens": param},
@@ -225,19 +300,20 @@ class CompletionRequest(_SamplingFields):
 
 R = TypeVar("R", bound=_SamplingFields)
 
-ROLES: dict[str, Role] = {
-    "system": "system", "developer": "system", "user": "user", "assistant": "assistant"
-}
-
-
 def _to_chat_message(index: int, message: ChatCompletionMessageParam) -> ChatMessage:
     where = f"messages.{index}"
-    if message.role in ("tool", "function"):
-        raise unsupported(f"{where}.role", f"role `{message.role}` is not supported (no tool "
-                          "calling)", code="unsupported_value")
-    if message.tool_calls or message.function_call is not None:
-        name = "tool_calls" if message.tool_calls else "function_call"
-        raise unsupported(f"{where}.{name}", f"{name} is not supported (no tool calling)")
+    if message.role == "function" or message.function_call is not None:
+        name = "role" if message.role == "function" else "function_call"
+        raise unsupported(f"{where}.{name}", "the legacy `functions` API is not supported: "
+                          "use tools", code="unsupported_value")
+    if message.tool_calls and message.role != "assistant":
+        raise InvalidValue("only assistant messages make tool calls",
+                           param=f"{where}.tool_calls")
+    if (message.role == "tool") != (message.tool_call_id is not None):
+        param = f"{where}.tool_call_id"
+        raise (InvalidValue("a tool message needs the `tool_call_id` it answers", param=param)
+               if message.role == "tool" else
+               InvalidValue("only tool messages have a `tool_call_id`", param=param))
     content = message.content
     if isinstance(content, list):
         texts = []
@@ -248,8 +324,13 @@ def _to_chat_message(index: int, message: ChatCompletionMessageParam) -> ChatMes
                                   code="unsupported_value")
             texts.append(part.text)
         content = "\n".join(texts)
-    role = ROLES[message.role]
-    return ChatMessage(role=role, content=content or "")
+    calls = tuple(
+        ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+        for c in message.tool_calls or ()
+    )
+    role: ChatRole = "system" if message.role == "developer" else message.role
+    return ChatMessage(role=role, content=content or "", tool_calls=calls,
+                       tool_call_id=message.tool_call_id)
 
 
 def _build(
@@ -297,9 +378,31 @@ def parse_completion_request(data: Any) -> CompletionRequest:
 # --- responses ---
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ChatCompletionMessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
+    """The reply: `content` is null when the reply is only tool calls (as OpenAI's);
+    `tool_calls` is left out when there are none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):
@@ -318,16 +421,36 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
-    """A chunk's delta: only the keys that are set are sent (as OpenAI does)."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _OmitNone(BaseModel):
+    """Only the keys that are set are sent (as OpenAI's deltas)."""
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
         return {k: v for k, v in data.items() if v is not None}
+
+
+class DeltaFunctionCall(_OmitNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_OmitNone):
+    """A streamed call: its first delta has `id`, `type`, `function.name` and
+    `function.arguments: ""`; the next ones add to `function.arguments`."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(_OmitNone):
+    """A chunk's delta: only the keys that are set are sent (as OpenAI does)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):

@@ -11,32 +11,38 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel
 
 from ...core.errors import InternalError, error_object
 from ...core.events import CompleteEvent, ErrorEvent, FinishReason, TokenEvent, Usage
+from ...core.tools import CallStart, ContentDelta, Delta, ToolCallParser, ToolConfig
 from ...generation import KEEPALIVE, Generation, Keepalive
 from .protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChatCompletionMessage,
+    ChatCompletionMessageToolCall,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionChunk,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     OpenAIFinishReason,
     StreamError,
 )
 
 
 def finish_reason(reason: FinishReason) -> OpenAIFinishReason:
-    """OpenAI knows `stop` and `length`; ours adds `cancelled`/`error`, which a client
-    never sees in a finished response (it left, or it got an error)."""
+    """OpenAI knows `stop` and `length` (and `tool_calls`: `ChatFormat`); ours adds
+    `cancelled`/`error`, which a client never sees in a finished response (it left, or
+    it got an error)."""
     return "length" if reason == "length" else "stop"
 
 
@@ -50,21 +56,56 @@ class Format(Protocol):
         finish: OpenAIFinishReason | None = None,
     ) -> BaseModel | None: ...
 
+    def token_chunks(self, text: str) -> list[BaseModel]:
+        """The chunks for generated text (none while it is held back)."""
+
+    def final_chunks(self, reason: FinishReason) -> list[BaseModel]:
+        """What was held back, then the chunk with the finish reason."""
+
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChatFormat:
+    """Chat bodies; with tools, the reply goes through a `ToolCallParser` (one per
+    response: it keeps the state of a stream)."""
+
     id: str
     model: str
     created: int
+    tools: ToolConfig | None = None
+    parser: ToolCallParser | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        tools = self.tools
+        if tools is not None and tools.active:
+            self.parser = ToolCallParser(
+                names={f.name for f in tools.callable},
+                stream_arguments=tools.forced,
+                parallel=tools.parallel_tool_calls,
+            )
+
+    def finish_reason(self, reason: FinishReason) -> OpenAIFinishReason:
+        if self.parser is not None and self.parser.calls and reason == "stop":
+            return "tool_calls"
+        return finish_reason(reason)
 
     def response(self, complete: CompleteEvent) -> ChatCompletionResponse:
+        message = ChatCompletionMessage(content=complete.text)
+        if self.parser is not None:
+            self.parser.feed(complete.text)
+            self.parser.finish()
+            calls = self.parser.calls
+            message = ChatCompletionMessage(
+                content=self.parser.content or (None if calls else ""),
+                tool_calls=[ChatCompletionMessageToolCall(
+                    id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls] or None,
+            )
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=complete.usage,
             choices=[ChatCompletionChoice(
-                message=ChatCompletionMessage(content=complete.text),
-                finish_reason=finish_reason(complete.finish_reason),
+                message=message, finish_reason=self.finish_reason(complete.finish_reason),
             )],
         )
 
@@ -75,15 +116,42 @@ class ChatFormat:
         delta = DeltaMessage(role="assistant", content="") if first else DeltaMessage(
             content=text or None
         )
+        return self._chunk(delta, finish)
+
+    def _chunk(self, delta: DeltaMessage, finish: OpenAIFinishReason | None = None
+               ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model,
             choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish)],
         )
 
+    def token_chunks(self, text: str) -> list[BaseModel]:
+        if self.parser is None:
+            return [self.chunk(text=text)]
+        return [self._chunk(_delta(d)) for d in self.parser.feed(text)]
+
+    def final_chunks(self, reason: FinishReason) -> list[BaseModel]:
+        held: list[BaseModel] = []
+        if self.parser is not None:
+            held = [self._chunk(_delta(d)) for d in self.parser.finish()]
+        return [*held, self.chunk(text="", finish=self.finish_reason(reason))]
+
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[], usage=usage
         )
+
+
+def _delta(item: Delta) -> DeltaMessage:
+    """One parser output as a chunk's delta, in OpenAI's shape."""
+    if isinstance(item, ContentDelta):
+        return DeltaMessage(content=item.text)
+    if isinstance(item, CallStart):
+        return DeltaMessage(tool_calls=[DeltaToolCall(
+            index=item.index, id=item.id, type="function",
+            function=DeltaFunctionCall(name=item.name, arguments=""))])
+    return DeltaMessage(tool_calls=[DeltaToolCall(
+        index=item.index, function=DeltaFunctionCall(arguments=item.text))])
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +179,19 @@ class CompletionFormat:
             choices=[CompletionChoice(text=text or "", finish_reason=finish)],
         )
 
+    def _text_chunk(self, text: str, finish: OpenAIFinishReason | None = None
+                    ) -> CompletionChunk:
+        return CompletionChunk(
+            id=self.id, created=self.created, model=self.model,
+            choices=[CompletionChoice(text=text, finish_reason=finish)],
+        )
+
+    def token_chunks(self, text: str) -> list[BaseModel]:
+        return [self._text_chunk(text)]
+
+    def final_chunks(self, reason: FinishReason) -> list[BaseModel]:
+        return [self._text_chunk("", finish_reason(reason))]
+
     def usage_chunk(self, usage: Usage) -> CompletionChunk:
         return CompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[], usage=usage
@@ -118,7 +199,8 @@ class CompletionFormat:
 
 
 def chat_format(generation: Generation, model: str) -> ChatFormat:
-    return ChatFormat(f"chatcmpl-{generation.request_id}", model, int(time.time()))
+    return ChatFormat(f"chatcmpl-{generation.request_id}", model, int(time.time()),
+                      tools=generation.request.tools)
 
 
 def completion_format(generation: Generation, model: str) -> CompletionFormat:
@@ -152,15 +234,15 @@ async def stream(
             if isinstance(event, Keepalive):
                 yield KEEPALIVE
             elif isinstance(event, TokenEvent):
-                if (chunk := fmt.chunk(text=event.text)) is not None:
+                for chunk in fmt.token_chunks(event.text):
                     yield chunk
             elif isinstance(event, CompleteEvent):
-                if (chunk := fmt.chunk(text="", finish=finish_reason(event.finish_reason))):
+                for chunk in fmt.final_chunks(event.finish_reason):
                     yield chunk
                 if include_usage:
                     yield fmt.usage_chunk(event.usage)
             elif isinstance(event, ErrorEvent):
                 yield StreamError(error=error_object(generation.error or InternalError()))
                 return
-            elif (chunk := fmt.chunk(first=True)) is not None:  # QueuedEvent
-                yield chunk
+            elif (role := fmt.chunk(first=True)) is not None:  # QueuedEvent
+                yield role
