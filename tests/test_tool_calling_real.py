@@ -64,8 +64,11 @@ ASK: list[ChatCompletionMessageParam] = [
 
 @pytest.fixture(scope="module", params=["batched", "llama"])
 def server(request: pytest.FixtureRequest, server_logs: Path) -> Iterator[ServerProcess]:
+    # One decode thread: on a shared 2-core machine, OpenMP threads that wait on each
+    # other under load make a step many times slower.
     env = {"LLM_MODEL": "smollm2", "CHAT_FORMAT": "", "N_CTX": "2048", "ENGINE": request.param,
-           "MAX_CONCURRENT_REQUESTS": "2", "MAX_QUEUE_SIZE": "2", "MAX_TOKENS_LIMIT": "512"}
+           "N_THREADS": "1", "MAX_CONCURRENT_REQUESTS": "2", "MAX_QUEUE_SIZE": "2",
+           "MAX_TOKENS_LIMIT": "512"}
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
 
@@ -143,7 +146,7 @@ def test_named_function_streams_openai_deltas(client: openai.OpenAI) -> None:
 
 def test_the_sdk_stream_helper_assembles_the_call(client: openai.OpenAI) -> None:
     with client.chat.completions.stream(
-        model=MODEL, messages=ASK, tools=TOOLS, max_tokens=200,
+        model=MODEL, messages=ASK, tools=TOOLS, max_tokens=200, parallel_tool_calls=False,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     ) as stream:
         done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
@@ -157,6 +160,7 @@ def test_full_loop_call_result_answer(client: openai.OpenAI) -> None:
     messages: list[Any] = list(ASK)
     first = client.chat.completions.create(
         model=MODEL, messages=messages, tools=TOOLS, max_tokens=200,
+        parallel_tool_calls=False,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     call_id, _, arguments = only_call(first)
     messages.append(first.choices[0].message.model_dump(exclude_none=True))

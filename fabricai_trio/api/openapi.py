@@ -175,8 +175,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ok=oai.ChatCompletionResponse, stream=oai.ChatCompletionChunk, errors=_GEN_ERRORS,
         dialect="openai",
         description="`stream: true` answers `data: {chunk}` lines and `data: [DONE]`. "
-        "Unsupported fields (tools, logprobs, n > 1, …) are a 400 naming the field. "
-        "`session_id` (extension) continues a stored session.",
+        "`tools` / `tool_choice` / `parallel_tool_calls`: tool calling, with `tool_calls` "
+        "in the message (streamed as `delta.tool_calls`) and `finish_reason: tool_calls` "
+        "(docs/openai.md). Unsupported fields (logprobs, n > 1, …) are a 400 naming the "
+        "field. `session_id` (extension) continues a stored session.",
     ),
     ("POST", "/v1/completions"): Operation(
         "OpenAI-compatible text completion", "openai", request=oai.CompletionRequest,

@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from .errors import InvalidBody, Unsupported, invalid_field
 from .ids import SESSION_ID_PATTERN, is_request_id, new_request_id
@@ -130,9 +131,10 @@ class GenerationRequest(SamplingParams):
     #: schema (`json_schema`), or follows a GBNF `grammar` (llama.cpp's grammar format).
     response_format: ResponseFormat | None = None
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
-    #: Tool calling (OpenAI's chat route): the functions offered and how they may be
-    #: called; the reply is parsed for calls (core/tools.py).
-    tools: ToolConfig | None = None
+    #: Tool calling (OpenAI's chat route only: not part of the native request's schema,
+    #: and refused by `parse_generation_request`): the functions offered and how they
+    #: may be called; the reply is parsed for calls (core/tools.py).
+    tools: SkipJsonSchema[ToolConfig | None] = None
 
     @field_validator("request_id")
     @classmethod

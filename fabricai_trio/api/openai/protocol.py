@@ -515,6 +515,8 @@ class ModelCapabilities(BaseModel):
     sessions: bool = True
     #: `response_format` json_object / json_schema and `grammar` (constrained decoding).
     structured_output: bool = False
+    #: `tools` with every `tool_choice` (`required` and a named function need
+    #: constrained decoding; `auto` works on any engine).
     tools: bool = False
     embeddings: bool = False
 

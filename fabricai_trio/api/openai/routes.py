@@ -124,6 +124,7 @@ async def list_models() -> Response:
                 source=source if source in ("gguf", "chat_format", "fallback") else None,
             ),
             capabilities=ModelCapabilities(
-                structured_output=isinstance(model.engine, GrammarChecker)),
+                structured_output=isinstance(model.engine, GrammarChecker),
+                tools=isinstance(model.engine, GrammarChecker)),
         ))
     return json_response(ModelList(data=cards))
