@@ -217,6 +217,26 @@ def test_none_ignores_the_tools(client: openai.OpenAI) -> None:
     assert none.choices[0].finish_reason in ("stop", "length")
 
 
+def test_refs_with_the_same_last_segment_stay_apart(client: openai.OpenAI) -> None:
+    """The converter names a referenced rule after the ref's last segment; two refs that
+    end alike (here in one schema, as in two tools' `$defs`) must not share a rule."""
+    paint: ChatCompletionToolParam = {"type": "function", "function": {
+        "name": "paint", "parameters": {
+            "type": "object",
+            "$defs": {"a": {"Item": {"enum": [1, 2, 3]}},
+                      "b": {"Item": {"type": "string", "enum": ["red", "blue"]}}},
+            "properties": {"coats": {"$ref": "#/$defs/a/Item"},
+                           "colour": {"$ref": "#/$defs/b/Item"}},
+            "required": ["coats", "colour"], "additionalProperties": False}}}
+    result = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Paint the door."}],
+        tools=[paint], tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    call = (result.choices[0].message.tool_calls or [])[0]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    arguments = json.loads(call.function.arguments)
+    assert arguments["coats"] in (1, 2, 3) and arguments["colour"] in ("red", "blue")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_reply_is_content_or_valid_calls(client: openai.OpenAI, stream: bool) -> None:
     kwargs: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS,

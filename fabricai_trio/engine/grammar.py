@@ -97,19 +97,71 @@ def tool_call_grammar(tools: ToolConfig) -> str:
 def _arguments_schema(converter: Any, function: FunctionDefinition, index: int
                       ) -> dict[str, object]:
     """The function's `parameters`, its `$ref`s resolved against itself (not against the
-    call schema it is put in); compiled once on its own, so that an error names it."""
+    call schema it is put in) and renamed for this tool (`_own_refs`); compiled once on
+    its own, so that an error names it."""
     from llama_cpp import llama_grammar
 
     param = f"tools.{index}.function.parameters"
-    schema = json.loads(json.dumps(function.arguments_schema()))  # a copy: refs are rewritten
-    if len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
+    original = function.arguments_schema()
+    if len(json.dumps(original)) > MAX_GRAMMAR_CHARS:
         raise InvalidField(param, f"the schema is over {MAX_GRAMMAR_CHARS} characters")
     try:
+        schema = _own_refs(original, f"tool{index}")
         schema_converter: Any = llama_grammar.SchemaConverter  # untyped
         probe: Any = schema_converter(prop_order={}, allow_fetch=False, dotall=False,
-                                raw_pattern=False)
+                                      raw_pattern=False)
         probe.visit(probe.resolve_refs(json.loads(json.dumps(schema)), f"tool{index}"), "")
         resolved: dict[str, object] = converter.resolve_refs(schema, f"tool{index}")
     except Exception as exc:  # the converter raises whatever it meets: all are 4xx
         raise InvalidField(param, f"the JSON schema cannot be compiled: {exc}") from None
     return resolved
+
+
+def _own_refs(schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of `schema` whose local `$ref`s all point into `$defs` under names that
+    start with `prefix`. The converter names a referenced rule after the ref's last
+    segment, so two tools that both define `$defs/Item` would otherwise share one rule
+    (the first tool's)."""
+    names: dict[str, str] = {}
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/") and ref not in names:
+                names[ref] = f"{prefix}-{len(names)}"
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref in names:
+                out["$ref"] = f"#/$defs/{names[ref]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(value) for value in node]
+        return node
+
+    def target(ref: str) -> Any:
+        node: Any = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        return node
+
+    collect(schema)
+    out: dict[str, Any] = rewrite(schema)  # a copy: the converter rewrites refs in place
+    if not names:
+        return out
+    defs = dict(out.get("$defs") or {})
+    for ref, name in names.items():
+        try:
+            defs[name] = rewrite(target(ref))
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ValueError(f"cannot resolve the ref {ref}") from None
+    out["$defs"] = defs
+    return out
