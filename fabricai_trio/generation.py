@@ -597,7 +597,7 @@ class GenerationService:
             logit_bias=bias,
             grammar=grammar,
             seed=request.seed,
-            stop=tuple(dict.fromkeys([*request.stop, *prompt.stop])),
+            stop=tuple(dict.fromkeys([*_user_stops(request), *prompt.stop])),
             stop_tokens=prompt.stop_tokens,
             cache_scope=None if request.shared_prefix else owner,
         )
@@ -858,6 +858,15 @@ class GenerationService:
         chat, tokens = best
         return PromptTokens(tokens, chat.stop, chat.stop_tokens,
                             dropped_messages=sum(len(t) for t in turns[:fewest]))
+
+def _user_stops(request: GenerationRequest) -> list[str]:
+    """The request's `stop` strings, except for forced tool calls: their text is fixed
+    by the grammar, and a stop string inside it (a newline, a quote) would only cut a
+    call short."""
+    if request.tools is not None and request.tools.forced:
+        return []
+    return request.stop
+
 
 def render_chat(engine: Engine, request: GenerationRequest, messages: list[ChatMessage]
                 ) -> ChatPrompt:
