@@ -300,6 +300,7 @@ class CompletionRequest(_SamplingFields):
 
 R = TypeVar("R", bound=_SamplingFields)
 
+
 def _to_chat_message(index: int, message: ChatCompletionMessageParam) -> ChatMessage:
     where = f"messages.{index}"
     if message.role == "function" or message.function_call is not None:
