@@ -12,19 +12,27 @@
 * Each ticket has a priority class (one of `classes`, highest first; a request that
   names none, or an unknown one, gets `default_class`). With a `PriorityPolicy` the
   classes order the queue; either way they count: waiting and admitted per class.
-* A dispatcher task (`run()`, in the app's services nursery) borrows a token of the
-  `CapacityLimiter` (as many as the engine can run at once: no engine keeps a waiting
-  line of its own), waits until the policy picks a ticket (one not at its principal's
-  cap), takes one marker and grants the token to that ticket.
+* Slots: as many as the engine can run at once (no engine keeps a waiting line of its
+  own). A ticket takes `slots` of them (a request for `n` choices takes n), all at
+  once or none. A dispatcher task (`run()`, in the app's services nursery) waits until
+  a slot is free, waits until the policy picks a ticket (one whose principal's running
+  slots stay within its cap), takes one marker and, once as many slots as the ticket
+  needs are free, grants them to it. The dispatcher alone gathers slots, for one ticket
+  at a time: a ticket never holds some of its slots while it waits for the rest, so two
+  requests for several slots cannot hold each other's; the one picked waits for slots
+  that running generations give back, and tickets picked after it wait behind it (no
+  request for several slots starves behind a stream of single ones).
 * `Ticket.wait()` waits for the grant on a `trio.Event`, so it can be cancelled and
   called again (to send keepalives) without losing the ticket's place.
-* `Ticket.release()` is synchronous and idempotent: it frees the token, or takes the
-  ticket out of the policy; its marker then stays in the channel as an abandoned one,
-  which the dispatcher skips, and which `try_enter()` drains when the channel is full.
+* `Ticket.release()` is synchronous and idempotent: it frees the ticket's slots, or
+  takes the ticket out of the policy (or out of the dispatcher's hands); its marker
+  then stays in the channel as an abandoned one, which the dispatcher skips, and which
+  `try_enter()` drains when the channel is full.
   A request cancelled while queued therefore never reaches the engine.
 
 Invariant: markers in the channel (plus the one the dispatcher may hold while every
-waiting principal is at its running cap) = tickets waiting in the policy + `_abandoned`.
+waiting principal is at its running cap) = tickets waiting in the policy + `_abandoned`;
+slots in use = the sum of the admitted tickets' `slots` (never more than the capacity).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .core.errors import PerKeyLimit, QueueFull
+from .core.errors import PerKeyLimit, QueueFull, TooManyChoices
 from .queue_policy import FairPolicy, QueuePolicy
 
 #: The one class when none are configured.
@@ -52,6 +60,7 @@ class ClassStats:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdmissionStats:
     max_concurrent: int
+    #: Slots in use: a running request for `n` choices counts n.
     active: int
     queued: int
     queue_capacity: int
@@ -59,24 +68,21 @@ class AdmissionStats:
     classes: tuple[ClassStats, ...] = ()
 
 
-class _Token:
-    """The borrower of one limiter token (the dispatcher's, then a ticket's)."""
-
-    __slots__ = ()
-
-
 class Ticket:
     """One request's place: queued, then admitted (holding a token), then released."""
 
-    def __init__(self, admission: Admission, principal: str, cost: int, rank: int = 0) -> None:
+    def __init__(self, admission: Admission, principal: str, cost: int, rank: int = 0,
+                 slots: int = 1) -> None:
         self.principal = principal
         #: Expected tokens (prompt + max_tokens): what a fair policy weighs turns by.
         self.cost = cost
         #: Its priority class's index in `Admission.classes` (0: the highest).
         self.rank = rank
+        #: Slots it runs on (one per choice), granted together.
+        self.slots = slots
         self._admission = admission
         self._granted = trio.Event()
-        self._token: _Token | None = None
+        self._holds = False  # its slots are counted in use
         self._released = False
 
     @property
@@ -89,8 +95,12 @@ class Ticket:
 
     @property
     def position(self) -> int:
-        """Requests ahead of this one in the queue (0 when next, or admitted)."""
-        return self._admission._policy.position(self)
+        """Requests ahead of this one in the queue (0 when next, or admitted): the
+        waiting ones the policy puts first, and the one gathering its slots."""
+        admission = self._admission
+        if self._granted.is_set() or self._released or admission._gathering in (None, self):
+            return admission._policy.position(self)
+        return admission._policy.position(self) + 1
 
     async def wait(self) -> None:
         """Wait until admitted. Cancel-safe: the ticket keeps its place in the queue."""
@@ -104,20 +114,21 @@ class Ticket:
             return
         self._released = True
         admission = self._admission
-        if self._token is not None:
-            token, self._token = self._token, None
-            admission._active -= 1
-            _decrement(admission._running, self.principal)
-            admission._limiter.release_on_behalf_of(token)
+        if self._holds:
+            self._holds = False
+            admission._in_use -= self.slots
+            _decrement(admission._running, self.principal, self.slots)
             admission._wake()
         elif admission._policy.remove(self):
             _decrement(admission._waiting, self.principal)
             admission._waiting_by_rank[self.rank] -= 1
             admission._abandoned += 1
             admission._wake()
+        elif admission._gathering is self:  # picked, waiting for its slots: drop it
+            admission._wake()
 
-    def _grant(self, token: _Token) -> None:
-        self._token = token
+    def _grant(self) -> None:
+        self._holds = True
         self._granted.set()
 
 
@@ -146,7 +157,9 @@ class Admission:
         self._default_rank = self._ranks[default_class]
         self._waiting_by_rank = [0] * len(self.classes)
         self._admitted_by_rank = [0] * len(self.classes)
-        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self._capacity = max_concurrent
+        self._in_use = 0  # slots of admitted tickets
+        self._gathering: Ticket | None = None  # picked, waiting for enough free slots
         self._max_queue = max_queue
         self._retry_after = retry_after
         self._queue_in, self._queue_out = trio.open_memory_channel[None](max_queue)
@@ -154,30 +167,39 @@ class Admission:
         self._max_running_per_key = max_concurrent_per_key
         self._max_queued_per_key = max_queued_per_key
         self._abandoned = 0  # markers in the channel whose ticket left the queue
-        self._active = 0
-        self._running: Counter[str] = Counter()  # principal -> tickets admitted
+        self._running: Counter[str] = Counter()  # principal -> slots of its admitted tickets
         self._waiting: Counter[str] = Counter()  # principal -> tickets in the policy
-        self._changed = trio.Event()  # a ticket arrived, or one released its token
+        self._changed = trio.Event()  # a ticket arrived or left, or slots were freed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Grant limiter tokens to queued tickets, in the policy's order, until cancelled.
+        """Grant slots to queued tickets, in the policy's order, until cancelled.
 
-        A token is borrowed *before* a ticket is picked, so a ticket leaves the queue
-        only when it can run: the channel alone bounds the queue.
+        A slot must be free *before* a ticket is picked, so a ticket leaves the queue
+        only when it can start (or, for several slots, when it is next to): the channel
+        alone bounds the queue. Cancelled while gathering: nothing was granted.
         """
         task_status.started()
         while True:
-            token = _Token()
-            await self._limiter.acquire_on_behalf_of(token)
+            while self._in_use >= self._capacity:
+                await self._wait_changed()
+            ticket = await self._next()
+            self._gathering = ticket
             try:
-                ticket = await self._next()
-            except BaseException:
-                self._limiter.release_on_behalf_of(token)
-                raise
-            self._active += 1
-            self._running[ticket.principal] += 1
+                while not ticket._released and self._capacity - self._in_use < ticket.slots:
+                    await self._wait_changed()
+            finally:
+                self._gathering = None
+            if ticket._released:
+                continue  # it left while picked: its marker is spent, nothing was granted
+            self._in_use += ticket.slots
+            self._running[ticket.principal] += ticket.slots
             self._admitted_by_rank[ticket.rank] += 1
-            ticket._grant(token)
+            ticket._grant()
+
+    async def _wait_changed(self) -> None:
+        if self._changed.is_set():
+            self._changed = trio.Event()
+        await self._changed.wait()
 
     async def _next(self) -> Ticket:
         """Take a marker, then the ticket the policy picks for it.
@@ -201,7 +223,7 @@ class Admission:
             await self._changed.wait()
 
     def _at_cap(self, ticket: Ticket) -> bool:
-        return self._running[ticket.principal] >= self._max_running_per_key
+        return self._running[ticket.principal] + ticket.slots > self._max_running_per_key
 
     def _wake(self) -> None:
         self._changed.set()
@@ -212,14 +234,30 @@ class Admission:
         tokenization). Never checkpoints."""
         if principal is not None:
             self._check_principal(principal)
-        if self._active >= self._limiter.total_tokens and len(self._policy) >= self._max_queue:
+        busy = self._in_use >= self._capacity or self._gathering is not None
+        if busy and len(self._policy) >= self._max_queue:
             raise QueueFull(self._retry_after)
 
+    def check_slots(self, slots: int) -> None:
+        """`TooManyChoices` (a 400 naming `n`) if a ticket for `slots` slots could never
+        run: more than the model's slots, or than MAX_CONCURRENT_PER_KEY. Never
+        checkpoints."""
+        cap = self._max_running_per_key
+        if slots > self._capacity:
+            raise TooManyChoices(slots, self._capacity, "the model's slots "
+                                 "(MAX_CONCURRENT_REQUESTS)")
+        if cap and slots > cap:
+            raise TooManyChoices(slots, cap, "the generations one identity may run at "
+                                 "once (MAX_CONCURRENT_PER_KEY)")
+
     def try_enter(self, *, principal: str = "anonymous", cost: int = 1,
-                  priority_class: str | None = None) -> Ticket:
-        """Join the queue now, or raise `QueueFull` / `PerKeyLimit`. `cost` is the
-        expected tokens (prompt + max_tokens); `priority_class` one of `classes` (None
-        or another name: the default class). Never blocks, never checkpoints."""
+                  priority_class: str | None = None, slots: int = 1) -> Ticket:
+        """Join the queue now, or raise `QueueFull` / `PerKeyLimit` (`TooManyChoices` if
+        `slots` could never be granted). `cost` is the expected tokens (prompt +
+        max_tokens of every choice); `priority_class` one of `classes` (None or another
+        name: the default class); `slots` how many it runs on (its choices). Never
+        blocks, never checkpoints."""
+        self.check_slots(slots)
         self._check_principal(principal)
         try:
             self._queue_in.send_nowait(None)
@@ -228,7 +266,7 @@ class Admission:
                 raise QueueFull(self._retry_after) from None
             self._queue_in.send_nowait(None)
         rank = self.rank_of(priority_class)
-        ticket = Ticket(self, principal, cost, rank)
+        ticket = Ticket(self, principal, cost, rank, slots)
         self._policy.push(ticket)
         self._waiting[principal] += 1
         self._waiting_by_rank[rank] += 1
@@ -255,9 +293,9 @@ class Admission:
 
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
-            max_concurrent=int(self._limiter.total_tokens),
-            active=self._active,
-            queued=len(self._policy),
+            max_concurrent=self._capacity,
+            active=self._in_use,
+            queued=len(self._policy) + (self._gathering is not None),
             queue_capacity=self._max_queue,
             classes=tuple(
                 ClassStats(name=name, queued=self._waiting_by_rank[rank],
@@ -281,9 +319,9 @@ class Admission:
         return drained
 
 
-def _decrement(counter: Counter[str], key: str) -> None:
-    """One fewer for `key`; a count that reaches 0 is dropped (memory bounded by the
+def _decrement(counter: Counter[str], key: str, n: int = 1) -> None:
+    """`n` fewer for `key`; a count that reaches 0 is dropped (memory bounded by the
     principals present)."""
-    counter[key] -= 1
+    counter[key] -= n
     if counter[key] <= 0:
         del counter[key]

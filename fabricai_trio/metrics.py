@@ -57,7 +57,8 @@ def method_label(method: str) -> str:
 
 ADMISSION_GAUGES = {
     "fabricai_queue_depth": ("Requests waiting for a slot.", "queued"),
-    "fabricai_active_generations": ("Generations holding a slot.", "active"),
+    "fabricai_active_generations": ("Slots held by running generations (a request for n "
+                                    "choices holds n).", "active"),
     "fabricai_queue_capacity": ("MAX_QUEUE_SIZE.", "queue_capacity"),
     "fabricai_max_concurrent_generations": ("MAX_CONCURRENT_REQUESTS.", "max_concurrent"),
 }

@@ -143,6 +143,18 @@ class Unsupported(DomainError):
     default_code = "unsupported_parameter"
 
 
+class TooManyChoices(DomainError):
+    """`n` asks for more choices than can ever run at once for this caller: each choice
+    takes a slot of the model, and a request's slots are granted together."""
+
+    kind = ErrorKind.BAD_REQUEST
+    default_code = "too_many_choices"
+
+    def __init__(self, n: int, limit: int, what: str) -> None:
+        super().__init__(f"n={n} choices need {n} slots at once, more than {limit}, {what}",
+                         param="n", details={"n": n, "limit": limit})
+
+
 class ContextLengthExceeded(DomainError):
     """The prompt and `max_tokens` do not fit the context window. The error object
     carries `prompt_tokens` (a lower bound when `prompt_tokens_exact` is false: the

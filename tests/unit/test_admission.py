@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from fabricai_trio.admission import Admission, AdmissionStats, ClassStats, Ticket
-from fabricai_trio.core.errors import PerKeyLimit, QueueFull
+from fabricai_trio.core.errors import PerKeyLimit, QueueFull, TooManyChoices
 from fabricai_trio.queue_policy import FairPolicy, FifoPolicy, PriorityPolicy
 
 
@@ -429,4 +429,134 @@ async def test_per_key_caps_hold_inside_the_classes() -> None:
         assert high[1].admitted
         for ticket in (*high, low):
             ticket.release()
+        nursery.cancel_scope.cancel()
+
+# --- tickets for several slots (a request for n choices) ---
+
+
+async def test_a_ticket_for_several_slots_gets_them_together_and_keeps_its_turn() -> None:
+    """A 3-slot ticket waits until 3 slots are free, holding none meanwhile; a 1-slot
+    ticket that came after it waits behind it although a slot is free (no starvation)."""
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(max_concurrent=3, max_queue=4))
+        one = admission.try_enter()
+        await trio.testing.wait_all_tasks_blocked()
+        three = admission.try_enter(slots=3)
+        later = admission.try_enter()
+        await trio.testing.wait_all_tasks_blocked()
+        assert one.admitted and not three.admitted and not later.admitted
+        assert (three.position, later.position) == (0, 1)
+        stats = admission.stats()
+        assert (stats.active, stats.queued) == (1, 2)
+        one.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert three.admitted and not later.admitted
+        assert admission.stats().active == 3
+        three.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert later.admitted and admission.stats().active == 1
+        later.release()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ticket_released_while_gathering_its_slots_frees_the_way() -> None:
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(max_concurrent=2, max_queue=4))
+        one = admission.try_enter()
+        await trio.testing.wait_all_tasks_blocked()
+        two = admission.try_enter(slots=2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not two.admitted and admission.stats().queued == 1
+        two.release()
+        next_one = admission.try_enter()
+        await trio.testing.wait_all_tasks_blocked()
+        assert next_one.admitted  # the free slot goes to the next one at once
+        stats = admission.stats()
+        assert (stats.active, stats.queued) == (2, 0)
+        for ticket in (one, next_one):
+            ticket.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert admission.stats().active == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_more_slots_than_there_are_is_refused_by_name() -> None:
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=3, max_queue=4, max_concurrent_per_key=2))
+        for slots, limit in ((4, 3), (3, 2)):
+            with pytest.raises(TooManyChoices) as refused:
+                admission.try_enter(slots=slots)
+            assert refused.value.param == "n" and refused.value.details["limit"] == limit
+            assert refused.value.status_hint == 400
+        admission.check_slots(2)
+        assert admission.stats().queued == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_running_cap_counts_slots() -> None:
+    """MAX_CONCURRENT_PER_KEY caps the slots a principal holds: its 2-slot request
+    fills a cap of 2, so its next one waits while another principal's runs."""
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=4, max_queue=4, max_concurrent_per_key=2))
+        a_two = admission.try_enter(principal="a", slots=2)
+        await trio.testing.wait_all_tasks_blocked()
+        a_one = admission.try_enter(principal="a")
+        b_two = admission.try_enter(principal="b", slots=2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a_two.admitted and b_two.admitted and not a_one.admitted
+        a_two.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert a_one.admitted
+        for ticket in (a_one, b_two):
+            ticket.release()
+        nursery.cancel_scope.cancel()
+
+
+async def test_random_requests_for_several_slots_never_deadlock_nor_overcommit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Clients asking for 1 to 3 of 3 slots, leaving at random (queued, gathering or
+    running): all that stay are served, slots in use never pass the capacity, and
+    everything is given back."""
+    rng = random.Random(4321)
+    capacity = 3
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(max_concurrent=capacity, max_queue=6))
+        served = refused = 0
+        peak = 0
+
+        async def client() -> None:
+            nonlocal served, refused, peak
+            try:
+                ticket = admission.try_enter(slots=rng.randint(1, capacity),
+                                             principal=rng.choice("ab"))
+            except QueueFull:
+                refused += 1
+                return
+            patient = rng.random() < 0.7
+            try:
+                with trio.move_on_after(1000 if patient else rng.random() * 0.05):
+                    await ticket.wait()
+                    peak = max(peak, admission.stats().active)
+                    assert admission.stats().active <= capacity
+                    served += 1
+                    await trio.sleep(rng.random() * 0.02)
+            finally:
+                ticket.release()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                for _ in range(300):
+                    clients.start_soon(client)
+                    await trio.sleep(rng.random() * 0.004)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = admission.stats()
+        assert (stats.active, stats.queued) == (0, 0)
+        assert served > 50 and refused > 0 and peak == capacity
+        big = admission.try_enter(slots=capacity)
+        await trio.testing.wait_all_tasks_blocked()
+        assert big.admitted
+        big.release()
         nursery.cancel_scope.cancel()
