@@ -7,7 +7,8 @@ the `Settings`. See docs/hacking.md for a worked example.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
 from .messages import ChatMessage
@@ -187,6 +188,63 @@ class Detokenizer(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of `tokens` (control tokens written out; invalid UTF-8 replaced).
         Every id must be below `EngineInfo.n_vocab`."""
+
+
+@runtime_checkable
+class ChoiceDecoder(Protocol):
+    """An engine that decodes several choices of one prompt itself, evaluating the
+    prompt once (`BatchedEngine`: the prompt's KV is copied to the other sequences).
+    Other engines get `n` choices from `decode_choices` as `n` streams."""
+
+    def generate_choices(
+        self, request: EngineRequest, n: int
+    ) -> AsyncGenerator[tuple[int, Chunk | Finish], None]:
+        """Decode `n` (>= 2) choices; yields (choice index, item), each choice's items in
+        order and ending with its `Finish` (choices interleave). Choice i samples with
+        `choice_seed(request.seed, i)`. Takes `n` of `info().slots`. Cancellation and
+        closing end every choice, as for `generate_stream`."""
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index`: `seed + index` (mod 2**32), so that a seeded request
+    gives the same choices every time and its choices differ; None stays random."""
+    return None if seed is None else (seed + index) % 2**32
+
+
+async def decode_choices(
+    engine: Engine, request: EngineRequest, n: int
+) -> AsyncGenerator[tuple[int, Chunk | Finish], None]:
+    """The `n` choices of `request` as (choice index, item): one `generate_stream` for
+    n = 1; the engine's own `generate_choices` if it has one; else `n` streams of
+    `generate_stream` (each choice evaluates the prompt itself), pulled in turn: an
+    engine that decodes ahead (the built-in ones) keeps them all busy meanwhile.
+
+    Closing it (or cancellation) closes every stream still open, each as
+    `generate_stream` says; a finished choice's stream is closed at once, so its
+    engine slot is free before the others end."""
+    if n == 1:
+        async with aclosing(engine.generate_stream(request)) as stream:
+            async for item in stream:
+                yield 0, item
+        return
+    if isinstance(engine, ChoiceDecoder):
+        async with aclosing(engine.generate_choices(request, n)) as choices:
+            async for got in choices:
+                yield got
+        return
+    async with AsyncExitStack() as stack:
+        streams = {
+            i: await stack.enter_async_context(aclosing(engine.generate_stream(
+                replace(request, seed=choice_seed(request.seed, i)))))
+            for i in range(n)
+        }
+        while streams:
+            for i in list(streams):
+                step: Chunk | Finish | None = await anext(streams[i], None)
+                if step is not None:
+                    yield i, step
+                if step is None or isinstance(step, Finish):
+                    await streams.pop(i).aclose()
 
 
 @runtime_checkable

@@ -55,13 +55,38 @@ class QueuedEvent(BaseModel):
     position: int
 
 
+def _omit_none(data: dict[str, object], *names: str) -> dict[str, object]:
+    for name in names:
+        if data.get(name) is None:
+            data.pop(name, None)
+    return data
+
+
 class TokenEvent(BaseModel):
     request_id: str
     index: int
     text: str
+    #: Which of a request's `n` choices the text belongs to; absent when n is 1.
+    choice: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_choice(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return _omit_none(handler(self), "choice")
+
+
+class ChoiceResult(BaseModel):
+    """One of a request's `n` choices, as it ended."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
 
 
 class CompleteEvent(BaseModel):
+    """The end of a generation. With `n` > 1, `choices` holds every choice (`text` is
+    choice 0's) and `usage.completion_tokens` counts the tokens of all of them."""
+
     request_id: str
     text: str
     finish_reason: FinishReason
@@ -69,6 +94,11 @@ class CompleteEvent(BaseModel):
     cancel_cause: CancelCause | None = None
     usage: Usage
     timings: Timings
+    choices: list[ChoiceResult] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_choices(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return _omit_none(handler(self), "choices")
 
 
 class ErrorEvent(BaseModel):

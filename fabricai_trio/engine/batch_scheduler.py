@@ -7,6 +7,11 @@ It owns the sequence ids of one llama.cpp context (`n_seq_max = slots + cache_sl
   batch in one pass only over *consecutive* sequence ids, so a running sequence is moved
   down into a hole left by one that ended (`SeqCopy` + `SeqRemove`) when nobody waits to
   fill it: one full-stream copy instead of an extra forward pass on every later step.
+* choices of one prompt (`add_choices`): the first sequence evaluates the prompt; each
+  other one waits (`FORK`) until that KV holds all but the prompt's last two tokens,
+  starts from a copy of it, and evaluates those two itself (never a lone token: see
+  `_chunk`), sampling its own first token. n choices cost one prompt evaluation plus
+  2 (n - 1) tokens.
 * ids `slots ..` hold the prefix cache: the KV of finished sequences, keyed by their
   tokens, least recently used first. A new prompt that shares at least `min_reuse_tokens`
   with an entry starts from a copy of it and evaluates only the rest.
@@ -41,6 +46,7 @@ FinishReason = Literal["stop", "length"]
 
 class Phase(Enum):
     WAITING = "waiting"  # added; gets its sequence id at the next plan
+    FORK = "fork"  # has an id; waits for the first choice's prompt KV to copy
     PREFILL = "prefill"  # prompt partly evaluated
     DECODE = "decode"  # sampling one token per step
     DONE = "done"  # ended by itself or by `finish()`; waits for `release()`
@@ -132,6 +138,7 @@ class _Seq:
     generated: list[int] = field(default_factory=list)
     backlog: int = 0  # sampled tokens the consumer has not taken yet
     reused: int = 0  # prompt tokens taken from the prefix cache
+    parent: int | None = None  # choices: the handle whose prompt KV this one copies
 
     def tokens(self) -> tuple[int, ...]:
         return (self.prompt + tuple(self.generated))[: self.n_past]
@@ -147,6 +154,7 @@ class SchedulerStats:
     batch_sizes: dict[int, int]  # sequences per step -> how many steps had that many
     prompt_tokens_evaluated: int
     prompt_tokens_reused: int
+    prompt_tokens_shared: int  # copied from the first choice of the same request
     prefix_hits: int
     kv_copies: int
     running: int
@@ -215,6 +223,7 @@ class BatchScheduler:
         self._batch_seqs_max = 0
         self._prompt_evaluated = 0
         self._prompt_reused = 0
+        self._prompt_shared = 0
         self._prefix_hits = 0
         self._copies = 0
 
@@ -249,16 +258,34 @@ class BatchScheduler:
             raise ValueError("max_tokens must be >= 1")
         if len(self._seqs) >= self.slots:
             raise SchedulerFull(f"all {self.slots} slots are taken")
-        handle = self._next_handle
-        self._next_handle += 1
-        self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens, scope)
-        self._waiting.append(handle)
-        return handle
+        return self.add_choices(prompt, max_tokens, 1, scope=scope)[0]
+
+    def add_choices(
+        self, prompt: Sequence[int], max_tokens: int, n: int, *, scope: str | None = None
+    ) -> list[int]:
+        """Register `n` sequences of one prompt (a request's choices): the first
+        evaluates it, the others copy its KV (see the module doc). All or none: raises
+        `SchedulerFull` if fewer than `n` slots are free."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if max_tokens < 1 or n < 1:
+            raise ValueError("max_tokens and n must be >= 1")
+        if len(self._seqs) + n > self.slots:
+            raise SchedulerFull(f"{n} sequence(s) do not fit: "
+                                f"{len(self._seqs)} of {self.slots} slots are taken")
+        handles = list(range(self._next_handle, self._next_handle + n))
+        self._next_handle += n
+        for handle in handles:
+            parent = handles[0] if handle != handles[0] and len(prompt) > 2 else None
+            self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens, scope, parent=parent)
+            self._waiting.append(handle)
+        return handles
 
     def finish(self, handle: int) -> None:
         """The consumer saw a stop string: decode no more for this sequence."""
         seq = self._seqs.get(handle)
-        if seq is not None and seq.phase in (Phase.PREFILL, Phase.DECODE, Phase.WAITING):
+        if seq is not None and seq.phase in (Phase.PREFILL, Phase.DECODE, Phase.WAITING,
+                                             Phase.FORK):
             seq.phase = Phase.DONE
 
     def consumed(self, handle: int, n: int = 1) -> None:
@@ -320,7 +347,19 @@ class BatchScheduler:
     def _schedulable(self, seq: _Seq) -> bool:
         if seq.phase is Phase.PREFILL:
             return True
+        if seq.phase is Phase.FORK:
+            return self._fork_source(seq) is not None
         return seq.phase is Phase.DECODE and seq.backlog < self.max_backlog
+
+    def _fork_source(self, seq: _Seq) -> _Seq | None:
+        """The sequence whose KV a waiting choice can copy now (its first choice, once
+        that holds all of the prompt but the last two tokens); else None. A first
+        choice that is gone or failed leaves it nothing to copy: `_forks` then has it
+        evaluate the prompt itself."""
+        parent = self._seqs.get(seq.parent) if seq.parent is not None else None
+        if parent is None or parent.phase is Phase.FAILED or parent.seq_id is None:
+            return seq if parent is None or parent.phase is Phase.FAILED else None
+        return parent if parent.n_past >= len(seq.prompt) - 2 else None
 
     def plan(self, *, ops_only: bool = False) -> StepPlan:
         """Admit waiting sequences, compact ids, build the batch. `ops_only`: KV ops only."""
@@ -330,6 +369,7 @@ class BatchScheduler:
         if not ops_only:
             self._admit()
             self._compact()
+            self._forks()
             entries = self._build_batch()
         pads = self._pads(entries) if self.invariant else ()
         plan = StepPlan(ops=tuple(self._ops), entries=tuple(entries),
@@ -346,6 +386,9 @@ class BatchScheduler:
             seq_id = min(set(range(self.slots)) - set(self._running))
             self._running[seq_id] = handle
             seq.seq_id = seq_id
+            if seq.phase is Phase.WAITING and seq.parent is not None:
+                seq.phase = Phase.FORK  # `_forks` gives it its first choice's prompt KV
+                continue
             seq.phase = Phase.PREFILL if seq.phase is Phase.WAITING else seq.phase
             best_id, best = None, 0
             for cid, (cached_scope, cached) in self._cache.items():
@@ -385,6 +428,26 @@ class BatchScheduler:
             self._copies += 1
             self._running[dst] = handle
             seq.seq_id = dst
+
+    def _forks(self) -> None:
+        """Waiting choices whose first choice now holds the prompt's KV (all of it but
+        the last two tokens) start from a copy of it (after this plan's compaction, so
+        the ids are the ones the step sees)."""
+        for seq in self._seqs.values():
+            if seq.phase is not Phase.FORK:
+                continue
+            source = self._fork_source(seq)
+            if source is None:
+                continue
+            seq.phase = Phase.PREFILL
+            if source is seq:  # nothing to copy: evaluate the prompt itself
+                continue
+            assert source.seq_id is not None and seq.seq_id is not None
+            keep = len(seq.prompt) - 2
+            self._ops.append(SeqCopy(source.seq_id, seq.seq_id, keep))
+            seq.n_past = keep
+            self._prompt_shared += keep
+            self._copies += 1
 
     def _build_batch(self) -> list[BatchEntry]:
         """Decode rows first (one token each), then prompt chunks in the budget left."""
@@ -525,6 +588,7 @@ class BatchScheduler:
             batch_sizes=dict(sorted(self._batch_sizes.items())),
             prompt_tokens_evaluated=self._prompt_evaluated,
             prompt_tokens_reused=self._prompt_reused,
+            prompt_tokens_shared=self._prompt_shared,
             prefix_hits=self._prefix_hits,
             kv_copies=self._copies,
             running=len(self._running),

@@ -20,7 +20,9 @@ is cancelled stops waiting, the step still finishes and delivers to everyone els
 `aclose()` waits for it before freeing the context.
 
 The engine holds at most `slots` (`MAX_CONCURRENT_REQUESTS`) streams: admission is the
-one queue, and a `generate_stream` beyond that raises `EngineError`.
+one queue, and a `generate_stream` beyond that raises `EngineError`. `generate_choices`
+decodes a request's `n` choices as `n` sequences (taking `n` slots) that evaluate the
+prompt once: the other choices start from a copy of the first one's KV.
 
 Cancellation of a stream takes effect between two steps: its sequence is released at
 once (so the next step no longer carries it), and before `aclose()` returns the KV ops
@@ -32,7 +34,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -45,6 +48,7 @@ from ..core.engine import (
     EngineInfo,
     EngineRequest,
     Finish,
+    choice_seed,
 )
 from ..core.textstream import TextAssembler
 from ..settings import Settings
@@ -74,6 +78,23 @@ class _Stream:
     assembler: TextAssembler
     items: deque[Chunk | Finish] = field(default_factory=deque)
     error: str | None = None  # the step carrying it failed
+
+
+def _sampling(request: EngineRequest, seed: int | None) -> Sampling:
+    """The sampler settings of one sequence of `request` (its own seed)."""
+    return Sampling(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        repeat_penalty=request.repeat_penalty,
+        seed=seed,
+        stop_tokens=request.stop_tokens,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=request.logit_bias,
+        grammar=request.grammar,
+    )
 
 
 class BatchedEngine(ModelTextMethods):
@@ -177,6 +198,7 @@ class BatchedEngine(ModelTextMethods):
                 "prefix_cache_hits": st.prefix_hits,
                 "prompt_tokens_evaluated": st.prompt_tokens_evaluated,
                 "prompt_tokens_reused": st.prompt_tokens_reused,
+                "prompt_tokens_shared": st.prompt_tokens_shared,
                 "kv_copies": st.kv_copies,
                 "kv_cells_used": st.kv_cells_used,
                 "kv_cells_total": self._settings.n_ctx * self._scheduler.n_seq_max,
@@ -188,59 +210,68 @@ class BatchedEngine(ModelTextMethods):
 
     async def generate_stream(self, request: EngineRequest) -> AsyncGenerator[Chunk | Finish, None]:
         """Decode with every other running stream; see the module doc for cancellation."""
+        async with aclosing(self._decode(request, 1)) as choices:
+            async for _, item in choices:
+                yield item
+
+    def generate_choices(
+        self, request: EngineRequest, n: int
+    ) -> AsyncGenerator[tuple[int, Chunk | Finish], None]:
+        """`n` choices on `n` sequences; the prompt is evaluated once (the other choices
+        copy its KV). Choice i samples with `choice_seed(request.seed, i)`. Closing it
+        or cancelling it ends every choice, as for `generate_stream`."""
+        return self._decode(request, n)
+
+    async def _decode(
+        self, request: EngineRequest, n: int
+    ) -> AsyncGenerator[tuple[int, Chunk | Finish], None]:
         if not self._loaded:
             raise EngineError("the model is not loaded")
         check_fits(len(request.prompt_tokens), request.max_tokens, self._settings.n_ctx)
         if not request.prompt_tokens:
             raise EngineError("empty prompt")
         try:
-            handle = self._scheduler.add(request.prompt_tokens, request.max_tokens,
-                                         scope=request.cache_scope)
+            handles = self._scheduler.add_choices(request.prompt_tokens, request.max_tokens, n,
+                                                  scope=request.cache_scope)
         except SchedulerFull:
             raise EngineError(
                 f"more than {self._slots} generations at once: admission must not let "
                 "more streams in than info().slots"
             ) from None
-        stream = _Stream(handle, TextAssembler(request.stop))
-        self._streams[handle] = stream
-        self._sampling[handle] = Sampling(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            repeat_penalty=request.repeat_penalty,
-            seed=request.seed,
-            stop_tokens=request.stop_tokens,
-            min_p=request.min_p,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            logit_bias=request.logit_bias,
-            grammar=request.grammar,
-        )
+        streams = [_Stream(handle, TextAssembler(request.stop)) for handle in handles]
+        for i, stream in enumerate(streams):
+            self._streams[stream.handle] = stream
+            self._sampling[stream.handle] = _sampling(request, choice_seed(request.seed, i))
         self._kick()
         try:
-            while True:
-                item = await self._next_item(stream)
-                yield item
+            left = n
+            while left:
+                i, item = await self._next_item(streams)
+                yield i, item
                 if isinstance(item, Finish):
-                    return
+                    left -= 1
         finally:
-            del self._streams[handle]
-            self._sampling.pop(handle, None)
-            self._scheduler.release(handle, cache=stream.error is None)
+            for stream in streams:
+                del self._streams[stream.handle]
+                self._sampling.pop(stream.handle, None)
+                self._scheduler.release(stream.handle, cache=stream.error is None)
             self._kick()
             with trio.CancelScope(shield=True):
                 await self._flush_ops(self._plans_started + 1)
 
-    async def _next_item(self, stream: _Stream) -> Chunk | Finish:
-        """The stream's next item, waiting for (or starting) steps until there is one.
+    async def _next_item(self, streams: Sequence[_Stream]) -> tuple[int, Chunk | Finish]:
+        """The next item of one of `streams` (the first in order that has one) and its
+        position, waiting for (or starting) steps until there is one. A step failure
+        of any of them fails them all (one request).
 
         Checks for cancellation first: a stream that has tokens buffered would otherwise
         never reach a cancellation point. Cancelled while waiting: the step goes on.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        while not stream.items:
-            if stream.error is not None:
-                raise EngineError(stream.error)
+        while not any(s.items for s in streams):
+            for stream in streams:
+                if stream.error is not None:
+                    raise EngineError(stream.error)
             if self._closing or self._runner is None:
                 raise EngineError("the engine is closed")
             if self._stepping:
@@ -253,11 +284,12 @@ class BatchedEngine(ModelTextMethods):
                 if self._changed.is_set():
                     self._changed = trio.Event()
                 await self._changed.wait()
+        i, stream = next((i, s) for i, s in enumerate(streams) if s.items)
         item = stream.items.popleft()
         if isinstance(item, Chunk) and item.tokens:
             self._scheduler.consumed(stream.handle, item.tokens)
             self._kick()
-        return item
+        return i, item
 
     async def _flush_ops(self, plan_number: int) -> None:
         """Return once plan `plan_number` (which carries the ops just queued: every plan

@@ -441,3 +441,67 @@ def test_prompt_chunks_are_never_a_lone_token() -> None:
     assert [len(e.tokens) for e in plan.entries] == [4]
     s2.release(h1)
     s2.release(h2)
+
+
+# --- choices of one prompt ---
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+@pytest.mark.parametrize("prompt_len", [1, 2, 3, 10, 40])
+def test_choices_evaluate_the_prompt_once_and_copy_its_kv(invariant: bool, prompt_len: int
+                                                          ) -> None:
+    """n choices: the first evaluates the prompt (in chunks), the others wait, then start
+    from a copy of all but its last two tokens and evaluate those two themselves; every
+    entry continues the KV of its id (FakeKV checks), and each samples its own tokens."""
+    n = 3
+    s = BatchScheduler(slots=4, cache_slots=1, step_tokens=8, invariant=invariant)
+    kv = FakeKV(s.n_seq_max)
+    prompt = list(range(100, 100 + prompt_len))
+    handles = s.add_choices(prompt, 4, n)
+    sampled: dict[int, list[int]] = {h: [] for h in handles}
+    copies: list[SeqCopy] = []
+    for _ in range(30):
+        if not s.needs_step():
+            break
+        plan, out = step(s, kv)
+        copies += [op for op in plan.ops if isinstance(op, SeqCopy)]
+        for item in out:
+            sampled[item.handle].append(item.token)
+            s.consumed(item.handle)
+    assert all(len(tokens) == 4 for tokens in sampled.values())
+    assert len({tuple(t) for t in sampled.values()}) == n  # each its own tokens
+    stats = s.stats()
+    if prompt_len > 2:
+        assert stats.prompt_tokens_evaluated == prompt_len + 2 * (n - 1)
+        assert stats.prompt_tokens_shared == (n - 1) * (prompt_len - 2)
+        first = s.seq_id(handles[0])
+        assert [(c.src, c.keep) for c in copies] == [(first, prompt_len - 2)] * (n - 1)
+    else:  # too short to share: each evaluates it
+        assert stats.prompt_tokens_evaluated == n * prompt_len and not copies
+    for h in handles:
+        assert kv.cells[s.seq_id(h)][:prompt_len] == prompt  # type: ignore[index]
+
+
+def test_choices_take_their_slots_together_or_not_at_all() -> None:
+    s = BatchScheduler(slots=3)
+    s.add([1, 2, 3], 2)
+    with pytest.raises(SchedulerFull):
+        s.add_choices([1, 2, 3], 2, 3)
+    assert s.stats().waiting == 1  # nothing of the refused request stays
+    s.add_choices([1, 2, 3], 2, 2)
+
+
+def test_a_choice_whose_first_choice_is_released_evaluates_the_prompt_itself() -> None:
+    """The first choice gone before its prompt KV could be copied (its request is being
+    cancelled): the others never wait for it forever."""
+    s, kv = BatchScheduler(slots=3, step_tokens=4), FakeKV(3)
+    handles = s.add_choices(list(range(20)), 2, 2)
+    step(s, kv)  # the first choice's first chunk; the second waits
+    assert s.phase(handles[1]) is Phase.FORK
+    s.release(handles[0])
+    for _ in range(20):
+        if not s.needs_step():
+            break
+        step(s, kv)
+    assert s.phase(handles[1]) is Phase.DONE
+    assert s.n_generated(handles[1]) == 2
