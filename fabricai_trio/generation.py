@@ -42,6 +42,7 @@ from .core.engine import (
     TokenMemo,
     ToolTemplates,
     TooManyTokens,
+    decode_choices,
 )
 from .core.errors import (
     ContextLengthExceeded,
@@ -50,6 +51,7 @@ from .core.errors import (
     DuplicateRequestId,
     EngineFailed,
     InvalidField,
+    InvalidValue,
     ModelLoading,
     PerKeyLimit,
     QueueFull,
@@ -59,12 +61,14 @@ from .core.errors import (
     SessionStoreFull,
     SessionStoreUnavailable,
     SessionTooLarge,
+    TooManyChoices,
     TooManySessions,
     UnknownSession,
     error_event,
 )
 from .core.events import (
     CancelCause,
+    ChoiceResult,
     CompleteEvent,
     ErrorEvent,
     FinishReason,
@@ -130,9 +134,23 @@ class Keepalive:
 KEEPALIVE = Keepalive()
 
 
+@dataclass(slots=True)
+class ChoiceState:
+    """One of the generation's `n` choices as it stands."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+
+
 @dataclass(eq=False)
 class Generation:
-    """A prepared request: it holds a queue place (and a session lock) until it ends."""
+    """A prepared request: it holds a queue place (and a session lock) until it ends.
+
+    A request for `n` choices is one generation: one ticket of `n` slots, one entry in
+    the registry, so a cancel or a disconnect ends every choice and frees every slot.
+    `text` and `finish_reason` are choice 0's; `completion_tokens` counts all choices.
+    """
 
     service: GenerationService
     request: GenerationRequest
@@ -169,8 +187,13 @@ class Generation:
     #: `GenerationService.start_detached`.
     watchers: int = 0
     watchers_changed: trio.Event = field(default_factory=trio.Event)
+    choices: list[ChoiceState] = field(default_factory=list)
     _step_scope: trio.CancelScope | None = None
     _closed: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            self.choices = [ChoiceState() for _ in range(self.request.n)]
 
     @property
     def request_id(self) -> str:
@@ -265,13 +288,14 @@ class Generation:
                 self.admitted_at = last_chunk_at = time.monotonic()
                 started = True
                 index = 0
+                n = self.request.n
                 engine = self.model.engine
-                async with aclosing(engine.generate_stream(self.engine_request)) as stream:
+                async with aclosing(decode_choices(engine, self.engine_request, n)) as stream:
                     while True:
-                        item: Chunk | Finish | None = None  # stays None if the step is cut
+                        got: tuple[int, Chunk | Finish] | None = None  # None if cut
                         try:
                             with self._step():
-                                item = await anext(stream, None)
+                                got = await anext(stream, None)
                         except Exception as exc:  # an engine bug is an error, not a cancel
                             if isinstance(exc, EngineError):
                                 log.error("request %s: engine error: %s", rid, exc)
@@ -283,8 +307,10 @@ class Generation:
                             await self._end()
                             yield self._logged(error_event(self.error, rid))
                             return
-                        if item is None or self.cancel_cause is not None:
+                        if got is None or self.cancel_cause is not None:
                             break
+                        number, item = got
+                        choice = self.choices[number]
                         if isinstance(item, Chunk):
                             now = time.monotonic()
                             if self.completion_tokens:
@@ -292,17 +318,28 @@ class Generation:
                                     now - last_chunk_at, item.tokens, model=self.model.name)
                             last_chunk_at = now
                             self.completion_tokens += item.tokens
+                            choice.completion_tokens += item.tokens
                             if item.text:
                                 if self.first_token_at is None:
                                     self.first_token_at = now
-                                self.text += item.text
-                                yield self._logged(
-                                    TokenEvent(request_id=rid, index=index, text=item.text)
-                                )
+                                choice.text += item.text
+                                if number == 0:
+                                    self.text += item.text
+                                yield self._logged(TokenEvent(
+                                    request_id=rid, index=index, text=item.text,
+                                    choice=number if n > 1 else None,
+                                ))
                                 index += 1
                         else:
-                            self.finish_reason = item.reason
-                            self.completion_tokens = item.completion_tokens
+                            choice.finish_reason = item.reason
+                            choice.completion_tokens = item.completion_tokens
+                            self.completion_tokens = sum(
+                                c.completion_tokens for c in self.choices)
+                            if n == 1:
+                                self.finish_reason = item.reason
+                if n > 1 and self.cancel_cause is None and all(
+                        c.finish_reason for c in self.choices):
+                    self.finish_reason = self.choices[0].finish_reason
             if self.finish_reason is None:
                 self.finish_reason = "cancelled" if self.cancel_cause is not None else "stop"
             complete = self.complete_event()
@@ -323,10 +360,20 @@ class Generation:
     def complete_event(self) -> CompleteEvent:
         """The `complete` event for the generation as it stands (finished or cancelled)."""
         done = time.monotonic()
+        choices = None
+        if len(self.choices) > 1:
+            unfinished: FinishReason = (
+                "cancelled" if self.finish_reason == "cancelled" else self.finish_reason or "stop")
+            choices = [
+                ChoiceResult(index=i, text=c.text, finish_reason=c.finish_reason or unfinished,
+                             completion_tokens=c.completion_tokens)
+                for i, c in enumerate(self.choices)
+            ]
         return CompleteEvent(
             request_id=self.request_id,
             text=self.text,
             finish_reason=self.finish_reason or "stop",
+            choices=choices,
             cancel_cause=self.cancel_cause if self.finish_reason == "cancelled" else None,
             usage=Usage(
                 prompt_tokens=self.prompt_tokens,
@@ -360,7 +407,7 @@ class Generation:
         timeout = self.service.settings.store_timeout_seconds
         if self.reservation is not None:
             with trio.move_on_after(timeout):  # the tokens it did not generate
-                unused = self.engine_request.max_tokens - self.completion_tokens
+                unused = self.engine_request.max_tokens * self.request.n - self.completion_tokens
                 await self.service.rate_limits.give_back(self.reservation, tokens=unused)
         if self.session is None:
             return
@@ -487,6 +534,18 @@ class GenerationService:
             )
             raise
 
+    def _check_choices(self, request: GenerationRequest, model: ServedModel) -> None:
+        """`n` > 1 within MAX_CHOICES and the model's slots, and not on a session (a
+        session stores one reply per turn): else a 400 naming `n`."""
+        if request.n == 1:
+            return
+        if request.session_id is not None:
+            raise InvalidValue("n > 1 cannot be used with session_id: a session stores one "
+                               "reply per turn", param="n")
+        if request.n > self.settings.max_choices:
+            raise TooManyChoices(request.n, self.settings.max_choices, "MAX_CHOICES")
+        model.admission.check_slots(request.n)
+
     def _pick_model(self, request: GenerationRequest, session: Session | None) -> ServedModel:
         """The request's `model`, else its session's, else the default. A session keeps
         the model it started with: naming another is `SessionModelMismatch`."""
@@ -528,6 +587,7 @@ class GenerationService:
             raise ModelLoading()
         if (owner, request.request_id) in self._live:
             raise DuplicateRequestId()
+        self._check_choices(request, model)
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         session: Session | None = None
         lock_token: str | None = None
@@ -565,11 +625,13 @@ class GenerationService:
             bias = logit_bias(request, model.engine.info().n_vocab)
             grammar = request_grammar(request, model.engine)
             prompt = await self._prompt_tokens(model, request, session, new_messages, max_tokens)
-            cost = len(prompt.tokens) + max_tokens  # what fair turns and token limits weigh
+            # What fair turns and token limits weigh: the prompt is evaluated once.
+            cost = len(prompt.tokens) + max_tokens * request.n
             reservation = await self.rate_limits.take(owner, tokens=cost)
             try:
                 ticket = model.admission.try_enter(principal=owner, cost=cost,
-                                                   priority_class=priority_class)
+                                                   priority_class=priority_class,
+                                                   slots=request.n)
             except DomainError:
                 if reservation is not None:  # a refusal costs no tokens
                     with trio.move_on_after(self.settings.store_timeout_seconds):

@@ -144,8 +144,15 @@ class Settings(BaseSettings):
     )
     max_concurrent_per_key: int = Field(
         0, ge=0, le=256,
-        description="Generations one identity may run at once; its others wait in the "
-        "queue. 0: no cap.",
+        description="Slots one identity may hold at once (a request with `n` choices "
+        "holds n); its other requests wait in the queue. 0: no cap.",
+    )
+    max_choices: int = Field(
+        8, ge=1, le=256,
+        description="Largest `n` (choices of one prompt) an OpenAI request may ask for; "
+        "more gets 400 `too_many_choices`. Each choice takes one of the model's slots, "
+        "granted together, so `n` above MAX_CONCURRENT_REQUESTS (or MAX_CONCURRENT_PER_KEY) "
+        "is refused the same way.",
     )
     max_queued_per_key: int = Field(
         0, ge=0, le=100_000,

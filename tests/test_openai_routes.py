@@ -197,7 +197,7 @@ async def test_invalid_requests_are_400_naming_the_field(
 ) -> None:
     async with running() as (client, engine, _):
         cases: list[tuple[dict[str, Any], str, str]] = [
-            ({"n": 2}, "unsupported_value", "n"),
+            ({"n": 0}, "invalid_field", "n"),
             ({"logprobs": True}, "unsupported_parameter", "logprobs"),
             ({"max_tokens": 100_000}, "invalid_field", "max_tokens"),
             ({"stream_options": {"include_usage": True}}, "invalid_value", "stream_options"),
@@ -207,6 +207,12 @@ async def test_invalid_requests_are_400_naming_the_field(
             response = await client.post(CHAT, json={"model": "fake", "messages": MESSAGES,
                                                       **extra})
             assert_openai_error(response, 400, code, param)
+        too_many = await client.post(CHAT, json={"model": "fake", "messages": MESSAGES,
+                                                 "n": 2})  # one slot: n=2 can never run
+        assert too_many.status == 400, too_many.text
+        error = too_many.json()["error"]
+        assert (error["code"], error["param"], error["n"], error["limit"]) == (
+            "too_many_choices", "n", 2, 1)
         assert_openai_error(
             await client.post(CHAT, body=b"{not json",
                               headers={"content-type": "application/json"}),

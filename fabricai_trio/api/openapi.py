@@ -45,6 +45,9 @@ class ErrorDetail(BaseModel):
     n_ctx: int | None = Field(None, description="`context_length_exceeded`: the context size")
     max_tokens: int | None = Field(
         None, description="`context_length_exceeded`: the reply budget asked for")
+    n: int | None = Field(None, description="`too_many_choices`: the choices asked for")
+    limit: int | None = Field(
+        None, description="`too_many_choices`: the most that can run at once for the caller")
 
 
 class ErrorBody(BaseModel):

@@ -135,6 +135,9 @@ class GenerationRequest(SamplingParams):
     #: and refused by `parse_generation_request`): the functions offered and how they
     #: may be called; the reply is parsed for calls (core/tools.py).
     tools: SkipJsonSchema[ToolConfig | None] = None
+    #: Choices to generate from the one prompt (OpenAI's `n`; the OpenAI routes only):
+    #: each takes a slot, choice i samples with `seed + i`.
+    n: int = Field(1, ge=1, le=256)
 
     @field_validator("request_id")
     @classmethod
@@ -183,7 +186,10 @@ class GenerationRequest(SamplingParams):
 def parse_generation_request(
     data: Any, *, max_tokens_limit: int, resume_grace_max: float | None = None
 ) -> GenerationRequest:
-    """Validate a decoded JSON body (or query mapping): `InvalidBody` / `InvalidField`."""
+    """Validate a decoded JSON body (or query mapping): `InvalidBody` / `InvalidField`.
+
+    For the native transports (SSE, Socket.IO), whose events carry one text: `n` other
+    than 1 is `Unsupported` (the OpenAI routes serve it)."""
     if not isinstance(data, dict):
         raise InvalidBody("the body must be a JSON object")
     if "tools" in data:
@@ -198,4 +204,7 @@ def parse_generation_request(
     if request.messages is not None and has_tool_turns(request.messages):
         raise Unsupported("tool calls and tool messages are served by POST "
                           "/v1/chat/completions", param="messages", code="unsupported_value")
+    if request.n != 1:
+        raise Unsupported("n > 1 is served by /v1/chat/completions and /v1/completions only",
+                          code="unsupported_value", param="n")
     return request

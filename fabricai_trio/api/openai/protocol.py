@@ -145,7 +145,10 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    n: int | None = Field(
+        None, ge=1, le=256, description="Choices to generate from the prompt, each on a "
+        "slot of its own (at most MAX_CHOICES and the model's slots; not with `session_id`). "
+        "Choice i samples with `seed + i`.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(
@@ -170,8 +173,6 @@ class _SamplingFields(BaseModel):
     )
 
     def _check_common(self) -> None:
-        if self.n not in (None, 1):
-            raise unsupported("n", "only n=1 is supported", code="unsupported_value")
         if self.stream_options is not None and not self.stream:
             raise InvalidValue("stream_options is only allowed with stream=true",
                                param="stream_options")
@@ -183,7 +184,7 @@ class _SamplingFields(BaseModel):
     def _sampling(self) -> dict[str, Any]:
         fields = ("temperature", "top_p", "seed", "stop", "top_k", "repeat_penalty", "min_p",
                   "presence_penalty", "frequency_penalty", "logit_bias", "shared_prefix",
-                  "response_format", "grammar")
+                  "response_format", "grammar", "n")
         values = {name: getattr(self, name) for name in fields}
         return {name: value for name, value in values.items() if value is not None}
 

@@ -46,20 +46,28 @@ def finish_reason(reason: FinishReason) -> OpenAIFinishReason:
     return "length" if reason == "length" else "stop"
 
 
+def choices_of(complete: CompleteEvent) -> list[tuple[int, str, FinishReason]]:
+    """(index, text, finish reason) of every choice the generation made."""
+    if complete.choices is None:
+        return [(0, complete.text, complete.finish_reason)]
+    return [(c.index, c.text, c.finish_reason) for c in complete.choices]
+
+
 class Format(Protocol):
-    """How one endpoint's bodies look."""
+    """How one endpoint's bodies look. `index` is the choice's (a request for `n`
+    choices: 0 to n-1)."""
 
     def response(self, complete: CompleteEvent) -> BaseModel: ...
 
     def chunk(
         self, *, text: str | None = None, first: bool = False,
-        finish: OpenAIFinishReason | None = None,
+        finish: OpenAIFinishReason | None = None, index: int = 0,
     ) -> BaseModel | None: ...
 
-    def token_chunks(self, text: str) -> list[BaseModel]:
+    def token_chunks(self, text: str, index: int = 0) -> list[BaseModel]:
         """The chunks for generated text (none while it is held back)."""
 
-    def final_chunks(self, reason: FinishReason) -> list[BaseModel]:
+    def final_chunks(self, reason: FinishReason, index: int = 0) -> list[BaseModel]:
         """What was held back, then the chunk with the finish reason."""
 
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
@@ -67,74 +75,88 @@ class Format(Protocol):
 
 @dataclass(slots=True)
 class ChatFormat:
-    """Chat bodies; with tools, the reply goes through a `ToolCallParser` (one per
-    response: it keeps the state of a stream)."""
+    """Chat bodies; with tools, each choice's reply goes through a `ToolCallParser` of
+    its own (one per choice of a response: it keeps the state of a stream)."""
 
     id: str
     model: str
     created: int
     tools: ToolConfig | None = None
-    parser: ToolCallParser | None = field(init=False, default=None)
+    parsers: dict[int, ToolCallParser] = field(init=False, default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def parser(self, index: int) -> ToolCallParser | None:
+        """Choice `index`'s parser; None without tools."""
         tools = self.tools
-        if tools is not None and tools.active:
-            self.parser = ToolCallParser(
+        if tools is None or not tools.active:
+            return None
+        if index not in self.parsers:
+            self.parsers[index] = ToolCallParser(
                 names={f.name for f in tools.callable},
                 stream_arguments=tools.forced,
                 parallel=tools.parallel_tool_calls,
             )
+        return self.parsers[index]
 
-    def finish_reason(self, reason: FinishReason) -> OpenAIFinishReason:
-        if self.parser is not None and self.parser.calls and reason == "stop":
+    def finish_reason(self, reason: FinishReason, index: int = 0) -> OpenAIFinishReason:
+        parser = self.parser(index)
+        if parser is not None and parser.calls and reason == "stop":
             return "tool_calls"
         return finish_reason(reason)
 
+    def _message(self, text: str, index: int) -> ChatCompletionMessage:
+        parser = self.parser(index)
+        if parser is None:
+            return ChatCompletionMessage(content=text)
+        parser.feed(text)
+        parser.finish()
+        calls = parser.calls
+        return ChatCompletionMessage(
+            content=parser.content or (None if calls else ""),
+            tool_calls=[ChatCompletionMessageToolCall(
+                id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                for c in calls] or None,
+        )
+
     def response(self, complete: CompleteEvent) -> ChatCompletionResponse:
-        message = ChatCompletionMessage(content=complete.text)
-        if self.parser is not None:
-            self.parser.feed(complete.text)
-            self.parser.finish()
-            calls = self.parser.calls
-            message = ChatCompletionMessage(
-                content=self.parser.content or (None if calls else ""),
-                tool_calls=[ChatCompletionMessageToolCall(
-                    id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                    for c in calls] or None,
-            )
+        choices = []
+        for index, text, reason in choices_of(complete):
+            message = self._message(text, index)
+            choices.append(ChatCompletionChoice(
+                index=index, message=message, finish_reason=self.finish_reason(reason, index)))
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=complete.usage,
-            choices=[ChatCompletionChoice(
-                message=message, finish_reason=self.finish_reason(complete.finish_reason),
-            )],
+            choices=choices,
         )
 
     def chunk(
         self, *, text: str | None = None, first: bool = False,
-        finish: OpenAIFinishReason | None = None,
+        finish: OpenAIFinishReason | None = None, index: int = 0,
     ) -> ChatCompletionChunk:
         delta = DeltaMessage(role="assistant", content="") if first else DeltaMessage(
             content=text or None
         )
-        return self._chunk(delta, finish)
+        return self._chunk(delta, finish, index)
 
-    def _chunk(self, delta: DeltaMessage, finish: OpenAIFinishReason | None = None
-               ) -> ChatCompletionChunk:
+    def _chunk(self, delta: DeltaMessage, finish: OpenAIFinishReason | None = None,
+               index: int = 0) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model,
-            choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish)],
+            choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish)],
         )
 
-    def token_chunks(self, text: str) -> list[BaseModel]:
-        if self.parser is None:
-            return [self.chunk(text=text)]
-        return [self._chunk(_delta(d)) for d in self.parser.feed(text)]
+    def token_chunks(self, text: str, index: int = 0) -> list[BaseModel]:
+        parser = self.parser(index)
+        if parser is None:
+            return [self.chunk(text=text, index=index)]
+        return [self._chunk(_delta(d), index=index) for d in parser.feed(text)]
 
-    def final_chunks(self, reason: FinishReason) -> list[BaseModel]:
+    def final_chunks(self, reason: FinishReason, index: int = 0) -> list[BaseModel]:
         held: list[BaseModel] = []
-        if self.parser is not None:
-            held = [self._chunk(_delta(d)) for d in self.parser.finish()]
-        return [*held, self.chunk(text="", finish=self.finish_reason(reason))]
+        parser = self.parser(index)
+        if parser is not None:
+            held = [self._chunk(_delta(d), index=index) for d in parser.finish()]
+        return [*held, self.chunk(text="", finish=self.finish_reason(reason, index),
+                                  index=index)]
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -163,34 +185,30 @@ class CompletionFormat:
     def response(self, complete: CompleteEvent) -> CompletionResponse:
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=complete.usage,
-            choices=[CompletionChoice(
-                text=complete.text, finish_reason=finish_reason(complete.finish_reason)
-            )],
+            choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason(reason))
+                     for index, text, reason in choices_of(complete)],
         )
 
     def chunk(
         self, *, text: str | None = None, first: bool = False,
-        finish: OpenAIFinishReason | None = None,
+        finish: OpenAIFinishReason | None = None, index: int = 0,
     ) -> CompletionChunk | None:
         if first:
             return None  # completions have no role chunk
+        return self._text_chunk(text or "", finish, index)
+
+    def _text_chunk(self, text: str, finish: OpenAIFinishReason | None = None,
+                    index: int = 0) -> CompletionChunk:
         return CompletionChunk(
             id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(text=text or "", finish_reason=finish)],
+            choices=[CompletionChoice(index=index, text=text, finish_reason=finish)],
         )
 
-    def _text_chunk(self, text: str, finish: OpenAIFinishReason | None = None
-                    ) -> CompletionChunk:
-        return CompletionChunk(
-            id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)],
-        )
+    def token_chunks(self, text: str, index: int = 0) -> list[BaseModel]:
+        return [self._text_chunk(text, index=index)]
 
-    def token_chunks(self, text: str) -> list[BaseModel]:
-        return [self._text_chunk(text)]
-
-    def final_chunks(self, reason: FinishReason) -> list[BaseModel]:
-        return [self._text_chunk("", finish_reason(reason))]
+    def final_chunks(self, reason: FinishReason, index: int = 0) -> list[BaseModel]:
+        return [self._text_chunk("", finish_reason(reason), index)]
 
     def usage_chunk(self, usage: Usage) -> CompletionChunk:
         return CompletionChunk(
@@ -227,6 +245,10 @@ async def stream(
 ) -> AsyncGenerator[BaseModel | Keepalive, None]:
     """The chunks of a stream, keepalives while queued; the router adds `[DONE]`.
 
+    With `n` choices, each chunk carries one choice's `index` (choices interleave as
+    they are decoded); every choice gets its role chunk first and its `finish_reason`
+    chunk once the last choice has ended.
+
     Closing this iterator (a client disconnect) closes the generation.
     """
     async with aclosing(generation.events()) as events:
@@ -234,15 +256,18 @@ async def stream(
             if isinstance(event, Keepalive):
                 yield KEEPALIVE
             elif isinstance(event, TokenEvent):
-                for chunk in fmt.token_chunks(event.text):
+                for chunk in fmt.token_chunks(event.text, event.choice or 0):
                     yield chunk
             elif isinstance(event, CompleteEvent):
-                for chunk in fmt.final_chunks(event.finish_reason):
-                    yield chunk
+                for index, _, reason in choices_of(event):
+                    for chunk in fmt.final_chunks(reason, index):
+                        yield chunk
                 if include_usage:
                     yield fmt.usage_chunk(event.usage)
             elif isinstance(event, ErrorEvent):
                 yield StreamError(error=error_object(generation.error or InternalError()))
                 return
-            elif (role := fmt.chunk(first=True)) is not None:  # QueuedEvent
-                yield role
+            else:  # QueuedEvent: each choice's role chunk
+                for index in range(generation.request.n):
+                    if (role := fmt.chunk(first=True, index=index)) is not None:
+                        yield role
