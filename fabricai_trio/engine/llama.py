@@ -178,8 +178,12 @@ class LlamaEngine(ModelTextMethods):
     def _enter_scope(self, ctx: llama_cpp.Llama, request: EngineRequest) -> None:
         """llama-cpp-python reuses the longest common prefix of what a context holds and
         the new prompt: a context that changes scope forgets what it holds first, so one
-        principal's prompts never speed up another's. Counts what is reused."""
-        if self._scope.get(ctx, request.cache_scope) != request.cache_scope:
+        principal's prompts never speed up another's. A seeded request forgets it too:
+        its whole prompt is evaluated afresh, because a reused prefix changes the shape
+        of the matmuls and so the logits (by float noise), and the same seeded request
+        must give the same tokens on whichever context it lands. Counts what is reused."""
+        if (self._scope.get(ctx, request.cache_scope) != request.cache_scope
+                or request.seed is not None):
             ctx.reset()  # type: ignore[no-untyped-call]
         self._scope[ctx] = request.cache_scope
         held = ctx.input_ids[: ctx.n_tokens].tolist()
