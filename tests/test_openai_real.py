@@ -165,7 +165,7 @@ def test_seed_and_sampling_params_are_applied(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("extra", "param", "code"),
     [
-        ({"n": 2}, "n", "unsupported_value"),
+        ({"n": 2}, "n", "too_many_choices"),  # one slot: two choices can never run
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
          "unsupported_parameter"),
         ({"logprobs": True}, "logprobs", "unsupported_parameter"),
