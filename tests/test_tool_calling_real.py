@@ -157,6 +157,36 @@ def test_the_sdk_stream_helper_assembles_the_call(client: openai.OpenAI) -> None
     assert name == "get_weather" and json.loads(done[0].arguments) == arguments
 
 
+def test_n_choices_each_make_their_own_call(client: openai.OpenAI) -> None:
+    """n=2 with a named function: each choice has its own parser, so each gets a whole
+    call that validates, streamed (deltas by choice index) and not."""
+    body: dict[str, Any] = {
+        "model": MODEL, "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "add"}},
+        "max_tokens": 100, "n": 2, "temperature": 0.8, "seed": 3}
+    result = client.chat.completions.create(**body)
+    assert [c.index for c in result.choices] == [0, 1]
+    ids = set()
+    for index in range(2):
+        call_id, name, _ = only_call(result.model_copy(
+            update={"choices": [result.choices[index]]}))
+        assert name == "add"
+        ids.add(call_id)
+    assert len(ids) == 2
+    arguments: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                assert call.function is not None
+                arguments[choice.index] += call.function.arguments or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    for index in range(2):
+        check_call("add", arguments[index])
+
+
 def test_full_loop_call_result_answer(client: openai.OpenAI) -> None:
     messages: list[Any] = list(ASK)
     first = client.chat.completions.create(
