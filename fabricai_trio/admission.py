@@ -12,15 +12,15 @@
 * Each ticket has a priority class (one of `classes`, highest first; a request that
   names none, or an unknown one, gets `default_class`). With a `PriorityPolicy` the
   classes order the queue; either way they count: waiting and admitted per class.
-* Slots: as many as the engine can run at once (no engine keeps a waiting line of its
-  own). A ticket takes `slots` of them (a request for `n` choices takes n), all at
-  once or none. A dispatcher task (`run()`, in the app's services nursery) waits until
-  a slot is free, waits until the policy picks a ticket (one whose principal's running
-  slots stay within its cap), takes one marker and, once as many slots as the ticket
-  needs are free, grants them to it. The dispatcher alone gathers slots, for one ticket
-  at a time: a ticket never holds some of its slots while it waits for the rest, so two
-  requests for several slots cannot hold each other's; the one picked waits for slots
-  that running generations give back, and tickets picked after it wait behind it (no
+* Slots are the tokens of a `trio.CapacityLimiter`: as many as the engine can run at
+  once (no engine keeps a waiting line of its own). A ticket takes `slots` of them (a
+  request for `n` choices takes n). A dispatcher task (`run()`, in the app's services
+  nursery) borrows one token, waits until the policy picks a ticket (one whose
+  principal's running slots stay within its cap), takes one marker and, once it has
+  borrowed as many tokens as the ticket needs, grants them to it. The dispatcher is the
+  limiter's only borrower and gathers tokens for one ticket at a time, so two requests
+  for several slots cannot hold each other's; the one picked waits for tokens that
+  running generations give back, and tickets picked after it wait behind it (no
   request for several slots starves behind a stream of single ones).
 * `Ticket.wait()` waits for the grant on a `trio.Event`, so it can be cancelled and
   called again (to send keepalives) without losing the ticket's place.
@@ -32,7 +32,7 @@
 
 Invariant: markers in the channel (plus the one the dispatcher may hold while every
 waiting principal is at its running cap) = tickets waiting in the policy + `_abandoned`;
-slots in use = the sum of the admitted tickets' `slots` (never more than the capacity).
+limiter tokens borrowed = the admitted tickets' `slots` + those the dispatcher holds.
 """
 
 from __future__ import annotations
@@ -68,8 +68,14 @@ class AdmissionStats:
     classes: tuple[ClassStats, ...] = ()
 
 
+class _Token:
+    """The borrower of one limiter token (the dispatcher's, then a ticket's)."""
+
+    __slots__ = ()
+
+
 class Ticket:
-    """One request's place: queued, then admitted (holding a token), then released."""
+    """One request's place: queued, then admitted (holding its tokens), then released."""
 
     def __init__(self, admission: Admission, principal: str, cost: int, rank: int = 0,
                  slots: int = 1) -> None:
@@ -82,7 +88,7 @@ class Ticket:
         self.slots = slots
         self._admission = admission
         self._granted = trio.Event()
-        self._holds = False  # its slots are counted in use
+        self._tokens: list[_Token] = []  # the limiter tokens it was granted
         self._released = False
 
     @property
@@ -114,11 +120,11 @@ class Ticket:
             return
         self._released = True
         admission = self._admission
-        if self._holds:
-            self._holds = False
-            admission._in_use -= self.slots
+        if self._tokens:
+            tokens, self._tokens = self._tokens, []
+            admission._active -= len(tokens)
             _decrement(admission._running, self.principal, self.slots)
-            admission._wake()
+            admission._give_back(tokens)  # wakes the dispatcher
         elif admission._policy.remove(self):
             _decrement(admission._waiting, self.principal)
             admission._waiting_by_rank[self.rank] -= 1
@@ -127,8 +133,8 @@ class Ticket:
         elif admission._gathering is self:  # picked, waiting for its slots: drop it
             admission._wake()
 
-    def _grant(self) -> None:
-        self._holds = True
+    def _grant(self, tokens: list[_Token]) -> None:
+        self._tokens = tokens
         self._granted.set()
 
 
@@ -157,8 +163,8 @@ class Admission:
         self._default_rank = self._ranks[default_class]
         self._waiting_by_rank = [0] * len(self.classes)
         self._admitted_by_rank = [0] * len(self.classes)
-        self._capacity = max_concurrent
-        self._in_use = 0  # slots of admitted tickets
+        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self._active = 0  # tokens granted to tickets (the dispatcher may hold more)
         self._gathering: Ticket | None = None  # picked, waiting for enough free slots
         self._max_queue = max_queue
         self._retry_after = retry_after
@@ -172,29 +178,43 @@ class Admission:
         self._changed = trio.Event()  # a ticket arrived or left, or slots were freed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Grant slots to queued tickets, in the policy's order, until cancelled.
+        """Grant limiter tokens to queued tickets, in the policy's order, until cancelled.
 
-        A slot must be free *before* a ticket is picked, so a ticket leaves the queue
+        A token is borrowed *before* a ticket is picked, so a ticket leaves the queue
         only when it can start (or, for several slots, when it is next to): the channel
-        alone bounds the queue. Cancelled while gathering: nothing was granted.
+        alone bounds the queue. Cancelled at any point: the tokens it holds go back,
+        nothing was granted.
         """
         task_status.started()
         while True:
-            while self._in_use >= self._capacity:
-                await self._wait_changed()
-            ticket = await self._next()
-            self._gathering = ticket
+            tokens = [_Token()]
+            await self._limiter.acquire_on_behalf_of(tokens[0])
             try:
-                while not ticket._released and self._capacity - self._in_use < ticket.slots:
-                    await self._wait_changed()
+                ticket = await self._next()
+                self._gathering = ticket
+                while not ticket._released and len(tokens) < ticket.slots:
+                    if self._limiter.available_tokens:
+                        tokens.append(_Token())
+                        self._limiter.acquire_on_behalf_of_nowait(tokens[-1])
+                    else:  # a release gives tokens back, or the ticket leaves
+                        await self._wait_changed()
+            except BaseException:
+                self._give_back(tokens)
+                raise
             finally:
                 self._gathering = None
-            if ticket._released:
-                continue  # it left while picked: its marker is spent, nothing was granted
-            self._in_use += ticket.slots
+            if ticket._released:  # it left while picked: its marker is spent
+                self._give_back(tokens)
+                continue
+            self._active += ticket.slots
             self._running[ticket.principal] += ticket.slots
             self._admitted_by_rank[ticket.rank] += 1
-            ticket._grant()
+            ticket._grant(tokens)
+
+    def _give_back(self, tokens: list[_Token]) -> None:
+        for token in tokens:
+            self._limiter.release_on_behalf_of(token)
+        self._wake()
 
     async def _wait_changed(self) -> None:
         if self._changed.is_set():
@@ -234,7 +254,7 @@ class Admission:
         tokenization). Never checkpoints."""
         if principal is not None:
             self._check_principal(principal)
-        busy = self._in_use >= self._capacity or self._gathering is not None
+        busy = self._active >= self._limiter.total_tokens or self._gathering is not None
         if busy and len(self._policy) >= self._max_queue:
             raise QueueFull(self._retry_after)
 
@@ -243,8 +263,9 @@ class Admission:
         run: more than the model's slots, or than MAX_CONCURRENT_PER_KEY. Never
         checkpoints."""
         cap = self._max_running_per_key
-        if slots > self._capacity:
-            raise TooManyChoices(slots, self._capacity, "the model's slots "
+        capacity = int(self._limiter.total_tokens)
+        if slots > capacity:
+            raise TooManyChoices(slots, capacity, "the model's slots "
                                  "(MAX_CONCURRENT_REQUESTS)")
         if cap and slots > cap:
             raise TooManyChoices(slots, cap, "the generations one identity may run at "
@@ -293,8 +314,8 @@ class Admission:
 
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
-            max_concurrent=self._capacity,
-            active=self._in_use,
+            max_concurrent=int(self._limiter.total_tokens),
+            active=self._active,
             queued=len(self._policy) + (self._gathering is not None),
             queue_capacity=self._max_queue,
             classes=tuple(
