@@ -166,8 +166,7 @@ def test_seed_and_sampling_params_are_applied(client: openai.OpenAI) -> None:
     ("extra", "param", "code"),
     [
         ({"n": 2}, "n", "too_many_choices"),  # one slot: two choices can never run
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-         "unsupported_parameter"),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"logprobs": True}, "logprobs", "unsupported_parameter"),
         ({"presence_penalty": 2.5}, "presence_penalty", "invalid_field"),
         ({"logit_bias": {"not-a-token": 1}}, "logit_bias", "invalid_field"),
@@ -309,7 +308,7 @@ def test_errors_keep_the_openai_shape(http: httpx.Client) -> None:
     ]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages.0.content.0.type"
-    body = json.dumps({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]})
+    body = json.dumps({"messages": [{"role": "robot", "content": "x"}]})
     response = http.post("/v1/chat/completions", content=body,
                          headers={"content-type": "application/json"})
     assert response.json()["error"]["param"] == "messages.0.role"
