@@ -254,9 +254,22 @@ class Admission:
         tokenization). Never checkpoints."""
         if principal is not None:
             self._check_principal(principal)
-        busy = self._active >= self._limiter.total_tokens or self._gathering is not None
-        if busy and len(self._policy) >= self._max_queue:
+        if self._full():
             raise QueueFull(self._retry_after)
+
+    def _full(self) -> bool:
+        busy = self._active >= self._limiter.total_tokens or self._gathering is not None
+        return busy and len(self._policy) >= self._max_queue
+
+    def may_refuse(self) -> bool:
+        """Whether `check_room()` refuses anyone now: the queue is full, or some
+        principal holds its MAX_QUEUED_PER_KEY share. False means every request gets
+        past `check_room()`; the HTTP fast path (api/refusals.py) asks this first, so a
+        server with room pays nothing more per request. Never checkpoints."""
+        if self._full():
+            return True
+        cap = self._max_queued_per_key
+        return bool(cap) and any(waiting >= cap for waiting in self._waiting.values())
 
     def check_slots(self, slots: int) -> None:
         """`TooManyChoices` (a 400 naming `n`) if a ticket for `slots` slots could never

@@ -521,18 +521,22 @@ class GenerationService:
         chosen: list[ServedModel] = []
         try:
             return await self._prepare(request, owner, chosen, priority_class)
-        except QueueFull:
-            self.observer.on_rejected(chosen[-1].name if chosen else self.models.default.name)
+        except (QueueFull, PerKeyLimit, RateLimited) as refusal:
+            self._count(refusal, chosen[-1] if chosen else self.models.default, priority_class)
             raise
-        except (PerKeyLimit, RateLimited) as refusal:
-            model = chosen[-1] if chosen else self.models.default
-            admission = model.admission
-            self.observer.on_refused(
-                model.name,
-                "per_key_limit" if isinstance(refusal, PerKeyLimit) else "rate_limited",
-                priority_class=admission.classes[admission.rank_of(priority_class)],
-            )
-            raise
+
+    def _count(self, refusal: QueueFull | PerKeyLimit | RateLimited, model: ServedModel,
+               priority_class: str | None) -> None:
+        """Tell the observer about a refusal of `model` (`prepare` and `refusal`)."""
+        if isinstance(refusal, QueueFull):
+            self.observer.on_rejected(model.name)
+            return
+        admission = model.admission
+        self.observer.on_refused(
+            model.name,
+            "per_key_limit" if isinstance(refusal, PerKeyLimit) else "rate_limited",
+            priority_class=admission.classes[admission.rank_of(priority_class)],
+        )
 
     def _check_choices(self, request: GenerationRequest, model: ServedModel) -> None:
         """`n` > 1 within MAX_CHOICES and the model's slots, and not on a session (a
@@ -576,10 +580,11 @@ class GenerationService:
                                            max_tokens)
         return model, prompt
 
-    async def _prepare(
-        self, request: GenerationRequest, owner: str, chosen: list[ServedModel],
-        priority_class: str | None,
-    ) -> Generation:
+    def _first_checks(self, request: GenerationRequest, owner: str) -> ServedModel:
+        """What `prepare` checks first, in this order, before anything that awaits: the
+        named model (`ModelNotFound`), `Draining`, `ModelLoading`, `DuplicateRequestId`,
+        `n` (`_check_choices`). Returns the request's model as named (a session may
+        still choose another)."""
         model = self._pick_model(request, None)
         if self.draining:
             raise Draining()
@@ -588,6 +593,41 @@ class GenerationService:
         if (owner, request.request_id) in self._live:
             raise DuplicateRequestId()
         self._check_choices(request, model)
+        return model
+
+    def may_refuse(self) -> bool:
+        """Whether any model's admission refuses anyone now (`Admission.may_refuse`):
+        False means `refusal()` would answer None for every request. Never checkpoints."""
+        return any(model.admission.may_refuse() for model in self.models)
+
+    def refusal(self, request: GenerationRequest, *, owner: str,
+                priority_class: str | None = None) -> DomainError | None:
+        """The answer `prepare` would give `request` now if that answer is a full queue
+        (`QueueFull`) or the owner's full share of it (`PerKeyLimit`), counted exactly
+        as `prepare` counts it; None if `prepare` must run to know
+        (it gets past the queue check, or fails a check before it, or names a session:
+        `prepare` reads the store before it checks the queue). The same checks as
+        `prepare`, in the same order, by the same code, without the session, the
+        tokenizer or any await: the HTTP fast path (api/refusals.py) answers with it
+        before the web framework runs. Never checkpoints."""
+        if request.session_id is not None:
+            return None
+        try:
+            model = self._first_checks(request, owner)
+        except DomainError:
+            return None
+        try:
+            model.admission.check_room(principal=owner)
+        except (QueueFull, PerKeyLimit) as exc:
+            self._count(exc, model, priority_class)
+            return exc
+        return None
+
+    async def _prepare(
+        self, request: GenerationRequest, owner: str, chosen: list[ServedModel],
+        priority_class: str | None,
+    ) -> Generation:
+        model = self._first_checks(request, owner)
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         session: Session | None = None
         lock_token: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 
@@ -185,6 +186,35 @@ async def test_check_room_answers_as_try_enter_would(slots: int, queue: int) -> 
                 entered = False
             assert room == entered
             await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("slots", "queue", "per_key"), [(1, 0, 0), (2, 3, 0), (1, 4, 2)])
+async def test_may_refuse_is_true_exactly_when_someone_is_refused(
+    slots: int, queue: int, per_key: int
+) -> None:
+    """The fast path's gate: False means `check_room` passes for everyone; True that
+    it refuses someone (a principal at its share, or all when the queue is full)."""
+    rng = random.Random(slots * 100 + queue * 10 + per_key)
+    principals = ["a", "b", "c"]
+    async with trio.open_nursery() as nursery:
+        admission = await started(nursery, Admission(
+            max_concurrent=slots, max_queue=queue, max_queued_per_key=per_key))
+        held: list[Ticket] = []
+        for _ in range(300):
+            if held and rng.random() < 0.4:
+                held.pop(rng.randrange(len(held))).release()
+            else:
+                with contextlib.suppress(QueueFull, PerKeyLimit):
+                    held.append(admission.try_enter(principal=rng.choice(principals)))
+            await trio.testing.wait_all_tasks_blocked()
+            refused = set()
+            for principal in [*principals, "newcomer"]:
+                try:
+                    admission.check_room(principal=principal)
+                except (QueueFull, PerKeyLimit):
+                    refused.add(principal)
+            assert admission.may_refuse() == bool(refused)
         nursery.cancel_scope.cancel()
 
 
