@@ -92,6 +92,26 @@ def unauthorized(code: str, message: str, *, invalid: bool) -> Unauthenticated:
     return Unauthenticated(message, code=code, invalid_token=invalid)
 
 
+def _bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (None without one);
+    `Unauthenticated` (`invalid_authorization`) for any other scheme or an empty token."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise unauthorized(
+            "invalid_authorization",
+            "the Authorization header must be `Bearer <API key or token>`",
+            invalid=True,
+        )
+    return value.strip()
+
+
+def _credential(token: str | None, api_key: str | None) -> str:
+    """The credential to check: the bearer token, else the API key ("" if neither)."""
+    return (token or api_key or "").strip()
+
+
 @dataclass(slots=True)
 class _Bucket:
     level: float
@@ -223,22 +243,36 @@ class Authenticator:
         if credentials are missing or wrong (anonymous when auth is off), `AuthThrottled`
         if `client` (its address) failed too often lately."""
         lowered = {name.lower(): value for name, value in headers.items()}
-        authorization = lowered.get("authorization")
         token: str | None = None
-        if authorization and self.enabled:
-            scheme, _, value = authorization.strip().partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
+        if self.enabled:
+            try:
+                token = _bearer(lowered.get("authorization"))
+            except Unauthenticated:
                 self.throttle.check(client)
                 self.throttle.failed(client)
-                raise unauthorized(
-                    "invalid_authorization",
-                    "the Authorization header must be `Bearer <API key or token>`",
-                    invalid=True,
-                )
-            token = value.strip()
+                raise
         return self.authenticate_credentials(
             token=token, api_key=lowered.get("x-api-key"), client=client
         )
+
+    def identify(self, headers: Mapping[str, str], *, client: str | None = None
+                 ) -> Identity | None:
+        """The identity `authenticate()` would return for these headers now, or None
+        where it would raise. Unlike it, no failed attempt is counted (nothing changes):
+        a caller that gets None hands the request to `authenticate()`, which refuses it
+        and counts the failure once. For the HTTP fast path (api/refusals.py)."""
+        if not self.enabled:
+            return ANONYMOUS_IDENTITY
+        lowered = {name.lower(): value for name, value in headers.items()}
+        try:
+            credential = _credential(_bearer(lowered.get("authorization")),
+                                     lowered.get("x-api-key"))
+            if not credential:
+                return None
+            self.throttle.check(client)
+            return self._check(credential)
+        except (Unauthenticated, AuthThrottled):
+            return None
 
     def authenticate_payload(self, payload: Any, *, client: str | None = None) -> Identity:
         """For Socket.IO CONNECT: `{"token": …}` or `{"apiKey": …}` (either may hold a key)."""
@@ -259,7 +293,7 @@ class Authenticator:
         credentials is not a failed attempt (a browser's first try); a wrong one is."""
         if not self.enabled:
             return ANONYMOUS_IDENTITY
-        credential = (token or api_key or "").strip()
+        credential = _credential(token, api_key)
         if not credential:
             raise unauthorized(
                 "missing_credentials",

@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fabricai_trio.app import create_app
-from fabricai_trio.auth import Authenticator, jwt_owner, key_owner, owner_tag
+from fabricai_trio.auth import (
+    Authenticator,
+    AuthThrottle,
+    Identity,
+    jwt_owner,
+    key_owner,
+    owner_tag,
+)
 from fabricai_trio.core.errors import DomainError
 from fabricai_trio.settings import ConfigError, Settings, load_settings
 
@@ -278,6 +285,36 @@ def test_socketio_payload_and_anonymous() -> None:
     assert not anonymous.enabled
     assert anonymous.authenticate({}).owner == "anonymous"
     assert anonymous.authenticate_payload(None).kind == "anonymous"
+
+
+def test_identify_agrees_with_authenticate_and_counts_nothing() -> None:
+    """The fast path's check (api/refusals.py): the identity `authenticate` gives, or
+    None where it raises; never a failed attempt counted (only `authenticate` counts)."""
+    throttle = AuthThrottle(limit=2, window_seconds=600)
+    auth = Authenticator(api_keys=[ALPHA], owner_secret=OWNER_SECRET.encode(), jwt_key=SECRET,
+                         jwt_audience=AUDIENCE, jwt_issuer=ISSUER, throttle=throttle)
+    cases: list[dict[str, str]] = [
+        {}, bearer(ALPHA), {"X-Api-Key": ALPHA}, bearer(token("u1")), bearer("nope"),
+        {"Authorization": f"Basic {ALPHA}"}, {"Authorization": "Bearer "},
+        {"x-api-key": "nope"}, bearer(token("u1", expires_in=-60)),
+        {**bearer("nope"), "X-Api-Key": ALPHA},  # the bearer token is the one checked
+    ]
+    for headers in cases:
+        identified = auth.identify(headers, client="10.0.0.1")
+        assert len(throttle) == 0
+        try:
+            expected: Identity | None = auth.authenticate(headers, client="10.0.0.2")
+        except DomainError:
+            expected = None
+        assert identified == expected, headers
+        throttle._buckets.clear()
+    for _ in range(2):  # a throttled address: None even with a good key, as authenticate
+        with pytest.raises(DomainError):
+            auth.authenticate(bearer("nope"), client="10.0.0.3")
+    assert auth.identify(bearer(ALPHA), client="10.0.0.3") is None
+    assert auth.identify(bearer(ALPHA), client="10.0.0.4") == Identity(owner_of(ALPHA),
+                                                                         "api_key")
+    assert Authenticator().identify({}) == Identity("anonymous", "anonymous")
 
 
 def test_auth_settings_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
