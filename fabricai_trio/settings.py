@@ -415,6 +415,12 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         False, description="Put prompt text in the request log lines (off: never logged)."
     )
+    refusal_log_seconds: float = Field(
+        10.0, ge=0, le=3600,
+        description="429 answers are logged in aggregate: the first after a quiet spell gets "
+        "its request line, those that follow within this many seconds are counted (their "
+        "lines at DEBUG) and logged as one line. 0: one INFO line each, like other requests.",
+    )
 
     @field_validator("llm_model", "chat_format", "model_alias", "default_model", mode="before")
     @classmethod

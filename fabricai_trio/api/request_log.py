@@ -10,7 +10,8 @@
 * when the call ends (the whole stream sent, or the client gone) one log line says id,
   route, status, an owner tag (never
   the owner id), timings and, for a generation, tokens and finish reason. Prompt
-  text is logged only with `LOG_PROMPTS=true`;
+  text is logged only with `LOG_PROMPTS=true`. 429s are logged in aggregate
+  (`RefusalTally`): a storm of refusals must not cost a line each;
 * a response that ends before the app has received the request body (a 401 from the
   auth hook, a 404, a GET with a body) waits for the body first, briefly: Hypercorn
   (0.18, h11) otherwise races recycling the keep-alive connection against the unread
@@ -30,6 +31,7 @@ import trio
 from quart import Quart, request
 
 from ..auth import Identity
+from ..core.errors import REFUSAL_STATUS
 from ..core.ids import is_request_id, new_request_id
 from .auth_hook import IDENTITY_SCOPE_KEY
 
@@ -69,12 +71,43 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
+class RefusalTally:
+    """429s in aggregate. The first after `interval` seconds without one is logged as
+    any request is; those that follow within the interval are counted, by route (their
+    own lines go to DEBUG), and the counts are logged as one INFO line by the first
+    request of any kind that ends after the interval. `/metrics` counts every 429
+    (`fabricai_http_requests_total`). `interval` 0: nothing is aggregated."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._until = -float("inf")  # end of the current interval (monotonic)
+        self._counts: dict[str, int] = {}
+
+    def absorbed(self, route: str, now: float) -> bool:
+        """Count a 429 of `route`; True if its line is left to the aggregate."""
+        if self.interval <= 0:
+            return False
+        if now >= self._until:
+            self._until = now + self.interval
+            return False
+        self._counts[route] = self._counts.get(route, 0) + 1
+        return True
+
+    def due(self, now: float) -> dict[str, int] | None:
+        """The counts of an interval that has ended (then forgotten), else None."""
+        if not self._counts or now < self._until:
+            return None
+        counts, self._counts = self._counts, {}
+        return counts
+
+
 class RequestObserver:
     """Wraps an HTTP ASGI call; see the module docstring."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.log_prompts = settings.log_prompts
         self.metrics = metrics
+        self.refusals = RefusalTally(settings.refusal_log_seconds)
 
     async def __call__(
         self, scope: dict[str, Any], receive: Any, send: Any, app: ASGIApp, *, mount: str | None
@@ -120,13 +153,30 @@ class RequestObserver:
         try:
             await app(scope, receive_tracked if mount is None else receive, send_with_id)
         finally:
-            seconds = time.monotonic() - started
+            ended = time.monotonic()
+            seconds = ended - started
             route = mount or scope.get(ROUTE_SCOPE_KEY) or "unmatched"
             final_status = status if status is not None else CLIENT_CLOSED
             self.metrics.on_request(route, scope["method"], final_status, seconds)
-            fields = self._fields(scope, rid, route, final_status, seconds)
+            self._log_refusals(ended)
             level = logging.DEBUG if mount else logging.INFO
-            log.log(level, "request %s", _as_text(fields), extra={"fields": fields})
+            if final_status == REFUSAL_STATUS and self.refusals.absorbed(route, ended):
+                level = logging.DEBUG
+            if log.isEnabledFor(level):
+                fields = self._fields(scope, rid, route, final_status, seconds)
+                log.log(level, "request %s", _as_text(fields), extra={"fields": fields})
+
+    def _log_refusals(self, now: float) -> None:
+        """The line of an interval of 429s that has ended (`RefusalTally`)."""
+        counts = self.refusals.due(now)
+        if counts is None:
+            return
+        fields: dict[str, Any] = {"status": REFUSAL_STATUS, "count": sum(counts.values()),
+                                  "routes": counts, "seconds": self.refusals.interval}
+        log.info("refused %d more request(s) with %d within %.1f s: %s", fields["count"],
+                 REFUSAL_STATUS, self.refusals.interval,
+                 " ".join(f"{route}={n}" for route, n in counts.items()),
+                 extra={"fields": fields})
 
     def _fields(
         self,

@@ -74,6 +74,10 @@ ERROR_TABLE: dict[ErrorKind, Presentation] = {
     ErrorKind.UNAVAILABLE: Presentation(503, "unavailable_error", 503),
 }
 
+#: The status of "come back later" (a full queue, a rate limit…): the request log counts
+#: these instead of writing a line for each.
+REFUSAL_STATUS = ERROR_TABLE[ErrorKind.OVERLOADED].status
+
 Dialect = Literal["native", "openai"]
 AUTH_REALM = "fabricai-trio"
 
