@@ -35,6 +35,7 @@ from .api.openapi import blueprint as openapi_blueprint
 from .api.operations import blueprint as operations_blueprint
 from .api.playground import ASSET_PREFIX, PAGE_PATH
 from .api.playground import blueprint as playground_blueprint
+from .api.refusals import FastRefusals
 from .api.request_log import RequestObserver
 from .api.routes import blueprint
 from .api.sessions import blueprint as sessions_blueprint
@@ -86,6 +87,15 @@ class FabricApp:
         self.remote = remote
         self.mounts: dict[str, ASGIApp] = {"/socket.io/": socketio.asgi_app}
         self.requests = RequestObserver(state.settings, state.metrics)
+        settings = state.settings
+        #: A full model's 429 answered before Quart (api/refusals.py).
+        self.refusals = FastRefusals(
+            quart_app, state.service, state.auth, state.metrics,
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout_seconds=float(quart_app.config["BODY_TIMEOUT"]),
+            max_tokens_limit=settings.max_tokens_limit,
+            enabled=settings.fast_refusals,
+        )
         self.hosts = host_check.HostAllowlist.from_settings(
             state.settings, auth_enabled=state.auth.enabled
         )
@@ -127,10 +137,15 @@ class FabricApp:
                 if scope["path"].startswith(prefix):
                     await mounted(scope, receive, send)
                     return
-        quart_app: ASGIApp = self.quart  # type: ignore[assignment]
         if scope["type"] != "http":
+            quart_app: ASGIApp = self.quart  # type: ignore[assignment]
             await quart_app(scope, receive, send)
             return
+        await self.refusals(scope, receive, send, self._framework)
+
+    async def _framework(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """An HTTP request through Quart, in its own nursery, with its cleanups."""
+        quart_app: ASGIApp = self.quart  # type: ignore[assignment]
         cleanups: list[Callable[[], Awaitable[None]]] = []
         scope[CLEANUPS] = cleanups
         try:

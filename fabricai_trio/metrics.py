@@ -157,6 +157,12 @@ class Metrics:
             "Requests refused with 429 because the model's queue was full.",
             ["model"], registry=registry,
         )
+        self.fast_refusals = Counter(
+            "fabricai_fast_refusals",
+            "429s answered before the web framework ran (FAST_REFUSALS); each is also in "
+            "fabricai_http_requests_total, and a full queue's in fabricai_queue_rejections.",
+            registry=registry,
+        )
         self.generations = Counter(
             "fabricai_generations", "Generations that ended, by model and finish reason.",
             ["model", "finish_reason"], registry=registry,
@@ -253,6 +259,9 @@ class Metrics:
     def on_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method_label(method), str(status)).inc()
         self.http_duration.labels(route).observe(seconds)
+
+    def on_fast_refusal(self) -> None:
+        self.fast_refusals.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -244,6 +244,13 @@ class Settings(BaseSettings):
         description="Open TCP connections the server serves at once; more are closed as "
         "soon as they are accepted.",
     )
+    fast_refusals: bool = Field(
+        True,
+        description="While a model's queue is full, answer the generation requests it would "
+        "refuse (429 `queue_full`, `per_key_limit`) before the web framework runs: the same "
+        "answer, at a fraction of the cost (docs/performance.md, Refusals). `false`: every "
+        "request goes through the framework (to compare).",
+    )
     resume_ttl_seconds: int = Field(
         600, ge=1, le=86_400,
         description="How long a stream's end (and a resumable stream's events) is kept for "

@@ -23,14 +23,19 @@ from .fakes import FakeEngine
 @asynccontextmanager
 async def served(
     engine_class: type[FakeEngine] = FakeEngine, *, step_seconds: float = 0.02,
-    **overrides: Any,
+    models: tuple[str, ...] = (), **overrides: Any,
 ) -> AsyncIterator[tuple[FabricApp, httpx.AsyncClient]]:
-    """The app on a free port, ready (model 'loaded' and warmed), and a client for it."""
+    """The app on a free port, ready (model 'loaded' and warmed), and a client for it.
+    With `models`, one engine per name (the first is the default)."""
     settings = Settings(  # type: ignore[call-arg]
         **{"session_store": "memory", "max_concurrent_requests": 1, "max_queue_size": 1,
            "sse_keepalive_seconds": 0.05, **overrides},
     )
-    app = create_app(settings, engine=engine_class(settings, step_seconds=step_seconds))
+    if models:
+        app = create_app(settings, engines={
+            name: engine_class(settings, step_seconds=step_seconds) for name in models})
+    else:
+        app = create_app(settings, engine=engine_class(settings, step_seconds=step_seconds))
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None

@@ -40,12 +40,17 @@ blueprint = Blueprint("api", __name__)
 RATE_LIMIT_SCOPE_KEY = "fabricai.rate_limit_headers"
 
 
+def is_json_content_type(sent: str | None) -> bool:
+    """Whether a `Content-Type` header says `application/json` (parameters aside)."""
+    return (sent or "").partition(";")[0].strip().lower() == "application/json"
+
+
 def require_json_content_type() -> None:
     """`UnsupportedMediaType` unless the body is sent as `application/json`: a browser
     sends a cross-site `text/plain` or form POST without asking the server first, and
     it must not start a generation (with authentication off, nothing else stops it)."""
     sent = request.headers.get("Content-Type")
-    if (sent or "").partition(";")[0].strip().lower() != "application/json":
+    if not is_json_content_type(sent):
         raise UnsupportedMediaType(sent)
 
 
@@ -76,12 +81,20 @@ def current_owner() -> str:
     return current_identity().owner
 
 
-def with_request_id(body: Any) -> Any:
-    """A body without `request_id` takes the request's own (its `X-Request-Id`), so the
-    events and the response header agree."""
+def with_request_id(body: Any, rid: str | None = None) -> Any:
+    """A body without `request_id` takes the request's own (`rid`, else the current
+    request's: its `X-Request-Id`), so the events and the response header agree."""
     if isinstance(body, dict) and "request_id" not in body:
-        return {**body, "request_id": request_id()}
+        return {**body, "request_id": rid if rid is not None else request_id()}
     return body
+
+
+def sse_generation_request(
+    service: GenerationService, body: Any, rid: str | None = None
+) -> GenerationRequest:
+    """`POST /v1/inference_sse`'s body as a request (also the fast path's parser,
+    api/refusals.py, so both read a body the same way)."""
+    return service.parse(with_request_id(body, rid))
 
 
 async def start_stream(generation_request: GenerationRequest) -> Generation:
@@ -194,7 +207,7 @@ async def inference_sse_post() -> Response:
     if (resume := last_event_id()) is not None:
         return await resume_response(resume)
     body = await read_json_body()
-    return await generation_response(state().service.parse(with_request_id(body)))
+    return await generation_response(sse_generation_request(state().service, body))
 
 
 @blueprint.get("/v1/inference_sse")

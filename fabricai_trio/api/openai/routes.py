@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from pydantic import BaseModel
 from quart import Blueprint, Response, jsonify
 
 from ...core.engine import GrammarChecker
+from ...core.requests import GenerationRequest
 from ...core.stream_ids import event_id
 from ...generation import Generation, Keepalive
 from .. import sse
@@ -84,26 +86,39 @@ async def respond(
     return response
 
 
+def chat_generation_request(body: Any, *, rid: str, max_tokens_limit: int
+                            ) -> tuple[ChatCompletionRequest, GenerationRequest]:
+    """A chat completion body as a request (also the fast path's parser,
+    api/refusals.py, so both read a body the same way)."""
+    openai_request = parse_chat_request(body)
+    return openai_request, openai_request.to_generation_request(
+        request_id=rid, max_tokens_limit=max_tokens_limit)
+
+
+def completion_generation_request(body: Any, *, rid: str, max_tokens_limit: int
+                                  ) -> tuple[CompletionRequest, GenerationRequest]:
+    """A completion body as a request (also the fast path's parser)."""
+    openai_request = parse_completion_request(body)
+    return openai_request, openai_request.to_generation_request(
+        request_id=rid, max_tokens_limit=max_tokens_limit)
+
+
 @blueprint.post("/v1/chat/completions")
 async def chat_completions() -> Response:
-    openai_request = parse_chat_request(await read_json_body())
-    generation = await start_stream(
-        openai_request.to_generation_request(
-            request_id=request_id(), max_tokens_limit=state().settings.max_tokens_limit
-        )
-    )
+    openai_request, generation_request = chat_generation_request(
+        await read_json_body(), rid=request_id(),
+        max_tokens_limit=state().settings.max_tokens_limit)
+    generation = await start_stream(generation_request)
     fmt = serving.chat_format(generation, generation.model_name)
     return await respond(generation, fmt, openai_request)
 
 
 @blueprint.post("/v1/completions")
 async def completions() -> Response:
-    openai_request = parse_completion_request(await read_json_body())
-    generation = await start_stream(
-        openai_request.to_generation_request(
-            request_id=request_id(), max_tokens_limit=state().settings.max_tokens_limit
-        )
-    )
+    openai_request, generation_request = completion_generation_request(
+        await read_json_body(), rid=request_id(),
+        max_tokens_limit=state().settings.max_tokens_limit)
+    generation = await start_stream(generation_request)
     fmt = serving.completion_format(generation, generation.model_name)
     return await respond(generation, fmt, openai_request)
 

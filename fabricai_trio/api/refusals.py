@@ -1,0 +1,277 @@
+"""Refusing a generation before the web framework runs: a full model's 429, cheaply.
+
+A storm of requests at a full server used to be refused one by one after the whole
+framework had run for each (Quart's request context, routing, hooks, the route's body
+parsing, the error handler): about 1.8 ms of CPU per 429, taken from the event loop
+that also feeds the running streams. `FastRefusals` answers those requests straight
+over ASGI with **the same answer** (status, headers, body) the framework would give,
+because it asks the same code in the same order, and hands the request on to Quart
+whenever anything but that refusal could be the answer:
+
+1. Only `POST /v1/completions`, `POST /v1/chat/completions` and `POST
+   /v1/inference_sse` (not a reconnect: no `Last-Event-ID` header, no query string),
+   and only while some model refuses someone (`GenerationService.may_refuse()`, a few
+   comparisons): a server with room pays nothing more.
+2. Authentication first (`Authenticator.identify()`, which counts nothing): a request
+   it would not accept goes to Quart, whose auth hook answers 401 (and counts a failed
+   attempt once), so an unauthenticated client never learns the server is busy.
+3. The body: `Content-Type: application/json`, at most MAX_BODY_BYTES, read within
+   BODY_TIMEOUT_SECONDS, parsed by `core.jsonparse` and the route's own parser into a
+   `GenerationRequest`. The request's model is therefore the one its `model` field names,
+   exactly as on the framework path (there is no guess from a partial parse); a body the
+   route would refuse goes to the route, which refuses it.
+4. `GenerationService.refusal()`: `prepare`'s checks up to the queue (model, draining,
+   loading, duplicate id, queue and per-key share), by the same code; a full queue is
+   counted in `fabricai_queue_rejections_total` there. A request naming a session is
+   never answered here (`prepare` reads the store before it looks at the queue).
+
+A request handed on gets the body already read replayed to it. The answer is rendered
+by the framework's own error response (`http_errors.error_response`), once per distinct
+error, then served from a small cache: it is the framework's answer byte for byte.
+The request observer (X-Request-Id, metrics, the log line) wraps this as any request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from quart import Quart
+
+from ..auth import Authenticator, Identity
+from ..core import jsonparse
+from ..core.errors import Dialect, DomainError
+from ..core.requests import GenerationRequest
+from ..generation import GenerationService
+from ..metrics import Metrics
+from .auth_hook import IDENTITY_SCOPE_KEY
+from .http_errors import error_response
+from .openai.routes import chat_generation_request, completion_generation_request
+from .request_log import REQUEST_ID_SCOPE_KEY, ROUTE_SCOPE_KEY
+from .routes import is_json_content_type, sse_generation_request
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+Message = dict[str, Any]
+#: A route's parser: the decoded body and the request id -> the request (or a `DomainError`).
+Parser = Callable[[Any, str], GenerationRequest]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRoute:
+    """A route that starts a generation, as the fast path knows it."""
+
+    path: str
+    dialect: Dialect
+    parse: Parser
+    #: A `Last-Event-ID` (header or query) makes a request to it a reconnect.
+    resumable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole HTTP response: status, ASGI headers, body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def generation_routes(
+    service: GenerationService, max_tokens_limit: int
+) -> dict[str, GenerationRoute]:
+    """The routes the fast path covers, each with the parser its route uses."""
+
+    def chat(body: Any, rid: str) -> GenerationRequest:
+        return chat_generation_request(body, rid=rid, max_tokens_limit=max_tokens_limit)[1]
+
+    def completion(body: Any, rid: str) -> GenerationRequest:
+        return completion_generation_request(body, rid=rid, max_tokens_limit=max_tokens_limit)[1]
+
+    def sse(body: Any, rid: str) -> GenerationRequest:
+        return sse_generation_request(service, body, rid)
+
+    routes = (
+        GenerationRoute("/v1/chat/completions", "openai", chat),
+        GenerationRoute("/v1/completions", "openai", completion),
+        GenerationRoute("/v1/inference_sse", "native", sse, resumable=True),
+    )
+    return {route.path: route for route in routes}
+
+
+def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header `name` (lower-case), as the framework reads one."""
+    for key, value in headers:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class FastRefusals:
+    """The decisions of the fast path (no I/O) and its thin ASGI shell (`__call__`)."""
+
+    #: Distinct rendered refusals kept (a per-key refusal's message names a count).
+    CACHE_SIZE = 64
+
+    def __init__(
+        self,
+        quart_app: Quart,
+        service: GenerationService,
+        authenticator: Authenticator,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        body_timeout_seconds: float,
+        max_tokens_limit: int,
+        enabled: bool = True,
+    ) -> None:
+        self.quart = quart_app
+        self.service = service
+        self.auth = authenticator
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_seconds = body_timeout_seconds
+        self.routes = generation_routes(service, max_tokens_limit)
+        #: Off (FAST_REFUSALS=false): every request goes through the framework.
+        self.enabled = enabled
+        self._answers: dict[tuple[object, ...], Answer] = {}
+
+    # --- decisions ---
+
+    def route(self, scope: dict[str, Any]) -> GenerationRoute | None:
+        """The covered route of this request if the fast path may answer it now."""
+        if not self.enabled or scope["method"] != "POST":
+            return None
+        route = self.routes.get(scope["path"])
+        if route is None or not self.service.may_refuse():
+            return None
+        if route.resumable and (
+            scope.get("query_string")
+            or first_header(scope["headers"], b"last-event-id") is not None
+        ):
+            return None  # maybe a reconnect: the route decides
+        return route
+
+    def identify(self, scope: dict[str, Any]) -> Identity | None:
+        """Who the request acts as, if the auth hook would accept it (see the module
+        docstring); the headers as the hook reads them (the last of repeated ones)."""
+        headers = {
+            bytes(k).decode("latin-1"): bytes(v).decode("latin-1") for k, v in scope["headers"]
+        }
+        client = scope.get("client")
+        return self.auth.identify(headers, client=client[0] if client else None)
+
+    def may_read_body(self, scope: dict[str, Any]) -> bool:
+        """A JSON body that is not announced as too large (the route answers 415, 413)."""
+        headers = scope["headers"]
+        if not is_json_content_type(first_header(headers, b"content-type")):
+            return False
+        length = first_header(headers, b"content-length")
+        return length is None or (length.isdigit() and int(length) <= self.max_body_bytes)
+
+    def refusal(
+        self, route: GenerationRoute, body: bytes, rid: str, identity: Identity
+    ) -> DomainError | None:
+        """The refusal the framework path would answer with now, or None (hand on)."""
+        if not body:
+            return None
+        try:
+            request = route.parse(jsonparse.loads(body), rid)
+        except Exception:  # the route gives its own answer to any of them
+            return None
+        return self.service.refusal(
+            request, owner=identity.owner, priority_class=identity.priority_class
+        )
+
+    async def answer(self, error: DomainError, dialect: Dialect) -> Answer:
+        """The framework's response to `error`, rendered by it once per distinct error.
+        Cancellation: nothing is cached."""
+        key = (
+            type(error),
+            error.code,
+            error.message,
+            error.param,
+            error.retry_after,
+            repr(error.details),
+            dialect,
+        )
+        cached = self._answers.get(key)
+        if cached is not None:
+            return cached
+        async with self.quart.app_context():
+            response = error_response(error, dialect)
+        body = await response.get_data(as_text=False)
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in response.headers.items()
+        ]
+        answer = Answer(response.status_code, headers, body)
+        if len(self._answers) >= self.CACHE_SIZE:
+            self._answers.clear()
+        self._answers[key] = answer
+        return answer
+
+    # --- I/O ---
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, app: ASGIApp) -> None:
+        """Answer the request's refusal, or call `app` with it (its body replayed).
+
+        Cancellation (the client gone): while the body is read, the request ends here
+        as it would in the framework; nothing is held."""
+        route = self.route(scope)
+        identity = self.identify(scope) if route is not None else None
+        if route is None or identity is None or not self.may_read_body(scope):
+            await app(scope, receive, send)
+            return
+        messages, body = await self._read_body(receive)
+        error = None
+        if body is not None:
+            error = self.refusal(route, body, str(scope[REQUEST_ID_SCOPE_KEY]), identity)
+        if error is None:
+            await app(scope, replay(messages, receive), send)
+            return
+        scope[ROUTE_SCOPE_KEY] = route.path  # what the request log and metrics say
+        scope[IDENTITY_SCOPE_KEY] = identity
+        answer = await self.answer(error, route.dialect)
+        self.metrics.on_fast_refusal()
+        await send(
+            {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
+        )
+        await send({"type": "http.response.body", "body": answer.body})
+
+    async def _read_body(self, receive: Any) -> tuple[list[Message], bytes | None]:
+        """The request's messages as received, and its body: None if it is larger than
+        MAX_BODY_BYTES, not all there within BODY_TIMEOUT_SECONDS, or the client left
+        (the framework then answers as it does)."""
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self.body_timeout_seconds):
+            while True:
+                message: Message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":
+                    return messages, None
+                chunk = bytes(message.get("body", b""))
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    return messages, None
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return messages, b"".join(chunks)
+        return messages, None
+
+
+def replay(messages: list[Message], receive: Any) -> Callable[[], Awaitable[Message]]:
+    """A `receive` that gives `messages` again, then what `receive` gives."""
+    pending = deque(messages)
+
+    async def replaying() -> Message:
+        if pending:
+            return pending.popleft()
+        message: Message = await receive()
+        return message
+
+    return replaying

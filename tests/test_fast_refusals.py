@@ -1,0 +1,334 @@
+"""The fast path of refusals (api/refusals.py) answers exactly as the framework does.
+
+Each scenario fills a model (a fake engine's stream holds its only slot: these are
+concurrency tests, the engine's output does not matter), then sends the same request
+twice over a real socket to a real Hypercorn: once with the fast path on, once with
+it off (`FastRefusals.enabled`, what FAST_REFUSALS=false sets), and compares status,
+headers and body. `fabricai_fast_refusals_total` says which path answered. The real-
+model test (a real generation holding the slot) is at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from fabricai_trio.app import FabricApp
+
+from .inprocess import served, wait_for
+from .live import scrape, value, wait_idle
+from .server_process import ServerProcess, model_env
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+SSE = "/v1/inference_sse"
+KEY_A, KEY_B = "fast-key-a", "fast-key-b"
+A = {"authorization": f"Bearer {KEY_A}"}
+B = {"authorization": f"Bearer {KEY_B}"}
+#: One request per covered route, as a client sends it.
+REQUESTS = [
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    (COMPLETIONS, {"prompt": "Hello there", "max_tokens": 4, "stream": True}),
+    (SSE, {"prompt": "Hello there", "max_tokens": 4}),
+]
+MODEL = "gemma-3-270m-q4_k_m"  # the embedded Gemma, as LLM_MODEL names it
+HOLD = {"prompt": "p", "max_tokens": 2000, "stream": True}  # 40 s of fake tokens
+
+
+def fast_count(app: FabricApp) -> float:
+    return float(app.state.metrics.fast_refusals._value.get())
+
+
+def comparable(response: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers (but the date, which moves) in order, body."""
+    headers = [(k.lower(), v) for k, v in response.headers.multi_items() if k.lower() != "date"]
+    return response.status_code, headers, response.content
+
+
+async def both_ways(
+    app: FabricApp,
+    client: httpx.AsyncClient,
+    path: str,
+    body: Any,
+    *,
+    headers: dict[str, str] | None = None,
+    fast: int = 1,
+) -> httpx.Response:
+    """The request with the fast path on, then off, the same X-Request-Id: the answers
+    must be the same; `fast` of them (0 or 1) answered by the fast path."""
+    answers = []
+    for enabled in (True, False):
+        app.refusals.enabled = enabled
+        before = fast_count(app)
+        try:
+            answers.append(
+                await client.post(
+                    path, json=body, headers={**(headers or {}), "x-request-id": "same-id"}
+                )
+            )
+        finally:
+            app.refusals.enabled = True
+        assert fast_count(app) - before == (fast if enabled else 0), (path, enabled)
+    fast_answer, framework_answer = answers
+    assert comparable(fast_answer) == comparable(framework_answer), path
+    return fast_answer
+
+
+@asynccontextmanager
+async def holding(
+    client: httpx.AsyncClient,
+    app: FabricApp,
+    body: Any = HOLD,
+    *,
+    headers: dict[str, str] | None = None,
+    model: str | None = None,
+    active: int = 1,
+    queued: int = 0,
+) -> AsyncIterator[None]:
+    """A stream that holds a slot (or a queue place) until the block ends."""
+    admission = app.state.models.get(model).admission
+    async with client.stream("POST", COMPLETIONS, json=body, headers=headers) as response:
+        assert response.status_code == 200
+        await wait_for(
+            lambda: (admission.stats().active, admission.stats().queued) == (active, queued)
+        )
+        yield
+
+
+async def test_a_full_queue_gets_the_same_429_on_both_paths() -> None:
+    async with (
+        served(max_queue_size=0, retry_after_seconds=7) as (app, client),
+        holding(client, app),
+    ):
+        rejections = app.state.metrics.rejections.labels("fake")
+        http_429 = app.state.metrics.http_requests
+        before = rejections._value.get()
+        for path, body in REQUESTS:
+            before_429 = http_429.labels(path, "POST", "429")._value.get()
+            refused = await both_ways(app, client, path, body)
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "7"
+            assert refused.headers["x-request-id"] == "same-id"
+            assert refused.headers["content-type"] == "application/json"
+            error = refused.json()["error"]
+            assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
+            # Both answers counted as 429s of the route, as every request is (when its
+            # ASGI call returns, just after the client has the answer).
+            counted = http_429.labels(path, "POST", "429")
+            await wait_for(lambda: counted._value.get() - before_429 == 2)  # noqa: B023
+        # ...and each as a rejection of the model (fast: in `GenerationService.refusal`).
+        assert rejections._value.get() - before == 2 * len(REQUESTS)
+
+
+async def test_the_model_the_body_names_decides() -> None:
+    """`busy` is full, `idle` (the default) is not: a request naming `busy` is refused
+    fast; one naming `idle`, or none, runs (its body, already read, is replayed to the
+    route); one naming no served model is the route's 404."""
+    async with (
+        served(models=("idle", "busy"), max_queue_size=0) as (app, client),
+        holding(client, app, {**HOLD, "model": "busy"}, model="busy"),
+    ):
+        assert app.state.service.may_refuse()
+        for path, body in REQUESTS:
+            refused = await both_ways(app, client, path, {**body, "model": "busy"})
+            assert refused.json()["error"]["code"] == "queue_full"
+            for named in ({"model": "idle"}, {}):
+                before = fast_count(app)
+                served_ok = await client.post(path, json={**body, **named})
+                assert served_ok.status_code == 200, served_ok.text
+                assert fast_count(app) == before
+                assert "alpha" in served_ok.text  # the fake engine's first word
+            unknown = await both_ways(app, client, path, {**body, "model": "nope"}, fast=0)
+            assert (unknown.status_code, unknown.json()["error"]["code"]) == (
+                404,
+                "model_not_found",
+            )
+
+
+async def test_what_the_route_refuses_first_is_still_the_routes_answer() -> None:
+    """A full server: a bad body, a wrong Content-Type, an empty body, a reconnect, a
+    request naming a session, a duplicate request id... get what the framework path
+    answers (never a 429 in place of a 4xx that comes first there)."""
+    async with served(max_queue_size=0, max_body_bytes=2048) as (app, client), holding(client, app):
+        cases: list[tuple[str, Any, dict[str, str], int]] = [
+            (CHAT, {"messages": []}, {}, 400),
+            (COMPLETIONS, {"prompt": "x", "max_tokens": -1}, {}, 400),
+            (SSE, {"prompt": "x", "temperature": "hot"}, {}, 422),
+            (SSE, {"prompt": "x", "session_id": "no-such-session"}, {}, 404),
+            (SSE, {"prompt": "x"}, {"last-event-id": "gone:3"}, 404),
+            (SSE, {"prompt": "x" * 4000}, {}, 413),
+        ]
+        for path, body, headers, status in cases:
+            answer = await both_ways(app, client, path, body, headers=headers, fast=0)
+            assert answer.status_code == status, (path, body, answer.text)
+        for path, _ in REQUESTS:
+            for content, content_type, status in (
+                (b"", "application/json", 400),
+                (b"{", "application/json", 400),
+                (b"{}", "text/plain", 415),
+            ):
+                answers = []
+                for enabled in (True, False):
+                    app.refusals.enabled = enabled
+                    answers.append(
+                        comparable(
+                            await client.post(
+                                path,
+                                content=content,
+                                headers={"content-type": content_type, "x-request-id": "same-id"},
+                            )
+                        )
+                    )
+                app.refusals.enabled = True
+                assert answers[0] == answers[1]
+                assert answers[0][0] == status, (path, content)
+
+
+async def test_authentication_comes_first_and_counts_once() -> None:
+    """With keys: no key or a wrong one is the framework's 401 (never a 429 telling an
+    unauthenticated client the server is full), and a wrong key counts as one failed
+    attempt, not two (AUTH_FAILURE_LIMIT=3: the fourth is throttled)."""
+    async with (
+        served(
+            max_queue_size=0,
+            api_keys=f"{KEY_A},{KEY_B}",
+            auth_failure_limit=3,
+            auth_failure_window_seconds=600,
+        ) as (app, client),
+        holding(client, app, headers=A),
+    ):
+        for path, body in REQUESTS:
+            missing = await both_ways(app, client, path, body, fast=0)
+            assert missing.status_code == 401
+            assert missing.json()["error"]["code"] == "missing_credentials"
+            refused = await both_ways(app, client, path, body, headers=B)
+            assert refused.json()["error"]["code"] == "queue_full"
+        wrong = {"authorization": "Bearer not-a-key"}
+        for _ in range(3):  # fast path on: each refused by the framework, counted once
+            answer = await client.post(COMPLETIONS, json=REQUESTS[1][1], headers=wrong)
+            assert answer.json()["error"]["code"] == "invalid_api_key"
+        throttled = await client.post(COMPLETIONS, json=REQUESTS[1][1], headers=wrong)
+        assert throttled.json()["error"]["code"] == "too_many_auth_failures"
+
+
+async def test_per_key_share_is_refused_fast_and_others_still_get_in() -> None:
+    """A holds the slot and its one queue place (MAX_QUEUED_PER_KEY=1): A's next
+    request is refused fast (`per_key_limit`, same answer both ways); B's is not refused:
+    its body, already read by the fast path, reaches the route, and B is queued."""
+    async with (
+        served(
+            max_queue_size=4, max_queued_per_key=1, api_keys=f"{KEY_A},{KEY_B}"
+        ) as (app, client),
+        holding(client, app, headers=A),
+        holding(client, app, headers=A, active=1, queued=1),
+    ):
+        for path, body in REQUESTS:
+            refused = await both_ways(app, client, path, body, headers=A)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "per_key_limit"
+            assert refused.headers["retry-after"] == "1"
+        before = fast_count(app)
+        async with client.stream(
+            "POST", SSE, json={"prompt": "x", "max_tokens": 2}, headers=B
+        ) as waiting:
+            assert waiting.status_code == 200
+            lines = waiting.aiter_lines()
+            event = [await anext(lines) for _ in range(3)]
+            assert "event: queued" in event, event
+        assert fast_count(app) == before
+
+
+async def test_refusals_are_logged_in_aggregate(caplog: pytest.LogCaptureFixture) -> None:
+    async with (
+        served(max_queue_size=0, refusal_log_seconds=0.3) as (app, client),
+        holding(client, app),
+    ):
+        caplog.set_level("INFO", logger="fabricai_trio.requests")
+        for _ in range(5):
+            assert (await client.post(*REQUESTS[2][:1], json=REQUESTS[2][1])).status_code == 429
+        await trio.sleep(0.35)
+        assert (await client.get("/v1/status")).status_code == 200  # ends the interval
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "fabricai_trio.requests"]
+
+        await wait_for(lambda: any(line.startswith("refused ") for line in lines()))
+        assert len([line for line in lines() if "status=429" in line]) == 1  # the first
+        summary = [line for line in lines() if line.startswith("refused ")]
+        assert summary == [f"refused 4 more request(s) with 429 within 0.3 s: {SSE}=4"]
+
+
+# --- the real model ---
+
+
+@pytest.fixture(scope="module")
+def one_slot(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
+    env = model_env(
+        model_path,
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_SIZE="0",
+        MAX_TOKENS_LIMIT="512",
+        RETRY_AFTER_SECONDS="3",
+    )
+    with ServerProcess(env, log_dir=server_logs) as proc:
+        yield proc
+
+
+@pytest.mark.model
+def test_a_real_generation_holds_the_slot_and_the_next_is_refused_fast(
+    one_slot: ServerProcess,
+) -> None:
+    with httpx.Client(base_url=one_slot.url, timeout=60) as http:
+        wait_idle(http)
+        before = scrape(http)
+        body = {"prompt": "Once upon a time", "max_tokens": 512, "temperature": 0, "stream": True}
+        with http.stream("POST", COMPLETIONS, json=body) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            refused = http.post(
+                CHAT,
+                json={"messages": [{"role": "user", "content": "hi"}]},
+                headers={"x-request-id": "refused-1"},
+            )
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "3"
+            assert refused.headers["x-request-id"] == "refused-1"
+            assert refused.json() == {
+                "error": {
+                    "type": "rate_limit_error",
+                    "code": "queue_full",
+                    "param": None,
+                    "message": "the server is at capacity and its queue is full; retry later",
+                }
+            }
+            sdk = openai.OpenAI(base_url=f"{one_slot.url}/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as info:
+                sdk.completions.create(model=MODEL, prompt="hi", max_tokens=4)
+            assert info.value.code == "queue_full"
+            # The stream is still decoding.
+            assert next(line for line in lines if line.startswith("data: {"))
+        wait_idle(http)
+        after = scrape(http)
+        assert (
+            value(after, "fabricai_fast_refusals_total")
+            - value(before, "fabricai_fast_refusals_total")
+            == 2
+        )
+        assert (
+            value(after, "fabricai_queue_rejections_total")
+            - value(before, "fabricai_queue_rejections_total")
+            == 2
+        )
+        # Not refused any more: the next request runs.
+        answer = http.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        assert json.loads(answer.text)["usage"]["completion_tokens"] >= 1
