@@ -19,7 +19,7 @@ See docs/metrics.md.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -205,6 +205,10 @@ class Metrics:
             "fabricai_session_store_errors", "Session store calls that failed or timed out.",
             ["kind"], registry=registry,
         )
+        # Children by label values, looked up once (`labels()` is a locked lookup that
+        # builds its key each time: the largest cost of a metric on a 429's path).
+        self._rejections: dict[str, Any] = {}
+        self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         # Known label values start at 0, so a rate() works from the first scrape.
         for cause in CANCEL_CAUSES:
             self.cancellations.labels(cause)
@@ -225,7 +229,10 @@ class Metrics:
     # --- GenerationObserver ---
 
     def on_rejected(self, model: str) -> None:
-        self.rejections.labels(model).inc()
+        child = self._rejections.get(model)
+        if child is None:
+            child = self._rejections[model] = self.rejections.labels(model)
+        child.inc()
 
     def on_refused(self, model: str, reason: RefusalReason, *, priority_class: str) -> None:
         self.refusals.labels(model, reason, priority_class).inc()
@@ -257,8 +264,15 @@ class Metrics:
     # --- HTTP ---
 
     def on_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(route, method_label(method), str(status)).inc()
-        self.http_duration.labels(route).observe(seconds)
+        key = (route, method_label(method), status)  # bounded: templates, HTTP_METHODS
+        children = self._http.get(key)
+        if children is None:
+            children = self._http[key] = (
+                self.http_requests.labels(route, key[1], str(status)),
+                self.http_duration.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def on_fast_refusal(self) -> None:
         self.fast_refusals.inc()
