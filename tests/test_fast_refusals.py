@@ -266,6 +266,53 @@ async def test_refusals_are_logged_in_aggregate(caplog: pytest.LogCaptureFixture
         assert summary == [f"refused 4 more request(s) with 429 within 0.3 s: {SSE}=4"]
 
 
+async def test_refusals_take_turns_but_never_wait_long_for_one() -> None:
+    """Refusals are sent TURNS at a time; with every turn held (a client that does not
+    read its answer can hold one until its write deadline), a refusal still goes out
+    after TURN_WAIT_SECONDS."""
+    async with served(max_queue_size=0) as (app, client), holding(client, app):
+        refusals = app.refusals
+        holders = [object() for _ in range(refusals.TURNS)]
+        for holder in holders:
+            refusals._turns.acquire_on_behalf_of_nowait(holder)
+        try:
+            started = trio.current_time()
+            assert (await client.post(SSE, json={"prompt": "x"})).status_code == 429
+            waited = trio.current_time() - started
+            assert refusals.TURN_WAIT_SECONDS <= waited < refusals.TURN_WAIT_SECONDS + 5
+        finally:
+            for holder in holders:
+                refusals._turns.release_on_behalf_of(holder)
+        started = trio.current_time()
+        assert (await client.post(SSE, json={"prompt": "x"})).status_code == 429
+        assert trio.current_time() - started < refusals.TURN_WAIT_SECONDS
+        await wait_for(lambda: refusals._turns.borrowed_tokens == 0)  # given back
+
+
+async def test_a_fixed_length_response_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`GuardedTCPServer` holds a head with a Content-Length for its body: one `send`
+    per 429 (or any JSON answer); a stream's head (chunked) is not held."""
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def recording(self: trio.SocketStream, data: Any) -> None:
+        writes.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+    async with served(max_queue_size=0) as (app, client):
+        status = await client.get("/v1/status")
+        async with holding(client, app):
+            refused = await client.post(SSE, json={"prompt": "x"})
+            assert refused.status_code == 429
+        answers = [w for w in writes if w.startswith(b"HTTP/1.1 ")]
+        assert answers[0].startswith(b"HTTP/1.1 200") and answers[0].endswith(status.content)
+        stream_head = answers[1]  # the holding stream's head, sent alone at once
+        assert b"transfer-encoding: chunked" in stream_head.lower()
+        assert stream_head.endswith(b"\r\n\r\n")
+        assert answers[2].startswith(b"HTTP/1.1 429") and answers[2].endswith(refused.content)
+
+
 # --- the real model ---
 
 

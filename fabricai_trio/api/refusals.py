@@ -114,6 +114,11 @@ class FastRefusals:
 
     #: Distinct rendered refusals kept (a per-key refusal's message names a count).
     CACHE_SIZE = 64
+    #: Refusals being sent at once; the others wait their turn, parked (see `__call__`).
+    TURNS = 2
+    #: Longest wait for a turn: past it a refusal is sent anyway (a client that does not
+    #: read can hold a turn until its write deadline; it must not hold up the others).
+    TURN_WAIT_SECONDS = 0.5
 
     def __init__(
         self,
@@ -137,6 +142,7 @@ class FastRefusals:
         #: Off (FAST_REFUSALS=false): every request goes through the framework.
         self.enabled = enabled
         self._answers: dict[tuple[object, ...], Answer] = {}
+        self._turns = trio.CapacityLimiter(self.TURNS)
 
     # --- decisions ---
 
@@ -218,8 +224,15 @@ class FastRefusals:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, app: ASGIApp) -> None:
         """Answer the request's refusal, or call `app` with it (its body replayed).
 
-        Cancellation (the client gone): while the body is read, the request ends here
-        as it would in the framework; nothing is held."""
+        Refusals are sent `TURNS` at a time. A storm otherwise keeps about one runnable
+        task per connection in trio's run queue, and trio runs every runnable task once
+        per scheduling round: each step of the running streams (a decode step's return,
+        a token's way to its socket) waited behind all of them, and their tok/s fell by
+        half or more. Parked on a limiter, waiting refusals are not runnable; the CPU
+        they need is the same. A turn is waited for at most TURN_WAIT_SECONDS.
+
+        Cancellation (the client gone): the request ends here as it would in the
+        framework; nothing is held."""
         route = self.route(scope)
         identity = self.identify(scope) if route is not None else None
         if route is None or identity is None or not self.may_read_body(scope):
@@ -236,10 +249,18 @@ class FastRefusals:
         scope[IDENTITY_SCOPE_KEY] = identity
         answer = await self.answer(error, route.dialect)
         self.metrics.on_fast_refusal()
-        await send(
-            {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
-        )
-        await send({"type": "http.response.body", "body": answer.body})
+        turn = False
+        with trio.move_on_after(self.TURN_WAIT_SECONDS):
+            await self._turns.acquire()
+            turn = True
+        try:
+            await send(
+                {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
+            )
+            await send({"type": "http.response.body", "body": answer.body})
+        finally:
+            if turn:
+                self._turns.release()
 
     async def _read_body(self, receive: Any) -> tuple[list[Message], bytes | None]:
         """The request's messages as received, and its body: None if it is larger than
