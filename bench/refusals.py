@@ -1,27 +1,39 @@
-"""How cheap is a refusal? 429s per second and their latency with every slot busy.
+"""How cheap is a refusal? 429s per second, their latency, and what a storm of them
+costs two running streams, with the fast path of refusals on and off.
 
-    .venv/bin/python bench/refusals.py [--engine tests.fakes:FakeEngine] [--connections 50]
-        [--seconds 10] [--py-spy out.svg]
+    nice .venv/bin/python bench/refusals.py [--engine tests.fakes:FakeEngine]
+        [--connections 50] [--seconds 10] [--rounds 2] [--client auto|wrk|python]
+        [--py-spy out.svg] [--no-floor]
 
-Starts our server with 2 slots and no queue (`MAX_QUEUE_SIZE=0`), starts two long
-streams that keep both slots busy, then `--connections` clients (one kept-alive
-connection each) POST `/v1/completions` as fast as they can for `--seconds`: every one
-of those requests is refused with 429. Reports refusals per second, their latency
-p50/p99, and the tok/s of the two running streams before and during the storm. With
-`--py-spy`, records the server process during the storm (needs py-spy: the `bench`
-extra). The client is Python too and shares the machine: a refusal rate measured here
-is a floor; the latency and the server's profile are the point.
+Each round starts our server with 2 slots and no queue (`MAX_QUEUE_SIZE=0`), starts two
+long streams that keep both slots busy, measures their tok/s, then `--connections`
+kept-alive connections POST `/v1/completions` as fast as they can for `--seconds`
+(every request refused with 429) while the streams' tok/s and the server's CPU time
+are measured again. Rounds alternate `FAST_REFUSALS=true` (the fast path,
+api/refusals.py) and `false` (every request through Quart), so both are measured
+under the same load. The load generator is `wrk` when it is installed (a C client that
+is not the bottleneck), else a Python client (then the rate is the client's floor).
+
+The floor: the same storm against Hypercorn (same configuration and connection class
+as the server) serving a bare ASGI app that reads the body and sends a prebuilt 429:
+what the HTTP server alone costs here. `--py-spy out.svg` records the server during the
+storm of the first fast round (the `bench` extra; `out.txt`: collapsed stacks).
+Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -29,34 +41,63 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ServerProcess, pct
-from fabricai_trio.engine.model_files import embedded_model_path
-from fabricai_trio.settings import Settings
+from tests.server_process import free_port
+
+STORM_BODY = {"prompt": "Hello there", "max_tokens": 16, "stream": True}
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '%s'
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests,
+    summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
 
 
-async def stream_forever(url: str, counts: list[float], stop: trio.Event) -> None:
-    body = {"prompt": "Once upon a time", "max_tokens": 4000, "stream": True,
-            "temperature": 0}
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client, \
-            client.stream("POST", "/v1/completions", json=body) as response:
-        assert response.status_code == 200, response.status_code
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                counts.append(time.perf_counter())
-            if stop.is_set():
-                return
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def storm(url: str, connections: int, seconds: float) -> dict[str, float]:
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+# --- load generators ---
+
+
+def wrk_storm(url: str, connections: int, seconds: float, script: Path) -> dict[str, float]:
+    """`wrk` for `seconds`; its own counts and latency percentiles (ms)."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
+         "-s", str(script), f"{url}/v1/completions"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    match = re.search(r"^WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", out, re.M)
+    assert match is not None, out
+    requests, duration_us, non_2xx, socket_errors, p50, p99, worst = map(int, match.groups())
+    wall = duration_us / 1e6
+    return {"requests": requests, "non_2xx": non_2xx, "socket_errors": socket_errors,
+            "per_s": requests / wall, "p50_ms": p50 / 1000, "p99_ms": p99 / 1000,
+            "max_ms": worst / 1000, "wall_s": wall}
+
+
+async def python_storm(url: str, connections: int, seconds: float) -> dict[str, float]:
+    """The same with httpx, one kept-alive connection per task (the client may be the
+    bottleneck: a floor of the rate)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    body = {"prompt": "Hello there", "max_tokens": 16, "stream": True}
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                response = await client.post("/v1/completions", json=body)
+                response = await client.post("/v1/completions", json=STORM_BODY)
                 latencies.append(time.perf_counter() - start)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
@@ -65,56 +106,202 @@ async def storm(url: str, connections: int, seconds: float) -> dict[str, float]:
         for _ in range(connections):
             nursery.start_soon(worker)
     wall = time.perf_counter() - start
-    return {"refusals_per_s": statuses.get(429, 0) / wall, "p50_ms": pct(latencies, 50) * 1000,
-            "p99_ms": pct(latencies, 99) * 1000, "statuses": statuses}  # type: ignore[dict-item]
+    requests = sum(statuses.values())
+    return {"requests": requests, "non_2xx": requests - statuses.get(200, 0),
+            "socket_errors": 0, "per_s": requests / wall, "p50_ms": pct(latencies, 50) * 1000,
+            "p99_ms": pct(latencies, 99) * 1000, "max_ms": max(latencies) * 1000,
+            "wall_s": wall}
 
 
-async def run(url: str, args: argparse.Namespace, server_pid: int) -> dict[str, object]:
+async def storm(url: str, args: argparse.Namespace, script: Path) -> dict[str, float]:
+    if args.client == "wrk":
+        return await trio.to_thread.run_sync(
+            wrk_storm, url, args.connections, args.seconds, script)
+    return await python_storm(url, args.connections, args.seconds)
+
+
+# --- one round against our server ---
+
+
+async def stream_forever(url: str, ticks: list[float], stop: trio.Event) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 8000, "stream": True,
+            "temperature": 0}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client, \
+            client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200, response.status_code
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                ticks.append(time.perf_counter())
+            if stop.is_set():
+                return
+
+
+def counter(metrics: str, name: str, **labels: str) -> float:
+    """The sum of a counter's samples that carry `labels`."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def measure_round(url: str, pid: int, args: argparse.Namespace, script: Path,
+                        spy_to: str | None) -> dict[str, Any]:
     ticks: list[float] = []
     stop = trio.Event()
-    result: dict[str, object] = {}
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=url) as http:
         for _ in range(2):
             nursery.start_soon(stream_forever, url, ticks, stop)
             await trio.sleep(1)  # admitted one after the other (there is no queue)
         await trio.sleep(2)  # both streams decoding
-        t0 = time.perf_counter()
-        n0 = len(ticks)
+        n0, t0 = len(ticks), time.perf_counter()
         await trio.sleep(args.seconds)
         before = (len(ticks) - n0) / (time.perf_counter() - t0)
         spy = None
-        if args.py_spy:
-            spy = subprocess.Popen(["py-spy",  # noqa: ASYNC220 (started, then awaited in a thread) "record", "-p", str(server_pid), "-o", args.py_spy,
-                                    "-d", str(int(args.seconds)), "-r", "200", "--nonblocking"])
-        n1, t1 = len(ticks), time.perf_counter()
-        result = await storm(url, args.connections, args.seconds)
+        if spy_to:
+            spy = subprocess.Popen(  # noqa: ASYNC220 (started, then awaited in a thread)
+                ["py-spy", "record", "-p", str(pid), "-o", spy_to, "-d", str(int(args.seconds)),
+                 "-r", "200", "--nonblocking",
+                 *(["--format", "raw"] if spy_to.endswith(".txt") else [])])
+        metrics0 = (await http.get("/metrics")).text
+        cpu0, n1, t1 = cpu_seconds(pid), len(ticks), time.perf_counter()
+        result: dict[str, Any] = await storm(url, args, script)
         during = (len(ticks) - n1) / (time.perf_counter() - t1)
+        cpu = cpu_seconds(pid) - cpu0
+        metrics1 = (await http.get("/metrics")).text
         if spy is not None:
             await trio.to_thread.run_sync(spy.wait)
-        result.update(stream_tok_s_before=before, stream_tok_s_during=during,
-                      stream_ratio=during / before if before else float("nan"))
+        refused = counter(metrics1, "fabricai_http_requests_total", status="429") - counter(
+            metrics0, "fabricai_http_requests_total", status="429")
+        fast = counter(metrics1, "fabricai_fast_refusals_total") - counter(
+            metrics0, "fabricai_fast_refusals_total")
+        result.update(
+            refused_429=refused, answered_fast=fast,
+            refusals_per_s=refused / result["wall_s"],
+            server_cpu_ms_per_refusal=1000 * cpu / refused if refused else None,
+            stream_tok_s_before=before, stream_tok_s_during=during,
+            stream_ratio=during / before if before else None,
+        )
         stop.set()
         nursery.cancel_scope.cancel()
     return result
 
 
+def server_env(args: argparse.Namespace, fast: bool) -> dict[str, str]:
+    env = {"ENGINE": args.engine, "MAX_CONCURRENT_REQUESTS": "2", "MAX_QUEUE_SIZE": "0",
+           "N_CTX": "16384", "N_THREADS": str(args.threads), "MAX_TOKENS_LIMIT": "8192",
+           "FAST_REFUSALS": "true" if fast else "false", "LOG_LEVEL": "INFO"}
+    if args.engine in ("batched", "llama"):
+        from fabricai_trio.engine.model_files import embedded_model_path
+        from fabricai_trio.settings import Settings
+
+        env["LLM_MODEL"] = str(embedded_model_path(Settings().model_cache_dir))
+    return env
+
+
+# --- the floor: a bare ASGI 429 under the same Hypercorn ---
+
+BARE_BODY = json.dumps({"error": {"code": "queue_full", "message": "full", "param": None,
+                                  "type": "rate_limit_error"}}).encode() + b"\n"
+BARE_HEADERS = [(b"content-type", b"application/json"),
+                (b"content-length", str(len(BARE_BODY)).encode()), (b"retry-after", b"1"),
+                (b"x-request-id", b"0123456789abcdef0123456789abcdef")]
+
+
+async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Read the request body, answer a prebuilt 429: the least an ASGI app can do."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    while (await receive()).get("more_body", False):
+        pass
+    await send({"type": "http.response.start", "status": 429, "headers": BARE_HEADERS})
+    await send({"type": "http.response.body", "body": BARE_BODY})
+
+
+def serve_bare(port: int) -> None:
+    """Hypercorn as our server runs it (`server.hypercorn_config`, `GuardedTCPServer`)."""
+    from hypercorn.trio import serve
+
+    from fabricai_trio.server import hypercorn_config
+    from fabricai_trio.settings import Settings
+
+    config = hypercorn_config(Settings(port=port))  # type: ignore[call-arg]
+    trio.run(serve, bare_app, config)
+
+
+def measure_floor(args: argparse.Namespace, script: Path) -> dict[str, Any]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.post(url, json={})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the bare server did not start"
+                time.sleep(0.1)
+        cpu0 = cpu_seconds(proc.pid)
+        result: dict[str, Any] = trio.run(storm, url, args, script)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        result.update(server_cpu_ms_per_refusal=1000 * cpu / result["requests"])
+        return result
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", default="batched")
+    parser.add_argument("--engine", default="tests.fakes:FakeEngine")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="per mode, alternating")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--py-spy", default=None)
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    env = {"ENGINE": args.engine, "MAX_CONCURRENT_REQUESTS": "2", "MAX_QUEUE_SIZE": "0",
-           "N_CTX": "8192", "N_THREADS": str(args.threads),
-           "MAX_TOKENS_LIMIT": "8192"}
-    if args.engine in ("batched", "llama"):
-        env["LLM_MODEL"] = str(embedded_model_path(Settings().model_cache_dir))
-    with tempfile.TemporaryDirectory() as logs, ServerProcess(env, log_dir=Path(logs)) as srv:
-        assert srv.proc is not None
-        result = trio.run(run, srv.url, args, srv.proc.pid)
-    print(json.dumps(result, indent=2))
+    if args.serve_bare is not None:
+        serve_bare(args.serve_bare)
+        return
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "python"
+    report: dict[str, Any] = {"engine": args.engine, "client": args.client,
+                              "connections": args.connections, "seconds": args.seconds,
+                              "load_average_start": load_average(), "rounds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT % json.dumps(STORM_BODY))
+        spy_to = args.py_spy
+        for i in range(args.rounds):
+            for fast in (True, False) if i % 2 == 0 else (False, True):
+                with ServerProcess(server_env(args, fast), log_dir=Path(tmp)) as srv:
+                    assert srv.proc is not None
+                    result = trio.run(measure_round, srv.url, srv.proc.pid, args, script,
+                                      spy_to if fast else None)
+                    if fast:
+                        spy_to = None
+                result.update(fast_refusals=fast, load_average=load_average())
+                report["rounds"].append(result)
+                print(json.dumps(result), file=sys.stderr)
+        if not args.no_floor:
+            report["floor_bare_asgi"] = measure_floor(args, script)
+    for mode, fast in (("fast", True), ("framework", False)):
+        rounds = [r for r in report["rounds"] if r["fast_refusals"] is fast]
+        report[mode] = {key: sorted(r[key] for r in rounds)[len(rounds) // 2]
+                        for key in ("refusals_per_s", "p50_ms", "p99_ms",
+                                    "server_cpu_ms_per_refusal", "stream_ratio")}
+    report["load_average_end"] = load_average()
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

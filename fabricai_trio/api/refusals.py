@@ -41,7 +41,7 @@ from typing import Any
 import trio
 from quart import Quart
 
-from ..auth import Authenticator, Identity
+from ..auth import ANONYMOUS_IDENTITY, Authenticator, Identity
 from ..core import jsonparse
 from ..core.errors import Dialect, DomainError
 from ..core.requests import GenerationRequest
@@ -163,6 +163,8 @@ class FastRefusals:
     def identify(self, scope: dict[str, Any]) -> Identity | None:
         """Who the request acts as, if the auth hook would accept it (see the module
         docstring); the headers as the hook reads them (the last of repeated ones)."""
+        if not self.auth.enabled:
+            return ANONYMOUS_IDENTITY
         headers = {
             bytes(k).decode("latin-1"): bytes(v).decode("latin-1") for k, v in scope["headers"]
         }
