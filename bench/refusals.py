@@ -156,15 +156,18 @@ async def measure_round(url: str, pid: int, args: argparse.Namespace, script: Pa
             nursery.start_soon(stream_forever, url, ticks, stop)
             await trio.sleep(1)  # admitted one after the other (there is no queue)
         await trio.sleep(2)  # both streams decoding
-        n0, t0 = len(ticks), time.perf_counter()
+        n0, t0, cpu_base = len(ticks), time.perf_counter(), cpu_seconds(pid)
         await trio.sleep(args.seconds)
-        before = (len(ticks) - n0) / (time.perf_counter() - t0)
+        base_wall = time.perf_counter() - t0
+        before = (len(ticks) - n0) / base_wall
+        streams_cpu = (cpu_seconds(pid) - cpu_base) / base_wall  # CPU s per s, streams only
         spy = None
         if spy_to:
             spy = subprocess.Popen(  # noqa: ASYNC220 (started, then awaited in a thread)
                 ["py-spy", "record", "-p", str(pid), "-o", spy_to, "-d", str(int(args.seconds)),
                  "-r", "200", "--nonblocking",
-                 *(["--format", "raw"] if spy_to.endswith(".txt") else [])])
+                 *(["--format", "raw"] if spy_to.endswith(".txt") else [])],
+                stdout=sys.stderr)  # stdout is the report
         metrics0 = (await http.get("/metrics")).text
         cpu0, n1, t1 = cpu_seconds(pid), len(ticks), time.perf_counter()
         result: dict[str, Any] = await storm(url, args, script)
@@ -177,12 +180,17 @@ async def measure_round(url: str, pid: int, args: argparse.Namespace, script: Pa
             metrics0, "fabricai_http_requests_total", status="429")
         fast = counter(metrics1, "fabricai_fast_refusals_total") - counter(
             metrics0, "fabricai_fast_refusals_total")
+        ratio = during / before if before else 1.0
+        # The streams' own CPU (their rate before the storm, scaled to their rate during
+        # it) is not the refusals'.
+        net = cpu - streams_cpu * result["wall_s"] * ratio
         result.update(
             refused_429=refused, answered_fast=fast,
             refusals_per_s=refused / result["wall_s"],
             server_cpu_ms_per_refusal=1000 * cpu / refused if refused else None,
-            stream_tok_s_before=before, stream_tok_s_during=during,
-            stream_ratio=during / before if before else None,
+            server_cpu_ms_per_refusal_net=1000 * net / refused if refused else None,
+            streams_cpu_share=streams_cpu,
+            stream_tok_s_before=before, stream_tok_s_during=during, stream_ratio=ratio,
         )
         stop.set()
         nursery.cancel_scope.cancel()
@@ -299,7 +307,7 @@ def main() -> None:
         rounds = [r for r in report["rounds"] if r["fast_refusals"] is fast]
         report[mode] = {key: sorted(r[key] for r in rounds)[len(rounds) // 2]
                         for key in ("refusals_per_s", "p50_ms", "p99_ms",
-                                    "server_cpu_ms_per_refusal", "stream_ratio")}
+                                    "server_cpu_ms_per_refusal_net", "stream_ratio")}
     report["load_average_end"] = load_average()
     print(json.dumps(report, indent=2))
 
