@@ -230,11 +230,15 @@ async def test_per_key_share_is_refused_fast_and_others_still_get_in() -> None:
         holding(client, app, headers=A),
         holding(client, app, headers=A, active=1, queued=1),
     ):
+        per_key = app.state.metrics.refusals.labels("fake", "per_key_limit", "normal")
+        counted = per_key._value.get()
         for path, body in REQUESTS:
             refused = await both_ways(app, client, path, body, headers=A)
             assert refused.status_code == 429
             assert refused.json()["error"]["code"] == "per_key_limit"
             assert refused.headers["retry-after"] == "1"
+        # Counted as the framework path counts it (by model, reason and class), both ways.
+        assert per_key._value.get() - counted == 2 * len(REQUESTS)
         before = fast_count(app)
         async with client.stream(
             "POST", SSE, json={"prompt": "x", "max_tokens": 2}, headers=B
