@@ -633,7 +633,8 @@ class GenerationService:
         lock_token: str | None = None
         if request.session_id is None:
             chosen.append(model)
-            # Refuse before the session and the tokenizer.
+            # Refuse before the session and the tokenizer. `refusal()` answers exactly
+            # this far (the HTTP fast path): a check added above must be added there too.
             model.admission.check_room(principal=owner)
         else:
             session = await self.open_session(
