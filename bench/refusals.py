@@ -18,7 +18,8 @@ The floor: the same storm against Hypercorn (same configuration and connection c
 as the server) serving a bare ASGI app that reads the body and sends a prebuilt 429:
 what the HTTP server alone costs here. `--py-spy out.svg` records the server during the
 storm of the first fast round (the `bench` extra; `out.txt`: collapsed stacks).
-Prints one JSON object.
+Prints one JSON object: every round, the median of each mode, the floor, and the ratios
+(fast path over framework path, fast path over the floor).
 """
 
 from __future__ import annotations
@@ -308,6 +309,18 @@ def main() -> None:
         report[mode] = {key: sorted(r[key] for r in rounds)[len(rounds) // 2]
                         for key in ("refusals_per_s", "p50_ms", "p99_ms",
                                     "server_cpu_ms_per_refusal_net", "stream_ratio")}
+    fast, framework = report["fast"], report["framework"]
+    ratios = {
+        "fast_over_framework_refusals_per_s": fast["refusals_per_s"] / framework["refusals_per_s"],
+        "fast_over_framework_cpu_per_refusal": (
+            fast["server_cpu_ms_per_refusal_net"] / framework["server_cpu_ms_per_refusal_net"]),
+    }
+    floor = report.get("floor_bare_asgi")
+    if floor:
+        ratios["fast_over_floor_cpu_per_refusal"] = (
+            fast["server_cpu_ms_per_refusal_net"] / floor["server_cpu_ms_per_refusal"])
+        ratios["fast_over_floor_refusals_per_s"] = fast["refusals_per_s"] / floor["per_s"]
+    report["ratios"] = ratios
     report["load_average_end"] = load_average()
     print(json.dumps(report, indent=2))
 
