@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import hypercorn.trio.run
 import trio
@@ -65,6 +66,20 @@ class GuardedTCPServer(TCPServer):
 
     #: A fixed-length response head waiting for its body (see the class docstring).
     _held = b""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_task = IdleTimer(self)  # type: ignore[assignment]
+
+    async def _read_data(self) -> None:
+        """Hypercorn's read loop; when it ends, the connection is done (every way of
+        closing it ends this loop), and so is its idle timer."""
+        try:
+            await super()._read_data()
+        finally:
+            timer = self.idle_task
+            if isinstance(timer, IdleTimer):
+                timer.close()
 
     def _limits(self) -> ConnectionLimits | None:
         limits = getattr(self.config, LIMITS_ATTRIBUTE, None)
@@ -128,6 +143,58 @@ class GuardedTCPServer(TCPServer):
                 gone = True
             if gone:
                 await self.protocol.handle(Closed())
+
+
+class IdleTimer:
+    """Hypercorn's idle-connection timeout with one task per connection.
+
+    Hypercorn stops its idle task when a request starts (`stop()`) and spawns a new one
+    when the connection is idle again (`restart()`): a task cancelled and another
+    started per request, about a tenth of the event loop's time in a storm of small
+    requests (py-spy, docs/performance.md). Here one task per connection waits, and a
+    request only moves its deadline. The behaviour is Hypercorn's `_idle_timeout`: an
+    idle connection is closed after `keep_alive_timeout`, or at once when the server
+    stops (a busy one when it next becomes idle)."""
+
+    def __init__(self, server: TCPServer) -> None:
+        self._server = server
+        self._timer = trio.CancelScope()  # its deadline: when an idle connection closes
+        self._life = trio.CancelScope()  # cancelled when the connection is done
+        self._started = False
+        self._idle = False
+        self._terminated = False
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection is idle from now (its first call starts the task)."""
+        self._idle = True
+        self._timer.deadline = (
+            -math.inf if self._terminated
+            else trio.current_time() + self._server.config.keep_alive_timeout
+        )
+        if not self._started:
+            self._started = True
+            await task_group._nursery.start(self._run)
+
+    async def stop(self) -> None:
+        """A request is being served: no timeout. (Like `restart()` after its first
+        call, it never checkpoints: a request costs no scheduling round here.)"""
+        self._idle = False
+        self._timer.deadline = math.inf
+
+    def close(self) -> None:
+        """The connection is done: the task ends."""
+        self._life.cancel()
+
+    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with self._life:
+            task_status.started()
+            with self._timer:
+                await self._server.context.terminated.wait()
+                self._terminated = True
+                if not self._idle:  # busy: closed when idle again (deadline now)
+                    await trio.sleep_forever()
+            with trio.CancelScope(shield=True):
+                await self._server._initiate_server_close()
 
 
 def fixed_length_head(data: bytes) -> bool:

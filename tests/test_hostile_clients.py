@@ -283,6 +283,40 @@ async def test_connections_beyond_max_connections_are_closed_at_once() -> None:
         assert served_again.startswith(b"HTTP/1.1 200")
 
 
+async def test_keep_alive_timeout_counts_from_the_last_response() -> None:
+    """`server.IdleTimer`: one timer per connection, moved by each request. A connection
+    used more often than KEEP_ALIVE_SECONDS stays open past it, a stream longer than it
+    is not cut, and a connection idle for longer is closed by the server."""
+    async with served(keep_alive_seconds=0.4) as (_, client):
+        port = int(str(client.base_url).rsplit(":", 1)[1])
+
+        def converse() -> tuple[list[bytes], bytes]:
+            answers = []
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                for _ in range(6):  # 6 times 0.15 s: past 0.4 s, never idle that long
+                    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    answers.append(sock.recv(4096))
+                    threading.Event().wait(0.15)
+                body = json.dumps({"prompt": "p", "max_tokens": 40}).encode()  # 0.8 s
+                sock.sendall(b"POST /v1/inference_sse HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                stream = b""
+                while b"event: complete" not in stream:
+                    chunk = sock.recv(65536)
+                    assert chunk, "the stream was cut"
+                    stream += chunk
+                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                answers.append(sock.recv(4096))
+                threading.Event().wait(1.0)  # idle past the timeout: the server closes
+                closed = sock.recv(4096)
+            return answers, closed
+
+        answers, closed = await trio.to_thread.run_sync(converse)
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
+        assert closed == b""
+
+
 async def test_sessions_and_sessions_that_never_connect_are_capped() -> None:
     async with served(socketio_max_unconnected=2, socketio_max_sessions=3) as (_, client):
         params = {"EIO": "4", "transport": "polling"}
