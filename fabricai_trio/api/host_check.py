@@ -33,9 +33,14 @@ def host_name(header: str) -> str:
 class HostAllowlist:
     """Which `Host` names are served; `None` patterns: loopback names only."""
 
+    #: `Host` values whose answer is remembered (every request asks; parsing an address
+    #: each time was a few percent of a small request's CPU). Past it, nothing is added.
+    MEMO_SIZE = 256
+
     def __init__(self, patterns: Iterable[str] | None) -> None:
         self.patterns = None if patterns is None else [p.lower() for p in patterns]
         self.any = self.patterns is not None and "*" in self.patterns
+        self._memo: dict[str, bool] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, auth_enabled: bool) -> HostAllowlist:
@@ -49,6 +54,15 @@ class HostAllowlist:
             return True
         if not header:
             return False
+        known = self._memo.get(header)
+        if known is not None:
+            return known
+        allowed = self._allows(header)
+        if len(self._memo) < self.MEMO_SIZE:
+            self._memo[header] = allowed
+        return allowed
+
+    def _allows(self, header: str) -> bool:
         name = host_name(header)
         if self.patterns is None:
             return is_loopback(name)

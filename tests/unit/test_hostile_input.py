@@ -197,6 +197,13 @@ def test_host_allowlist() -> None:
     assert loopback.allows_scope({"path": "/health", "headers": [(b"host", b"evil")]})
     assert not loopback.allows_scope({"path": "/v1/status", "headers": [(b"host", b"evil")]})
     assert not loopback.allows_scope({"path": "/v1/status", "headers": []})
+    # The same answers when remembered; the memory is bounded whatever the Host values.
+    for _ in range(2):
+        assert loopback.allows("localhost:8000") and not loopback.allows("evil.example")
+    for i in range(2 * HostAllowlist.MEMO_SIZE):
+        assert not loopback.allows(f"h{i}.example")
+    assert len(loopback._memo) == HostAllowlist.MEMO_SIZE
+    assert loopback.allows("127.0.0.9") and not loopback.allows("h9999.example")
 
 
 def test_allowed_hosts_default_follows_authentication() -> None:
