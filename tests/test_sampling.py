@@ -80,7 +80,7 @@ def test_greedy_penalties_follow_llama_cpp() -> None:
     greedy = _Greedy.of(Sampling(temperature=0, top_p=1, top_k=0, repeat_penalty=2.0, seed=None,
                                  frequency_penalty=0.5, presence_penalty=1.0,
                                  logit_bias={3: -100.0}))
-    greedy.recent.extend([0, 0, 1])
+    greedy.processor.recent.extend([0, 0, 1])
     logits = np.array([4.0, -1.0, 3.5, 50.0], dtype=np.float32)
     assert greedy.pick(logits) == 2
     assert logits.tolist() == [4 / 2 - 2 * 0.5 - 1, -1 * 2 - 0.5 - 1, 3.5, -50.0]

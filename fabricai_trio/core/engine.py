@@ -91,18 +91,57 @@ class EngineRequest:
     grammar: str | None = None
     """A GBNF grammar every sampled token must follow (constrained decoding), checked
     beforehand with `GrammarChecker.grammar_error`."""
+    logprobs: int | None = None
+    """Give each generated token's log-probability and those of the `logprobs` most
+    likely tokens at its step (0: the chosen token's only; at most `MAX_TOP_LOGPROBS`)
+    in `Chunk.logprobs`; None: none (and no cost). Only asked of an engine whose
+    `EngineInfo.logprobs` is true."""
     cache_scope: str | None = None
     """Whose prefix cache the request may read and fill: an engine reuses a prompt's KV
     only between requests of one scope (the principal), so that timing cannot tell one
     principal what another sent. None is the shared scope."""
 
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token an engine is asked for (OpenAI's `top_logprobs` limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One token and its log-probability at a step."""
+
+    token: int
+    piece: bytes  # the token's text as bytes (may be part of a UTF-8 character)
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens at its step
+    (`top`: most likely first, as many as asked).
+
+    The value is what the built-in engines sample from: the log-softmax over the whole
+    vocabulary of the logits after `logit_bias` and the repeat, frequency and presence
+    penalties; before the grammar's mask, temperature and top-k/top-p/min-p truncation
+    (docs/openai.md, "Log-probabilities")."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Text that became visible after `tokens` more tokens were decoded (may be empty)."""
+    """Text that became visible after `tokens` more tokens were decoded (may be empty).
+
+    With `EngineRequest.logprobs`: the log-probabilities of the tokens decoded since the
+    last chunk that carried some (end-of-generation tokens are not listed). A chunk
+    whose text is empty may carry some (a stop string held back, part of a character)."""
 
     text: str
     tokens: int = 1
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +190,9 @@ class EngineInfo:
     chat_template_source: str | None = None
     #: Tokens in the vocabulary, once loaded: a token id (`logit_bias`) is below it.
     n_vocab: int | None = None
+    #: Whether `EngineRequest.logprobs` is honoured (a request asking for logprobs of an
+    #: engine that cannot give them is refused with a 400 naming `logprobs`).
+    logprobs: bool = False
     tokens_generated: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +25,18 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from ..core.engine import EngineError, ModelLoadError
+from ..core.engine import EngineError, ModelLoadError, TokenLogprob
 from .batch_scheduler import BatchEntry, PadRow, SeqCopy, SeqRemove, StepPlan
+from .logprobs import PENALTY_LAST_N, LogitProcessor, Logits, token_logprob
+
+__all__ = ["PENALTY_LAST_N", "BatchRunner", "Sampling", "StepResult"]
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED
-PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size` default, as LlamaEngine has
 #: llama.cpp's `llama_token_data` as a numpy record, for candidate arrays over numpy.
 TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 MIN_P = 0.05  # Llama.generate defaults, kept so sampled output matches LlamaEngine
 TYPICAL_P = 1.0
 PAD_TOKEN = 2  # any valid token: a pad row's cell is dropped right after its step
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Sampling:
     temperature: float
@@ -51,6 +50,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, checked beforehand (ModelText.grammar_error)
+    logprobs: int | None = None  # report log-probabilities, with this many alternatives
 
 
 @dataclass(slots=True)
@@ -61,37 +61,24 @@ class _Greedy:
     passes: ~0.4 ms a sequence per step, against ~0.03 ms here, which at 8 sequences is
     about 5% of a step."""
 
-    penalty: np.float32
-    frequency: np.float32
-    presence: np.float32
-    bias_ids: np.ndarray[Any, np.dtype[np.intp]] | None = None
-    bias_values: np.ndarray[Any, np.dtype[np.float32]] | None = None
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
+    processor: LogitProcessor
 
     @classmethod
     def of(cls, s: Sampling) -> _Greedy:
-        greedy = cls(np.float32(s.repeat_penalty), np.float32(s.frequency_penalty),
-                     np.float32(s.presence_penalty))
-        if s.logit_bias:
-            greedy.bias_ids = np.fromiter(s.logit_bias, dtype=np.intp)
-            greedy.bias_values = np.fromiter(s.logit_bias.values(), dtype=np.float32)
-        return greedy
+        return cls(_processor(s))
 
-    def pick(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> int:
+    def pick(self, logits: Logits) -> int:
         """Penalise `logits` in place (they are ours until the next decode), take the top."""
-        if self.bias_ids is not None and self.bias_values is not None:
-            logits[self.bias_ids] += self.bias_values
-        if self.recent:
-            ids, counts = np.unique(np.fromiter(self.recent, dtype=np.intp), return_counts=True)
-            values = logits[ids]
-            if self.penalty != 1:
-                values = np.where(values <= 0, values * self.penalty, values / self.penalty)
-            if self.frequency or self.presence:
-                values = values - counts * self.frequency - self.presence
-            logits[ids] = values
+        self.processor.apply(logits)
         token = int(np.argmax(logits))
-        self.recent.append(token)
+        self.processor.accept(token)
         return token
+
+
+def _processor(s: Sampling) -> LogitProcessor:
+    return LogitProcessor.of(repeat_penalty=s.repeat_penalty,
+                             frequency_penalty=s.frequency_penalty,
+                             presence_penalty=s.presence_penalty, logit_bias=s.logit_bias)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +88,9 @@ class StepResult:
     error: str | None = None
     margins: dict[int, float] | None = None  # top-1 minus top-2 logit, if recorded
     kv: dict[int, tuple[int, int]] | None = None  # `kv_positions()` after the step, if asked
+    #: handle -> the sampled token's log-probabilities, for sequences that asked (not
+    #: for an end-of-generation token)
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
 
 
 class BatchRunner:
@@ -158,6 +148,9 @@ class BatchRunner:
         self._samplers: dict[int, Any] = {}  # handle -> llama.cpp sampler chain
         self._greedy: dict[int, _Greedy] = {}
         self._grammars: dict[int, Any] = {}  # handle -> llama.cpp grammar sampler
+        # handle -> bias and penalties for the log-probabilities of a sampled sequence
+        # (a greedy one has them in `_greedy`)
+        self._processors: dict[int, LogitProcessor] = {}
         self._candidates = np.empty(self._n_vocab, dtype=TOKEN_DATA)
         self._piece_buf = ctypes.create_string_buffer(256)
         self.n_seq_max = n_seq_max
@@ -175,12 +168,14 @@ class BatchRunner:
         result = self._run(plan, sampling)
         if snapshot:
             return StepResult(sampled=result.sampled, pieces=result.pieces, error=result.error,
-                              margins=result.margins, kv=self.kv_positions())
+                              margins=result.margins, kv=self.kv_positions(),
+                              logprobs=result.logprobs)
         return result
 
     def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling]) -> StepResult:
         for handle in plan.released:
             self._greedy.pop(handle, None)
+            self._processors.pop(handle, None)
             for samplers in (self._samplers, self._grammars):
                 sampler = samplers.pop(handle, None)
                 if sampler is not None:
@@ -193,6 +188,7 @@ class BatchRunner:
                 llama_cpp.llama_memory_seq_rm(self._mem, op.seq_id, -1, -1)
         sampled: dict[int, tuple[int, bool]] = {}
         pieces: dict[int, bytes] = {}
+        logprobs: dict[int, TokenLogprob] = {}
         margins: dict[int, float] | None = {} if self.record_margins else None
         decoding = [e for e in plan.entries if not e.prefill]
         calls = [(decoding, plan.pads)] if decoding else []
@@ -210,7 +206,10 @@ class BatchRunner:
                 )
                 sampled[handle] = (token, eog)
                 pieces[handle] = b"" if eog else self._piece(token)
-        return StepResult(sampled=sampled, pieces=pieces, margins=margins)
+                s = sampling.get(handle)
+                if s is not None and s.logprobs is not None and not eog:
+                    logprobs[handle] = self._logprob(handle, s, index, token, pieces[handle])
+        return StepResult(sampled=sampled, pieces=pieces, margins=margins, logprobs=logprobs)
 
     def _decode(
         self, entries: Sequence[BatchEntry], pads: Sequence[PadRow]
@@ -241,6 +240,24 @@ class BatchRunner:
         for pad in pads:
             llama_cpp.llama_memory_seq_rm(self._mem, pad.seq_id, pad.pos, -1)
         return f"llama_decode returned {rc}" if rc != 0 else out_index
+
+    def _logprob(self, handle: int, s: Sampling, index: int, token: int, piece: bytes
+                 ) -> TokenLogprob:
+        """`token`'s log-probabilities from logits row `index`, which a greedy sequence
+        has already biased and penalised in place (`_Greedy.pick`); a sampled one's get
+        the same here (llama.cpp's chain worked on a copy), and `token` is then counted
+        for its next penalties, as the chain counted it."""
+        logits = self._logits(index)
+        processor = None
+        if handle not in self._greedy:
+            processor = self._processors.get(handle)
+            if processor is None:
+                processor = self._processors[handle] = _processor(s)
+            processor.apply(logits)
+        result = token_logprob(logits, token, s.logprobs or 0, self._piece, piece)
+        if processor is not None:
+            processor.accept(token)
+        return result
 
     def _sample(self, handle: int, sampling: Mapping[int, Sampling], index: int) -> int:
         greedy = self._greedy.get(handle)
@@ -273,11 +290,11 @@ class BatchRunner:
         if greedy is not None:
             token = greedy.pick(logits)  # penalises `logits` in place
             if not self._allows(grammar, token):
-                greedy.recent.pop()
+                greedy.processor.recent.pop()
                 cur = self._candidate_array(logits)
                 llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
                 token = int(self._candidates["id"][np.argmax(self._candidates["logit"])])
-                greedy.recent.append(token)
+                greedy.processor.accept(token)
         else:
             chain = self._samplers[handle]
             token = self._apply(chain, self._candidate_array(logits))
@@ -289,7 +306,7 @@ class BatchRunner:
         llama_cpp.llama_sampler_accept(grammar, token)
         return token
 
-    def _candidate_array(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> Any:
+    def _candidate_array(self, logits: Logits) -> Any:
         """Every token with its logit, as llama.cpp's candidate array (over our buffer)."""
         cand = self._candidates
         cand["id"] = np.arange(self._n_vocab, dtype=np.intc)
@@ -312,7 +329,7 @@ class BatchRunner:
         llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
         return bool(np.isfinite(one[0].logit))
 
-    def _logits(self, index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    def _logits(self, index: int) -> Logits:
         return np.ctypeslib.as_array(
             llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
         )

@@ -48,12 +48,14 @@ from ..core.engine import (
     EngineInfo,
     EngineRequest,
     Finish,
+    TokenLogprob,
     choice_seed,
 )
 from ..core.textstream import TextAssembler
 from ..settings import Settings
 from .batch_scheduler import BatchScheduler, Sampled, SchedulerFull, StepPlan
 from .batch_step import BatchRunner, Sampling, StepResult, check_fits
+from .logprobs import LogprobQueue
 from .model_text import ModelText, ModelTextMethods
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,10 @@ class _Stream:
     assembler: TextAssembler
     items: deque[Chunk | Finish] = field(default_factory=deque)
     error: str | None = None  # the step carrying it failed
+    logprobs: LogprobQueue = field(default_factory=LogprobQueue)
+
+    def chunk(self, text: str, tokens: int, *, last: bool = False) -> Chunk:
+        return Chunk(text, tokens, self.logprobs.take(text, last=last))
 
 
 def _sampling(request: EngineRequest, seed: int | None) -> Sampling:
@@ -94,6 +100,7 @@ def _sampling(request: EngineRequest, seed: int | None) -> Sampling:
         frequency_penalty=request.frequency_penalty,
         logit_bias=request.logit_bias,
         grammar=request.grammar,
+        logprobs=request.logprobs,
     )
 
 
@@ -181,6 +188,7 @@ class BatchedEngine(ModelTextMethods):
             chat_template_source=text.template_source,
             loaded=self._loaded,
             n_vocab=text.n_vocab,
+            logprobs=True,
             tokens_generated=self._tokens_generated,
             extra={
                 "backend": "batched",
@@ -379,23 +387,28 @@ class BatchedEngine(ModelTextMethods):
             if stream is None:
                 continue
             self._tokens_generated += 1
-            self._emit(stream, sampled, result.pieces.get(sampled.handle, b""))
+            self._emit(stream, sampled, result.pieces.get(sampled.handle, b""),
+                       result.logprobs.get(sampled.handle))
 
-    def _emit(self, stream: _Stream, sampled: Sampled, piece: bytes) -> None:
+    def _emit(self, stream: _Stream, sampled: Sampled, piece: bytes,
+              logprob: TokenLogprob | None) -> None:
         """Mirror `LlamaEngine`: one Chunk per token; EOG counts as a completion token."""
         produced = self._scheduler.n_generated(stream.handle)
         items = stream.items
         if sampled.eog:
-            items += [Chunk(stream.assembler.flush(), 1), Finish("stop", produced)]
+            items += [stream.chunk(stream.assembler.flush(), 1, last=True),
+                      Finish("stop", produced)]
             return
+        stream.logprobs.add(logprob)
         text = stream.assembler.feed(piece)
         if stream.assembler.stopped:
             self._scheduler.finish(stream.handle)
-            items += [Chunk(text, 1), Finish("stop", produced)]
+            items += [stream.chunk(text, 1, last=True), Finish("stop", produced)]
             return
-        items.append(Chunk(text, 1))
+        items.append(stream.chunk(text, 1))
         if sampled.finish == "length":
-            items += [Chunk(stream.assembler.flush(), 0), Finish("length", produced)]
+            items += [stream.chunk(stream.assembler.flush(), 0, last=True),
+                      Finish("length", produced)]
 
     def _fail(self, plan: StepPlan, message: str) -> None:
         for handle in self._scheduler.fail(plan):

@@ -36,10 +36,12 @@ from ..core.engine import (
     EngineRequest,
     Finish,
     ModelLoadError,
+    TokenLogprob,
 )
 from ..core.textstream import TextAssembler
 from ..settings import Settings
 from .batch_scheduler import common_prefix
+from .logprobs import LogitProcessor, Logits, LogprobQueue, token_logprob
 from .model_text import ModelText, ModelTextMethods
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ class LlamaEngine(ModelTextMethods):
             chat_template_source=text.template_source,
             loaded=self._loaded,
             n_vocab=text.n_vocab,
+            logprobs=True,
             tokens_generated=self._tokens_generated,
             extra={"prefix_cache_hits": self._prefix_hits,
                    "prompt_tokens_reused": self._prompt_tokens_reused,
@@ -147,10 +150,11 @@ class LlamaEngine(ModelTextMethods):
         try:
             steps = _Decoder(ctx, request)
             assembler = TextAssembler(request.stop)
+            logprobs = LogprobQueue()
             produced = 0
             pending = self._start(steps.step)
             while pending is not None:
-                piece, end = await pending.result()
+                piece, end, logprob = await pending.result()
                 pending = None
                 produced += 1
                 self._tokens_generated += 1
@@ -159,16 +163,19 @@ class LlamaEngine(ModelTextMethods):
                     # decode thread idles while the event loop sends (~5% of the time).
                     pending = self._start(steps.step)
                 if end:
-                    yield Chunk(assembler.flush(), 1)
+                    text = assembler.flush()
+                    yield Chunk(text, 1, logprobs.take(text, last=True))
                     yield Finish("stop", produced)
                     return
+                logprobs.add(logprob)
                 text = assembler.feed(piece)
                 if assembler.stopped:
-                    yield Chunk(text, 1)
+                    yield Chunk(text, 1, logprobs.take(text, last=True))
                     yield Finish("stop", produced)
                     return
-                yield Chunk(text, 1)
-            yield Chunk(assembler.flush(), 0)
+                yield Chunk(text, 1, logprobs.take(text))
+            text = assembler.flush()
+            yield Chunk(text, 0, logprobs.take(text, last=True))
             yield Finish("length", produced)
         finally:
             if pending is not None:  # never give back a context a thread still uses
@@ -192,7 +199,7 @@ class LlamaEngine(ModelTextMethods):
             self._prefix_hits += 1
             self._prompt_tokens_reused += reused
 
-    def _start(self, step: Callable[[], tuple[bytes, bool]]) -> _StepInThread:
+    def _start(self, step: Callable[[], _Step]) -> _StepInThread:
         """Start a decode step, counted until it settles; none once `aclose()` began."""
         if self._closing:
             raise EngineError("the engine is closed")
@@ -206,6 +213,9 @@ class LlamaEngine(ModelTextMethods):
             self._steps_idle = trio.Event()
 
 
+_Step = tuple[bytes, bool, TokenLogprob | None]  # a token's bytes, end, its logprobs
+
+
 class _StepInThread:
     """One decode step started in a worker thread now, awaited later.
 
@@ -215,23 +225,22 @@ class _StepInThread:
     a thread that holds a llama context is never abandoned.
     """
 
-    def __init__(self, step: Callable[[], tuple[bytes, bool]],
-                 settled: Callable[[], None]) -> None:
+    def __init__(self, step: Callable[[], _Step], settled: Callable[[], None]) -> None:
         self._done = trio.Event()
-        self._outcome: outcome.Outcome[tuple[bytes, bool]] | None = None
+        self._outcome: outcome.Outcome[_Step] | None = None
         token = trio.lowlevel.current_trio_token()
 
         def finished() -> None:  # in the trio thread
             self._done.set()
             settled()
 
-        def deliver(result: outcome.Outcome[tuple[bytes, bool]]) -> None:
+        def deliver(result: outcome.Outcome[_Step]) -> None:
             self._outcome = result
             token.run_sync_soon(finished)
 
         trio.lowlevel.start_thread_soon(step, deliver)
 
-    async def result(self) -> tuple[bytes, bool]:
+    async def result(self) -> _Step:
         """The step's result. Cancelled: the step keeps running; call `settle()`."""
         await self._done.wait()
         assert self._outcome is not None
@@ -245,7 +254,7 @@ class _StepInThread:
         return 1 if isinstance(self._outcome, outcome.Value) and not self._outcome.value[1] else 0
 
 
-def _biased(bias: Mapping[int, float]) -> llama_cpp.LogitsProcessorList:
+def _biased(bias: Mapping[int, float]) -> Callable[[Any, Any], Any]:
     """`logit_bias` for `Llama.generate`: added to the logits before sampling."""
     ids = np.fromiter(bias, dtype=np.intp)
     values = np.fromiter(bias.values(), dtype=np.float32)
@@ -254,23 +263,43 @@ def _biased(bias: Mapping[int, float]) -> llama_cpp.LogitsProcessorList:
         scores[ids] += values
         return scores
 
-    return llama_cpp.LogitsProcessorList([add_bias])
+    return add_bias
 
 
 class _Decoder:
-    """One generation on one context; `step()` runs in a worker thread."""
+    """One generation on one context; `step()` runs in a worker thread.
+
+    With `logprobs`, a logits processor ahead of the others keeps a copy of each step's
+    raw logits (llama-cpp-python's chain, like llama.cpp's, biases and penalises a copy
+    of the context's logits), and `step()` computes the token's log-probabilities from
+    it with the batched engine's own `LogitProcessor`, so both engines report the same
+    values for the same logits."""
 
     def __init__(self, ctx: llama_cpp.Llama, request: EngineRequest) -> None:
         self._ctx = ctx
         self._request = request
         self._tokens: Any = None
+        self._logits: Logits | None = None
+        self._processor = None if request.logprobs is None else LogitProcessor.of(
+            repeat_penalty=request.repeat_penalty, logit_bias=request.logit_bias,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty)
 
-    def step(self) -> tuple[bytes, bool]:
-        """Decode one token: (its bytes, end of generation)."""
+    def _keep_logits(self, _: Any, scores: Any) -> Any:
+        self._logits = np.array(scores, dtype=np.float32)
+        return scores
+
+    def step(self) -> _Step:
+        """Decode one token: (its bytes, end of generation, its log-probabilities)."""
         ctx = self._ctx
         try:
             if self._tokens is None:
                 r = self._request
+                processors: list[Callable[[Any, Any], Any]] = []
+                if self._processor is not None:
+                    processors.append(self._keep_logits)
+                if r.logit_bias:
+                    processors.append(_biased(r.logit_bias))
                 ctx.set_seed(RANDOM_SEED if r.seed is None else r.seed)
                 self._tokens = ctx.generate(
                     list(r.prompt_tokens),
@@ -281,16 +310,27 @@ class _Decoder:
                     repeat_penalty=r.repeat_penalty,
                     frequency_penalty=r.frequency_penalty,
                     presence_penalty=r.presence_penalty,
-                    logits_processor=_biased(r.logit_bias) if r.logit_bias else None,
+                    logits_processor=llama_cpp.LogitsProcessorList(processors)
+                    if processors else None,
                     grammar=LlamaGrammar.from_string(r.grammar) if r.grammar else None,
                 )
             token = next(self._tokens)
         except StopIteration:
-            return (b"", True)
+            return (b"", True, None)
         except Exception as exc:
             raise EngineError(f"decode failed: {exc}") from exc
         if llama_cpp.llama_vocab_is_eog(ctx._model.vocab, token) or (
             token in self._request.stop_tokens
         ):
-            return (b"", True)
-        return (ctx.detokenize([token]), False)
+            return (b"", True, None)
+        piece = ctx.detokenize([token])
+        return (piece, False, self._logprob(token, piece))
+
+    def _logprob(self, token: int, piece: bytes) -> TokenLogprob | None:
+        processor, logits = self._processor, self._logits
+        if processor is None or logits is None:
+            return None
+        processor.apply(logits)
+        processor.accept(token)
+        return token_logprob(logits, token, self._request.logprobs or 0,
+                             lambda t: self._ctx.detokenize([t]), piece)
