@@ -76,6 +76,7 @@ from .core.events import (
     StreamEvent,
     Timings,
     TokenEvent,
+    TokenLogprobs,
     Usage,
 )
 from .core.messages import ChatMessage
@@ -174,6 +175,10 @@ class Generation:
     #: (api/streaming.py) unblocks it, so the cancel takes effect at once.
     on_cancel: Callable[[], None] | None = None
     text: str = ""
+    #: With `logprobs`: those of the tokens of `text` so far; `logprobs_sent` of them
+    #: went out on token events (a chunk without text holds its own back).
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    logprobs_sent: int = 0
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     #: What ended it with an `error` event (then `finish_reason` is `error`).
@@ -319,6 +324,8 @@ class Generation:
                             last_chunk_at = now
                             self.completion_tokens += item.tokens
                             choice.completion_tokens += item.tokens
+                            # (logprobs: n is 1, the request's parse refuses more)
+                            self.logprobs += map(TokenLogprobs.of_token, item.logprobs)
                             if item.text:
                                 if self.first_token_at is None:
                                     self.first_token_at = now
@@ -328,6 +335,7 @@ class Generation:
                                 yield self._logged(TokenEvent(
                                     request_id=rid, index=index, text=item.text,
                                     choice=number if n > 1 else None,
+                                    logprobs=self._unsent_logprobs(),
                                 ))
                                 index += 1
                         else:
@@ -357,6 +365,14 @@ class Generation:
             with trio.CancelScope(shield=True):
                 await self.close(store_turn=started)
 
+    def _unsent_logprobs(self) -> list[TokenLogprobs] | None:
+        """The logprobs for the next token event (None: not asked for)."""
+        if not self.request.logprobs:
+            return None
+        unsent = self.logprobs[self.logprobs_sent:]
+        self.logprobs_sent = len(self.logprobs)
+        return unsent
+
     def complete_event(self) -> CompleteEvent:
         """The `complete` event for the generation as it stands (finished or cancelled)."""
         done = time.monotonic()
@@ -383,6 +399,7 @@ class Generation:
             ),
             timings=_timings(self.created_at, self.admitted_at or done, self.first_token_at,
                              done, self.completion_tokens),
+            logprobs=list(self.logprobs) if self.request.logprobs else None,
         )
 
     async def _end(self, *, store_turn: bool = True) -> None:
@@ -663,7 +680,11 @@ class GenerationService:
                     len(m.content.encode("utf-8", "surrogatepass")) for m in new_messages
                 ) > limit:
                     raise SessionTooLarge(limit)
-            bias = logit_bias(request, model.engine.info().n_vocab)
+            info = model.engine.info()
+            bias = logit_bias(request, info.n_vocab)
+            if request.logprobs and not info.logprobs:
+                raise InvalidField("logprobs", "this model's engine does not return "
+                                   "log-probabilities")
             grammar = request_grammar(request, model.engine)
             prompt = await self._prompt_tokens(model, request, session, new_messages, max_tokens)
             # What fair turns and token limits weigh: the prompt is evaluated once.
@@ -699,6 +720,7 @@ class GenerationService:
             frequency_penalty=request.frequency_penalty,
             logit_bias=bias,
             grammar=grammar,
+            logprobs=request.engine_logprobs,
             seed=request.seed,
             stop=tuple(dict.fromkeys([*_user_stops(request), *prompt.stop])),
             stop_tokens=prompt.stop_tokens,

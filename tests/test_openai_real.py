@@ -167,7 +167,8 @@ def test_seed_and_sampling_params_are_applied(client: openai.OpenAI) -> None:
     [
         ({"n": 2}, "n", "too_many_choices"),  # one slot: two choices can never run
         ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
-        ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_field"),
+        ({"logprobs": True, "n": 2}, "logprobs", "unsupported_value"),
         ({"presence_penalty": 2.5}, "presence_penalty", "invalid_field"),
         ({"logit_bias": {"not-a-token": 1}}, "logit_bias", "invalid_field"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias", "invalid_field"),

@@ -198,7 +198,8 @@ async def test_invalid_requests_are_400_naming_the_field(
     async with running() as (client, engine, _):
         cases: list[tuple[dict[str, Any], str, str]] = [
             ({"n": 0}, "invalid_field", "n"),
-            ({"logprobs": True}, "unsupported_parameter", "logprobs"),
+            # the fake engine, like any plug-in whose info() does not say logprobs
+            ({"logprobs": True}, "invalid_field", "logprobs"),
             ({"max_tokens": 100_000}, "invalid_field", "max_tokens"),
             ({"stream_options": {"include_usage": True}}, "invalid_value", "stream_options"),
             ({"bogus": 1}, "invalid_field", "bogus"),

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
+from .engine import TokenLogprob, TopLogprob
+
 #: How a generation ended. `cancelled`: a client, a disconnect or a shutdown stopped it.
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 #: Why a generation was cancelled: its client asked, its client went away, the server
@@ -50,6 +52,34 @@ class Timings(BaseModel):
     tokens_per_second: float | None
 
 
+class Logprob(BaseModel):
+    """A token and its log-probability at one step (OpenAI's chat shape, plus `id`)."""
+
+    id: int
+    #: The token's text; a token that is part of a UTF-8 character shows U+FFFD here
+    #: (its `bytes` are exact).
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, item: TopLogprob | TokenLogprob) -> Logprob:
+        return cls(id=item.token, token=item.piece.decode("utf-8", errors="replace"),
+                   logprob=item.logprob, bytes=list(item.piece))
+
+
+class TokenLogprobs(Logprob):
+    """A generated token's log-probability and the most likely tokens at its step,
+    most likely first (`top_logprobs` of them; docs/openai.md says which values)."""
+
+    top_logprobs: list[Logprob]
+
+    @classmethod
+    def of_token(cls, item: TokenLogprob) -> TokenLogprobs:
+        return cls(**Logprob.of(item).model_dump(),
+                   top_logprobs=[Logprob.of(top) for top in item.top])
+
+
 class QueuedEvent(BaseModel):
     request_id: str
     position: int
@@ -68,10 +98,13 @@ class TokenEvent(BaseModel):
     text: str
     #: Which of a request's `n` choices the text belongs to; absent when n is 1.
     choice: int | None = None
+    #: With `logprobs`: those of the tokens that made `text` (absent otherwise).
+    logprobs: list[TokenLogprobs] | None = None
 
     @model_serializer(mode="wrap")
-    def _without_choice(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        return _omit_none(handler(self), "choice")
+    def _without_unset_extensions(self, handler: SerializerFunctionWrapHandler
+                                  ) -> dict[str, object]:
+        return _omit_none(handler(self), "choice", "logprobs")
 
 
 class ChoiceResult(BaseModel):
@@ -95,10 +128,13 @@ class CompleteEvent(BaseModel):
     usage: Usage
     timings: Timings
     choices: list[ChoiceResult] | None = None
+    #: With `logprobs`: those of every token of `text` (absent otherwise).
+    logprobs: list[TokenLogprobs] | None = None
 
     @model_serializer(mode="wrap")
-    def _without_choices(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        return _omit_none(handler(self), "choices")
+    def _without_unset_extensions(self, handler: SerializerFunctionWrapHandler
+                                  ) -> dict[str, object]:
+        return _omit_none(handler(self), "choices", "logprobs")
 
 
 class ErrorEvent(BaseModel):

@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from .engine import MAX_TOP_LOGPROBS
 from .errors import InvalidBody, Unsupported, invalid_field
 from .ids import SESSION_ID_PATTERN, is_request_id, new_request_id
 from .messages import ChatMessage
@@ -138,6 +139,10 @@ class GenerationRequest(SamplingParams):
     #: Choices to generate from the one prompt (OpenAI's `n`; the OpenAI routes only):
     #: each takes a slot, choice i samples with `seed + i`.
     n: int = Field(1, ge=1, le=256)
+    #: Each token's log-probability (on `token` events and in `complete`), with the
+    #: `top_logprobs` most likely tokens at its step.
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("request_id")
     @classmethod
@@ -164,7 +169,14 @@ class GenerationRequest(SamplingParams):
             raise ValueError("`messages` must not be empty")
         if self.grammar is not None and self.constrained_format is not None:
             raise ValueError("give `grammar` or a JSON `response_format`, not both")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
         return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """`EngineRequest.logprobs`: how many alternatives, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def constrained_format(self) -> ResponseFormat | None:

@@ -21,8 +21,9 @@ from pydantic import (
     model_serializer,
 )
 
+from ...core.engine import MAX_TOP_LOGPROBS
 from ...core.errors import InvalidBody, InvalidField, InvalidValue, Unsupported, invalid_field
-from ...core.events import Usage
+from ...core.events import TokenLogprobs, Usage
 from ...core.ids import SESSION_ID_PATTERN
 from ...core.messages import ChatMessage, ChatRole, ToolCall
 from ...core.requests import GenerationRequest
@@ -107,8 +108,6 @@ def _false(value: Any) -> bool:
 UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "functions": _empty,
     "function_call": lambda v: v in (None, "none", "auto"),
-    "logprobs": _false,
-    "top_logprobs": lambda v: v in (None, 0),
     "modalities": lambda v: v in (None, ["text"]),
     "audio": _never,
     "prediction": _never,
@@ -121,7 +120,6 @@ UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
 }
 
 UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
-    "logprobs": lambda v: v in (None, 0),
     "echo": _false,
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
@@ -172,7 +170,10 @@ class _SamplingFields(BaseModel):
         "(for prompts that are public anyway); private to the caller by default.",
     )
 
-    def _check_common(self) -> None:
+    def _check_common(self, *, logprobs: bool = False) -> None:
+        if logprobs and (self.n or 1) > 1:
+            raise unsupported("logprobs", "logprobs with n > 1 is not supported yet",
+                              code="unsupported_value")
         if self.stream_options is not None and not self.stream:
             raise InvalidValue("stream_options is only allowed with stream=true",
                                param="stream_options")
@@ -236,13 +237,23 @@ class ChatCompletionRequest(_SamplingFields):
         )
         config.check()
         return config
+    logprobs: bool | None = Field(
+        None, description="Each token's log-probability in `choices[].logprobs.content`.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="With `logprobs`: this many most likely tokens at each step.")
 
     def to_generation_request(
         self, *, request_id: str, max_tokens_limit: int
     ) -> GenerationRequest:
-        self._check_common()
+        self._check_common(logprobs=bool(self.logprobs))
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidValue("top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [_to_chat_message(i, m) for i, m in enumerate(self.messages)]
         tools = self.tool_config()
+        if self.logprobs and tools is not None and tools.active:
+            raise unsupported("logprobs", "logprobs with tools is not supported yet",
+                              code="unsupported_value")
         if self.session_id is not None and (
             (tools is not None and tools.active) or has_tool_turns(messages)
         ):
@@ -266,6 +277,8 @@ class ChatCompletionRequest(_SamplingFields):
                 "model": self.model,
                 "request_id": request_id,
                 "tools": tools,
+                "logprobs": self.logprobs,
+                "top_logprobs": self.top_logprobs if self.logprobs else None,
             },
             max_tokens_limit,
             rename={"max_tokens": param},
@@ -276,11 +289,15 @@ class CompletionRequest(_SamplingFields):
     """`POST /v1/completions`: a raw prompt (a string, or a list of one string)."""
 
     prompt: str | list[str]
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="Each token's log-probability, with this many most likely tokens at "
+        "each step (OpenAI allows up to 5, this server up to 20, as vLLM).")
 
     def to_generation_request(
         self, *, request_id: str, max_tokens_limit: int
     ) -> GenerationRequest:
-        self._check_common()
+        self._check_common(logprobs=self.logprobs is not None)
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -294,6 +311,8 @@ class CompletionRequest(_SamplingFields):
                 "max_tokens": self.max_tokens,
                 "model": self.model,
                 "request_id": request_id,
+                "logprobs": self.logprobs is not None,
+                "top_logprobs": self.logprobs,
             },
             max_tokens_limit,
         )
@@ -407,11 +426,29 @@ class ChatCompletionMessage(BaseModel):
         return data
 
 
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's (or chunk's) log-probabilities, one entry per token."""
+
+    content: list[TokenLogprobs] | None
+    refusal: list[TokenLogprobs] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: per token its text, log-probability, the most
+    likely tokens at its step (text -> log-probability, with the chosen one) and where
+    it starts in the choice's text (characters)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: OpenAIFinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -459,7 +496,7 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: OpenAIFinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -478,7 +515,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: OpenAIFinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -517,6 +554,8 @@ class ModelCapabilities(BaseModel):
     sessions: bool = True
     #: `response_format` json_object / json_schema and `grammar` (constrained decoding).
     structured_output: bool = False
+    #: `logprobs` / `top_logprobs`.
+    logprobs: bool = False
     #: `tools` with every `tool_choice` (`required` and a named function need
     #: constrained decoding; `auto` works on any engine).
     tools: bool = False

@@ -140,6 +140,7 @@ async def list_models() -> Response:
             ),
             capabilities=ModelCapabilities(
                 structured_output=isinstance(model.engine, GrammarChecker),
-                tools=isinstance(model.engine, GrammarChecker)),
+                tools=isinstance(model.engine, GrammarChecker),
+                logprobs=info.logprobs),
         ))
     return json_response(ModelList(data=cards))

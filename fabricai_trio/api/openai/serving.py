@@ -8,8 +8,9 @@ only in how a body looks, which a `Format` says.
 
 from __future__ import annotations
 
+import codecs
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,7 +18,14 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from ...core.errors import InternalError, error_object
-from ...core.events import CompleteEvent, ErrorEvent, FinishReason, TokenEvent, Usage
+from ...core.events import (
+    CompleteEvent,
+    ErrorEvent,
+    FinishReason,
+    TokenEvent,
+    TokenLogprobs,
+    Usage,
+)
 from ...core.tools import CallStart, ContentDelta, Delta, ToolCallParser, ToolConfig
 from ...generation import KEEPALIVE, Generation, Keepalive
 from .protocol import (
@@ -27,8 +35,10 @@ from .protocol import (
     ChatCompletionMessage,
     ChatCompletionMessageToolCall,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionResponse,
     DeltaFunctionCall,
     DeltaMessage,
@@ -46,6 +56,9 @@ def finish_reason(reason: FinishReason) -> OpenAIFinishReason:
     return "length" if reason == "length" else "stop"
 
 
+Logprobs = Sequence[TokenLogprobs] | None
+
+
 def choices_of(complete: CompleteEvent) -> list[tuple[int, str, FinishReason]]:
     """(index, text, finish reason) of every choice the generation made."""
     if complete.choices is None:
@@ -61,14 +74,18 @@ class Format(Protocol):
 
     def chunk(
         self, *, text: str | None = None, first: bool = False,
-        finish: OpenAIFinishReason | None = None, index: int = 0,
+        finish: OpenAIFinishReason | None = None, index: int = 0, logprobs: Logprobs = None,
     ) -> BaseModel | None: ...
 
-    def token_chunks(self, text: str, index: int = 0) -> list[BaseModel]:
-        """The chunks for generated text (none while it is held back)."""
+    def token_chunks(self, text: str, index: int = 0, logprobs: Logprobs = None
+                     ) -> list[BaseModel]:
+        """The chunks for generated text (none while it is held back); `logprobs`:
+        those of its tokens (None: not asked for)."""
 
-    def final_chunks(self, reason: FinishReason, index: int = 0) -> list[BaseModel]:
-        """What was held back, then the chunk with the finish reason."""
+    def final_chunks(self, reason: FinishReason, index: int = 0, logprobs: Logprobs = None
+                     ) -> list[BaseModel]:
+        """What was held back, then the chunk with the finish reason (and the
+        `logprobs` of tokens that showed no text)."""
 
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
 
@@ -122,7 +139,9 @@ class ChatFormat:
         for index, text, reason in choices_of(complete):
             message = self._message(text, index)
             choices.append(ChatCompletionChoice(
-                index=index, message=message, finish_reason=self.finish_reason(reason, index)))
+                index=index, message=message, finish_reason=self.finish_reason(reason, index),
+                # logprobs: n is 1 (the request's parse refuses more)
+                logprobs=_chat_logprobs(complete.logprobs)))
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=complete.usage,
             choices=choices,
@@ -130,33 +149,37 @@ class ChatFormat:
 
     def chunk(
         self, *, text: str | None = None, first: bool = False,
-        finish: OpenAIFinishReason | None = None, index: int = 0,
+        finish: OpenAIFinishReason | None = None, index: int = 0, logprobs: Logprobs = None,
     ) -> ChatCompletionChunk:
         delta = DeltaMessage(role="assistant", content="") if first else DeltaMessage(
             content=text or None
         )
-        return self._chunk(delta, finish, index)
+        return self._chunk(delta, finish, index, logprobs)
 
     def _chunk(self, delta: DeltaMessage, finish: OpenAIFinishReason | None = None,
-               index: int = 0) -> ChatCompletionChunk:
+               index: int = 0, logprobs: Logprobs = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model,
-            choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish)],
+            choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                               logprobs=_chat_logprobs(logprobs))],
         )
 
-    def token_chunks(self, text: str, index: int = 0) -> list[BaseModel]:
+    def token_chunks(self, text: str, index: int = 0, logprobs: Logprobs = None
+                     ) -> list[BaseModel]:
         parser = self.parser(index)
         if parser is None:
-            return [self.chunk(text=text, index=index)]
+            return [self.chunk(text=text, index=index, logprobs=logprobs)]
+        # (logprobs: not with tools, the request's parse refuses them)
         return [self._chunk(_delta(d), index=index) for d in parser.feed(text)]
 
-    def final_chunks(self, reason: FinishReason, index: int = 0) -> list[BaseModel]:
+    def final_chunks(self, reason: FinishReason, index: int = 0, logprobs: Logprobs = None
+                     ) -> list[BaseModel]:
         held: list[BaseModel] = []
         parser = self.parser(index)
         if parser is not None:
             held = [self._chunk(_delta(d), index=index) for d in parser.finish()]
         return [*held, self.chunk(text="", finish=self.finish_reason(reason, index),
-                                  index=index)]
+                                  index=index, logprobs=logprobs)]
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -176,39 +199,75 @@ def _delta(item: Delta) -> DeltaMessage:
         index=item.index, function=DeltaFunctionCall(arguments=item.text))])
 
 
+def _chat_logprobs(logprobs: Logprobs) -> ChoiceLogprobs | None:
+    return None if logprobs is None else ChoiceLogprobs(content=list(logprobs))
+
+
+class TextOffsets:
+    """Where each token of one choice starts in its text, in characters (a token that
+    starts inside a character counts from that character's start)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def legacy(self, logprobs: Sequence[TokenLogprobs]) -> CompletionLogprobs:
+        """The completions shape of the next tokens of the choice."""
+        offsets = []
+        for entry in logprobs:
+            offsets.append(self._chars)
+            self._chars += len(self._decoder.decode(bytes(entry.bytes)))
+        return CompletionLogprobs(
+            tokens=[entry.token for entry in logprobs],
+            token_logprobs=[entry.logprob for entry in logprobs],
+            # the most likely tokens and the chosen one (as OpenAI: up to n + 1 of them)
+            top_logprobs=[{**{top.token: top.logprob for top in entry.top_logprobs},
+                           entry.token: entry.logprob} for entry in logprobs],
+            text_offset=offsets,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionFormat:
     id: str
     model: str
     created: int
+    offsets: TextOffsets = field(default_factory=TextOffsets)  # of the streamed chunks
 
     def response(self, complete: CompleteEvent) -> CompletionResponse:
+        logprobs = complete.logprobs  # n is 1 (the request's parse refuses more)
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=complete.usage,
-            choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason(reason))
-                     for index, text, reason in choices_of(complete)],
+            choices=[CompletionChoice(
+                index=index, text=text, finish_reason=finish_reason(reason),
+                logprobs=None if logprobs is None else TextOffsets().legacy(logprobs))
+                for index, text, reason in choices_of(complete)],
         )
 
     def chunk(
         self, *, text: str | None = None, first: bool = False,
-        finish: OpenAIFinishReason | None = None, index: int = 0,
+        finish: OpenAIFinishReason | None = None, index: int = 0, logprobs: Logprobs = None,
     ) -> CompletionChunk | None:
         if first:
             return None  # completions have no role chunk
-        return self._text_chunk(text or "", finish, index)
+        return self._text_chunk(text or "", finish, index, logprobs)
 
     def _text_chunk(self, text: str, finish: OpenAIFinishReason | None = None,
-                    index: int = 0) -> CompletionChunk:
+                    index: int = 0, logprobs: Logprobs = None) -> CompletionChunk:
         return CompletionChunk(
             id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(index=index, text=text, finish_reason=finish)],
+            choices=[CompletionChoice(
+                index=index, text=text, finish_reason=finish,
+                logprobs=None if logprobs is None else self.offsets.legacy(logprobs))],
         )
 
-    def token_chunks(self, text: str, index: int = 0) -> list[BaseModel]:
-        return [self._text_chunk(text, index=index)]
+    def token_chunks(self, text: str, index: int = 0, logprobs: Logprobs = None
+                     ) -> list[BaseModel]:
+        return [self._text_chunk(text, index=index, logprobs=logprobs)]
 
-    def final_chunks(self, reason: FinishReason, index: int = 0) -> list[BaseModel]:
-        return [self._text_chunk("", finish_reason(reason), index)]
+    def final_chunks(self, reason: FinishReason, index: int = 0, logprobs: Logprobs = None
+                     ) -> list[BaseModel]:
+        return [self._text_chunk("", finish_reason(reason), index, logprobs)]
 
     def usage_chunk(self, usage: Usage) -> CompletionChunk:
         return CompletionChunk(
@@ -251,16 +310,20 @@ async def stream(
 
     Closing this iterator (a client disconnect) closes the generation.
     """
+    sent = 0  # logprobs sent with the tokens
     async with aclosing(generation.events()) as events:
         async for event in events:
             if isinstance(event, Keepalive):
                 yield KEEPALIVE
             elif isinstance(event, TokenEvent):
-                for chunk in fmt.token_chunks(event.text, event.choice or 0):
+                sent += len(event.logprobs or ())
+                for chunk in fmt.token_chunks(event.text, event.choice or 0, event.logprobs):
                     yield chunk
             elif isinstance(event, CompleteEvent):
+                # Tokens that showed no text (a character cut short at the end) go last.
+                rest = event.logprobs[sent:] if event.logprobs else None
                 for index, _, reason in choices_of(event):
-                    for chunk in fmt.final_chunks(reason, index):
+                    for chunk in fmt.final_chunks(reason, index, rest or None):
                         yield chunk
                 if include_usage:
                     yield fmt.usage_chunk(event.usage)
