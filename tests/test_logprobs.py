@@ -11,6 +11,7 @@ the tokens spelling the text.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import socketio
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionTokenLogprob
 
 from fabricai_trio.core.engine import Chunk, EngineRequest, TokenLogprob
@@ -182,6 +184,32 @@ def test_sse_token_events_carry_logprobs(each_engine_server: ServerProcess) -> N
     plain = httpx.post(f"{each_engine_server.url}/v1/inference_sse", timeout=60,
                        json={"prompt": PROMPT, "max_tokens": 2})
     assert "logprobs" not in plain.text
+
+
+def test_socketio_token_events_carry_logprobs(each_engine_server: ServerProcess) -> None:
+    sio = socketio.Client(reconnection=False)
+    done = threading.Event()
+    tokens: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+
+    def on_complete(data: dict[str, Any]) -> None:
+        result.update(data)
+        done.set()
+
+    sio.on("inference_token", tokens.append)
+    sio.on("inference_complete", on_complete)
+    sio.connect(each_engine_server.url, transports=["websocket"], wait_timeout=10)
+    try:
+        ack = sio.call("inference_prompt", {"prompt": PROMPT, "max_tokens": 6,
+                                            "temperature": 0, "logprobs": True}, timeout=30)
+        assert "error" not in ack, ack
+        assert done.wait(60)
+    finally:
+        sio.disconnect()
+    per_event = [entry for t in tokens for entry in t["logprobs"]]
+    assert per_event == result["logprobs"] and per_event
+    assert all(entry["top_logprobs"] == [] for entry in per_event)
+    assert "".join(entry["token"] for entry in per_event) == result["text"]
 
 
 def test_models_list_logprobs(client: openai.OpenAI) -> None:
