@@ -39,9 +39,11 @@ from .core.engine import (
     EngineError,
     EngineRequest,
     Finish,
+    TokenLogprob,
     TokenMemo,
     ToolTemplates,
     TooManyTokens,
+    TopLogprob,
     decode_choices,
 )
 from .core.errors import (
@@ -72,6 +74,7 @@ from .core.events import (
     CompleteEvent,
     ErrorEvent,
     FinishReason,
+    Logprob,
     QueuedEvent,
     StreamEvent,
     Timings,
@@ -325,7 +328,7 @@ class Generation:
                             self.completion_tokens += item.tokens
                             choice.completion_tokens += item.tokens
                             # (logprobs: n is 1, the request's parse refuses more)
-                            self.logprobs += map(TokenLogprobs.of_token, item.logprobs)
+                            self.logprobs += map(_logprobs_event, item.logprobs)
                             if item.text:
                                 if self.first_token_at is None:
                                     self.first_token_at = now
@@ -467,6 +470,17 @@ class Generation:
             )
         )
         return turn
+
+
+def _logprob_event(item: TopLogprob | TokenLogprob) -> Logprob:
+    return Logprob(id=item.token, token=item.piece.decode("utf-8", errors="replace"),
+                   logprob=item.logprob, bytes=list(item.piece))
+
+
+def _logprobs_event(item: TokenLogprob) -> TokenLogprobs:
+    """An engine's log-probabilities of a token as they go out on events."""
+    return TokenLogprobs(**_logprob_event(item).model_dump(),
+                         top_logprobs=[_logprob_event(top) for top in item.top])
 
 
 def _timings(

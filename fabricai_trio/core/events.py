@@ -11,8 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
-from .engine import TokenLogprob, TopLogprob
-
 #: How a generation ended. `cancelled`: a client, a disconnect or a shutdown stopped it.
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 #: Why a generation was cancelled: its client asked, its client went away, the server
@@ -62,22 +60,12 @@ class Logprob(BaseModel):
     logprob: float
     bytes: list[int]
 
-    @classmethod
-    def of(cls, item: TopLogprob | TokenLogprob) -> Logprob:
-        return cls(id=item.token, token=item.piece.decode("utf-8", errors="replace"),
-                   logprob=item.logprob, bytes=list(item.piece))
-
 
 class TokenLogprobs(Logprob):
     """A generated token's log-probability and the most likely tokens at its step,
     most likely first (`top_logprobs` of them; docs/openai.md says which values)."""
 
     top_logprobs: list[Logprob]
-
-    @classmethod
-    def of_token(cls, item: TokenLogprob) -> TokenLogprobs:
-        return cls(**Logprob.of(item).model_dump(),
-                   top_logprobs=[Logprob.of(top) for top in item.top])
 
 
 class QueuedEvent(BaseModel):
