@@ -200,6 +200,9 @@ async def test_invalid_requests_are_400_naming_the_field(
             ({"n": 0}, "invalid_field", "n"),
             # the fake engine, like any plug-in whose info() does not say logprobs
             ({"logprobs": True}, "invalid_field", "logprobs"),
+            ({"logprobs": True, "n": 2}, "unsupported_value", "logprobs"),
+            ({"logprobs": True, "tools": [{"type": "function", "function": {"name": "f"}}]},
+             "unsupported_value", "logprobs"),
             ({"max_tokens": 100_000}, "invalid_field", "max_tokens"),
             ({"stream_options": {"include_usage": True}}, "invalid_value", "stream_options"),
             ({"bogus": 1}, "invalid_field", "bogus"),
