@@ -302,10 +302,11 @@ async def test_keep_alive_timeout_counts_from_the_last_response() -> None:
                              b"Content-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
                 stream = b""
-                while b"event: complete" not in stream:
+                while not stream.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
                     chunk = sock.recv(65536)
                     assert chunk, "the stream was cut"
                     stream += chunk
+                assert b"event: complete" in stream
                 sock.sendall(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 answers.append(sock.recv(4096))
                 threading.Event().wait(1.0)  # idle past the timeout: the server closes
