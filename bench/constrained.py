@@ -4,12 +4,14 @@ decode steps of N sequences with and without a grammar (llama.cpp's grammar samp
 
 Two pairs: greedy (temperature 0: the numpy path, plus the grammar's check of the chosen
 token and, when it refuses, of the next most likely ones) and sampled (temperature 0.8:
-llama.cpp's chain either way, the whole vocabulary masked when the grammar refuses the
-sampled token). Also counted, for the constrained runs: how often the grammar refused
+llama.cpp's chain either way; when the grammar refuses the sampled token, the top-k
+allowed tokens found among the most likely ones, or the whole vocabulary masked). Each
+also runs the previous way, alternating (`--tops 1` for greedy, any refusal masking the
+whole vocabulary for sampled). Also counted, for the constrained runs: how often the grammar refused
 the first choice, and how often the whole vocabulary was masked.
 
     .venv/bin/python bench/constrained.py [--streams 1,8] [--rounds 5] [--tokens 48] [--tops 1]
-        [--threads 2] [--clock wall|cpu] [--grammar json|schema]
+        [--threads 2] [--clock wall|cpu] [--grammar json|schema] [--sampling sampled]
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--grammar", choices=["json", "schema"], default="json",
                         help="json: response_format json_object; schema: a JSON Schema")
+    parser.add_argument("--sampling", default="greedy,sampled",
+                        help="which pairs to run: greedy, sampled or both")
     parser.add_argument("--tops", default=None,
                         help="greedy: BatchRunner.grammar_tops, e.g. 1 for the full mask "
                         "after any refusal (the previous way)")
@@ -116,8 +120,13 @@ def main() -> None:
           "full masks (per constrained token)")
     for n in streams:
         for name, plain in (("greedy", GREEDY), ("sampled", SAMPLED)):
+            if name not in args.sampling.split(","):
+                continue
             constrained = replace(plain, grammar=grammar)
-            variants = [tops, (1,)] if name == "greedy" and tops != (1,) else [tops]
+            # the previous way: greedy, the top token then the whole vocabulary;
+            # sampled, the whole vocabulary at any refusal
+            previous = (1,) if name == "greedy" else ()
+            variants = [tops, previous] if tops not in ((1,), ()) else [tops]
             a: list[tuple[float, float]] = []
             b: dict[tuple[int, ...], list[tuple[float, float]]] = {v: [] for v in variants}
             work = {v: dict.fromkeys(("refused", "masks", "steps"), 0) for v in variants}
@@ -128,8 +137,11 @@ def main() -> None:
                     before = dict(counts)
                     b[variant].append(decode_ms_per_step(runner, n, constrained, args.tokens,
                                                          prompt))
-                    for key, total in (("refused", "refused"), ("masks", "masks"),
-                                       ("steps", "samples")):
+                    keys = (("refused", "refused"), ("masks", "masks"), ("steps", "samples"))
+                    if name == "sampled":
+                        keys = (("refused", "sampled_refused"), ("masks", "sampled_masks"),
+                                ("steps", "samples"))
+                    for key, total in keys:
                         work[variant][key] += counts[total] - before[total]
             runner.grammar_tops = tops
             for variant in variants:
@@ -138,11 +150,9 @@ def main() -> None:
                 means = [y[1] / x[1] for x, y in zip(a, rows, strict=True)]
                 steps = max(work[variant]["steps"], 1)
                 masks, refused = work[variant]["masks"], work[variant]["refused"]
-                if name == "sampled":  # the chain runs on a candidate array at every step
-                    masks = refused = masks - work[variant]["steps"]
-                asks = "top 1, then all" if variant == (1,) else (
+                asks = "top 1, then all" if variant == (1,) else "all" if not variant else (
                     "top " + ", ".join(map(str, variant)) + ", then all")
-                print(f"{n:>7} | {name:>8} | {asks if name == 'greedy' else '-'} | "
+                print(f"{n:>7} | {name:>8} | {asks} | "
                       f"{statistics.median(x[0] for x in a):.1f}/"
                       f"{statistics.median(x[1] for x in a):.1f} | "
                       f"{statistics.median(y[0] for y in rows):.1f}/"
@@ -154,9 +164,22 @@ def main() -> None:
 
 
 def count_grammar_work(runner: BatchRunner) -> dict[str, int]:
-    """Count samples, refused greedy picks and whole-vocabulary masks from now on."""
-    counts = {"samples": 0, "refused": 0, "masks": 0, "steps": 0}
+    """Count samples, refused greedy picks and whole-vocabulary masks from now on; for
+    sampled sequences, refused samples and those the top tokens did not answer."""
+    counts = {"samples": 0, "refused": 0, "masks": 0, "steps": 0, "sampled_refused": 0,
+              "sampled_masks": 0}
     sample, allowed, mask = runner._sample, runner._allowed_argmax, runner._candidate_array
+    sample_allowed, top_allowed = runner._sample_allowed, runner._top_allowed
+
+    def counted_sample_allowed(*args: Any) -> int:
+        counts["sampled_refused"] += 1
+        counts["sampled_masks"] += 1  # unless the top tokens answer
+        return sample_allowed(*args)
+
+    def counted_top_allowed(*args: Any) -> Any:
+        found = top_allowed(*args)
+        counts["sampled_masks"] -= found is not None
+        return found
 
     def counted_sample(*args: Any) -> int:
         counts["samples"] += 1
@@ -173,6 +196,8 @@ def count_grammar_work(runner: BatchRunner) -> dict[str, int]:
     runner._sample = counted_sample  # type: ignore[method-assign, assignment]
     runner._allowed_argmax = counted_allowed  # type: ignore[method-assign, assignment]
     runner._candidate_array = counted_mask  # type: ignore[method-assign, assignment]
+    runner._sample_allowed = counted_sample_allowed  # type: ignore[method-assign, assignment]
+    runner._top_allowed = counted_top_allowed  # type: ignore[method-assign, assignment]
     return counts
 
 

@@ -88,6 +88,33 @@ def _processor(s: Sampling) -> LogitProcessor:
                              presence_penalty=s.presence_penalty, logit_bias=s.logit_bias)
 
 
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """A sampled sequence under a grammar, with top-k: llama.cpp's chain (`_new_chain`)
+    as separate samplers, so that a refused token can be sampled again over the top
+    allowed tokens (`BatchRunner._sample_allowed`) instead of the whole vocabulary.
+    `bias`, `prefilter`, `penalties`, `post` then `dist` is the chain."""
+
+    bias: Any  # llama.cpp logit-bias sampler, or None
+    prefilter: Any  # top_k(PENALTY_LAST_N + k) before the penalties, or None
+    penalties: Any
+    post: Any  # chain: top_k, typical, top_p, min_p, temperature
+    dist: Any
+    min_p: Any  # min_p alone, outside the chain (None if min_p <= 0)
+    top_k: int
+    sampling: Sampling
+
+    def samplers(self) -> tuple[Any, ...]:
+        """The chain's samplers, in order."""
+        return tuple(x for x in (self.bias, self.prefilter, self.penalties, self.post,
+                                 self.dist) if x is not None)
+
+    def free(self) -> None:
+        for sampler in (*self.samplers(), self.min_p):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepResult:
     sampled: dict[int, tuple[int, bool]]  # handle -> (token, end of generation)
@@ -153,6 +180,7 @@ class BatchRunner:
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._samplers: dict[int, Any] = {}  # handle -> llama.cpp sampler chain
+        self._splits: dict[int, _Split] = {}  # handle -> the chain in parts (grammar, top-k)
         self._greedy: dict[int, _Greedy] = {}
         self._grammars: dict[int, Any] = {}  # handle -> llama.cpp grammar sampler
         # handle -> bias and penalties for the log-probabilities of a sampled sequence
@@ -167,6 +195,9 @@ class BatchRunner:
         #: masking the whole vocabulary. (): mask the whole vocabulary at every step (the
         #: reference the shortcut is tested against).
         self.grammar_tops: tuple[int, ...] = GRAMMAR_TOPS
+        #: tests: (shortcut, full mask) candidates after the top-k onward part of the
+        #: chain without its dist sampler, at each refusal the shortcut answered
+        self.check_refusals: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     # --- one step ---
 
@@ -187,6 +218,9 @@ class BatchRunner:
         for handle in plan.released:
             self._greedy.pop(handle, None)
             self._processors.pop(handle, None)
+            split = self._splits.pop(handle, None)
+            if split is not None:
+                split.free()
             for samplers in (self._samplers, self._grammars):
                 sampler = samplers.pop(handle, None)
                 if sampler is not None:
@@ -272,7 +306,7 @@ class BatchRunner:
 
     def _sample(self, handle: int, sampling: Mapping[int, Sampling], index: int) -> int:
         greedy = self._greedy.get(handle)
-        if greedy is None and handle not in self._samplers:
+        if greedy is None and handle not in self._samplers and handle not in self._splits:
             s = sampling[handle]
             if s.grammar is not None:
                 grammar = llama_cpp.llama_sampler_init_grammar(
@@ -282,6 +316,8 @@ class BatchRunner:
                 self._grammars[handle] = grammar
             if s.temperature == 0:
                 greedy = self._greedy[handle] = _Greedy.of(s)
+            elif s.grammar is not None and s.temperature > 0 and s.top_k > 0:
+                self._splits[handle] = self._new_split(s)
             else:
                 self._samplers[handle] = self._new_chain(s)
         if handle in self._grammars:
@@ -295,17 +331,27 @@ class BatchRunner:
         llama.cpp's own common sampler does): checking 262k tokens against a grammar
         costs several decode steps, checking one costs nothing, and a model under a
         grammar mostly picks an allowed token anyway. If it refuses: greedy, the best
-        allowed token (`_allowed_argmax`); sampled, the whole vocabulary is masked and
-        the chain samples again (a shortcut over the top tokens would change the
-        distribution)."""
+        allowed token (`_allowed_argmax`); sampled, the chain samples again from what
+        masking the whole vocabulary would leave it, found over the top tokens when the
+        request has a top-k (`_sample_allowed`), else by masking the whole vocabulary."""
         grammar = self._grammars[handle]
         logits = self._logits(index)
+        split = self._splits.get(handle)
         if greedy is not None:
             greedy.processor.apply(logits)  # in place: the logits are ours until the next decode
             token = int(np.argmax(logits))
             if not self.grammar_tops or not self._allows(grammar, token):
                 token = self._allowed_argmax(grammar, logits)
             greedy.processor.accept(token)
+        elif split is not None:
+            cur = self._candidate_array(logits)
+            for sampler in split.samplers():
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+            token = int(cur.data[cur.selected].id)
+            if not self._allows(grammar, token):
+                token = self._sample_allowed(split, grammar, logits)
+            for sampler in split.samplers():
+                llama_cpp.llama_sampler_accept(sampler, token)
         else:
             chain = self._samplers[handle]
             token = self._apply(chain, self._candidate_array(logits))
@@ -316,6 +362,100 @@ class BatchRunner:
             llama_cpp.llama_sampler_accept(chain, token)
         llama_cpp.llama_sampler_accept(grammar, token)
         return token
+
+    def _sample_allowed(self, split: _Split, grammar: Any, logits: Logits) -> int:
+        """The chain's sample after the grammar masked the whole vocabulary (before the
+        chain, as llama.cpp's grammar sampler does), without masking it, when exact.
+
+        The bias and the penalties change a token's logit whether or not the grammar
+        allows it, and the mask leaves -inf, which they keep; the top-k then keeps the
+        k highest allowed tokens (with -inf ones if fewer are allowed), and the rest of
+        the chain sees only those. So the grammar is asked about the most likely tokens
+        after the bias and the penalties (all of the vocabulary: the prefilter could
+        hide allowed ones): `grammar_tops[0]`, then up to `grammar_tops[1]`, ...
+        (`_top_allowed`) until either
+
+        - k are allowed whose lowest logit is above the lowest asked about (a token not
+          asked about cannot be among the k) and above the next allowed one (at a tie,
+          which one the top-k keeps is its sort's choice): the chain samples from them;
+        - or fewer, but the min-p cut (a logit below the best one's + log(min_p)) drops
+          the lowest logit asked about, so any other token the top-k would add (no
+          higher; -inf if the grammar allows no more) too. Those only change what the
+          top-p cut keeps, through the total it normalises by: the more they weigh,
+          the more it keeps. If the chain keeps the same tokens without them as with
+          as many as the top-k could add at that lowest logit (the most they can
+          weigh), it keeps those whatever they are: the same candidates reach dist.
+
+        Otherwise, the whole vocabulary is masked. The chain draws once either way, so a
+        seed gives the same tokens. `check_refusals` (tests) records both ways."""
+        found = self._top_allowed(split, grammar, logits) if self.grammar_tops else None
+        if found is not None:
+            ids, processed = found
+            top = np.empty(ids.size, dtype=TOKEN_DATA)
+            top["id"], top["logit"], top["p"] = ids, processed[ids], 0.0
+            cur = llama_cpp.llama_token_data_array(
+                data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=ids.size,
+                selected=-1, sorted=False)
+            llama_cpp.llama_sampler_apply(split.post, ctypes.byref(cur))
+            if self.check_refusals is not None:
+                self.check_refusals.append(
+                    (_view(cur), self._full_mask_candidates(split, grammar, logits)))
+            llama_cpp.llama_sampler_apply(split.dist, ctypes.byref(cur))
+            return int(cur.data[cur.selected].id)
+        cur = self._candidate_array(logits)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+        for sampler in split.samplers():
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+        return int(cur.data[cur.selected].id)
+
+    def _top_allowed(self, split: _Split, grammar: Any, logits: Logits
+                     ) -> tuple[np.ndarray[Any, np.dtype[np.intp]], Logits] | None:
+        """(the allowed tokens the top-k keeps after the whole vocabulary is masked, or
+        fewer that give the rest of the chain the same candidates; every token's logit
+        after the bias and the penalties), or None: not found (`_sample_allowed`)."""
+        k = split.top_k
+        if k >= self._n_vocab:
+            return None
+        cur = self._candidate_array(logits)
+        for sampler in (split.bias, split.penalties):
+            if sampler is not None:
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+        data = _view(cur)
+        if data.size != self._n_vocab:  # they keep every token (but if one day not)
+            return None
+        processed = np.empty(self._n_vocab, dtype=np.single)
+        processed[data["id"]] = data["logit"]
+        allowed: list[np.ndarray[Any, np.dtype[np.intp]]] = []
+        n_allowed = asked = 0
+        for n in self.grammar_tops:
+            if n >= self._n_vocab:
+                break
+            ids = top_ids(processed, n)
+            top = np.empty(n - asked, dtype=TOKEN_DATA)
+            top["id"], top["logit"], top["p"] = ids[asked:], processed[ids[asked:]], 0.0
+            ask = llama_cpp.llama_token_data_array(
+                data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=n - asked,
+                selected=-1, sorted=False)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(ask))
+            yes = ids[asked:][np.isfinite(top["logit"])]
+            allowed.append(yes)
+            n_allowed += yes.size
+            asked = n
+            floor = float(processed[ids[-1]])
+            best = np.concatenate(allowed)  # by logit, descending
+            if n_allowed >= k:
+                cut = processed[best[k - 1]]
+                if cut > floor and (best.size == k or processed[best[k]] < cut):
+                    return best[:k], processed
+                return None  # a tie at the cut
+            if n_allowed and split.min_p is not None:
+                top = np.zeros(k, dtype=TOKEN_DATA)  # as many as the top-k can add, at most
+                top["id"], top["logit"] = -1 - np.arange(k), floor
+                top["id"][:n_allowed], top["logit"][:n_allowed] = best, processed[best]
+                if -1 - n_allowed not in self._keeps(split.min_p, top[:n_allowed + 1]) and (
+                        self._keeps(split.post, top) == self._keeps(split.post, top[:n_allowed])):
+                    return best, processed
+        return None
 
     def _allowed_argmax(self, grammar: Any, logits: Logits) -> int:
         """The most likely token the grammar allows (ties: the lowest id), as masking the
@@ -365,6 +505,26 @@ class BatchRunner:
         return int(cur.data[cur.selected].id)
 
     @staticmethod
+    def _keeps(sampler: Any, top: np.ndarray) -> set[int]:
+        """The ids of `top` (a copy of it) that `sampler` keeps."""
+        mine = top.copy()
+        cur = llama_cpp.llama_token_data_array(
+            data=mine.ctypes.data_as(llama_cpp.llama_token_data_p), size=mine.size,
+            selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+        return set(_view(cur)["id"].tolist())
+
+    def _full_mask_candidates(self, split: _Split, grammar: Any, logits: Logits
+                              ) -> np.ndarray:
+        """Tests: what reaches the dist sampler when the whole vocabulary is masked."""
+        cur = self._candidate_array(logits)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+        for sampler in (split.bias, split.prefilter, split.penalties, split.post):
+            if sampler is not None:
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+        return _view(cur)
+
+    @staticmethod
     def _allows(grammar: Any, token: int) -> bool:
         one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
         cur = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
@@ -384,35 +544,54 @@ class BatchRunner:
         """For temperature != 0: the chain `Llama.generate` builds, so output matches
         `LlamaEngine`."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        for sampler in (*self._pre_samplers(s), *self._post_samplers(s)):
+            if sampler is not None:
+                llama_cpp.llama_sampler_chain_add(chain, sampler)
+        return chain
 
-        def add(sampler: Any) -> None:
-            llama_cpp.llama_sampler_chain_add(chain, sampler)
+    def _new_split(self, s: Sampling) -> _Split:
+        """`_new_chain`'s samplers, the part from top-k to the temperature as a chain."""
+        bias, prefilter, penalties = self._pre_samplers(s)
+        post = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        *rest, dist = self._post_samplers(s)
+        for sampler in rest:
+            llama_cpp.llama_sampler_chain_add(post, sampler)
+        min_p = llama_cpp.llama_sampler_init_min_p(s.min_p, 1) if s.min_p > 0 else None
+        return _Split(bias, prefilter, penalties, post, dist, min_p, s.top_k, s)
 
+    def _pre_samplers(self, s: Sampling) -> tuple[Any, Any, Any]:
+        """The logit bias (or None), the penalties' prefilter (or None), the penalties."""
+        bias = prefilter = None
         if s.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))(
                 *(llama_cpp.llama_logit_bias(token, bias) for token, bias in s.logit_bias.items()))
-            add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
+            bias = llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases)
         if (s.repeat_penalty > 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
                 and s.temperature > 0 and s.top_k > 0):
             # The penalty scan over the whole vocabulary (262k for Gemma) costs ~2 ms a
             # token. It only lowers the logits of at most PENALTY_LAST_N distinct tokens,
             # so the top (k + PENALTY_LAST_N) candidates hold every token the later
             # top-k can pick, in the same order: prefiltering changes nothing.
-            add(llama_cpp.llama_sampler_init_top_k(PENALTY_LAST_N + s.top_k))
-        add(llama_cpp.llama_sampler_init_penalties(
+            prefilter = llama_cpp.llama_sampler_init_top_k(PENALTY_LAST_N + s.top_k)
+        penalties = llama_cpp.llama_sampler_init_penalties(
             self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
-            s.presence_penalty))
+            s.presence_penalty)
+        return bias, prefilter, penalties
+
+    @staticmethod
+    def _post_samplers(s: Sampling, *, dist: bool = True) -> list[Any]:
+        """The chain after the penalties: top-k onward (temperature < 0: dist only)."""
         seed = RANDOM_SEED if s.seed is None else s.seed
-        if s.temperature < 0:
-            add(llama_cpp.llama_sampler_init_dist(seed))
-        else:
-            add(llama_cpp.llama_sampler_init_top_k(s.top_k))
-            add(llama_cpp.llama_sampler_init_typical(TYPICAL_P, 1))
-            add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
-            add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
-            add(llama_cpp.llama_sampler_init_temp(s.temperature))
-            add(llama_cpp.llama_sampler_init_dist(seed))
-        return chain
+        out = []
+        if s.temperature >= 0:
+            out = [llama_cpp.llama_sampler_init_top_k(s.top_k),
+                   llama_cpp.llama_sampler_init_typical(TYPICAL_P, 1),
+                   llama_cpp.llama_sampler_init_top_p(s.top_p, 1),
+                   llama_cpp.llama_sampler_init_min_p(s.min_p, 1),
+                   llama_cpp.llama_sampler_init_temp(s.temperature)]
+        if dist:
+            out.append(llama_cpp.llama_sampler_init_dist(seed))
+        return out
 
     def _piece(self, token: int) -> bytes:
         buf = self._piece_buf
@@ -436,7 +615,10 @@ class BatchRunner:
     def close(self) -> None:
         for sampler in (*self._samplers.values(), *self._grammars.values()):
             llama_cpp.llama_sampler_free(sampler)
+        for split in self._splits.values():
+            split.free()
         self._samplers.clear()
+        self._splits.clear()
         self._grammars.clear()
         self._greedy.clear()
         if self._ctx is not None:
@@ -444,6 +626,15 @@ class BatchRunner:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
+
+
+def _view(cur: Any) -> np.ndarray:
+    """A copy of a llama.cpp candidate array's current candidates."""
+    if not cur.size:
+        return np.empty(0, dtype=TOKEN_DATA)
+    address = ctypes.cast(cur.data, ctypes.c_void_p).value
+    raw = (ctypes.c_char * (cur.size * TOKEN_DATA.itemsize)).from_address(address)
+    return np.frombuffer(raw, dtype=TOKEN_DATA).copy()
 
 
 def _batch_invariant_kernels(mparams: Any) -> None:
