@@ -12,6 +12,7 @@ seed writes the same tokens with the shortcut as with the full mask (`grammar_to
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -93,8 +94,9 @@ def check_text(text: str, ended: bool, schema: dict[str, Any] | None) -> None:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits.astype(np.float64) - logits.max())
-    return e / e.sum()
+    e: np.ndarray = np.exp(logits.astype(np.float64) - logits.max())
+    out: np.ndarray = e / e.sum()
+    return out
 
 
 def test_shortcut_samples_from_what_the_full_mask_leaves(
@@ -151,3 +153,94 @@ def test_without_a_usable_top_k_it_still_follows_the_grammar(
     runner.grammar_tops = GRAMMAR_TOPS
     _, text, ended = decode(runner, tokens, sampling, 64)
     check_text(text, ended, SCHEMA)
+
+
+# --- chosen logits: the cases the model's own rarely shows ---
+
+DIGIT = "root ::= [0-9]"
+
+
+@pytest.fixture
+def digits(runner: BatchRunner) -> Iterator[tuple[Any, list[int]]]:
+    """A grammar allowing one digit, and the tokens it allows (by masking them all)."""
+    import llama_cpp
+
+    grammar = llama_cpp.llama_sampler_init_grammar(runner._vocab, DIGIT.encode(), b"root")
+    logits = np.zeros(runner._n_vocab, dtype=np.single)
+    cur = runner._candidate_array(logits)
+    llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+    allowed = np.flatnonzero(np.isfinite(runner._candidates["logit"])).tolist()
+    assert 10 <= len(allowed) < 40, allowed  # Gemma: one token a digit
+    yield grammar, allowed
+    llama_cpp.llama_sampler_free(grammar)
+
+
+def chosen_logits(runner: BatchRunner, allowed: list[int], top: Sequence[float],
+                  rest: Sequence[float], decoys: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Everything low (-5..0); `allowed` tokens at `top` then `rest` (then -10); tokens
+    the grammar refuses at `decoys`."""
+    rng = np.random.default_rng(0)
+    logits: np.ndarray = rng.uniform(-5, 0, runner._n_vocab).astype(np.single)
+    values = [*top, *rest]
+    logits[allowed] = [*values, *[-10.0] * (len(allowed) - len(values))]
+    refused = np.setdiff1d(np.arange(runner._n_vocab), allowed)[5000:5000 + len(decoys)]
+    logits[refused] = decoys
+    return logits
+
+
+def shortcut_against_full_mask(runner: BatchRunner, grammar: Any, logits: np.ndarray,
+                               top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    split = runner._new_split(Sampling(temperature=0.8, top_p=0.95, top_k=top_k,
+                                       repeat_penalty=1.0, seed=0, grammar=DIGIT))
+    runner.grammar_tops, runner.check_refusals = GRAMMAR_TOPS, []
+    try:
+        token = runner._sample_allowed(split, grammar, logits)
+        assert np.isfinite(logits[token])
+        return runner.check_refusals
+    finally:
+        runner.check_refusals = None
+        split.free()
+
+
+def test_fewer_allowed_than_k_whose_weight_could_change_top_p(
+    runner: BatchRunner, digits: tuple[Any, list[int]]
+) -> None:
+    """Two allowed tokens among the top 48 (10 and 7.05: top-p 0.95 alone keeps the
+    first only), five more allowed just below the 48th (6.5): they lower the first's
+    probability under 0.95, so the full mask's top-p keeps the second too. Stopping at
+    the top 48 would drop it; asking up to 1024 finds them."""
+    grammar, allowed = digits
+    logits = chosen_logits(runner, allowed, [10.0, 7.05], [6.5] * 5,
+                           np.linspace(6.95, 6.9, 60))
+    [(mine, full)] = shortcut_against_full_mask(runner, grammar, logits, 40)
+    assert sorted(full["id"].tolist()) == sorted(allowed[:2])
+    assert list(mine["id"]) == list(full["id"])
+    assert np.array_equal(mine["logit"], full["logit"])
+
+
+def test_k_allowed_among_the_top(runner: BatchRunner, digits: tuple[Any, list[int]]
+                                 ) -> None:
+    grammar, allowed = digits
+    logits = chosen_logits(runner, allowed, [10.0, 9.0, 8.7, 8.5], [],
+                           np.linspace(9.8, 6.0, 80))
+    [(mine, full)] = shortcut_against_full_mask(runner, grammar, logits, 3)
+    assert sorted(full["id"].tolist()) == sorted(allowed[:3])
+    assert list(mine["id"]) == list(full["id"])
+    assert np.array_equal(mine["logit"], full["logit"])
+
+
+@pytest.mark.parametrize("case", ["next allowed", "last asked about"])
+def test_a_tie_at_the_cut_masks_everything(
+    runner: BatchRunner, digits: tuple[Any, list[int]], case: str
+) -> None:
+    """Which of two tied tokens the top-k keeps is its sort's choice; and the k-th
+    allowed token could tie one not asked about if it is the last asked about."""
+    grammar, allowed = digits
+    if case == "next allowed":
+        logits = chosen_logits(runner, allowed, [10.0, 9.0, 8.5, 8.5], [],
+                               np.linspace(9.8, 6.0, 80))
+    else:  # the third allowed token is the 48th most likely
+        logits = chosen_logits(runner, allowed, [10.0, 9.0, 7.0], [],
+                               np.linspace(9.8, 7.5, 45))
+        assert int(np.argsort(-logits)[GRAMMAR_TOPS[0] - 1]) == allowed[2]
+    assert shortcut_against_full_mask(runner, grammar, logits, 3) == []
