@@ -112,10 +112,14 @@ def test_shortcut_samples_from_what_the_full_mask_leaves(
 
     monkeypatch.setattr(runner, "_sample_allowed", counting_allowed)
     checked = 0
-    for seed in (1, 2):
+    # seed 2: a logit bias lifts a digit (which JSON allows in numbers and strings) from
+    # far down the list, and sinks a word
+    seven, the = vocab.tokenize(b"7", add_bos=False)[-1], vocab.tokenize(b" the", add_bos=False)[-1]
+    for seed, bias in ((1, {}), (2, {seven: 6.0, the: -4.0})):
         for prompt, grammar, schema in CASES:
             tokens = vocab.tokenize(prompt.encode(), add_bos=True)
-            sampling = Sampling(**SAMPLED, seed=seed, grammar=grammar)  # type: ignore[arg-type]
+            sampling = Sampling(**SAMPLED, seed=seed, grammar=grammar,  # type: ignore[arg-type]
+                                logit_bias=bias)
             runner.grammar_tops = ()
             runner.check_refusals = None
             reference_refused = refused
@@ -189,9 +193,11 @@ def chosen_logits(runner: BatchRunner, allowed: list[int], top: Sequence[float],
 
 
 def shortcut_against_full_mask(runner: BatchRunner, grammar: Any, logits: np.ndarray,
-                               top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+                               top_k: int, bias: dict[int, float] | None = None
+                               ) -> list[tuple[np.ndarray, np.ndarray]]:
     split = runner._new_split(Sampling(temperature=0.8, top_p=0.95, top_k=top_k,
-                                       repeat_penalty=1.0, seed=0, grammar=DIGIT))
+                                       repeat_penalty=1.0, seed=0, grammar=DIGIT,
+                                       logit_bias=bias or {}))
     runner.grammar_tops, runner.check_refusals = GRAMMAR_TOPS, []
     try:
         token = runner._sample_allowed(split, grammar, logits)
@@ -225,6 +231,20 @@ def test_k_allowed_among_the_top(runner: BatchRunner, digits: tuple[Any, list[in
                            np.linspace(9.8, 6.0, 80))
     [(mine, full)] = shortcut_against_full_mask(runner, grammar, logits, 3)
     assert sorted(full["id"].tolist()) == sorted(allowed[:3])
+    assert list(mine["id"]) == list(full["id"])
+    assert np.array_equal(mine["logit"], full["logit"])
+
+
+def test_a_biased_token_from_far_down(runner: BatchRunner, digits: tuple[Any, list[int]]
+                                      ) -> None:
+    """The bias lifts an allowed token from -2 (far below the 48 + PENALTY_LAST_N most
+    likely before the bias) to 9.5, among the three highest allowed."""
+    grammar, allowed = digits
+    logits = chosen_logits(runner, allowed, [10.0, 9.0, 8.5, -2.0], [],
+                           np.linspace(9.8, 7.0, 200))
+    [(mine, full)] = shortcut_against_full_mask(runner, grammar, logits, 3,
+                                                {allowed[3]: 11.5})
+    assert sorted(full["id"].tolist()) == sorted([allowed[0], allowed[3], allowed[1]])
     assert list(mine["id"]) == list(full["id"])
     assert np.array_equal(mine["logit"], full["logit"])
 

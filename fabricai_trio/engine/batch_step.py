@@ -371,9 +371,9 @@ class BatchRunner:
         allows it, and the mask leaves -inf, which they keep; the top-k then keeps the
         k highest allowed tokens (with -inf ones if fewer are allowed), and the rest of
         the chain sees only those. So the grammar is asked about the most likely tokens
-        after the bias and the penalties (all of the vocabulary: the prefilter could
-        hide allowed ones): `grammar_tops[0]`, then up to `grammar_tops[1]`, ...
-        (`_top_allowed`) until either
+        after the bias and the penalties (of the whole vocabulary, `_process_top`: the
+        chain's prefilter could hide allowed ones): `grammar_tops[0]`, then up to
+        `grammar_tops[1]`, ... (`_top_allowed`) until either
 
         - k are allowed whose lowest logit is above the lowest asked about (a token not
           asked about cannot be among the k) and above the next allowed one (at a tie,
@@ -416,21 +416,24 @@ class BatchRunner:
         k = split.top_k
         if k >= self._n_vocab:
             return None
-        cur = self._candidate_array(logits)
-        for sampler in (split.bias, split.penalties):
-            if sampler is not None:
-                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-        data = _view(cur)
-        if data.size != self._n_vocab:  # they keep every token (but if one day not)
-            return None
-        processed = np.empty(self._n_vocab, dtype=np.single)
-        processed[data["id"]] = data["logit"]
+        s = split.sampling
+        lowers = s.repeat_penalty >= 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
+        processed = logits.copy()  # exact for the tokens `_process_top` has processed
+        whole = False
         allowed: list[np.ndarray[Any, np.dtype[np.intp]]] = []
         n_allowed = asked = 0
         for n in self.grammar_tops:
             if n >= self._n_vocab:
                 break
-            ids = top_ids(processed, n)
+            ids = None
+            if lowers and not whole:
+                ids = self._process_top(split, logits, processed, n)
+            if ids is None:
+                if not whole:
+                    whole = self._process_all(split, logits, processed)
+                    if not whole:
+                        return None
+                ids = top_ids(processed, n)
             top = np.empty(n - asked, dtype=TOKEN_DATA)
             top["id"], top["logit"], top["p"] = ids[asked:], processed[ids[asked:]], 0.0
             ask = llama_cpp.llama_token_data_array(
@@ -503,6 +506,46 @@ class BatchRunner:
         """Run a chain on a candidate array (without accepting): the token it selects."""
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
         return int(cur.data[cur.selected].id)
+
+    def _process_top(self, split: _Split, logits: Logits, processed: Logits, n: int
+                     ) -> np.ndarray[Any, np.dtype[np.intp]] | None:
+        """The `n` most likely tokens after the bias and the penalties (by logit, then
+        id), found by applying them to the `n + PENALTY_LAST_N` most likely before them
+        and the biased tokens only (written into `processed`): the penalties only lower
+        at most PENALTY_LAST_N tokens' logits, so the others keep theirs, no higher than
+        the lowest of those. None if the n-th is not above that (a tie, or too many
+        lowered): `_process_all`."""
+        pool = top_ids(logits, n + PENALTY_LAST_N)
+        ceiling = logits[pool[-1]]  # of every token outside the pool
+        bias = split.sampling.logit_bias
+        if bias:
+            pool = np.union1d(pool, np.fromiter(bias, dtype=np.intp))
+        top = np.empty(pool.size, dtype=TOKEN_DATA)
+        top["id"], top["logit"], top["p"] = pool, logits[pool], 0.0
+        cur = llama_cpp.llama_token_data_array(
+            data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=pool.size,
+            selected=-1, sorted=False)
+        for sampler in (split.bias, split.penalties):
+            if sampler is not None:
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+        data = _view(cur)
+        if data.size != pool.size:
+            return None
+        processed[data["id"]] = data["logit"]
+        ids = data["id"][np.lexsort((data["id"], -data["logit"]))[:n]].astype(np.intp)
+        return ids if processed[ids[-1]] > ceiling else None
+
+    def _process_all(self, split: _Split, logits: Logits, processed: Logits) -> bool:
+        """Every token's logit after the bias and the penalties, into `processed`."""
+        cur = self._candidate_array(logits)
+        for sampler in (split.bias, split.penalties):
+            if sampler is not None:
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+        data = _view(cur)
+        if data.size != self._n_vocab:  # they keep every token (but if one day not)
+            return False
+        processed[data["id"]] = data["logit"]
+        return True
 
     @staticmethod
     def _keeps(sampler: Any, top: np.ndarray) -> set[int]:
