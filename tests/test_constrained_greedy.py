@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase
 from fabricai_trio.engine.batch_step import GRAMMAR_TOPS, BatchRunner, Sampling
+
+from .runner_decode import decode_alone
 
 pytestmark = pytest.mark.model
 
@@ -61,25 +62,9 @@ def tokenize(model_path: Path, text: str) -> list[int]:
 def decode(runner: BatchRunner, prompt: Sequence[int], grammar: str, n: int
            ) -> tuple[list[int], str, bool]:
     """Greedy under `grammar`, alone: (tokens, text, ended by itself)."""
-    sched = BatchScheduler(slots=1, step_tokens=256)
-    handle = sched.add(prompt, n)
-    sampling = {handle: Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=1.1,
-                                 seed=0, grammar=grammar)}
-    text, eog = b"", False
-    while sched.phase(handle) is not Phase.DONE:
-        plan = sched.plan()
-        result = runner.run(plan, sampling)
-        assert result.error is None
-        for sampled in sched.complete(plan, result.sampled):
-            text += result.pieces[sampled.handle]
-            eog = eog or sampled.eog
-        sched.consumed(handle, n)
-    tokens = sched.generated(handle)
-    sched.release(handle, cache=False)
-    plan = sched.plan()
-    runner.run(plan, {})
-    sched.complete(plan, {})
-    return tokens, text.decode("utf-8"), eog
+    return decode_alone(runner, prompt, Sampling(temperature=0.0, top_p=1.0, top_k=0,
+                                                 repeat_penalty=1.1, seed=0,
+                                                 grammar=grammar), n)
 
 
 def test_shortcut_picks_what_the_full_mask_picks(

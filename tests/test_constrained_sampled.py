@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase
 from fabricai_trio.engine.batch_step import GRAMMAR_TOPS, BatchRunner, Sampling
+
+from .runner_decode import decode_alone
 
 pytestmark = pytest.mark.model
 
@@ -60,28 +61,6 @@ def vocab(model_path: Path) -> Iterator[Any]:
     v = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
     yield v
     v.close()
-
-
-def decode(runner: BatchRunner, prompt: Sequence[int], sampling: Sampling, n: int
-           ) -> tuple[list[int], str, bool]:
-    """Sampled under the grammar, alone: (tokens, text, ended by itself)."""
-    sched = BatchScheduler(slots=1, step_tokens=256)
-    handle = sched.add(prompt, n)
-    text, eog = b"", False
-    while sched.phase(handle) is not Phase.DONE:
-        plan = sched.plan()
-        result = runner.run(plan, {handle: sampling})
-        assert result.error is None
-        for sampled in sched.complete(plan, result.sampled):
-            text += result.pieces[sampled.handle]
-            eog = eog or sampled.eog
-        sched.consumed(handle, n)
-    tokens = sched.generated(handle)
-    sched.release(handle, cache=False)
-    plan = sched.plan()
-    runner.run(plan, {})
-    sched.complete(plan, {})
-    return tokens, text.decode("utf-8"), eog
 
 
 def check_text(text: str, ended: bool, schema: dict[str, Any] | None) -> None:
@@ -123,11 +102,11 @@ def test_shortcut_samples_from_what_the_full_mask_leaves(
             runner.grammar_tops = ()
             runner.check_refusals = None
             reference_refused = refused
-            reference = decode(runner, tokens, sampling, 48)
+            reference = decode_alone(runner, tokens, sampling, 48)
             refused = reference_refused  # count the shortcut's runs only
             runner.grammar_tops = GRAMMAR_TOPS
             runner.check_refusals = []
-            fast = decode(runner, tokens, sampling, 48)
+            fast = decode_alone(runner, tokens, sampling, 48)
             for mine, full in runner.check_refusals:
                 assert mine.size > 0
                 assert list(mine["id"]) == list(full["id"]), prompt
@@ -155,7 +134,7 @@ def test_without_a_usable_top_k_it_still_follows_the_grammar(
     sampling = Sampling(**{**SAMPLED, "top_k": top_k}, seed=3,  # type: ignore[arg-type]
                         grammar=SCHEMA_GBNF)
     runner.grammar_tops = GRAMMAR_TOPS
-    _, text, ended = decode(runner, tokens, sampling, 64)
+    _, text, ended = decode_alone(runner, tokens, sampling, 64)
     check_text(text, ended, SCHEMA)
 
 

@@ -391,11 +391,8 @@ class BatchRunner:
         found = self._top_allowed(split, grammar, logits) if self.grammar_tops else None
         if found is not None:
             ids, processed = found
-            top = np.empty(ids.size, dtype=TOKEN_DATA)
-            top["id"], top["logit"], top["p"] = ids, processed[ids], 0.0
-            cur = llama_cpp.llama_token_data_array(
-                data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=ids.size,
-                selected=-1, sorted=False)
+            top = _token_data(ids, processed)
+            cur = _as_candidates(top)
             llama_cpp.llama_sampler_apply(split.post, ctypes.byref(cur))
             if self.check_refusals is not None:
                 self.check_refusals.append(
@@ -434,12 +431,8 @@ class BatchRunner:
                     if not whole:
                         return None
                 ids = top_ids(processed, n)
-            top = np.empty(n - asked, dtype=TOKEN_DATA)
-            top["id"], top["logit"], top["p"] = ids[asked:], processed[ids[asked:]], 0.0
-            ask = llama_cpp.llama_token_data_array(
-                data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=n - asked,
-                selected=-1, sorted=False)
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(ask))
+            top = _token_data(ids[asked:], processed)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(_as_candidates(top)))
             yes = ids[asked:][np.isfinite(top["logit"])]
             allowed.append(yes)
             n_allowed += yes.size
@@ -474,12 +467,8 @@ class BatchRunner:
             if k >= self._n_vocab:
                 break
             ids = top_ids(logits, k)
-            top = np.empty(k - asked, dtype=TOKEN_DATA)
-            top["id"], top["logit"], top["p"] = ids[asked:], logits[ids[asked:]], 0.0
-            cur = llama_cpp.llama_token_data_array(
-                data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=k - asked,
-                selected=-1, sorted=False)
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+            top = _token_data(ids[asked:], logits)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(_as_candidates(top)))
             allowed = np.flatnonzero(np.isfinite(top["logit"]))
             if allowed.size:
                 token = int(top["id"][allowed[0]])
@@ -497,9 +486,7 @@ class BatchRunner:
         cand["id"] = np.arange(self._n_vocab, dtype=np.intc)
         cand["logit"] = logits
         cand["p"] = 0.0
-        return llama_cpp.llama_token_data_array(
-            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=self._n_vocab,
-            selected=-1, sorted=False)
+        return _as_candidates(cand)
 
     @staticmethod
     def _apply(chain: Any, cur: Any) -> int:
@@ -520,11 +507,8 @@ class BatchRunner:
         bias = split.sampling.logit_bias
         if bias:
             pool = np.union1d(pool, np.fromiter(bias, dtype=np.intp))
-        top = np.empty(pool.size, dtype=TOKEN_DATA)
-        top["id"], top["logit"], top["p"] = pool, logits[pool], 0.0
-        cur = llama_cpp.llama_token_data_array(
-            data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=pool.size,
-            selected=-1, sorted=False)
+        top = _token_data(pool, logits)
+        cur = _as_candidates(top)
         for sampler in (split.bias, split.penalties):
             if sampler is not None:
                 llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
@@ -551,9 +535,7 @@ class BatchRunner:
     def _keeps(sampler: Any, top: np.ndarray) -> set[int]:
         """The ids of `top` (a copy of it) that `sampler` keeps."""
         mine = top.copy()
-        cur = llama_cpp.llama_token_data_array(
-            data=mine.ctypes.data_as(llama_cpp.llama_token_data_p), size=mine.size,
-            selected=-1, sorted=False)
+        cur = _as_candidates(mine)
         llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
         return set(_view(cur)["id"].tolist())
 
@@ -699,3 +681,17 @@ def _quiet_llama_logs() -> None:
 def check_fits(prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
     if prompt_tokens + max_tokens > n_ctx:
         raise EngineError("prompt and max_tokens do not fit the context window")
+
+
+def _token_data(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """`ids` with their logits, as a `TOKEN_DATA` array."""
+    top = np.empty(ids.size, dtype=TOKEN_DATA)
+    top["id"], top["logit"], top["p"] = ids, logits[ids], 0.0
+    return top
+
+
+def _as_candidates(top: np.ndarray) -> Any:
+    """llama.cpp's candidate array over `top` (a `TOKEN_DATA` array the caller keeps)."""
+    return llama_cpp.llama_token_data_array(
+        data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=top.size,
+        selected=-1, sorted=False)
