@@ -1,11 +1,19 @@
-"""One sequence decoded alone on a `BatchRunner` (the grammar tests' reference runs)."""
+"""A `BatchRunner` for one sequence, and that sequence decoded alone on it (the grammar
+tests' reference runs)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase
 from fabricai_trio.engine.batch_step import BatchRunner, Sampling
+
+
+def one_sequence_runner(model_path: Path) -> BatchRunner:
+    """One sequence of 512 tokens, one thread: what the grammar tests decode on."""
+    return BatchRunner(model_path, n_seq_max=1, n_ctx_seq=512, n_batch=264, n_outputs=1,
+                       n_threads=1)
 
 
 def decode_alone(runner: BatchRunner, prompt: Sequence[int], sampling: Sampling, n: int

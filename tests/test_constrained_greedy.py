@@ -20,7 +20,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from fabricai_trio.engine.batch_step import GRAMMAR_TOPS, BatchRunner, Sampling
 
-from .runner_decode import decode_alone
+from .runner_decode import decode_alone, one_sequence_runner
 
 pytestmark = pytest.mark.model
 
@@ -43,8 +43,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def runner(model_path: Path) -> Iterator[BatchRunner]:
-    r = BatchRunner(model_path, n_seq_max=1, n_ctx_seq=512, n_batch=264, n_outputs=1,
-                    n_threads=1)
+    r = one_sequence_runner(model_path)
     yield r
     r.close()
 

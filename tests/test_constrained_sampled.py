@@ -25,7 +25,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from fabricai_trio.engine.batch_step import GRAMMAR_TOPS, BatchRunner, Sampling
 
-from .runner_decode import decode_alone
+from .runner_decode import decode_alone, one_sequence_runner
 
 pytestmark = pytest.mark.model
 
@@ -48,8 +48,7 @@ SAMPLED = dict(temperature=0.8, top_p=0.95, top_k=40, repeat_penalty=1.1,
 
 @pytest.fixture(scope="module")
 def runner(model_path: Path) -> Iterator[BatchRunner]:
-    r = BatchRunner(model_path, n_seq_max=1, n_ctx_seq=512, n_batch=264, n_outputs=1,
-                    n_threads=1)
+    r = one_sequence_runner(model_path)
     yield r
     r.close()
 
