@@ -10,16 +10,13 @@ import pytest
 import trio
 import trio.testing
 
-from fabricai_trio.admission import Admission
 from fabricai_trio.core.errors import DomainError
 from fabricai_trio.core.events import CompleteEvent, TokenEvent
 from fabricai_trio.core.requests import GenerationRequest
-from fabricai_trio.generation import Generation, GenerationService
-from fabricai_trio.sessions import MemorySessionStore
+from fabricai_trio.generation import Generation
 from fabricai_trio.settings import Settings
 
-from ..fakes import FakeEngine
-from .test_generation_cancel import CancelAtStep, Harness
+from .test_generation_cancel import CancelAtStep, Harness, running_service
 
 SLOTS = 3
 
@@ -30,18 +27,8 @@ async def harness(**overrides: object) -> AsyncIterator[Harness]:
         max_concurrent_requests=SLOTS, max_queue_size=4, sse_keepalive_seconds=0.05,
         store_timeout_seconds=1.0, max_choices=4, **overrides,  # type: ignore[arg-type]
     )
-    engine = FakeEngine(settings)
-    await engine.load()
-    store = MemorySessionStore(clock=trio.current_time)
-    admission = Admission(max_concurrent=SLOTS, max_queue=4)
-    service = GenerationService(settings=settings, engine=engine, admission=admission,
-                                store=store)
-    service.ready = True
-    async with trio.open_nursery() as nursery:
-        await nursery.start(admission.run)
-        await nursery.start(service.run)
-        yield Harness(service, engine, store, admission)
-        nursery.cancel_scope.cancel()
+    async with running_service(settings) as h:
+        yield h
 
 
 def request(n: int = SLOTS, request_id: str = "r1", max_tokens: int = 4) -> GenerationRequest:

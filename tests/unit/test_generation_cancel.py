@@ -43,10 +43,19 @@ async def harness(**overrides: object) -> AsyncIterator[Harness]:
         max_concurrent_requests=1, max_queue_size=2, sse_keepalive_seconds=0.05,
         store_timeout_seconds=1.0, **overrides,  # type: ignore[arg-type]
     )
+    async with running_service(settings) as h:
+        yield h
+
+
+@asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[Harness]:
+    """A generation service on the fake engine, a memory store and an admission sized
+    from `settings`, running until the block ends."""
     engine = FakeEngine(settings)
     await engine.load()
     store = MemorySessionStore(clock=trio.current_time)
-    admission = Admission(max_concurrent=1, max_queue=2)
+    admission = Admission(max_concurrent=settings.max_concurrent_requests,
+                          max_queue=settings.max_queue_size)
     service = GenerationService(settings=settings, engine=engine, admission=admission,
                                 store=store)
     service.ready = True
