@@ -25,6 +25,7 @@ Prints one JSON object: every round, the median of each mode, the floor, and the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -198,10 +199,15 @@ async def measure_round(url: str, pid: int, args: argparse.Namespace, script: Pa
     return result
 
 
-def server_env(args: argparse.Namespace, fast: bool) -> dict[str, str]:
+#: The ways a refusal can be answered: FAST_REFUSALS and RAW_REFUSALS of each.
+MODES = {"raw": ("true", "true"), "fast": ("true", "false"), "framework": ("false", "false")}
+
+
+def server_env(args: argparse.Namespace, mode: str) -> dict[str, str]:
+    fast, raw = MODES[mode]
     env = {"ENGINE": args.engine, "MAX_CONCURRENT_REQUESTS": "2", "MAX_QUEUE_SIZE": "0",
            "N_CTX": "16384", "N_THREADS": str(args.threads), "MAX_TOKENS_LIMIT": "8192",
-           "FAST_REFUSALS": "true" if fast else "false", "LOG_LEVEL": "INFO"}
+           "FAST_REFUSALS": fast, "RAW_REFUSALS": raw, "LOG_LEVEL": "INFO"}
     if args.engine in ("batched", "llama"):
         from fabricai_trio.engine.model_files import embedded_model_path
         from fabricai_trio.settings import Settings
@@ -273,6 +279,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="per mode, alternating")
+    parser.add_argument("--modes", default="raw,fast,framework",
+                        help="of raw (the connection layer), fast (over ASGI), framework")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--py-spy", default=None)
@@ -291,35 +299,38 @@ def main() -> None:
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT % json.dumps(STORM_BODY))
         spy_to = args.py_spy
+        modes = args.modes.split(",")
         for i in range(args.rounds):
-            for fast in (True, False) if i % 2 == 0 else (False, True):
-                with ServerProcess(server_env(args, fast), log_dir=Path(tmp)) as srv:
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                with ServerProcess(server_env(args, mode), log_dir=Path(tmp)) as srv:
                     assert srv.proc is not None
                     result = trio.run(measure_round, srv.url, srv.proc.pid, args, script,
-                                      spy_to if fast else None)
-                    if fast:
+                                      spy_to if mode == modes[0] else None)
+                    if mode == modes[0]:
                         spy_to = None
-                result.update(fast_refusals=fast, load_average=load_average())
+                result.update(mode=mode, load_average=load_average())
                 report["rounds"].append(result)
                 print(json.dumps(result), file=sys.stderr)
         if not args.no_floor:
             report["floor_bare_asgi"] = measure_floor(args, script)
-    for mode, fast in (("fast", True), ("framework", False)):
-        rounds = [r for r in report["rounds"] if r["fast_refusals"] is fast]
+    for mode in modes:
+        rounds = [r for r in report["rounds"] if r["mode"] == mode]
         report[mode] = {key: sorted(r[key] for r in rounds)[len(rounds) // 2]
                         for key in ("refusals_per_s", "p50_ms", "p99_ms",
                                     "server_cpu_ms_per_refusal_net", "stream_ratio")}
-    fast, framework = report["fast"], report["framework"]
-    ratios = {
-        "fast_over_framework_refusals_per_s": fast["refusals_per_s"] / framework["refusals_per_s"],
-        "fast_over_framework_cpu_per_refusal": (
-            fast["server_cpu_ms_per_refusal_net"] / framework["server_cpu_ms_per_refusal_net"]),
-    }
+    ratios = {}
+    for a, b in itertools.pairwise(modes):
+        ratios[f"{a}_over_{b}_refusals_per_s"] = (
+            report[a]["refusals_per_s"] / report[b]["refusals_per_s"])
+        ratios[f"{a}_over_{b}_cpu_per_refusal"] = (
+            report[a]["server_cpu_ms_per_refusal_net"] / report[b]["server_cpu_ms_per_refusal_net"])
     floor = report.get("floor_bare_asgi")
     if floor:
-        ratios["fast_over_floor_cpu_per_refusal"] = (
-            fast["server_cpu_ms_per_refusal_net"] / floor["server_cpu_ms_per_refusal"])
-        ratios["fast_over_floor_refusals_per_s"] = fast["refusals_per_s"] / floor["per_s"]
+        for mode in modes:
+            ratios[f"{mode}_over_floor_cpu_per_refusal"] = (
+                report[mode]["server_cpu_ms_per_refusal_net"] / floor["server_cpu_ms_per_refusal"])
+            ratios[f"{mode}_over_floor_refusals_per_s"] = (
+                report[mode]["refusals_per_s"] / floor["per_s"])
     report["ratios"] = ratios
     report["load_average_end"] = load_average()
     print(json.dumps(report, indent=2))

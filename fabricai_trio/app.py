@@ -35,6 +35,7 @@ from .api.openapi import blueprint as openapi_blueprint
 from .api.operations import blueprint as operations_blueprint
 from .api.playground import ASSET_PREFIX, PAGE_PATH
 from .api.playground import blueprint as playground_blueprint
+from .api.raw_refusals import RawRefusals
 from .api.refusals import FastRefusals
 from .api.request_log import RequestObserver
 from .api.routes import blueprint
@@ -98,6 +99,12 @@ class FabricApp:
         )
         self.hosts = host_check.HostAllowlist.from_settings(
             state.settings, auth_enabled=state.auth.enabled
+        )
+        #: The same refusals answered from a request's raw bytes, before Hypercorn
+        #: parses it (api/raw_refusals.py; the connection layer asks it, server.py).
+        self.raw_refusals = RawRefusals(
+            self.refusals, self.hosts, self.requests, state.metrics,
+            enabled=settings.raw_refusals,
         )
         #: Set when start-up failed for good (the model cannot load): the server stops.
         self.fatal = trio.Event()

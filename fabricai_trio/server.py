@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
+from .api.raw_refusals import RawRefusals
 from .app import FabricApp, create_app
 from .settings import Settings
 
@@ -44,6 +48,8 @@ class ConnectionLimits:
 
 #: The attribute of a Hypercorn `Config` that carries its `ConnectionLimits`.
 LIMITS_ATTRIBUTE = "fabricai_limits"
+#: The attribute of a Hypercorn `Config` that carries the app's `RawRefusals`.
+RAW_REFUSALS_ATTRIBUTE = "fabricai_raw_refusals"
 
 
 class GuardedTCPServer(TCPServer):
@@ -72,14 +78,78 @@ class GuardedTCPServer(TCPServer):
         self.idle_task = IdleTimer(self)  # type: ignore[assignment]
 
     async def _read_data(self) -> None:
-        """Hypercorn's read loop; when it ends, the connection is done (every way of
-        closing it ends this loop), and so is its idle timer."""
+        """Hypercorn's read loop, with refusals answered from the raw bytes (see
+        `_refuse_raw`); when it ends, the connection is done (every way of closing it
+        ends this loop), and so is its idle timer."""
         try:
-            await super()._read_data()
+            while True:
+                try:
+                    with trio.fail_after(self.config.read_timeout or math.inf):
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                refused = await self._refuse_raw(data)
+                if refused is None:
+                    await self.protocol.handle(RawData(bytes(data)))
+                    if data == b"":
+                        break
+                elif not refused:  # gone, or asked to close
+                    break
+            await self.protocol.handle(Closed())
         finally:
             timer = self.idle_task
             if isinstance(timer, IdleTimer):
                 timer.close()
+
+    async def _refuse_raw(self, data: bytes | bytearray) -> bool | None:
+        """Answer `data` with a refusal if it is one simple request the app would refuse
+        now and the connection is between requests (`RawRefusals`, api/raw_refusals.py):
+        True if the connection goes on, False if it ends. None: not answered, Hypercorn
+        gets `data` as before (anything else: any doubt)."""
+        raw = getattr(self.config, RAW_REFUSALS_ATTRIBUTE, None)
+        limits = self._limits()
+        if (not isinstance(raw, RawRefusals) or limits is None or not raw.wanted(data)
+                or not self._between_requests()):
+            return None
+        started = time.monotonic()
+        h11_protocol = self.protocol.protocol
+        client = h11_protocol.client
+        reply = await raw.reply(
+            bytes(data), client=client[0] if client else None,
+            max_head_bytes=self.config.h11_max_incomplete_size,
+            extra_headers=self.config.response_headers("h11"),
+        )
+        if reply is None:
+            return None
+        h11_protocol.keep_alive_requests += 1  # as Hypercorn counts a request
+        await self.context.mark_request()
+        async with raw.fast.turn():  # refusals take turns (api/refusals.py, `__call__`)
+            gone = await self._write(limits, reply.data)
+        ended = time.monotonic()
+        raw.ended(reply, ended - started, ended)
+        if gone or reply.close:
+            return False
+        timer = self.idle_task
+        if isinstance(timer, IdleTimer):
+            await timer.restart(self._task_group, self._idle_timeout)  # idle again, from now
+        return True
+
+    def _between_requests(self) -> bool:
+        """Hypercorn's HTTP/1 connection is idle: no request in progress, nothing
+        buffered, and the next request would not be its last (Hypercorn closes after
+        `keep_alive_max_requests`) nor the server stopping."""
+        protocol = getattr(self.protocol, "protocol", None)
+        if not isinstance(protocol, H11Protocol) or protocol.stream is not None:
+            return False
+        connection = protocol.connection
+        return (
+            isinstance(connection, h11.Connection)
+            and connection.our_state is h11.IDLE
+            and connection.their_state is h11.IDLE
+            and not connection.trailing_data[0]
+            and protocol.keep_alive_requests + 1 < self.config.keep_alive_max_requests
+            and not self.context.terminated.is_set()
+        )
 
     def _limits(self) -> ConnectionLimits | None:
         limits = getattr(self.config, LIMITS_ATTRIBUTE, None)
@@ -121,8 +191,9 @@ class GuardedTCPServer(TCPServer):
             return
         await self._write(limits, event.data)
 
-    async def _write(self, limits: ConnectionLimits, data: bytes) -> None:
-        """Write the held head (if any) and `data`, within the write deadline."""
+    async def _write(self, limits: ConnectionLimits, data: bytes) -> bool:
+        """Write the held head (if any) and `data`, within the write deadline; True if
+        the connection is gone (then closed)."""
         data, self._held = self._held + data, b""
         gone = False
         async with self.send_lock:
@@ -143,6 +214,7 @@ class GuardedTCPServer(TCPServer):
                 gone = True
             if gone:
                 await self.protocol.handle(Closed())
+        return gone
 
 
 class IdleTimer:
@@ -220,6 +292,12 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+def refuse_raw(config: Config, app: FabricApp) -> Config:
+    """Let `GuardedTCPServer` answer `app`'s refusals from the raw bytes (RAW_REFUSALS)."""
+    setattr(config, RAW_REFUSALS_ATTRIBUTE, app.raw_refusals)
+    return config
+
+
 def limit_connections(config: Config, settings: Settings) -> Config:
     """Bound what one client can hold: idle keep-alive time, websocket message size
     (Hypercorn's default buffers 16 MiB before SOCKETIO_MAX_PAYLOAD applies), request
@@ -244,7 +322,7 @@ async def serve_app(settings: Settings, app: FabricApp | None = None) -> int:
     is cancelled, and only the decode step in flight is waited for.
     """
     app = app or create_app(settings)
-    config = hypercorn_config(settings)
+    config = refuse_raw(hypercorn_config(settings), app)
     exit_code = 0
     stop = trio.Event()
 

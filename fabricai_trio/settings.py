@@ -251,6 +251,14 @@ class Settings(BaseSettings):
         "answer, at a fraction of the cost (docs/performance.md, Refusals). `false`: every "
         "request goes through the framework (to compare).",
     )
+    raw_refusals: bool = Field(
+        True,
+        description="With FAST_REFUSALS: answer those refusals at the connection layer, "
+        "from a request's raw bytes, before the HTTP server parses it, when the request "
+        "is one complete simple HTTP/1.1 request on an idle keep-alive connection "
+        "(anything else goes to the HTTP server as before): the same answer, cheaper "
+        "still (docs/performance.md, Refusals). `false`: the fast path over ASGI only.",
+    )
     resume_ttl_seconds: int = Field(
         600, ge=1, le=86_400,
         description="How long a stream's end (and a resumable stream's events) is kept for "

@@ -14,7 +14,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from fabricai_trio.app import FabricApp, create_app
-from fabricai_trio.server import limit_connections
+from fabricai_trio.server import limit_connections, refuse_raw
 from fabricai_trio.settings import Settings
 
 from .fakes import FakeEngine
@@ -41,6 +41,7 @@ async def served(
     config.accesslog = None
     config.graceful_timeout = 1.0
     limit_connections(config, settings)
+    refuse_raw(config, app)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         asgi: Any = app  # hypercorn's ASGIFramework type names its own scope TypedDicts

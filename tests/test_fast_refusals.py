@@ -11,6 +11,8 @@ model test (a real generation holding the slot) is at the end.
 from __future__ import annotations
 
 import json
+import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 
 from fabricai_trio.app import FabricApp
 
@@ -317,6 +320,220 @@ async def test_a_fixed_length_response_is_one_write(monkeypatch: pytest.MonkeyPa
         assert answers[2].startswith(b"HTTP/1.1 429") and answers[2].endswith(refused.content)
 
 
+# --- the connection layer's raw path (api/raw_refusals.py, server.GuardedTCPServer) ---
+
+
+def raw_request(path: str, body: Any, *headers: str, content: bytes | None = None) -> bytes:
+    """One whole HTTP/1.1 request as bytes (sent in one write, as `wrk` sends it)."""
+    payload = json.dumps(body).encode() if content is None else content
+    lines = [f"POST {path} HTTP/1.1", "host: 127.0.0.1", "content-type: application/json",
+             *headers]
+    if not any(h.lower().startswith("transfer-encoding") for h in headers):
+        lines.append(f"content-length: {len(payload)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+class RawConnection:
+    """A kept-alive connection that writes bytes as given and reads whole responses."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def response(self) -> bytes:
+        """The next response (head and Content-Length body), as sent."""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in self.buffer:
+                chunk = await self.stream.receive_some(65536)
+                assert chunk, "the server closed the connection"
+                self.buffer += chunk
+            end = self.buffer.index(b"\r\n\r\n") + 4
+            found = re.search(rb"(?im)^content-length: *(\d+)\r$", bytes(self.buffer[:end]))
+            interim = self.buffer.startswith(b"HTTP/1.1 1")  # 100 Continue: a head only
+            assert found is not None or interim, bytes(self.buffer[:end])
+            length = int(found.group(1)) if found else 0
+            while len(self.buffer) < end + length:
+                chunk = await self.stream.receive_some(65536)
+                assert chunk, "the server closed the connection"
+                self.buffer += chunk
+            whole = bytes(self.buffer[: end + length])
+            del self.buffer[: len(whole)]
+            return whole
+
+    async def exchange(self, data: bytes) -> bytes:
+        await self.stream.send_all(data)
+        return await self.response()
+
+    async def closed(self) -> bool:
+        """Whether the server closes the connection (nothing more arrives)."""
+        with trio.fail_after(10):
+            return await self.stream.receive_some(65536) == b""
+
+
+@asynccontextmanager
+async def raw_connection(client: httpx.AsyncClient) -> AsyncIterator[RawConnection]:
+    port = client.base_url.port
+    assert port is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        yield RawConnection(stream)
+
+
+def undated(response: bytes) -> bytes:
+    return re.sub(rb"(?im)^date: [^\r]*\r\n", b"", response)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+async def three_ways(app: FabricApp, connection: RawConnection, data: bytes, *,
+                     raw: int = 1) -> bytes:
+    """`data` (one whole request) answered by the raw path, the fast path over ASGI and
+    the framework path, on one connection: the same bytes but the date; `raw` of them
+    (0 or 1) answered from the raw bytes."""
+    answers = []
+    for raw_on, fast_on in ((True, True), (False, True), (False, False)):
+        app.raw_refusals.enabled, app.refusals.enabled = raw_on, fast_on
+        before = app.raw_refusals.answered
+        try:
+            answers.append(await connection.exchange(data))
+        finally:
+            app.raw_refusals.enabled = app.refusals.enabled = True
+        assert app.raw_refusals.answered - before == (raw if raw_on else 0), data
+    assert undated(answers[0]) == undated(answers[1]) == undated(answers[2]), answers
+    return answers[0]
+
+
+async def test_the_raw_path_answers_byte_for_byte_as_the_framework() -> None:
+    async with (
+        served(max_queue_size=0, retry_after_seconds=7) as (app, client),
+        holding(client, app),
+        raw_connection(client) as connection,
+    ):
+        http_429 = app.state.metrics.http_requests
+        for path, body in REQUESTS:
+            counted = http_429.labels(path, "POST", "429")
+            before = counted._value.get()
+            fast_before = fast_count(app)
+            data = raw_request(path, body, "x-request-id: rid-7")
+            refused = await three_ways(app, connection, data)
+            assert refused.startswith(b"HTTP/1.1 429 \r\n")
+            for header in (b"retry-after: 7\r\n", b"x-request-id: rid-7\r\n",
+                           b"server: hypercorn-h11\r\n", b"content-type: application/json\r\n"):
+                assert header in refused, header
+            assert b'"code":"queue_full"' in refused
+            # Counted as any request is: by route and status, and as a fast refusal.
+            await wait_for(lambda: counted._value.get() - before == 3)  # noqa: B023
+            assert fast_count(app) - fast_before == 2
+        # No X-Request-Id: one is made, as the request observer makes it.
+        made = await connection.exchange(raw_request(COMPLETIONS, REQUESTS[1][1]))
+        rid = re.search(rb"(?m)^x-request-id: ([0-9a-f]{32})\r$", made)
+        assert rid is not None, made
+        # The same connection then serves a normal request, and another refusal.
+        status = await connection.exchange(b"GET /v1/status HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        assert status_of(status) == 200 and b'"queue_capacity":0' in status
+        # Hypercorn readies the connection for the next request just after it sent the
+        # answer (until then a request goes to it, not to the raw path).
+        await trio.testing.wait_all_tasks_blocked()
+        before = app.raw_refusals.answered
+        assert status_of(await connection.exchange(raw_request(*REQUESTS[0]))) == 429
+        assert app.raw_refusals.answered - before == 1
+
+
+async def test_connection_close_is_answered_then_closed() -> None:
+    async with (
+        served(max_queue_size=0) as (app, client),
+        holding(client, app),
+        raw_connection(client) as connection,
+    ):
+        before = app.raw_refusals.answered
+        data = raw_request(SSE, REQUESTS[2][1], "connection: close", "x-request-id: rid-8")
+        refused = await connection.exchange(data)
+        assert app.raw_refusals.answered - before == 1
+        assert status_of(refused) == 429 and b"\r\nconnection: close\r\n" in refused.lower()
+        assert await connection.closed()
+        app.raw_refusals.enabled = False  # the framework's answer is the same
+        try:
+            async with raw_connection(client) as framework:
+                assert undated(await framework.exchange(data)) == undated(refused)
+                assert await framework.closed()
+        finally:
+            app.raw_refusals.enabled = True
+
+
+async def test_what_is_not_one_simple_request_goes_to_the_http_server() -> None:
+    """Each of these is answered by Hypercorn and the app as before (never from the raw
+    bytes): a chunked body, `Expect`, two requests in one write, a request split over
+    two writes, bad credentials, a session request, a body the route refuses."""
+    async with (
+        served(max_queue_size=0, api_keys=KEY_A) as (app, client),
+        holding(client, app, headers=A),
+        raw_connection(client) as connection,
+    ):
+        auth = f"authorization: Bearer {KEY_A}"
+        body = REQUESTS[1][1]
+        payload = json.dumps(body).encode()
+        chunked = raw_request(COMPLETIONS, body, auth, "transfer-encoding: chunked",
+                              content=b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        whole = raw_request(COMPLETIONS, body, auth)
+        cases: list[tuple[bytes, int]] = [
+            (chunked, 429),
+            (raw_request(COMPLETIONS, body, auth, "expect: 100-continue"), 429),
+            (raw_request(COMPLETIONS, body), 401),
+            (raw_request(COMPLETIONS, body, "authorization: Bearer wrong"), 401),
+            (raw_request(SSE, {"prompt": "x", "session_id": "no-such-session"}, auth), 404),
+            (raw_request(COMPLETIONS, {"prompt": "x", "max_tokens": -1}, auth), 400),
+            (raw_request(COMPLETIONS, body, auth, content=b"{"), 400),
+        ]
+        before = app.raw_refusals.answered
+        for data, status in cases:
+            await connection.stream.send_all(data)
+            answer = await connection.response()
+            if answer.startswith(b"HTTP/1.1 100"):  # Expect: the interim answer first
+                answer = await connection.response()
+            assert status_of(answer) == status, (data, answer)
+        # Two requests in one write: both answered, in order, by the framework side.
+        await connection.stream.send_all(whole + whole)
+        assert [status_of(await connection.response()) for _ in range(2)] == [429, 429]
+        # One request in two writes (the head, then the body a moment later).
+        split = whole.index(b"\r\n\r\n") + 4
+        await connection.stream.send_all(whole[:split])
+        await trio.sleep(0.05)
+        await connection.stream.send_all(whole[split:])
+        assert status_of(await connection.response()) == 429
+        assert app.raw_refusals.answered == before
+        # ...and the connection is still good for the raw path (once Hypercorn has
+        # readied it for the next request).
+        await trio.testing.wait_all_tasks_blocked()
+        assert status_of(await connection.exchange(whole)) == 429
+        assert app.raw_refusals.answered == before + 1
+
+
+async def test_the_raw_decision_is_the_fast_paths() -> None:
+    """`RawRefusals.decide` on bytes, no socket: a refusal only while the model refuses,
+    only for a request the fast path would refuse."""
+    async with served(max_queue_size=0) as (app, client):
+        raw = app.raw_refusals
+        data = raw_request(COMPLETIONS, REQUESTS[1][1])
+
+        def decide(data: bytes) -> Any:
+            return raw.decide(data, client="127.0.0.1", max_head_bytes=65536)
+
+        assert not raw.wanted(data) and decide(data) is None  # room: nothing to refuse
+        async with holding(client, app):
+            assert raw.wanted(data)
+            decided = decide(data)
+            assert decided is not None
+            _, refusal, rid = decided
+            assert (refusal.route.path, refusal.error.code) == (COMPLETIONS, "queue_full")
+            assert len(rid) == 32
+            assert decide(raw_request(COMPLETIONS, {"prompt": "x", "max_tokens": -1})) is None
+            assert decide(raw_request("/v1/sessions", {})) is None
+            assert decide(raw_request(SSE, {"prompt": "x"}, "last-event-id: a:1")) is None
+            assert decide(data.replace(b"host: 127.0.0.1", b"host: evil.example")) is None
+
+
 # --- the real model ---
 
 
@@ -365,6 +582,20 @@ def test_a_real_generation_holds_the_slot_and_the_next_is_refused_fast(
             with pytest.raises(openai.RateLimitError) as info:
                 sdk.completions.create(model=MODEL, prompt="hi", max_tokens=4)
             assert info.value.code == "queue_full"
+            # A whole request in one write, as `wrk` sends it (the raw path's case).
+            host, port = one_slot.url.rsplit("/", 1)[1].split(":")
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                data = raw_request(CHAT, {"messages": [{"role": "user", "content": "hi"}]},
+                                   "x-request-id: raw-1")
+                sock.sendall(data)
+                received = b""
+                while not received.endswith(b"}\n"):
+                    chunk = sock.recv(65536)
+                    assert chunk, received
+                    received += chunk
+            head, _, content = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 429 \r\n") and b"\r\nx-request-id: raw-1" in head
+            assert json.loads(content) == refused.json()
             # The stream is still decoding.
             assert next(line for line in lines if line.startswith("data: {"))
         wait_idle(http)
@@ -372,12 +603,12 @@ def test_a_real_generation_holds_the_slot_and_the_next_is_refused_fast(
         assert (
             value(after, "fabricai_fast_refusals_total")
             - value(before, "fabricai_fast_refusals_total")
-            == 2
+            == 3
         )
         assert (
             value(after, "fabricai_queue_rejections_total")
             - value(before, "fabricai_queue_rejections_total")
-            == 2
+            == 3
         )
         # Not refused any more: the next request runs.
         answer = http.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2})

@@ -34,7 +34,8 @@ The request observer (X-Request-Id, metrics, the log line) wraps this as any req
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,37 @@ def generation_routes(
     return {route.path: route for route in routes}
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the decisions look at before the body, as ASGI gives it (lower-case header
+    names, the path decoded, the query string raw); no transport in it."""
+
+    method: str
+    path: str
+    query_string: bytes
+    headers: Sequence[tuple[bytes, bytes]]
+    #: The client's address (the auth throttle's key).
+    client: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request the fast path answers: its route, who asked, and the refusal."""
+
+    route: GenerationRoute
+    identity: Identity
+    error: DomainError
+
+
+def scope_head(scope: dict[str, Any]) -> Head:
+    """An ASGI HTTP scope's `Head`."""
+    client = scope.get("client")
+    return Head(
+        scope["method"], scope["path"], scope.get("query_string") or b"", scope["headers"],
+        client[0] if client else None,
+    )
+
+
 def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The first value of header `name` (lower-case), as the framework reads one."""
     for key, value in headers:
@@ -144,40 +176,59 @@ class FastRefusals:
         self._answers: dict[tuple[object, ...], Answer] = {}
         self._turns = trio.CapacityLimiter(self.TURNS)
 
-    # --- decisions ---
+    # --- decisions (no I/O: the ASGI shell below and the connection layer's raw path,
+    # server.py, both ask them) ---
 
-    def route(self, scope: dict[str, Any]) -> GenerationRoute | None:
+    def route(self, head: Head) -> GenerationRoute | None:
         """The covered route of this request if the fast path may answer it now."""
-        if not self.enabled or scope["method"] != "POST":
+        if not self.enabled or head.method != "POST":
             return None
-        route = self.routes.get(scope["path"])
+        route = self.routes.get(head.path)
         if route is None or not self.service.may_refuse():
             return None
         if route.resumable and (
-            scope.get("query_string")
-            or first_header(scope["headers"], b"last-event-id") is not None
+            head.query_string or first_header(head.headers, b"last-event-id") is not None
         ):
             return None  # maybe a reconnect: the route decides
         return route
 
-    def identify(self, scope: dict[str, Any]) -> Identity | None:
+    def identify(self, head: Head) -> Identity | None:
         """Who the request acts as, if the auth hook would accept it (see the module
         docstring); the headers as the hook reads them (the last of repeated ones)."""
         if not self.auth.enabled:
             return ANONYMOUS_IDENTITY
         headers = {
-            bytes(k).decode("latin-1"): bytes(v).decode("latin-1") for k, v in scope["headers"]
+            bytes(k).decode("latin-1"): bytes(v).decode("latin-1") for k, v in head.headers
         }
-        client = scope.get("client")
-        return self.auth.identify(headers, client=client[0] if client else None)
+        return self.auth.identify(headers, client=head.client)
 
-    def may_read_body(self, scope: dict[str, Any]) -> bool:
+    def may_read_body(self, head: Head) -> bool:
         """A JSON body that is not announced as too large (the route answers 415, 413)."""
-        headers = scope["headers"]
-        if not is_json_content_type(first_header(headers, b"content-type")):
+        if not is_json_content_type(first_header(head.headers, b"content-type")):
             return False
-        length = first_header(headers, b"content-length")
+        length = first_header(head.headers, b"content-length")
         return length is None or (length.isdigit() and int(length) <= self.max_body_bytes)
+
+    def admit(self, head: Head) -> tuple[GenerationRoute, Identity] | None:
+        """Before the body: the route and who asks, if the fast path may read the body
+        and decide (steps 1 to 3 of the module docstring), else None (hand on)."""
+        route = self.route(head)
+        if route is None:
+            return None
+        identity = self.identify(head)
+        if identity is None or not self.may_read_body(head):
+            return None
+        return route, identity
+
+    def decide(self, head: Head, body: bytes, rid: str) -> Refusal | None:
+        """The whole decision for a request already read (the raw path): the refusal
+        the framework path would answer with now, or None (hand on)."""
+        admitted = self.admit(head)
+        if admitted is None:
+            return None
+        route, identity = admitted
+        error = self.refusal(route, body, rid, identity)
+        return None if error is None else Refusal(route, identity, error)
 
     def refusal(
         self, route: GenerationRoute, body: bytes, rid: str, identity: Identity
@@ -235,11 +286,11 @@ class FastRefusals:
 
         Cancellation (the client gone): the request ends here as it would in the
         framework; nothing is held."""
-        route = self.route(scope)
-        identity = self.identify(scope) if route is not None else None
-        if route is None or identity is None or not self.may_read_body(scope):
+        admitted = self.admit(scope_head(scope))
+        if admitted is None:
             await app(scope, receive, send)
             return
+        route, identity = admitted
         messages, body = await self._read_body(receive)
         error = None
         if body is not None:
@@ -251,15 +302,23 @@ class FastRefusals:
         scope[IDENTITY_SCOPE_KEY] = identity
         answer = await self.answer(error, route.dialect)
         self.metrics.on_fast_refusal()
+        async with self.turn():
+            await send(
+                {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
+            )
+            await send({"type": "http.response.body", "body": answer.body})
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """A turn to send a refusal (see `__call__`), waited for at most
+        TURN_WAIT_SECONDS; the raw path (server.py) takes one too, from the same
+        limiter. Cancellation: a turn taken is given back."""
         turn = False
         with trio.move_on_after(self.TURN_WAIT_SECONDS):
             await self._turns.acquire()
             turn = True
         try:
-            await send(
-                {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
-            )
-            await send({"type": "http.response.body", "body": answer.body})
+            yield
         finally:
             if turn:
                 self._turns.release()

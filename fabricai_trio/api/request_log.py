@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -64,11 +64,14 @@ def attach_generation(scope: dict[str, Any], generation: Generation) -> None:
     scope[GENERATION_SCOPE_KEY] = generation
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The request id of a request with these headers: the client's first valid
+    `X-Request-Id`, else a new one (see the module docstring)."""
+    for key, value in headers:
+        if key.lower() == b"x-request-id":
+            client_id = bytes(value).decode("latin-1")
+            return client_id if client_id and is_request_id(client_id) else new_request_id()
+    return new_request_id()
 
 
 class RefusalTally:
@@ -112,8 +115,7 @@ class RequestObserver:
     async def __call__(
         self, scope: dict[str, Any], receive: Any, send: Any, app: ASGIApp, *, mount: str | None
     ) -> None:
-        client_id = _header(scope, b"x-request-id")
-        rid = client_id if client_id and is_request_id(client_id) else new_request_id()
+        rid = request_id_of(scope.get("headers", ()))
         scope[REQUEST_ID_SCOPE_KEY] = rid
         started = time.monotonic()
         status: int | None = None
@@ -154,17 +156,28 @@ class RequestObserver:
             await app(scope, receive_tracked if mount is None else receive, send_with_id)
         finally:
             ended = time.monotonic()
-            seconds = ended - started
-            route = mount or scope.get(ROUTE_SCOPE_KEY) or "unmatched"
-            final_status = status if status is not None else CLIENT_CLOSED
-            self.metrics.on_request(route, scope["method"], final_status, seconds)
-            self._log_refusals(ended)
-            level = logging.DEBUG if mount else logging.INFO
-            if final_status == REFUSAL_STATUS and self.refusals.absorbed(route, ended):
-                level = logging.DEBUG
-            if log.isEnabledFor(level):
-                fields = self._fields(scope, rid, route, final_status, seconds)
-                log.log(level, "request %s", _as_text(fields), extra={"fields": fields})
+            self.ended(
+                scope, rid, mount or scope.get(ROUTE_SCOPE_KEY) or "unmatched",
+                status if status is not None else CLIENT_CLOSED, ended - started, ended,
+                quiet=mount is not None,
+            )
+
+    def ended(
+        self, scope: dict[str, Any], rid: str, route: str, status: int, seconds: float,
+        now: float, *, quiet: bool = False,
+    ) -> None:
+        """A request has ended (`now`, monotonic): its metrics and its log line (DEBUG
+        if `quiet`, a mounted app's; a 429 maybe left to the aggregate). `scope` needs
+        only `method` (and the identity, if known). The connection layer's raw refusals
+        (server.py) end here too."""
+        self.metrics.on_request(route, scope["method"], status, seconds)
+        self._log_refusals(now)
+        level = logging.DEBUG if quiet else logging.INFO
+        if status == REFUSAL_STATUS and self.refusals.absorbed(route, now):
+            level = logging.DEBUG
+        if log.isEnabledFor(level):
+            fields = self._fields(scope, rid, route, status, seconds)
+            log.log(level, "request %s", _as_text(fields), extra={"fields": fields})
 
     def _log_refusals(self, now: float) -> None:
         """The line of an interval of 429s that has ended (`RefusalTally`)."""
