@@ -1,25 +1,29 @@
 """How cheap is a refusal? 429s per second, their latency, and what a storm of them
-costs two running streams, with the fast path of refusals on and off.
+costs two running streams, on each of the three ways a refusal can be answered.
 
     nice .venv/bin/python bench/refusals.py [--engine tests.fakes:FakeEngine]
-        [--connections 50] [--seconds 10] [--rounds 2] [--client auto|wrk|python]
-        [--py-spy out.svg] [--no-floor]
+        [--connections 50] [--seconds 10] [--rounds 2] [--modes raw,fast,framework]
+        [--client auto|wrk|python] [--py-spy out.svg] [--no-floor]
 
 Each round starts our server with 2 slots and no queue (`MAX_QUEUE_SIZE=0`), starts two
 long streams that keep both slots busy, measures their tok/s, then `--connections`
 kept-alive connections POST `/v1/completions` as fast as they can for `--seconds`
 (every request refused with 429) while the streams' tok/s and the server's CPU time
-are measured again. Rounds alternate `FAST_REFUSALS=true` (the fast path,
-api/refusals.py) and `false` (every request through Quart), so both are measured
-under the same load. The load generator is `wrk` when it is installed (a C client that
-is not the bottleneck), else a Python client (then the rate is the client's floor).
+are measured again. The modes: `raw` (the connection layer answers from the request's
+bytes, api/raw_refusals.py: `FAST_REFUSALS=true`, `RAW_REFUSALS=true`), `fast` (over
+ASGI before Quart, api/refusals.py: `RAW_REFUSALS=false`) and `framework`
+(`FAST_REFUSALS=false`: every request through Quart). Rounds alternate the order of the
+modes (`--modes` order, then reversed), so all are measured under the same load. The
+load generator is `wrk` when it is installed (a C client that is not the bottleneck,
+and sends each request in one write), else a Python client (then the rate is the
+client's floor, and its requests, head and body in two writes, rarely take the raw path).
 
 The floor: the same storm against Hypercorn (same configuration and connection class
 as the server) serving a bare ASGI app that reads the body and sends a prebuilt 429:
 what the HTTP server alone costs here. `--py-spy out.svg` records the server during the
-storm of the first fast round (the `bench` extra; `out.txt`: collapsed stacks).
+storm of the first mode's first round (the `bench` extra; `out.txt`: collapsed stacks).
 Prints one JSON object: every round, the median of each mode, the floor, and the ratios
-(fast path over framework path, fast path over the floor).
+(each mode over the next, each over the floor).
 """
 
 from __future__ import annotations

@@ -510,6 +510,33 @@ async def test_what_is_not_one_simple_request_goes_to_the_http_server() -> None:
         assert app.raw_refusals.answered == before + 1
 
 
+async def test_raw_refusals_take_the_same_turns() -> None:
+    """The raw path waits for a turn of the fast path's limiter (at most
+    TURN_WAIT_SECONDS) before it decides and writes."""
+    async with (
+        served(max_queue_size=0) as (app, client),
+        holding(client, app),
+        raw_connection(client) as connection,
+    ):
+        refusals = app.refusals
+        holders = [object() for _ in range(refusals.TURNS)]
+        for holder in holders:
+            refusals._turns.acquire_on_behalf_of_nowait(holder)
+        try:
+            started = trio.current_time()
+            refused = await connection.exchange(raw_request(*REQUESTS[1]))
+            waited = trio.current_time() - started
+            assert status_of(refused) == 429 and app.raw_refusals.answered == 1
+            assert refusals.TURN_WAIT_SECONDS <= waited < refusals.TURN_WAIT_SECONDS + 5
+        finally:
+            for holder in holders:
+                refusals._turns.release_on_behalf_of(holder)
+        started = trio.current_time()
+        assert status_of(await connection.exchange(raw_request(*REQUESTS[1]))) == 429
+        assert trio.current_time() - started < refusals.TURN_WAIT_SECONDS
+        assert app.raw_refusals.answered == 2 and refusals._turns.borrowed_tokens == 0
+
+
 async def test_the_raw_decision_is_the_fast_paths() -> None:
     """`RawRefusals.decide` on bytes, no socket: a refusal only while the model refuses,
     only for a request the fast path would refuse."""
