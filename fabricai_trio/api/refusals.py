@@ -29,6 +29,10 @@ A request handed on gets the body already read replayed to it. The answer is ren
 by the framework's own error response (`http_errors.error_response`), once per distinct
 error, then served from a small cache: it is the framework's answer byte for byte.
 The request observer (X-Request-Id, metrics, the log line) wraps this as any request.
+
+The decisions take a transport-free `Head`: the connection layer's raw path
+(api/raw_refusals.py) asks the same ones (`decide`) for a request it read whole,
+before Hypercorn parses it, and takes its turn from the same limiter (`turn`).
 """
 
 from __future__ import annotations
