@@ -534,7 +534,32 @@ async def test_raw_refusals_take_the_same_turns() -> None:
         started = trio.current_time()
         assert status_of(await connection.exchange(raw_request(*REQUESTS[1]))) == 429
         assert trio.current_time() - started < refusals.TURN_WAIT_SECONDS
-        assert app.raw_refusals.answered == 2 and refusals._turns.borrowed_tokens == 0
+        assert app.raw_refusals.answered == 2
+        await wait_for(lambda: refusals._turns.borrowed_tokens == 0)  # given back
+
+
+async def test_raw_refusals_are_logged_as_any_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    async with (
+        served(max_queue_size=0, refusal_log_seconds=0.3) as (app, client),
+        holding(client, app),
+        raw_connection(client) as connection,
+    ):
+        caplog.set_level("INFO", logger="fabricai_trio.requests")
+        for _ in range(5):
+            answer = await connection.exchange(raw_request(*REQUESTS[2], "x-request-id: r-1"))
+            assert status_of(answer) == 429
+        assert app.raw_refusals.answered == 5
+        await trio.sleep(0.35)
+        assert (await client.get("/v1/status")).status_code == 200  # ends the interval
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "fabricai_trio.requests"]
+
+        await wait_for(lambda: any(line.startswith("refused ") for line in lines()))
+        first = [line for line in lines() if "status=429" in line]
+        assert len(first) == 1 and 'request_id="r-1"' in first[0] and f'route="{SSE}"' in first[0]
+        summary = [line for line in lines() if line.startswith("refused ")]
+        assert summary == [f"refused 4 more request(s) with 429 within 0.3 s: {SSE}=4"]
 
 
 async def test_the_raw_decision_is_the_fast_paths() -> None:
