@@ -735,6 +735,8 @@ class GenerationService:
             stop=tuple(dict.fromkeys([*user_stops(request), *prompt.stop])),
             stop_tokens=prompt.stop_tokens,
             cache_scope=None if request.shared_prefix else owner,
+            principal=owner,
+            priority_rank=ticket.rank,
         )
         generation = Generation(
             service=self,

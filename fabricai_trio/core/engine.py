@@ -100,6 +100,14 @@ class EngineRequest:
     """Whose prefix cache the request may read and fill: an engine reuses a prompt's KV
     only between requests of one scope (the principal), so that timing cannot tell one
     principal what another sent. None is the shared scope."""
+    principal: str | None = None
+    """Who sent the request (an opaque id: admission's principal), so an engine that
+    batches requests can share its work between principals fairly, as admission does;
+    None for all: no principals."""
+    priority_rank: int = 0
+    """The request's priority class as admission ranks it (0 is the highest class);
+    an engine that batches serves the prompts of higher classes first. 0 for all: no
+    classes."""
 
 
 MAX_TOP_LOGPROBS = 20

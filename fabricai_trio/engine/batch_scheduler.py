@@ -26,6 +26,24 @@ spread over steps, so no step is much longer than a decode step plus one budget'
 of prompt: that bounds the inter-token latency a prefill adds to the running streams.
 `complete()` records what the step sampled.
 
+Who gets the prompt budget first (`_prefill_order`), like admission's fair queue: the
+prompts of the highest priority class (`rank`, 0 first), then of the principal served
+least, then in arrival order. "Served" counts the tokens each principal's sequences had
+evaluated (prompt chunks and decode rows) in the current busy period, start-time fair
+queueing style: a principal that becomes active again starts no lower than one budget
+(`step_tokens`) below the least-served active principal, so idle time earns a short
+head start, never a long one. So a light key's new prompt goes into the next step whole
+(if it fits) ahead of heavy keys' prompts. A prompt passed over for
+`max_prefill_skips` plans in a row goes first (oldest first): class and service order
+never starve a prompt. Without principals or classes the order is arrival order.
+
+Only the first prompt in that order may be cut into a chunk; the budget left after it
+goes to prompts that fit in it whole. Each prompt chunk is a forward pass of its own
+(see `batch_step`), so a leftover piece of another prompt would cost one more pass
+(its rest needs one later anyway) and lengthen the step that carries the first prompt
+to its first token: a short prompt that arrives while heavy prompts wait then gets a
+step of the decode rows and itself alone.
+
 A sequence released at any time (finished, cancelled) gets its KV ops queued for the
 *next* plan, so the context is only ever touched by the step that applies a plan.
 
@@ -132,6 +150,8 @@ class _Seq:
     prompt: tuple[int, ...]
     max_tokens: int
     scope: str | None = None  # whose prefix cache it may read and fill (None: shared)
+    principal: str | None = None  # whose service it counts as (fair prompt order)
+    rank: int = 0  # priority class, 0 first
     phase: Phase = Phase.WAITING
     seq_id: int | None = None
     n_past: int = 0  # tokens of (prompt + generated) held in the KV cache
@@ -139,6 +159,7 @@ class _Seq:
     backlog: int = 0  # sampled tokens the consumer has not taken yet
     reused: int = 0  # prompt tokens taken from the prefix cache
     parent: int | None = None  # choices: the handle whose prompt KV this one copies
+    skipped: int = 0  # plans in a row that gave this prefilling sequence no tokens
 
     def tokens(self) -> tuple[int, ...]:
         return (self.prompt + tuple(self.generated))[: self.n_past]
@@ -193,9 +214,12 @@ class BatchScheduler:
         max_backlog: int = 4,
         min_reuse_tokens: int = 32,
         invariant: bool = False,
+        max_prefill_skips: int = 4,
     ) -> None:
-        if slots < 1 or cache_slots < 0 or step_tokens < 1 or max_backlog < 1:
-            raise ValueError("slots, step_tokens and max_backlog must be >= 1")
+        if (slots < 1 or cache_slots < 0 or step_tokens < 1 or max_backlog < 1
+                or max_prefill_skips < 1):
+            raise ValueError("slots, step_tokens, max_backlog and max_prefill_skips "
+                             "must be >= 1")
         self.slots = slots
         self.cache_slots = cache_slots
         self.step_tokens = step_tokens
@@ -205,7 +229,11 @@ class BatchScheduler:
         self.max_backlog = max_backlog
         self.min_reuse_tokens = max(1, min_reuse_tokens)
         self.invariant = invariant
+        self.max_prefill_skips = max_prefill_skips
         self._seqs: dict[int, _Seq] = {}
+        # principal -> tokens its sequences had evaluated in this busy period (see the
+        # module doc); cleared when no sequence is left
+        self._served: dict[str | None, int] = {}
         self._waiting: deque[int] = deque()
         self._running: dict[int, int] = {}  # seq_id -> handle, ids < slots
         # seq_id -> (scope, tokens), LRU; a prefix is reused only within its scope
@@ -242,12 +270,15 @@ class BatchScheduler:
 
     # --- sequences come and go ---
 
-    def add(self, prompt: Sequence[int], max_tokens: int, *, scope: str | None = None) -> int:
+    def add(self, prompt: Sequence[int], max_tokens: int, *, scope: str | None = None,
+            principal: str | None = None, rank: int = 0) -> int:
         """Register a sequence; it gets an id (and maybe a cached prefix) at the next plan.
 
         `scope` isolates the prefix cache: the sequence reuses only KV that sequences of
         the same scope left, and what it leaves is reused only by them (a principal's
         prompts never speed up another principal's: no timing side channel).
+        `principal` and `rank` (its priority class, 0 first) order the prompt budget
+        (see the module doc); None and 0 for every sequence: arrival order.
 
         Raises `SchedulerFull` if `slots` sequences are already registered (released ones
         do not count): queueing is the caller's job.
@@ -258,10 +289,12 @@ class BatchScheduler:
             raise ValueError("max_tokens must be >= 1")
         if len(self._seqs) >= self.slots:
             raise SchedulerFull(f"all {self.slots} slots are taken")
-        return self.add_choices(prompt, max_tokens, 1, scope=scope)[0]
+        return self.add_choices(prompt, max_tokens, 1, scope=scope, principal=principal,
+                                rank=rank)[0]
 
     def add_choices(
-        self, prompt: Sequence[int], max_tokens: int, n: int, *, scope: str | None = None
+        self, prompt: Sequence[int], max_tokens: int, n: int, *, scope: str | None = None,
+        principal: str | None = None, rank: int = 0,
     ) -> list[int]:
         """Register `n` sequences of one prompt (a request's choices): the first
         evaluates it, the others copy its KV (see the module doc). All or none: raises
@@ -273,13 +306,33 @@ class BatchScheduler:
         if len(self._seqs) + n > self.slots:
             raise SchedulerFull(f"{n} sequence(s) do not fit: "
                                 f"{len(self._seqs)} of {self.slots} slots are taken")
+        self._activate(principal)
         handles = list(range(self._next_handle, self._next_handle + n))
         self._next_handle += n
         for handle in handles:
             parent = handles[0] if handle != handles[0] and len(prompt) > 2 else None
-            self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens, scope, parent=parent)
+            self._seqs[handle] = _Seq(handle, tuple(prompt), max_tokens, scope,
+                                      principal, rank, parent=parent)
             self._waiting.append(handle)
         return handles
+
+    def _activate(self, principal: str | None) -> None:
+        """`principal` gets a sequence: if it had none, its service count starts no
+        lower than one budget below the least-served active principal's (so what it did
+        not use while idle earns it at most one budget's head start)."""
+        active = {seq.principal for seq in self._seqs.values()}
+        if principal in active:
+            return
+        if not active:
+            self._served.clear()  # a new busy period
+            return
+        floor = min(self._served.get(p, 0) for p in active) - self.step_tokens
+        self._served[principal] = max(self._served.get(principal, 0), floor)
+        # Idle principals at or below the floor would be lifted to it anyway: forget them
+        # (bounds the table by the principals served more than the active ones).
+        for p in [p for p, n in self._served.items() if n <= floor and p not in active
+                  and p != principal]:
+            del self._served[p]
 
     def finish(self, handle: int) -> None:
         """The consumer saw a stop string: decode no more for this sequence."""
@@ -450,7 +503,8 @@ class BatchScheduler:
             self._copies += 1
 
     def _build_batch(self) -> list[BatchEntry]:
-        """Decode rows first (one token each), then prompt chunks in the budget left."""
+        """Decode rows first (one token each), then prompt chunks in the budget left: the
+        first prompt in `_prefill_order` as much as fits, the others only whole."""
         entries: list[BatchEntry] = []
         by_id = sorted(self._running.items())
         for _, handle in by_id:
@@ -460,23 +514,45 @@ class BatchScheduler:
                 entries.append(BatchEntry(handle=handle, seq_id=seq.seq_id,
                                           tokens=(seq.generated[-1],), pos=seq.n_past,
                                           sample=True))
+        for entry in entries:
+            self._serve(self._seqs[entry.handle].principal, 1)
         budget = max(self.step_tokens - len(entries), self.min_prefill_tokens)
-        # Prompt chunks in arrival order (handles grow with time).
-        for handle in sorted(h for _, h in by_id):
-            seq = self._seqs[handle]
-            if seq.phase is not Phase.PREFILL:
-                continue
+        first = True
+        for seq in self._prefill_order():
             assert seq.seq_id is not None
-            take = _chunk(len(seq.prompt) - seq.n_past, budget)
-            if take == 0:
+            remaining = len(seq.prompt) - seq.n_past
+            take = _chunk(remaining, budget)
+            if take == 0 or (take < remaining and not first):
+                seq.skipped += 1
                 continue
+            first = False
+            seq.skipped = 0
             budget = max(0, budget - take)
+            self._serve(seq.principal, take)
             chunk = seq.prompt[seq.n_past : seq.n_past + take]
             last = seq.n_past + take == len(seq.prompt)
-            entries.append(BatchEntry(handle=handle, seq_id=seq.seq_id, tokens=chunk,
+            entries.append(BatchEntry(handle=seq.handle, seq_id=seq.seq_id, tokens=chunk,
                                       pos=seq.n_past, sample=last, prefill=True))
         entries.sort(key=lambda e: e.seq_id)
         return entries
+
+    def _prefill_order(self) -> list[_Seq]:
+        """Prefilling sequences in the order they get the prompt budget: those passed
+        over `max_prefill_skips` plans in a row first (oldest first), then by priority
+        class, by their principal's service count, and in arrival order (handles grow
+        with time)."""
+        prefilling = [self._seqs[h] for h in self._running.values()
+                      if self._seqs[h].phase is Phase.PREFILL]
+
+        def key(seq: _Seq) -> tuple[int, int, int, int]:
+            if seq.skipped >= self.max_prefill_skips:
+                return (0, 0, 0, seq.handle)
+            return (1, seq.rank, self._served.get(seq.principal, 0), seq.handle)
+
+        return sorted(prefilling, key=key)
+
+    def _serve(self, principal: str | None, tokens: int) -> None:
+        self._served[principal] = self._served.get(principal, 0) + tokens
 
     def _pads(self, entries: Sequence[BatchEntry]) -> tuple[PadRow, ...]:
         """Pad rows for the ids between the lowest and highest decoding id that are not

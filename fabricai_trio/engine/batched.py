@@ -239,8 +239,9 @@ class BatchedEngine(ModelTextMethods):
         if not request.prompt_tokens:
             raise EngineError("empty prompt")
         try:
-            handles = self._scheduler.add_choices(request.prompt_tokens, request.max_tokens, n,
-                                                  scope=request.cache_scope)
+            handles = self._scheduler.add_choices(
+                request.prompt_tokens, request.max_tokens, n, scope=request.cache_scope,
+                principal=request.principal, rank=request.priority_rank)
         except SchedulerFull:
             raise EngineError(
                 f"more than {self._slots} generations at once: admission must not let "
