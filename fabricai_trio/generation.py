@@ -694,7 +694,13 @@ class GenerationService:
             if request.logprobs and not info.logprobs:
                 raise InvalidField("logprobs", "this model's engine does not return "
                                    "log-probabilities")
-            grammar = request_grammar(request, model.engine)
+            # Compiling a grammar takes milliseconds (more for a large schema): not on
+            # the event loop.
+            grammar = None
+            if request.grammar is not None or request.constrained_format is not None or (
+                    request.tools is not None and request.tools.active):
+                grammar = await trio.to_thread.run_sync(request_grammar, request,
+                                                        model.engine)
             prompt = await prompt_tokens(model.engine, model.settings.n_ctx, request, session,
                                          new_messages, max_tokens)
             # What fair turns and token limits weigh: the prompt is evaluated once.

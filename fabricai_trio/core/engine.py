@@ -89,8 +89,9 @@ class EngineRequest:
     """Token ids that end the generation (finish_reason `stop`) besides the model's
     end-of-generation tokens: the chat template's BOS/EOS/end-of-turn."""
     grammar: str | None = None
-    """A GBNF grammar every sampled token must follow (constrained decoding), checked
-    beforehand with `GrammarChecker.grammar_error`."""
+    """The grammar every sampled token must follow (constrained decoding): llguidance's
+    grammar text (engine/grammar.py: a JSON Schema, a Lark grammar or a GBNF one
+    converted to Lark), checked beforehand with `GrammarChecker.grammar_error`."""
     logprobs: int | None = None
     """Give each generated token's log-probability and those of the `logprobs` most
     likely tokens at its step (0: the chosen token's only; at most `MAX_TOP_LOGPROBS`)
@@ -207,8 +208,9 @@ class EngineInfo:
 
 @runtime_checkable
 class GrammarChecker(Protocol):
-    """An engine that can constrain decoding with a GBNF grammar (`EngineRequest.grammar`).
-    The built-in engines are; a plug-in engine without it refuses grammars with a 400."""
+    """An engine that can constrain decoding with an llguidance grammar
+    (`EngineRequest.grammar`). The built-in engines are; a plug-in engine without it
+    refuses grammars with a 400."""
 
     def grammar_error(self, grammar: str) -> str | None:
         """Why `grammar` cannot be used with this model, or None if it can. Cheap and

@@ -27,7 +27,8 @@ import numpy as np
 
 from ..core.engine import EngineError, ModelLoadError, TokenLogprob
 from .batch_scheduler import BatchEntry, PadRow, SeqCopy, SeqRemove, StepPlan
-from .logprobs import PENALTY_LAST_N, LogitProcessor, Logits, token_logprob, top_ids
+from .constraint import Constraint, compute_masks
+from .logprobs import PENALTY_LAST_N, LogitProcessor, Logits, token_logprob
 
 __all__ = ["PENALTY_LAST_N", "BatchRunner", "Sampling", "StepResult"]
 
@@ -37,11 +38,6 @@ TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)],
 MIN_P = 0.05  # Llama.generate defaults, kept so sampled output matches LlamaEngine
 TYPICAL_P = 1.0
 PAD_TOKEN = 2  # any valid token: a pad row's cell is dropped right after its step
-GRAMMAR_TOPS = (48, 1024, 8192)
-"""A greedy sequence under a grammar whose top token the grammar refuses: the grammar is
-asked about the next most likely tokens, this many of them, then this many... before the
-whole vocabulary is masked (262k tokens for Gemma: 40 to 150 ms of grammar checks, where
-8192 cost ~3 ms)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,7 +52,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
-    grammar: str | None = None  # GBNF, checked beforehand (ModelText.grammar_error)
+    grammar: str | None = None  # llguidance's, checked beforehand (engine/grammar.py)
     logprobs: int | None = None  # report log-probabilities, with this many alternatives
 
 
@@ -86,33 +82,6 @@ def _processor(s: Sampling) -> LogitProcessor:
     return LogitProcessor.of(repeat_penalty=s.repeat_penalty,
                              frequency_penalty=s.frequency_penalty,
                              presence_penalty=s.presence_penalty, logit_bias=s.logit_bias)
-
-
-@dataclass(frozen=True, slots=True)
-class _Split:
-    """A sampled sequence under a grammar, with top-k: llama.cpp's chain (`_new_chain`)
-    as separate samplers, so that a refused token can be sampled again over the top
-    allowed tokens (`BatchRunner._sample_allowed`) instead of the whole vocabulary.
-    `bias`, `prefilter`, `penalties`, `post` then `dist` is the chain."""
-
-    bias: Any  # llama.cpp logit-bias sampler, or None
-    prefilter: Any  # top_k(PENALTY_LAST_N + k) before the penalties, or None
-    penalties: Any
-    post: Any  # chain: top_k, typical, top_p, min_p, temperature
-    dist: Any
-    min_p: Any  # min_p alone, outside the chain (None if min_p <= 0)
-    top_k: int
-    sampling: Sampling
-
-    def samplers(self) -> tuple[Any, ...]:
-        """The chain's samplers, in order."""
-        return tuple(x for x in (self.bias, self.prefilter, self.penalties, self.post,
-                                 self.dist) if x is not None)
-
-    def free(self) -> None:
-        for sampler in (*self.samplers(), self.min_p):
-            if sampler is not None:
-                llama_cpp.llama_sampler_free(sampler)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,9 +149,11 @@ class BatchRunner:
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._samplers: dict[int, Any] = {}  # handle -> llama.cpp sampler chain
-        self._splits: dict[int, _Split] = {}  # handle -> the chain in parts (grammar, top-k)
         self._greedy: dict[int, _Greedy] = {}
-        self._grammars: dict[int, Any] = {}  # handle -> llama.cpp grammar sampler
+        self._constraints: dict[int, Constraint] = {}  # handle -> its grammar's matcher
+        #: llguidance's tokenizer for this model (`ModelText.constraint_tokenizer`), set
+        #: before the first constrained sequence is added
+        self.constraint_tokenizer: Any = None
         # handle -> bias and penalties for the log-probabilities of a sampled sequence
         # (a greedy one has them in `_greedy`)
         self._processors: dict[int, LogitProcessor] = {}
@@ -191,13 +162,6 @@ class BatchRunner:
         self.n_seq_max = n_seq_max
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)
         self.record_margins = False  # tests: how close each greedy pick was to a tie
-        #: A refused greedy token: how many top tokens to ask the grammar about before
-        #: masking the whole vocabulary. (): mask the whole vocabulary at every step (the
-        #: reference the shortcut is tested against).
-        self.grammar_tops: tuple[int, ...] = GRAMMAR_TOPS
-        #: tests: (shortcut, full mask) candidates after the top-k onward part of the
-        #: chain without its dist sampler, at each refusal the shortcut answered
-        self.check_refusals: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     # --- one step ---
 
@@ -218,13 +182,10 @@ class BatchRunner:
         for handle in plan.released:
             self._greedy.pop(handle, None)
             self._processors.pop(handle, None)
-            split = self._splits.pop(handle, None)
-            if split is not None:
-                split.free()
-            for samplers in (self._samplers, self._grammars):
-                sampler = samplers.pop(handle, None)
-                if sampler is not None:
-                    llama_cpp.llama_sampler_free(sampler)
+            self._constraints.pop(handle, None)
+            sampler = self._samplers.pop(handle, None)
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
         for op in plan.ops:
             if isinstance(op, SeqCopy):
                 llama_cpp.llama_memory_seq_cp(self._mem, op.src, op.dst, -1, -1)
@@ -242,6 +203,7 @@ class BatchRunner:
             out_index = self._decode(entries, pads)
             if isinstance(out_index, str):
                 return StepResult(sampled={}, pieces={}, error=out_index)
+            self._compute_masks(out_index, sampling)
             for handle, index in out_index.items():  # before the next call overwrites them
                 if margins is not None:
                     margins[handle] = self._margin(index)
@@ -304,181 +266,58 @@ class BatchRunner:
             processor.accept(token)
         return result
 
+    def _compute_masks(self, out_index: Mapping[int, int],
+                       sampling: Mapping[int, Sampling]) -> None:
+        """The token masks of the rows about to be sampled under a grammar (their
+        matchers made at their first token), computed together (`compute_masks`)."""
+        constrained = []
+        for handle in out_index:
+            s = sampling.get(handle)
+            if s is None or s.grammar is None:
+                continue
+            constraint = self._constraints.get(handle)
+            if constraint is None:
+                if self.constraint_tokenizer is None:
+                    raise EngineError("constrained decoding before its tokenizer was built")
+                constraint = self._constraints[handle] = Constraint(
+                    self.constraint_tokenizer, s.grammar, self._n_vocab)
+            constrained.append(constraint)
+        if constrained:
+            compute_masks(constrained)
+
     def _sample(self, handle: int, sampling: Mapping[int, Sampling], index: int) -> int:
         greedy = self._greedy.get(handle)
-        if greedy is None and handle not in self._samplers and handle not in self._splits:
+        if greedy is None and handle not in self._samplers:
             s = sampling[handle]
-            if s.grammar is not None:
-                grammar = llama_cpp.llama_sampler_init_grammar(
-                    self._vocab, s.grammar.encode("utf-8"), b"root")
-                if not grammar:
-                    raise EngineError("the grammar does not parse")
-                self._grammars[handle] = grammar
             if s.temperature == 0:
                 greedy = self._greedy[handle] = _Greedy.of(s)
-            elif s.grammar is not None and s.temperature > 0 and s.top_k > 0:
-                self._splits[handle] = self._new_split(s)
             else:
                 self._samplers[handle] = self._new_chain(s)
-        if handle in self._grammars:
-            return self._sample_constrained(handle, greedy, index)
+        constraint = self._constraints.get(handle)
+        if constraint is not None:
+            return self._sample_constrained(handle, greedy, constraint, index)
         if greedy is None:
             return int(llama_cpp.llama_sampler_sample(self._samplers[handle], self._ctx, index))
         return greedy.pick(self._logits(index))
 
-    def _sample_constrained(self, handle: int, greedy: _Greedy | None, index: int) -> int:
-        """Sample as without a grammar, then ask the grammar about that one token (what
-        llama.cpp's own common sampler does): checking 262k tokens against a grammar
-        costs several decode steps, checking one costs nothing, and a model under a
-        grammar mostly picks an allowed token anyway. If it refuses: greedy, the best
-        allowed token (`_allowed_argmax`); sampled, the chain samples again from what
-        masking the whole vocabulary would leave it, found over the top tokens when the
-        request has a top-k (`_sample_allowed`), else by masking the whole vocabulary."""
-        grammar = self._grammars[handle]
+    def _sample_constrained(self, handle: int, greedy: _Greedy | None,
+                            constraint: Constraint, index: int) -> int:
+        """Sample as if the tokens the grammar refuses had a logit of -inf (what
+        llama.cpp's grammar sampler ahead of the chain does), from the mask computed
+        for this step; the context's logits keep their values (log-probabilities are
+        taken before the mask). Greedy: the best allowed token (`Constraint.argmax`);
+        sampled: the chain over the masked logits, one draw of its seeded RNG."""
         logits = self._logits(index)
-        split = self._splits.get(handle)
         if greedy is not None:
             greedy.processor.apply(logits)  # in place: the logits are ours until the next decode
-            token = int(np.argmax(logits))
-            if not self.grammar_tops or not self._allows(grammar, token):
-                token = self._allowed_argmax(grammar, logits)
+            token = constraint.argmax(logits)
             greedy.processor.accept(token)
-        elif split is not None:
-            cur = self._candidate_array(logits)
-            for sampler in split.samplers():
-                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-            token = int(cur.data[cur.selected].id)
-            if not self._allows(grammar, token):
-                token = self._sample_allowed(split, grammar, logits)
-            for sampler in split.samplers():
-                llama_cpp.llama_sampler_accept(sampler, token)
         else:
             chain = self._samplers[handle]
-            token = self._apply(chain, self._candidate_array(logits))
-            if not self._allows(grammar, token):
-                cur = self._candidate_array(logits)
-                llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
-                token = self._apply(chain, cur)
+            token = self._apply(chain, self._candidate_array(constraint.masked(logits)))
             llama_cpp.llama_sampler_accept(chain, token)
-        llama_cpp.llama_sampler_accept(grammar, token)
+        constraint.accept(token)
         return token
-
-    def _sample_allowed(self, split: _Split, grammar: Any, logits: Logits) -> int:
-        """The chain's sample after the grammar masked the whole vocabulary (before the
-        chain, as llama.cpp's grammar sampler does), without masking it, when exact.
-
-        The bias and the penalties change a token's logit whether or not the grammar
-        allows it, and the mask leaves -inf, which they keep; the top-k then keeps the
-        k highest allowed tokens (with -inf ones if fewer are allowed), and the rest of
-        the chain sees only those. So the grammar is asked about the most likely tokens
-        after the bias and the penalties (of the whole vocabulary, `_process_top`: the
-        chain's prefilter could hide allowed ones): `grammar_tops[0]`, then up to
-        `grammar_tops[1]`, ... (`_top_allowed`) until either
-
-        - k are allowed whose lowest logit is above the lowest asked about (a token not
-          asked about cannot be among the k) and above the next allowed one (at a tie,
-          which one the top-k keeps is its sort's choice): the chain samples from them;
-        - or fewer, but the min-p cut (a logit below the best one's + log(min_p)) drops
-          the lowest logit asked about, so any other token the top-k would add (no
-          higher; -inf if the grammar allows no more) too. Those only change what the
-          top-p cut keeps, through the total it normalises by: the more they weigh,
-          the more it keeps. If the chain keeps the same tokens without them as with
-          as many as the top-k could add at that lowest logit (the most they can
-          weigh), it keeps those whatever they are: the same candidates reach dist.
-
-        Otherwise, the whole vocabulary is masked. The chain draws once either way, so a
-        seed gives the same tokens. `check_refusals` (tests) records both ways."""
-        found = self._top_allowed(split, grammar, logits) if self.grammar_tops else None
-        if found is not None:
-            ids, processed = found
-            top = _token_data(ids, processed)
-            cur = _as_candidates(top)
-            llama_cpp.llama_sampler_apply(split.post, ctypes.byref(cur))
-            if self.check_refusals is not None:
-                self.check_refusals.append(
-                    (_view(cur), self._full_mask_candidates(split, grammar, logits)))
-            llama_cpp.llama_sampler_apply(split.dist, ctypes.byref(cur))
-            return int(cur.data[cur.selected].id)
-        cur = self._candidate_array(logits)
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
-        for sampler in split.samplers():
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-        return int(cur.data[cur.selected].id)
-
-    def _top_allowed(self, split: _Split, grammar: Any, logits: Logits
-                     ) -> tuple[np.ndarray[Any, np.dtype[np.intp]], Logits] | None:
-        """(the allowed tokens the top-k keeps after the whole vocabulary is masked, or
-        fewer that give the rest of the chain the same candidates; every token's logit
-        after the bias and the penalties), or None: not found (`_sample_allowed`)."""
-        k = split.top_k
-        if k >= self._n_vocab:
-            return None
-        s = split.sampling
-        lowers = s.repeat_penalty >= 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
-        processed = logits.copy()  # exact for the tokens `_process_top` has processed
-        whole = False
-        allowed: list[np.ndarray[Any, np.dtype[np.intp]]] = []
-        n_allowed = asked = 0
-        for n in self.grammar_tops:
-            if n >= self._n_vocab:
-                break
-            ids = None
-            if lowers and not whole:
-                ids = self._process_top(split, logits, processed, n)
-            if ids is None:
-                if not whole:
-                    whole = self._process_all(split, logits, processed)
-                    if not whole:
-                        return None
-                ids = top_ids(processed, n)
-            top = _token_data(ids[asked:], processed)
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(_as_candidates(top)))
-            yes = ids[asked:][np.isfinite(top["logit"])]
-            allowed.append(yes)
-            n_allowed += yes.size
-            asked = n
-            floor = float(processed[ids[-1]])
-            best = np.concatenate(allowed)  # by logit, descending
-            if n_allowed >= k:
-                cut = processed[best[k - 1]]
-                if cut > floor and (best.size == k or processed[best[k]] < cut):
-                    return best[:k], processed
-                return None  # a tie at the cut
-            if n_allowed and split.min_p is not None:
-                top = np.zeros(k, dtype=TOKEN_DATA)  # as many as the top-k can add, at most
-                top["id"], top["logit"] = -1 - np.arange(k), floor
-                top["id"][:n_allowed], top["logit"][:n_allowed] = best, processed[best]
-                if -1 - n_allowed not in self._keeps(split.min_p, top[:n_allowed + 1]) and (
-                        self._keeps(split.post, top) == self._keeps(split.post, top[:n_allowed])):
-                    return best, processed
-        return None
-
-    def _allowed_argmax(self, grammar: Any, logits: Logits) -> int:
-        """The most likely token the grammar allows (ties: the lowest id), as masking the
-        whole vocabulary and taking the argmax gives, but usually at the cost of asking
-        the grammar about a few of the most likely tokens: the `grammar_tops[0]` most
-        likely, then the next ones up to `grammar_tops[1]`, ... The first of them (by
-        logit, then id) it allows is that argmax, unless its logit ties the lowest of
-        those asked about (a token not asked about could tie it); then, or if it allows
-        none of them, the whole vocabulary is masked. A grammar that forces a literal
-        (a key of a schema) allows only a handful of tokens, often far down the list."""
-        asked = 0
-        for k in self.grammar_tops:
-            if k >= self._n_vocab:
-                break
-            ids = top_ids(logits, k)
-            top = _token_data(ids[asked:], logits)
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(_as_candidates(top)))
-            allowed = np.flatnonzero(np.isfinite(top["logit"]))
-            if allowed.size:
-                token = int(top["id"][allowed[0]])
-                if logits[token] > logits[ids[-1]]:
-                    return token
-                break  # ties the last one asked about
-            asked = k
-        cur = self._candidate_array(logits)
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
-        return int(self._candidates["id"][np.argmax(self._candidates["logit"])])
 
     def _candidate_array(self, logits: Logits) -> Any:
         """Every token with its logit, as llama.cpp's candidate array (over our buffer)."""
@@ -493,68 +332,6 @@ class BatchRunner:
         """Run a chain on a candidate array (without accepting): the token it selects."""
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
         return int(cur.data[cur.selected].id)
-
-    def _process_top(self, split: _Split, logits: Logits, processed: Logits, n: int
-                     ) -> np.ndarray[Any, np.dtype[np.intp]] | None:
-        """The `n` most likely tokens after the bias and the penalties (by logit, then
-        id), found by applying them to the `n + PENALTY_LAST_N` most likely before them
-        and the biased tokens only (written into `processed`): the penalties only lower
-        at most PENALTY_LAST_N tokens' logits, so the others keep theirs, no higher than
-        the lowest of those. None if the n-th is not above that (a tie, or too many
-        lowered): `_process_all`."""
-        pool = top_ids(logits, n + PENALTY_LAST_N)
-        ceiling = logits[pool[-1]]  # of every token outside the pool
-        bias = split.sampling.logit_bias
-        if bias:
-            pool = np.union1d(pool, np.fromiter(bias, dtype=np.intp))
-        top = _token_data(pool, logits)
-        cur = _as_candidates(top)
-        for sampler in (split.bias, split.penalties):
-            if sampler is not None:
-                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-        data = _view(cur)
-        if data.size != pool.size:
-            return None
-        processed[data["id"]] = data["logit"]
-        ids = data["id"][np.lexsort((data["id"], -data["logit"]))[:n]].astype(np.intp)
-        return ids if processed[ids[-1]] > ceiling else None
-
-    def _process_all(self, split: _Split, logits: Logits, processed: Logits) -> bool:
-        """Every token's logit after the bias and the penalties, into `processed`."""
-        cur = self._candidate_array(logits)
-        for sampler in (split.bias, split.penalties):
-            if sampler is not None:
-                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-        data = _view(cur)
-        if data.size != self._n_vocab:  # they keep every token (but if one day not)
-            return False
-        processed[data["id"]] = data["logit"]
-        return True
-
-    @staticmethod
-    def _keeps(sampler: Any, top: np.ndarray) -> set[int]:
-        """The ids of `top` (a copy of it) that `sampler` keeps."""
-        mine = top.copy()
-        cur = _as_candidates(mine)
-        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-        return set(_view(cur)["id"].tolist())
-
-    def _full_mask_candidates(self, split: _Split, grammar: Any, logits: Logits
-                              ) -> np.ndarray:
-        """Tests: what reaches the dist sampler when the whole vocabulary is masked."""
-        cur = self._candidate_array(logits)
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
-        for sampler in (split.bias, split.prefilter, split.penalties, split.post):
-            if sampler is not None:
-                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
-        return _view(cur)
-
-    @staticmethod
-    def _allows(grammar: Any, token: int) -> bool:
-        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
-        cur = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
-        return bool(np.isfinite(one[0].logit))
 
     def _logits(self, index: int) -> Logits:
         return np.ctypeslib.as_array(
@@ -573,16 +350,6 @@ class BatchRunner:
             if sampler is not None:
                 llama_cpp.llama_sampler_chain_add(chain, sampler)
         return chain
-
-    def _new_split(self, s: Sampling) -> _Split:
-        """`_new_chain`'s samplers, the part from top-k to the temperature as a chain."""
-        bias, prefilter, penalties = self._pre_samplers(s)
-        post = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        *rest, dist = self._post_samplers(s)
-        for sampler in rest:
-            llama_cpp.llama_sampler_chain_add(post, sampler)
-        min_p = llama_cpp.llama_sampler_init_min_p(s.min_p, 1) if s.min_p > 0 else None
-        return _Split(bias, prefilter, penalties, post, dist, min_p, s.top_k, s)
 
     def _pre_samplers(self, s: Sampling) -> tuple[Any, Any, Any]:
         """The logit bias (or None), the penalties' prefilter (or None), the penalties."""
@@ -604,7 +371,7 @@ class BatchRunner:
         return bias, prefilter, penalties
 
     @staticmethod
-    def _post_samplers(s: Sampling, *, dist: bool = True) -> list[Any]:
+    def _post_samplers(s: Sampling) -> list[Any]:
         """The chain after the penalties: top-k onward (temperature < 0: dist only)."""
         seed = RANDOM_SEED if s.seed is None else s.seed
         out = []
@@ -614,8 +381,7 @@ class BatchRunner:
                    llama_cpp.llama_sampler_init_top_p(s.top_p, 1),
                    llama_cpp.llama_sampler_init_min_p(s.min_p, 1),
                    llama_cpp.llama_sampler_init_temp(s.temperature)]
-        if dist:
-            out.append(llama_cpp.llama_sampler_init_dist(seed))
+        out.append(llama_cpp.llama_sampler_init_dist(seed))
         return out
 
     def _piece(self, token: int) -> bytes:
@@ -638,28 +404,16 @@ class BatchRunner:
         return out
 
     def close(self) -> None:
-        for sampler in (*self._samplers.values(), *self._grammars.values()):
+        for sampler in self._samplers.values():
             llama_cpp.llama_sampler_free(sampler)
-        for split in self._splits.values():
-            split.free()
         self._samplers.clear()
-        self._splits.clear()
-        self._grammars.clear()
+        self._constraints.clear()
         self._greedy.clear()
         if self._ctx is not None:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
-
-
-def _view(cur: Any) -> np.ndarray:
-    """A copy of a llama.cpp candidate array's current candidates."""
-    if not cur.size:
-        return np.empty(0, dtype=TOKEN_DATA)
-    address = ctypes.cast(cur.data, ctypes.c_void_p).value
-    raw = (ctypes.c_char * (cur.size * TOKEN_DATA.itemsize)).from_address(address)
-    return np.frombuffer(raw, dtype=TOKEN_DATA).copy()
 
 
 def _batch_invariant_kernels(mparams: Any) -> None:
@@ -681,13 +435,6 @@ def _quiet_llama_logs() -> None:
 def check_fits(prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
     if prompt_tokens + max_tokens > n_ctx:
         raise EngineError("prompt and max_tokens do not fit the context window")
-
-
-def _token_data(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """`ids` with their logits, as a `TOKEN_DATA` array."""
-    top = np.empty(ids.size, dtype=TOKEN_DATA)
-    top["id"], top["logit"], top["p"] = ids, logits[ids], 0.0
-    return top
 
 
 def _as_candidates(top: np.ndarray) -> Any:

@@ -238,6 +238,11 @@ class BatchedEngine(ModelTextMethods):
         check_fits(len(request.prompt_tokens), request.max_tokens, self._settings.n_ctx)
         if not request.prompt_tokens:
             raise EngineError("empty prompt")
+        if request.grammar is not None:
+            tokenizer = await self._text.constraint_tokenizer()  # built once, in a thread
+            if self._runner is None:
+                raise EngineError("the engine is closed")
+            self._runner.constraint_tokenizer = tokenizer
         try:
             handles = self._scheduler.add_choices(
                 request.prompt_tokens, request.max_tokens, n, scope=request.cache_scope,

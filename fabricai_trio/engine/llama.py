@@ -27,7 +27,6 @@ import llama_cpp
 import numpy as np
 import outcome
 import trio
-from llama_cpp.llama_grammar import LlamaGrammar
 
 from ..core.engine import (
     Chunk,
@@ -41,6 +40,7 @@ from ..core.engine import (
 from ..core.textstream import TextAssembler
 from ..settings import Settings
 from .batch_scheduler import common_prefix
+from .constraint import Constraint
 from .logprobs import LogitProcessor, Logits, LogprobQueue, token_logprob
 from .model_text import ModelText, ModelTextMethods
 
@@ -138,6 +138,9 @@ class LlamaEngine(ModelTextMethods):
             raise EngineError("the model is not loaded")
         if len(request.prompt_tokens) + request.max_tokens > self._settings.n_ctx:
             raise EngineError("prompt and max_tokens do not fit the context window")
+        tokenizer = None
+        if request.grammar is not None:
+            tokenizer = await self._text.constraint_tokenizer()  # built once, in a thread
         try:
             ctx = self._free_out.receive_nowait()
         except trio.WouldBlock:
@@ -148,7 +151,7 @@ class LlamaEngine(ModelTextMethods):
         self._enter_scope(ctx, request)
         pending: _StepInThread | None = None
         try:
-            steps = _Decoder(ctx, request)
+            steps = _Decoder(ctx, request, tokenizer)
             assembler = TextAssembler(request.stop)
             logprobs = LogprobQueue()
             produced = 0
@@ -273,13 +276,20 @@ class _Decoder:
     raw logits (llama-cpp-python's chain, like llama.cpp's, biases and penalises a copy
     of the context's logits), and `step()` computes the token's log-probabilities from
     it with the batched engine's own `LogitProcessor`, so both engines report the same
-    values for the same logits."""
+    values for the same logits.
 
-    def __init__(self, ctx: llama_cpp.Llama, request: EngineRequest) -> None:
+    With a grammar, the last logits processor is its llguidance matcher (`_mask`, as
+    the batched engine's): the tokens it refuses get -inf before the penalties and
+    the sampler chain."""
+
+    def __init__(self, ctx: llama_cpp.Llama, request: EngineRequest, tokenizer: Any) -> None:
         self._ctx = ctx
         self._request = request
         self._tokens: Any = None
         self._logits: Logits | None = None
+        self._tokenizer = tokenizer
+        self._constraint: Constraint | None = None
+        self._consumed = 0  # tokens of the context the matcher has seen (prompt: none)
         self._processor = None if request.logprobs is None else LogitProcessor.of(
             repeat_penalty=request.repeat_penalty, logit_bias=request.logit_bias,
             frequency_penalty=request.frequency_penalty,
@@ -287,6 +297,22 @@ class _Decoder:
 
     def _keep_logits(self, _: Any, scores: Any) -> Any:
         self._logits = np.array(scores, dtype=np.float32)
+        return scores
+
+    def _mask(self, input_ids: Any, scores: Any) -> Any:
+        """The grammar's mask: advance the matcher by the tokens sampled since the last
+        call (the first call sees the prompt), compute the mask, -inf where it refuses."""
+        constraint = self._constraint
+        if constraint is None:
+            assert self._request.grammar is not None
+            constraint = self._constraint = Constraint(
+                self._tokenizer, self._request.grammar, len(scores))
+            self._consumed = len(input_ids)
+        for token in input_ids[self._consumed:]:
+            constraint.accept(int(token))
+        self._consumed = len(input_ids)
+        constraint.compute()
+        scores[~constraint.allowed()] = -np.inf
         return scores
 
     def step(self) -> _Step:
@@ -300,6 +326,8 @@ class _Decoder:
                     processors.append(self._keep_logits)
                 if r.logit_bias:
                     processors.append(_biased(r.logit_bias))
+                if r.grammar is not None:
+                    processors.append(self._mask)
                 ctx.set_seed(RANDOM_SEED if r.seed is None else r.seed)
                 self._tokens = ctx.generate(
                     list(r.prompt_tokens),
@@ -312,7 +340,6 @@ class _Decoder:
                     presence_penalty=r.presence_penalty,
                     logits_processor=llama_cpp.LogitsProcessorList(processors)
                     if processors else None,
-                    grammar=LlamaGrammar.from_string(r.grammar) if r.grammar else None,
                 )
             token = next(self._tokens)
         except StopIteration:

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ from ..core.messages import ChatMessage
 from ..core.tools import ToolDefinition
 from ..settings import Settings
 from .chat import GGUF_TEMPLATE, ChatTemplate, select_template
+from .grammar import grammar_error as llguidance_error
 from .model_files import embedded_by_name, resolve_model_path
 
 # Only control tokens are split out of the template's text. User-defined tokens (Gemma's
@@ -130,6 +132,10 @@ class ModelText:
         self.limiter = trio.CapacityLimiter(settings.tokenize_threads)
         self.pieces_tokenized = 0  # llama.cpp tokenize calls for prompts (tests, status)
         self.refused_by_size = 0  # texts refused from their size, never tokenized
+        self._constraint_tokenizer: Any = None  # llguidance's (`constraint_tokenizer`)
+        self._constraint_lock = trio.Lock()
+        #: how long building `constraint_tokenizer()` took (status), None until built
+        self.constraint_tokenizer_seconds: float | None = None
 
     async def load(self) -> Path:
         """Find the model file and open its vocabulary (worker threads); the file's path.
@@ -187,10 +193,39 @@ class ModelText:
         return self._vocab.detokenize(tokens)
 
     def grammar_error(self, grammar: str) -> str | None:
-        """Why `grammar` (GBNF) cannot constrain this model; see `GrammarChecker`."""
+        """Why `grammar` (llguidance's, engine/grammar.py) cannot constrain this model;
+        see `GrammarChecker`. It is compiled without the model's tokens: no token is
+        needed to tell whether a grammar is usable."""
         if self._vocab is None:
             return "the model is not loaded yet"
-        return self._vocab.grammar_error(grammar)
+        return llguidance_error(grammar)
+
+    async def constraint_tokenizer(self) -> Any:
+        """llguidance's tokenizer over this vocabulary (`engine/constraint.py`), which
+        constrained decoding needs: built at the first constrained request, in a worker
+        thread (~1 s for Gemma's 262k tokens, ~0.1 s for SmolLM2's 49k; never on the
+        event loop nor in a decode step), then kept while the model is loaded. Requests
+        that arrive meanwhile wait for the same build. Cancelled: the build finishes in
+        its thread (`aclose()` waits for it) and is kept for the next request."""
+        async with self._constraint_lock:
+            if self._constraint_tokenizer is not None:
+                return self._constraint_tokenizer
+            vocab = self._loaded()
+            self._in_threads += 1
+            try:
+                start = time.perf_counter()
+                tokenizer = await trio.to_thread.run_sync(vocab.constraint_tokenizer)
+                if self._vocab is vocab:
+                    self._constraint_tokenizer = tokenizer
+                    self.constraint_tokenizer_seconds = time.perf_counter() - start
+            finally:
+                self._in_threads -= 1
+                if not self._in_threads:
+                    self._idle.set()
+                    self._idle = trio.Event()
+            if self._constraint_tokenizer is None:
+                raise EngineError("the model is not loaded")
+            return self._constraint_tokenizer
 
     @property
     def n_vocab(self) -> int | None:
@@ -371,6 +406,7 @@ class ModelText:
         while self._in_threads:
             await self._idle.wait()
         vocab, self._vocab = self._vocab, None
+        self._constraint_tokenizer = None  # it reads the vocabulary
         if vocab is not None:
             await trio.to_thread.run_sync(vocab.close)
 
@@ -441,15 +477,11 @@ class _Vocab:
     def close(self) -> None:
         self._llama.close()
 
-    def grammar_error(self, grammar: str) -> str | None:
-        """llama.cpp's own grammar parser, run on this vocabulary (a grammar sampler is
-        built and freed): None if `grammar` is usable."""
-        sampler = llama_cpp.llama_sampler_init_grammar(
-            self._vocab, grammar.encode("utf-8"), b"root")
-        if not sampler:
-            return "the grammar does not parse, or has no `root` rule (GBNF, llama.cpp)"
-        llama_cpp.llama_sampler_free(sampler)
-        return None
+    def constraint_tokenizer(self) -> Any:
+        """llguidance's tokenizer over this vocabulary (blocking)."""
+        from .constraint import constraint_tokenizer
+
+        return constraint_tokenizer(self._vocab)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._llama.detokenize(list(tokens), special=True).decode(
