@@ -158,6 +158,7 @@ class BatchRunner:
         # (a greedy one has them in `_greedy`)
         self._processors: dict[int, LogitProcessor] = {}
         self._candidates = np.empty(self._n_vocab, dtype=TOKEN_DATA)
+        self._ids = np.arange(self._n_vocab, dtype=np.intc)
         self._piece_buf = ctypes.create_string_buffer(256)
         self.n_seq_max = n_seq_max
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)
@@ -314,16 +315,18 @@ class BatchRunner:
             greedy.processor.accept(token)
         else:
             chain = self._samplers[handle]
-            token = self._apply(chain, self._candidate_array(constraint.masked(logits)))
+            cur = self._candidate_array(logits, constraint)
+            token = self._apply(chain, cur)
             llama_cpp.llama_sampler_accept(chain, token)
         constraint.accept(token)
         return token
 
-    def _candidate_array(self, logits: Logits) -> Any:
-        """Every token with its logit, as llama.cpp's candidate array (over our buffer)."""
+    def _candidate_array(self, logits: Logits, constraint: Constraint) -> Any:
+        """Every token with its logit, -inf where `constraint` refuses it, as llama.cpp's
+        candidate array (over our buffer)."""
         cand = self._candidates
-        cand["id"] = np.arange(self._n_vocab, dtype=np.intc)
-        cand["logit"] = logits
+        cand["id"] = self._ids
+        constraint.masked(logits, out=cand["logit"])
         cand["p"] = 0.0
         return _as_candidates(cand)
 

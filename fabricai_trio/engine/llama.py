@@ -312,7 +312,7 @@ class _Decoder:
             constraint.accept(int(token))
         self._consumed = len(input_ids)
         constraint.compute()
-        scores[~constraint.allowed()] = -np.inf
+        constraint.masked(scores, out=scores)
         return scores
 
     def step(self) -> _Step:
