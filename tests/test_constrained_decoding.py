@@ -29,12 +29,15 @@ import jsonschema
 import llguidance
 import numpy as np
 import pytest
+import trio
 
 from fabricai_trio.engine import constraint as constraint_module
 from fabricai_trio.engine.batch_scheduler import BatchScheduler
 from fabricai_trio.engine.batch_step import BatchRunner, Sampling
 from fabricai_trio.engine.constraint import Constraint, constraint_tokenizer
 from fabricai_trio.engine.grammar import json_schema_grammar
+from fabricai_trio.engine.model_text import ModelText
+from fabricai_trio.settings import Settings
 
 from .runner_decode import decode_alone, one_sequence_runner
 
@@ -222,3 +225,37 @@ def test_logprobs_are_those_before_the_mask(runner: BatchRunner, vocab: Any) -> 
         (t.token, t.logprob) for t in constrained.top]
     assert constrained.piece.decode() in ("y", "ye", "yes", "n", "no")
     assert plain.token != constrained.token  # the mask chose another token
+
+
+async def test_the_tokenizer_is_built_once_in_a_worker_thread() -> None:
+    """`ModelText.constraint_tokenizer`: concurrent first requests share one build, which
+    runs off the event loop (the loop keeps ticking meanwhile); it is kept, and its
+    time is in the engine's status figures."""
+    text = ModelText(Settings())  # type: ignore[call-arg]
+    await text.load()
+    try:
+        assert text.stats()["constraint_tokenizer_seconds"] is None
+        got: list[Any] = []
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while len(got) < 2:
+                ticks += 1
+                await trio.sleep(0.01)
+
+        async def get() -> None:
+            got.append(await text.constraint_tokenizer())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticking)
+            nursery.start_soon(get)
+            nursery.start_soon(get)
+        assert got[0] is got[1]
+        seconds = text.stats()["constraint_tokenizer_seconds"]
+        assert isinstance(seconds, float) and seconds > 0
+        assert ticks >= 5  # the loop ran while the tokenizer was built
+        assert await text.constraint_tokenizer() is got[0]
+        assert got[0].vocab_size == text.n_vocab
+    finally:
+        await text.aclose()

@@ -244,7 +244,8 @@ class ModelText:
     def stats(self) -> dict[str, object]:
         """Tokenizer figures for `/v1/status` (`engine`)."""
         return {"tokenize_pieces": self.pieces_tokenized,
-                "tokenize_refused_by_size": self.refused_by_size}
+                "tokenize_refused_by_size": self.refused_by_size,
+                "constraint_tokenizer_seconds": self.constraint_tokenizer_seconds}
 
     async def tokenize(
         self, text: str, *, add_bos: bool = True, limit: int | None = None
