@@ -10,50 +10,37 @@ End-of-generation tokens are allowed only where the grammar accepts the text so 
 
 from __future__ import annotations
 
-import ctypes
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance.llamacpp import lltokenizer_from_vocab
 
 from ..core.engine import EngineError
 from .logprobs import Logits
+
+# `lltokenizer_from_vocab` calls llama-cpp-python's deprecated `llama_token_get_attr`
+# once per token: one warning per token of the vocabulary (262k for Gemma) otherwise.
+warnings.filterwarnings("ignore", message="llama_token_get_attr is deprecated",
+                        category=DeprecationWarning)
 
 Allowed = np.ndarray[Any, np.dtype[np.bool_]]
 
 
 def constraint_tokenizer(vocab: Any) -> LLTokenizer:
     """llguidance's tokenizer over a llama.cpp vocabulary (`llama_vocab_p`, which must
-    outlive it: llguidance tokenizes through llama.cpp's `llama_tokenize`): every
-    token's bytes, control tokens (and user-defined ones that look like them, `<...>`)
-    marked special (a grammar's text never matches them), and every end-of-generation
-    token as an EOS, allowed where the grammar accepts. Blocking: ~0.4 s for Gemma's
-    262k tokens, as `llguidance.llamacpp.lltokenizer_from_vocab` does it."""
+    outlive it: llguidance tokenizes through llama.cpp's `llama_tokenize`), built by
+    llguidance's own `lltokenizer_from_vocab` (control tokens, and user-defined ones that
+    look like them, are special: a grammar's text never matches them), with every
+    end-of-generation token as an EOS (the library takes only `llama_vocab_eos` by
+    default; chat models end turns with others), allowed where the grammar accepts.
+    Blocking: ~2 s of CPU for Gemma's 262k tokens."""
     n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
-    buf = ctypes.create_string_buffer(256)
-    pieces: list[bytes] = []
-    eog: list[int] = []
-    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
-    for token in range(n_vocab):
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
-        piece = buf.raw[:n]
-        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
-        if attr & special or (attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
-                              and piece.startswith(b"<") and piece.endswith(b">")):
-            piece = b"\xff" + piece  # llguidance's mark of a special token
-        pieces.append(piece)
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            eog.append(token)
-    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
-    tokenizer: LLTokenizer = LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
-        tokens=pieces, vocab_ptr=vocab, tokenize_fptr=tokenize, eos_token=eog or None,
-        slices=None)
-    return tokenizer
+    eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    return lltokenizer_from_vocab(vocab, eos_token=eog or None)
 
 
 class Constraint:
