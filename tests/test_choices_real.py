@@ -33,7 +33,11 @@ SLOTS = 3
 
 def serve(model_path: Path, server_logs: Path, **settings: str) -> Iterator[ServerProcess]:
     env = model_env(model_path, MAX_CONCURRENT_REQUESTS=str(SLOTS), MAX_QUEUE_SIZE="2",
-                    MAX_TOKENS_LIMIT="512", SSE_KEEPALIVE_SECONDS="0.2", **settings)
+                    MAX_TOKENS_LIMIT="512", SSE_KEEPALIVE_SECONDS="0.2",
+                    # One decode thread: the SDK clients (threads of this process) share
+                    # the cores, and ggml's spinning thread barriers crawl when a decode
+                    # thread is descheduled (this file: 135-166 s with one per CPU, 40-69 s).
+                    N_THREADS="1", **settings)
     with ServerProcess(env, log_dir=server_logs) as proc:
         yield proc
 

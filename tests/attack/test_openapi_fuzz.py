@@ -41,6 +41,10 @@ def test_no_route_answers_5xx(model_path: Path, server_logs: Path, tmp_path: Pat
     env = model_env(
         model_path, MAX_TOKENS_LIMIT="4", DEFAULT_MAX_TOKENS="4", MAX_CONCURRENT_REQUESTS="2",
         MAX_QUEUE_SIZE="8", API_KEYS_FILE=str(keys),
+        # One decode thread: schemathesis keeps a core busy building cases, and ggml's
+        # spinning thread barriers crawl when a decode thread is descheduled (84 s with
+        # the default of one thread per CPU, 52 s with one, on 2 cores).
+        N_THREADS="1",
     )
     with ServerProcess(env, log_dir=server_logs) as server:
         result = subprocess.run(
