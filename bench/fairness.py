@@ -178,6 +178,7 @@ async def run_config(url: str, prompts: Prompts, duration: float, seed: int,
                          "p99": round(pct(idle, 99) * 1000, 1)},
         "light_ttft_ms": {"p50": round(pct(light_ttft, 50) * 1000, 1),
                           "p99": round(pct(light_ttft, 99) * 1000, 1)},
+        "light_ttft_ms_sorted": sorted(round(t * 1000, 1) for t in light_ttft),
         "light_ttft_p99_over_idle_p50": round(pct(light_ttft, 99) / pct(idle, 50), 2),
         "light_ttft_p99_over_idle_p99": round(pct(light_ttft, 99) / pct(idle, 99), 2),
         "ttft_ms_by_class": ttft_by_class(
