@@ -45,7 +45,7 @@ from .api.state import EXTENSION_KEY, AppState
 from .api.streaming import REQUEST_NURSERY_KEY
 from .api.tokens import blueprint as tokens_blueprint
 from .auth import Authenticator
-from .core.engine import Engine, EngineError, EngineRequest, ModelLoadError
+from .core.engine import Engine, EngineError, EngineRequest, GrammarPreparer, ModelLoadError
 from .engine.loader import create_engine
 from .generation import GenerationService
 from .metrics import Metrics
@@ -300,7 +300,7 @@ async def run_services(
                         state.service.stream_log.run, ttl_seconds=settings.resume_ttl_seconds,
                         max_events=settings.resume_max_events,
                     ))
-                nursery.start_soon(load_engine, app)
+                nursery.start_soon(load_engine, app, nursery)
                 nursery.start_soon(watch_store, state)
                 task_status.started()
     finally:
@@ -319,10 +319,12 @@ async def run_services(
             app.services_done.set()
 
 
-async def load_engine(app: FabricApp) -> None:
+async def load_engine(app: FabricApp, services: trio.Nursery) -> None:
     """Load every model (together) and warm each up (one token), then take traffic:
     the server is ready when all are. A load failure is fatal: the server stops with
-    a clear message naming the model.
+    a clear message naming the model. With CONSTRAINT_WARMUP, each model that has
+    loaded also starts `prepare_grammars` in `services` (the services nursery, which is
+    cancelled and joined before the engines close); readiness does not wait for it.
 
     If cancelled, each engine finishes the step in its thread (never abandoned) and the
     services nursery then closes them all."""
@@ -339,6 +341,9 @@ async def load_engine(app: FabricApp) -> None:
             await model.engine.load()
         except ModelLoadError as exc:
             failed.append(f"{exc}" if len(state.models) == 1 else f"model {model.name}: {exc}")
+            return
+        if model.settings.constraint_warmup and isinstance(model.engine, GrammarPreparer):
+            services.start_soon(prepare_grammars, model.name, model.engine)
 
     async with trio.open_nursery() as nursery:
         for model in state.models:
@@ -371,6 +376,21 @@ async def warm_up(engine: Engine) -> None:
                 pass
     except EngineError as exc:
         log.error("warm-up failed: %s", exc)
+
+
+async def prepare_grammars(name: str, engine: GrammarPreparer) -> None:
+    """CONSTRAINT_WARMUP: build what constrained decoding needs before the first
+    constrained request does (`GrammarPreparer`). A failure is logged, never fatal: the
+    first constrained request then builds it (and fails as it would have anyway)."""
+    started = time.monotonic()
+    try:
+        await engine.prepare_grammars()
+    except Exception:  # whatever the build raised: the server goes on without it
+        log.exception("model %s: preparing constrained decoding failed; the first "
+                      "constrained request will try again", name)
+        return
+    log.info("model %s: constrained decoding prepared in %.1f s", name,
+             time.monotonic() - started)
 
 
 async def watch_store(state: AppState, interval: float = 2.0) -> None:

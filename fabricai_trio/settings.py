@@ -80,6 +80,15 @@ class Settings(BaseSettings):
         "decoding never waits for them). Prompts are tokenized in pieces of about 1 KB, so a "
         "long prompt waits its turn between pieces instead of holding a thread.",
     )
+    constraint_warmup: bool = Field(
+        True,
+        description="Build each model's tokenizer for constrained decoding (llguidance's, "
+        "over the model's vocabulary: about 1-2 s of CPU for Gemma's 262k tokens) in the "
+        "background as soon as the model has loaded, so the first request with "
+        "`response_format`, `grammar` or a forced tool call does not pay for it. Readiness "
+        "does not wait for it: a constrained request that arrives while it is still running "
+        "waits for the same build. Off: it is built at the first constrained request.",
+    )
     n_batch: int = Field(
         512, ge=1, le=65_536,
         description="ENGINE=llama: prompt tokens evaluated per llama.cpp decode call (at most "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,12 @@ from fabricai_trio.settings import Settings
 
 from .redis_server import RedisServer, redis_server_binary
 from .server_process import ServerProcess, model_env
+
+# The tests start many real-model servers, and most make no constrained request: they
+# build llguidance's tokenizer only when one does (CONSTRAINT_WARMUP=false), unless the
+# suite is run with CONSTRAINT_WARMUP set. Servers started by the tests inherit this;
+# tests/test_constraint_warmup.py turns it on where it is the subject.
+os.environ.setdefault("CONSTRAINT_WARMUP", "false")
 
 
 @pytest.fixture(scope="session")

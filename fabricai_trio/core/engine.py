@@ -218,6 +218,21 @@ class GrammarChecker(Protocol):
 
 
 @runtime_checkable
+class GrammarPreparer(Protocol):
+    """An engine with something to build, once per loaded model, before it can constrain
+    decoding (the built-in engines: llguidance's tokenizer over the vocabulary, seconds
+    of CPU). With CONSTRAINT_WARMUP the server calls `prepare_grammars` in the
+    background once the model has loaded; otherwise the first constrained request
+    builds it."""
+
+    async def prepare_grammars(self) -> None:
+        """Build it now (worker threads), unless it is built already. Constrained
+        requests that arrive meanwhile wait for the same build. If cancelled, the build
+        in progress finishes in its thread first (`Engine.aclose` waits for it too).
+        Raises `EngineError` if the model is not loaded."""
+
+
+@runtime_checkable
 class ToolTemplates(Protocol):
     """An engine whose chat template may have a tool format of its own (the built-in
     engines: a GGUF template that writes `<tool_call>`). Without one, or for another

@@ -202,9 +202,10 @@ class ModelText:
 
     async def constraint_tokenizer(self) -> Any:
         """llguidance's tokenizer over this vocabulary (`engine/constraint.py`), which
-        constrained decoding needs: built at the first constrained request, in a worker
-        thread (~1 s for Gemma's 262k tokens, ~0.1 s for SmolLM2's 49k; never on the
-        event loop nor in a decode step), then kept while the model is loaded. Requests
+        constrained decoding needs: built once the model has loaded (CONSTRAINT_WARMUP,
+        `prepare_grammars`) or else at the first constrained request, in a worker thread
+        (~1-2 s for Gemma's 262k tokens, under 1 s for SmolLM2's 49k; never on the event
+        loop nor in a decode step), then kept while the model is loaded. Requests
         that arrive meanwhile wait for the same build. Cancelled: the build finishes in
         its thread (`aclose()` waits for it) and is kept for the next request."""
         async with self._constraint_lock:
@@ -633,9 +634,10 @@ def _pairs(pieces: Sequence[bytes]) -> frozenset[str]:
 
 
 class ModelTextMethods:
-    """The text side of the `Engine` protocol (and of `GrammarChecker`, `Detokenizer`)
-    for an engine whose tokenizer and chat template are a `ModelText`: both built-in
-    engines. Cancellation as in `ModelText`: a tokenization stops between two pieces."""
+    """The text side of the `Engine` protocol (and of `GrammarChecker`, `GrammarPreparer`,
+    `Detokenizer`) for an engine whose tokenizer and chat template are a `ModelText`:
+    both built-in engines. Cancellation as in `ModelText`: a tokenization stops between
+    two pieces."""
 
     _text: ModelText
 
@@ -649,6 +651,10 @@ class ModelTextMethods:
         self, text: str, *, add_bos: bool = True, limit: int | None = None
     ) -> list[int]:
         return await self._text.tokenize(text, add_bos=add_bos, limit=limit)
+
+    async def prepare_grammars(self) -> None:
+        """`GrammarPreparer`: build `ModelText.constraint_tokenizer()` now."""
+        await self._text.constraint_tokenizer()
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> ChatPrompt:
         return self._text.format_chat(messages)

@@ -44,6 +44,17 @@ def test_overrides_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings(port=None).port == 9000
 
 
+def test_constraint_warmup_is_on_by_default_and_applies_to_every_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CONSTRAINT_WARMUP", raising=False)  # tests/conftest.py sets it
+    monkeypatch.delenv("LLM_MODEL", raising=False)
+    assert load_settings().constraint_warmup is True
+    monkeypatch.setenv("CONSTRAINT_WARMUP", "false")
+    served = load_settings(models="gemma3,smollm2").served_models()
+    assert [s.constraint_warmup for s in served.values()] == [False, False]
+
+
 def test_store_defaults_follow_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().resolved_session_store == "memory"
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
