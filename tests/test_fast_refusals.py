@@ -14,7 +14,7 @@ import json
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio.testing
 
+from fabricai_trio.api.refusals import FastRefusals
 from fabricai_trio.app import FabricApp
 
 from .inprocess import served, wait_for
@@ -273,23 +274,31 @@ async def test_refusals_are_logged_in_aggregate(caplog: pytest.LogCaptureFixture
         assert summary == [f"refused 4 more request(s) with 429 within 0.3 s: {SSE}=4"]
 
 
+@contextmanager
+def every_turn_held(refusals: FastRefusals) -> Iterator[None]:
+    """Hold every refusal turn (as clients that do not read their answers would) for
+    the block."""
+    holders = [object() for _ in range(refusals.TURNS)]
+    for holder in holders:
+        refusals._turns.acquire_on_behalf_of_nowait(holder)
+    try:
+        yield
+    finally:
+        for holder in holders:
+            refusals._turns.release_on_behalf_of(holder)
+
+
 async def test_refusals_take_turns_but_never_wait_long_for_one() -> None:
     """Refusals are sent TURNS at a time; with every turn held (a client that does not
     read its answer can hold one until its write deadline), a refusal still goes out
     after TURN_WAIT_SECONDS."""
     async with served(max_queue_size=0) as (app, client), holding(client, app):
         refusals = app.refusals
-        holders = [object() for _ in range(refusals.TURNS)]
-        for holder in holders:
-            refusals._turns.acquire_on_behalf_of_nowait(holder)
-        try:
+        with every_turn_held(refusals):
             started = trio.current_time()
             assert (await client.post(SSE, json={"prompt": "x"})).status_code == 429
             waited = trio.current_time() - started
             assert refusals.TURN_WAIT_SECONDS <= waited < refusals.TURN_WAIT_SECONDS + 5
-        finally:
-            for holder in holders:
-                refusals._turns.release_on_behalf_of(holder)
         started = trio.current_time()
         assert (await client.post(SSE, json={"prompt": "x"})).status_code == 429
         assert trio.current_time() - started < refusals.TURN_WAIT_SECONDS
@@ -519,18 +528,12 @@ async def test_raw_refusals_take_the_same_turns() -> None:
         raw_connection(client) as connection,
     ):
         refusals = app.refusals
-        holders = [object() for _ in range(refusals.TURNS)]
-        for holder in holders:
-            refusals._turns.acquire_on_behalf_of_nowait(holder)
-        try:
+        with every_turn_held(refusals):
             started = trio.current_time()
             refused = await connection.exchange(raw_request(*REQUESTS[1]))
             waited = trio.current_time() - started
             assert status_of(refused) == 429 and app.raw_refusals.answered == 1
             assert refusals.TURN_WAIT_SECONDS <= waited < refusals.TURN_WAIT_SECONDS + 5
-        finally:
-            for holder in holders:
-                refusals._turns.release_on_behalf_of(holder)
         started = trio.current_time()
         assert status_of(await connection.exchange(raw_request(*REQUESTS[1]))) == 429
         assert trio.current_time() - started < refusals.TURN_WAIT_SECONDS

@@ -8,6 +8,7 @@ id juggling (compaction, prefix-cache copies, releases mid-step) is verified end
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import pytest
 
@@ -68,6 +69,33 @@ class FakeKV:
         assert len(ids) >= 2 and runs(ids) == 1
         assert len(decode) + sum(p.output for p in plan.pads) >= 2
 
+
+
+def assert_kv_holds_prompts_and_tokens(s: BatchScheduler, kv: FakeKV,
+                                       prompts: Mapping[int, tuple[int, ...]]) -> None:
+    """Every running sequence's cells are a prefix of its prompt and sampled tokens."""
+    for seq_id, h in s.running_ids().items():
+        if s.phase(h) in (Phase.PREFILL, Phase.DECODE):
+            held = kv.cells[seq_id]
+            assert tuple(held) == (prompts[h] + tuple(s.generated(h)))[: len(held)]
+
+
+def release_done(s: BatchScheduler, live: list[int], rng: random.Random) -> None:
+    """Release about half of the finished sequences (the others' consumers lag)."""
+    for h in list(live):
+        if s.phase(h) is Phase.DONE and rng.random() < 0.5:
+            live.remove(h)
+            s.release(h)
+
+
+def release_all(s: BatchScheduler, kv: FakeKV, live: list[int]) -> None:
+    """Release every live sequence and apply the plan that frees them: nothing runs."""
+    for h in live:
+        s.release(h)
+    plan = s.plan(ops_only=True)
+    kv.apply(plan)
+    s.complete(plan, {})
+    assert s.running_ids() == {}
 
 def step(s: BatchScheduler, kv: FakeKV, **kw: frozenset[int]) -> tuple[StepPlan, list[Sampled]]:
     plan = s.plan()
@@ -391,20 +419,9 @@ def test_random_traffic_keeps_the_kv_consistent(seed: int) -> None:
             assert len(e.tokens) >= 2 or not e.prefill or e.pos + 1 == len(prompts[e.handle])
         running = s.running_ids()
         assert all(0 <= i < slots for i in running)
-        for seq_id, h in running.items():
-            if s.phase(h) in (Phase.PREFILL, Phase.DECODE):
-                held = kv.cells[seq_id]
-                assert tuple(held) == (prompts[h] + tuple(s.generated(h)))[: len(held)]
-        for h in list(live):
-            if s.phase(h) is Phase.DONE and rng.random() < 0.5:
-                live.remove(h)
-                s.release(h)
-    for h in live:
-        s.release(h)
-    plan = s.plan(ops_only=True)
-    kv.apply(plan)
-    s.complete(plan, {})
-    assert s.running_ids() == {}
+        assert_kv_holds_prompts_and_tokens(s, kv, prompts)
+        release_done(s, live, rng)
+    release_all(s, kv, live)
     assert all(kv.cells[i] == [] for i in range(slots))
     for cid, tokens in s.cached().items():
         assert slots <= cid < slots + cache and kv.cells[cid] == list(tokens)

@@ -11,7 +11,13 @@ import pytest
 
 from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase, SeqCopy
 
-from .test_batch_scheduler import FakeKV, step
+from .test_batch_scheduler import (
+    FakeKV,
+    assert_kv_holds_prompts_and_tokens,
+    release_all,
+    release_done,
+    step,
+)
 
 
 def decode_until_all_decode(s: BatchScheduler, kv: FakeKV, handles: list[int]) -> None:
@@ -204,19 +210,8 @@ def test_random_traffic_with_principals_classes_and_choices(seed: int) -> None:
                 assert waited[h] <= bound
         eog = frozenset(h for h in live if rng.random() < 0.05)
         s.complete(plan, kv.apply(plan, eog=eog))
-        for seq_id, h in s.running_ids().items():
-            if s.phase(h) in (Phase.PREFILL, Phase.DECODE):
-                held = kv.cells[seq_id]
-                assert tuple(held) == (prompts[h] + tuple(s.generated(h)))[: len(held)]
-        for h in list(live):
-            if s.phase(h) is Phase.DONE and rng.random() < 0.5:
-                live.remove(h)
-                s.release(h)
-    for h in live:
-        s.release(h)
-    plan = s.plan(ops_only=True)
-    kv.apply(plan)
-    s.complete(plan, {})
-    assert s.running_ids() == {}
+        assert_kv_holds_prompts_and_tokens(s, kv, prompts)
+        release_done(s, live, rng)
+    release_all(s, kv, live)
     for cid, tokens in s.cached().items():
         assert kv.cells[cid] == list(tokens)
