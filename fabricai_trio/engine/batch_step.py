@@ -328,7 +328,9 @@ class BatchRunner:
         cand["id"] = self._ids
         constraint.masked(logits, out=cand["logit"])
         cand["p"] = 0.0
-        return _as_candidates(cand)
+        return llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=self._n_vocab,
+            selected=-1, sorted=False)
 
     @staticmethod
     def _apply(chain: Any, cur: Any) -> int:
@@ -349,43 +351,33 @@ class BatchRunner:
         """For temperature != 0: the chain `Llama.generate` builds, so output matches
         `LlamaEngine`."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        for sampler in (*self._pre_samplers(s), *self._post_samplers(s)):
-            if sampler is not None:
-                llama_cpp.llama_sampler_chain_add(chain, sampler)
-        return chain
 
-    def _pre_samplers(self, s: Sampling) -> tuple[Any, Any, Any]:
-        """The logit bias (or None), the penalties' prefilter (or None), the penalties."""
-        bias = prefilter = None
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
         if s.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))(
                 *(llama_cpp.llama_logit_bias(token, bias) for token, bias in s.logit_bias.items()))
-            bias = llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases)
+            add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
         if (s.repeat_penalty > 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
                 and s.temperature > 0 and s.top_k > 0):
             # The penalty scan over the whole vocabulary (262k for Gemma) costs ~2 ms a
             # token. It only lowers the logits of at most PENALTY_LAST_N distinct tokens,
             # so the top (k + PENALTY_LAST_N) candidates hold every token the later
             # top-k can pick, in the same order: prefiltering changes nothing.
-            prefilter = llama_cpp.llama_sampler_init_top_k(PENALTY_LAST_N + s.top_k)
-        penalties = llama_cpp.llama_sampler_init_penalties(
+            add(llama_cpp.llama_sampler_init_top_k(PENALTY_LAST_N + s.top_k))
+        add(llama_cpp.llama_sampler_init_penalties(
             self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
-            s.presence_penalty)
-        return bias, prefilter, penalties
-
-    @staticmethod
-    def _post_samplers(s: Sampling) -> list[Any]:
-        """The chain after the penalties: top-k onward (temperature < 0: dist only)."""
+            s.presence_penalty))
         seed = RANDOM_SEED if s.seed is None else s.seed
-        out = []
         if s.temperature >= 0:
-            out = [llama_cpp.llama_sampler_init_top_k(s.top_k),
-                   llama_cpp.llama_sampler_init_typical(TYPICAL_P, 1),
-                   llama_cpp.llama_sampler_init_top_p(s.top_p, 1),
-                   llama_cpp.llama_sampler_init_min_p(s.min_p, 1),
-                   llama_cpp.llama_sampler_init_temp(s.temperature)]
-        out.append(llama_cpp.llama_sampler_init_dist(seed))
-        return out
+            add(llama_cpp.llama_sampler_init_top_k(s.top_k))
+            add(llama_cpp.llama_sampler_init_typical(TYPICAL_P, 1))
+            add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(s.temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
 
     def _piece(self, token: int) -> bytes:
         buf = self._piece_buf
@@ -439,9 +431,3 @@ def check_fits(prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
     if prompt_tokens + max_tokens > n_ctx:
         raise EngineError("prompt and max_tokens do not fit the context window")
 
-
-def _as_candidates(top: np.ndarray) -> Any:
-    """llama.cpp's candidate array over `top` (a `TOKEN_DATA` array the caller keeps)."""
-    return llama_cpp.llama_token_data_array(
-        data=top.ctypes.data_as(llama_cpp.llama_token_data_p), size=top.size,
-        selected=-1, sorted=False)
