@@ -45,10 +45,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp
 import numpy as np
@@ -69,6 +69,8 @@ from ..settings import Settings
 from .chat import GGUF_TEMPLATE, ChatTemplate, select_template
 from .grammar import grammar_error as llguidance_error
 from .model_files import embedded_by_name, resolve_model_path
+
+T = TypeVar("T")
 
 # Only control tokens are split out of the template's text. User-defined tokens (Gemma's
 # `<table>`, runs of newlines) are ordinary added text: llama.cpp matches them with
@@ -212,18 +214,11 @@ class ModelText:
             if self._constraint_tokenizer is not None:
                 return self._constraint_tokenizer
             vocab = self._loaded()
-            self._in_threads += 1
-            try:
-                start = time.perf_counter()
-                tokenizer = await trio.to_thread.run_sync(vocab.constraint_tokenizer)
-                if self._vocab is vocab:
-                    self._constraint_tokenizer = tokenizer
-                    self.constraint_tokenizer_seconds = time.perf_counter() - start
-            finally:
-                self._in_threads -= 1
-                if not self._in_threads:
-                    self._idle.set()
-                    self._idle = trio.Event()
+            start = time.perf_counter()
+            tokenizer = await self._in_thread(vocab.constraint_tokenizer)
+            if self._vocab is vocab:
+                self._constraint_tokenizer = tokenizer
+                self.constraint_tokenizer_seconds = time.perf_counter() - start
             if self._constraint_tokenizer is None:
                 raise EngineError("the model is not loaded")
             return self._constraint_tokenizer
@@ -384,14 +379,19 @@ class ModelText:
         # the vocabulary under this thread.
         if self._vocab is not vocab:
             raise EngineError("the model is not loaded")
+        tokens = await self._in_thread(
+            lambda: vocab.tokenize(piece, add_bos=False, special=special), limiter=self.limiter)
+        self.pieces_tokenized += 1
+        return tokens
+
+    async def _in_thread(self, fn: Callable[[], T],
+                         limiter: trio.CapacityLimiter | None = None) -> T:
+        """`fn()` (which reads the vocabulary) in a worker thread, counted so that
+        `aclose()` frees the vocabulary only after it has returned. Cancelled: it
+        finishes in its thread first (never abandoned)."""
         self._in_threads += 1
         try:
-            tokens = await trio.to_thread.run_sync(
-                lambda: vocab.tokenize(piece, add_bos=False, special=special),
-                limiter=self.limiter,
-            )
-            self.pieces_tokenized += 1
-            return tokens
+            return await trio.to_thread.run_sync(fn, limiter=limiter)
         finally:
             self._in_threads -= 1
             if not self._in_threads:
