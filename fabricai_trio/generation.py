@@ -80,7 +80,7 @@ from .core.events import (
 from .core.messages import ChatMessage
 from .core.requests import GenerationRequest, parse_generation_request
 from .core.stream_ids import is_final
-from .engine.grammar import request_grammar
+from .engine.grammar import has_grammar, request_grammar
 from .models import ModelSet, ServedModel
 from .observer import NULL_OBSERVER, GenerationObserver
 from .prompting import PromptTokens, logit_bias, prompt_tokens, user_stops
@@ -697,8 +697,7 @@ class GenerationService:
             # Compiling a grammar takes milliseconds (more for a large schema): not on
             # the event loop.
             grammar = None
-            if request.grammar is not None or request.constrained_format is not None or (
-                    request.tools is not None and request.tools.active):
+            if has_grammar(request):
                 grammar = await trio.to_thread.run_sync(request_grammar, request,
                                                         model.engine)
             prompt = await prompt_tokens(model.engine, model.settings.n_ctx, request, session,

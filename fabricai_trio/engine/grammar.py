@@ -30,18 +30,25 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": 
                                 "key_separator": ": ?"}
 
 
+def has_grammar(request: GenerationRequest) -> bool:
+    """Whether `request_grammar` has a grammar to compile and check: a `grammar`, a JSON
+    `response_format` or active tools (whose schemas are checked even for `auto`)."""
+    return (request.grammar is not None or request.constrained_format is not None
+            or (request.tools is not None and request.tools.active))
+
+
 def request_grammar(request: GenerationRequest, engine: Engine) -> str | None:
     """The llguidance grammar the reply must follow, or None; raises `InvalidField`
     naming `response_format`, `grammar` or `tools`. Compiles the grammar to check it
     (milliseconds; more for a large schema): run it in a worker thread."""
+    if not has_grammar(request):
+        return None
     fmt = request.constrained_format
     if request.tools is not None and request.tools.active:
         grammar = tool_call_grammar(request.tools)  # checks every schema, even for `auto`
         if not request.tools.forced:
             return None
         return _checked(grammar, engine, "tools")
-    if fmt is None and request.grammar is None:
-        return None
     import llguidance
 
     param = "grammar" if request.grammar is not None else "response_format"
