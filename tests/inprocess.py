@@ -36,20 +36,33 @@ async def served(
             name: engine_class(settings, step_seconds=step_seconds) for name in models})
     else:
         app = create_app(settings, engine=engine_class(settings, step_seconds=step_seconds))
+    async with (
+        listening(app, settings) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+    ):
+        with trio.fail_after(10):
+            await app.ready.wait()
+        yield app, client
+
+
+@asynccontextmanager
+async def listening(app: FabricApp, settings: Settings | None = None
+                    ) -> AsyncIterator[tuple[str, trio.Event]]:
+    """`app` under Hypercorn on a free loopback port (no access log, 1 s graceful
+    shutdown; with `settings`, also the connection limits and raw refusals the server
+    sets up): its base URL and the event that stops it, set at the end of the block."""
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.graceful_timeout = 1.0
-    limit_connections(config, settings)
-    refuse_raw(config, app)
+    if settings is not None:
+        limit_connections(config, settings)
+        refuse_raw(config, app)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         asgi: Any = app  # hypercorn's ASGIFramework type names its own scope TypedDicts
         binds = await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop.wait))
-        async with httpx.AsyncClient(base_url=binds[0], timeout=10) as client:
-            with trio.fail_after(10):
-                await app.ready.wait()
-            yield app, client
+        yield binds[0], stop
         stop.set()
 
 

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from fabricai_trio.app import create_app
 from fabricai_trio.engine import model_text
@@ -35,7 +32,7 @@ from fabricai_trio.engine.batched import BatchedEngine
 from fabricai_trio.settings import Settings
 
 from .conftest import serve_real_model
-from .inprocess import wait_for
+from .inprocess import listening, wait_for
 from .live import status
 from .server_process import ServerProcess
 
@@ -124,16 +121,9 @@ async def test_shutdown_during_the_warm_up_build_waits_for_it_and_ends_cleanly(
         max_concurrent_requests=1, constraint_warmup=True,
     )
     app = create_app(settings, engine=BatchedEngine(settings))
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.graceful_timeout = 1.0
-    stop = trio.Event()
     try:
-        async with trio.open_nursery() as nursery:
-            asgi: Any = app
-            binds = await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop.wait))
-            async with httpx.AsyncClient(base_url=binds[0], timeout=30) as client:
+        async with listening(app) as (url, stop):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 with trio.fail_after(120):
                     await app.ready.wait()
                 await wait_for(started.is_set, timeout=60)

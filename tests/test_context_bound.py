@@ -20,8 +20,6 @@ import httpx
 import pytest
 import socketio
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from fabricai_trio.app import FabricApp, create_app
 from fabricai_trio.core.engine import TooManyTokens
@@ -31,7 +29,7 @@ from fabricai_trio.engine.model_text import PIECE_CHARS, ModelText, split_pieces
 from fabricai_trio.sessions import MemorySessionStore, Message
 from fabricai_trio.settings import Settings
 
-from .inprocess import wait_for
+from .inprocess import listening, wait_for
 from .sse_client import parse_lines
 
 pytestmark = pytest.mark.model
@@ -148,19 +146,13 @@ async def real_server(**overrides: Any) -> AsyncIterator[tuple[FabricApp, httpx.
     engine = BatchedEngine(settings)
     store = MemorySessionStore(ttl_seconds=3600)
     app = create_app(settings, engine=engine, store=store)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.graceful_timeout = 1.0
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        asgi: Any = app
-        binds = await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop.wait))
-        async with httpx.AsyncClient(base_url=binds[0], timeout=300) as client:  # hang guard
-            with trio.fail_after(120):
-                await app.ready.wait()
-            yield app, client, engine, store
-        stop.set()
+    async with (
+        listening(app) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=300) as client,  # hang guard
+    ):
+        with trio.fail_after(120):
+            await app.ready.wait()
+        yield app, client, engine, store
 
 
 async def engine_status(client: httpx.AsyncClient) -> dict[str, Any]:
