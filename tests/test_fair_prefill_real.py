@@ -10,6 +10,7 @@ its first token before either of them (in arrival order it would wait for both);
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,3 +88,62 @@ async def test_a_higher_class_prompt_goes_before_a_lower_class_one(
     order = await first_tokens_in_order(server.url, [
         ("bulk", long_prompt("gamma")), ("vip", long_prompt("delta"))])
     assert order == ["vip", "bulk"], order
+
+
+@pytest.fixture(scope="module")
+def preempt_server(model_path: Path, server_logs: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A step budget larger than the long prompt's first chunk (one pass of ~510
+    tokens), batch-invariant decoding and no prefix cache, so a preempted chunk is
+    evaluated again from scratch and the heavy answer can be compared token for token."""
+    keys = tmp_path_factory.mktemp("preempt") / "keys"
+    keys.write_text(f"{KEYS['heavy1']}\n{KEYS['light']}\n")
+    env = model_env(model_path, API_KEYS_FILE=str(keys), MAX_CONCURRENT_REQUESTS="2",
+                    PREFILL_CHUNK_TOKENS="512", PREFIX_CACHE_SEQUENCES="0",
+                    BATCH_INVARIANT="true", ENGINE="batched")
+    with ServerProcess(env, log_dir=server_logs) as proc:
+        yield proc
+
+
+async def test_a_light_keys_prompt_preempts_a_heavy_prompt_pass_in_flight(
+        preempt_server: ServerProcess) -> None:
+    """The light key's prompt arrives while the heavy key's first ~510-token chunk is
+    being evaluated: that pass is aborted (the engine counts one preempted chunk), the
+    light key gets its first token first, and the heavy answer, its chunk evaluated
+    again, is token for token what it is alone (batch-invariant mode)."""
+    heavy_body = {"prompt": long_prompt("alpha"), "max_tokens": 8, "temperature": 0}
+    auth = {name: {"Authorization": f"Bearer {KEYS[name]}"} for name in ("heavy1", "light")}
+    async with httpx.AsyncClient(base_url=preempt_server.url, timeout=300) as client:
+        alone = await client.post("/v1/completions", json=heavy_body, headers=auth["heavy1"])
+        assert alone.status_code == 200, alone.text
+
+        async def preempted() -> int:
+            status = (await client.get("/v1/status", headers=auth["light"])).json()
+            return int(status["engine"]["prompt_chunks_preempted"])
+
+        assert await preempted() == 0
+        order: list[str] = []
+        answers: dict[str, dict[str, object]] = {}
+
+        async def send(name: str, body: dict[str, object]) -> None:
+            async with client.stream("POST", "/v1/completions", json={**body, "stream": True},
+                                     headers=auth[name]) as response:
+                assert response.status_code == 200, await response.aread()
+                text = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        if name not in order:
+                            order.append(name)
+                        text.append(json.loads(line[6:])["choices"][0]["text"])
+                answers[name] = {"text": "".join(text)}
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, "heavy1", heavy_body)
+            with trio.fail_after(60):  # admitted: its first chunk is being evaluated
+                while await active(client) < 1:
+                    await trio.sleep(0.005)
+            nursery.start_soon(send, "light", {"prompt": "Count: one, two,", "max_tokens": 4,
+                                               "temperature": 0})
+        assert order[0] == "light", order
+        assert await preempted() == 1
+        assert answers["heavy1"]["text"] == alone.json()["choices"][0]["text"]

@@ -37,6 +37,15 @@ head start, never a long one. So a light key's new prompt goes into the next ste
 `max_prefill_skips` plans in a row goes first (oldest first): class and service order
 never starve a prompt. Without principals or classes the order is arrival order.
 
+A step is not interrupted for the order, with one exception: a prompt that arrives while
+a step evaluates another principal's prompt chunks, and is ahead of each of them by a
+class or by a step budget of service (an idle principal against busy ones), preempts
+them (`preempts`): the engine sets the runner's abort flag, the chunk being evaluated
+stops at its next graph node and the others are not started, and `complete()` gives
+them back their place. The new prompt then goes into the next step instead of waiting
+for a pass of up to a budget's worth of someone else's prompt. Each sequence is
+preempted at most once.
+
 Only the first prompt in that order may be cut into a chunk; the budget left after it
 goes to prompts that fit in it whole. Each prompt chunk is a forward pass of its own
 (see `batch_step`), so a leftover piece of another prompt would cost one more pass
@@ -160,6 +169,7 @@ class _Seq:
     reused: int = 0  # prompt tokens taken from the prefix cache
     parent: int | None = None  # choices: the handle whose prompt KV this one copies
     skipped: int = 0  # plans in a row that gave this prefilling sequence no tokens
+    preempted: bool = False  # a chunk of its prompt was preempted (never twice)
 
     def tokens(self) -> tuple[int, ...]:
         return (self.prompt + tuple(self.generated))[: self.n_past]
@@ -178,6 +188,7 @@ class SchedulerStats:
     prompt_tokens_shared: int  # copied from the first choice of the same request
     prefix_hits: int
     kv_copies: int
+    prompt_chunks_preempted: int
     running: int
     waiting: int
     cached: int
@@ -254,6 +265,7 @@ class BatchScheduler:
         self._prompt_shared = 0
         self._prefix_hits = 0
         self._copies = 0
+        self._preempted = 0
 
     @property
     def max_batch_tokens(self) -> int:
@@ -577,14 +589,45 @@ class BatchScheduler:
         entry = self._cache.get(seq_id)
         return 0 if entry is None else len(entry[1])
 
-    def complete(self, plan: StepPlan, sampled: Mapping[int, tuple[int, bool]]) -> list[Sampled]:
-        """Record a finished step: `sampled[handle] = (token, is_end_of_generation)`."""
+    def preempts(self, plan: StepPlan, handle: int) -> bool:
+        """Whether the new sequence `handle` should stop the prompt chunks of `plan`,
+        the step in flight (`BatchRunner.preempt`): when its prompt is ahead of each of
+        theirs in the prompt order by a class, or by at least a step budget of service
+        (a principal that was idle, see `_activate`, against busy ones). Then it does
+        not wait for another principal's prompt pass to end before its own. A sequence's
+        prompt is preempted at most once, so the cost is bounded: at most one chunk
+        evaluated twice per sequence, and no prompt waits for ever."""
+        new = self._seqs.get(handle)
+        chunks = [seq for e in plan.entries
+                  if e.prefill and (seq := self._seqs.get(e.handle)) is not None]
+        if new is None or not chunks:
+            return False
+        served = self._served.get(new.principal, 0)
+        for seq in chunks:
+            if seq.preempted or seq.principal == new.principal:
+                return False
+            if new.rank > seq.rank or (new.rank == seq.rank and served + self.step_tokens
+                                       > self._served.get(seq.principal, 0)):
+                return False
+        return True
+
+    def complete(self, plan: StepPlan, sampled: Mapping[int, tuple[int, bool]],
+                 preempted: Iterable[int] = ()) -> list[Sampled]:
+        """Record a finished step: `sampled[handle] = (token, is_end_of_generation)`;
+        `preempted`: handles whose prompt chunk was not evaluated (they keep their place
+        in the prompt, and the chunk no longer counts as service)."""
         self._in_flight = False
         self._record_stats(plan)
         out: list[Sampled] = []
+        skip = set(preempted)
         for entry in plan.entries:
             seq = self._seqs.get(entry.handle)
             if seq is None:  # released while the step ran; its KV is already queued to go
+                continue
+            if entry.handle in skip:
+                seq.preempted = True
+                self._preempted += 1
+                self._serve(seq.principal, -len(entry.tokens))
                 continue
             seq.n_past = entry.pos + len(entry.tokens)
             if seq.phase is Phase.PREFILL:
@@ -667,6 +710,7 @@ class BatchScheduler:
             prompt_tokens_shared=self._prompt_shared,
             prefix_hits=self._prefix_hits,
             kv_copies=self._copies,
+            prompt_chunks_preempted=self._preempted,
             running=len(self._running),
             waiting=len(self._waiting),
             cached=len(self._cache),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import llama_cpp
 import numpy as np
 
 from ..core.engine import EngineError, ModelLoadError, TokenLogprob
+from .abort_flag import ABORTED, AbortFlag
 from .batch_scheduler import BatchEntry, PadRow, SeqCopy, SeqRemove, StepPlan
 from .constraint import Constraint, compute_masks
 from .logprobs import PENALTY_LAST_N, LogitProcessor, Logits, token_logprob
@@ -94,6 +95,9 @@ class StepResult:
     #: handle -> the sampled token's log-probabilities, for sequences that asked (not
     #: for an end-of-generation token)
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+    #: prompt chunks not evaluated because `BatchRunner.preempt` was set (their KV is
+    #: as before the step)
+    preempted: tuple[int, ...] = ()
 
 
 class BatchRunner:
@@ -148,6 +152,10 @@ class BatchRunner:
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        #: set from the trio thread: the prompt chunks of the step in flight that have
+        #: not been evaluated yet are not (the one being evaluated stops at its next
+        #: graph node); decode rows always run. Cleared before each step starts.
+        self.preempt = AbortFlag(ctx)
         self._samplers: dict[int, Any] = {}  # handle -> llama.cpp sampler chain
         self._greedy: dict[int, _Greedy] = {}
         self._constraints: dict[int, Constraint] = {}  # handle -> its grammar's matcher
@@ -174,9 +182,7 @@ class BatchRunner:
         `snapshot`: also report which sequence ids hold cells afterwards."""
         result = self._run(plan, sampling)
         if snapshot:
-            return StepResult(sampled=result.sampled, pieces=result.pieces, error=result.error,
-                              margins=result.margins, kv=self.kv_positions(),
-                              logprobs=result.logprobs)
+            return replace(result, kv=self.kv_positions())
         return result
 
     def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling]) -> StepResult:
@@ -197,11 +203,24 @@ class BatchRunner:
         pieces: dict[int, bytes] = {}
         logprobs: dict[int, TokenLogprob] = {}
         margins: dict[int, float] | None = {} if self.record_margins else None
+        preempted: list[int] = []
         decoding = [e for e in plan.entries if not e.prefill]
         calls = [(decoding, plan.pads)] if decoding else []
         calls += [([e], ()) for e in plan.entries if e.prefill]
         for entries, pads in calls:
+            prefill = entries[0].prefill
+            if prefill and self.preempt.is_set():
+                preempted.append(entries[0].handle)
+                continue
+            self.preempt.arm(prefill)
             out_index = self._decode(entries, pads)
+            if out_index is None:  # a prompt chunk, preempted while it ran
+                entry = entries[0]
+                # llama.cpp dropped the chunk's cells (one ubatch: n_ubatch = n_batch);
+                # cut at its start all the same, so n_past is true whatever it did.
+                llama_cpp.llama_memory_seq_rm(self._mem, entry.seq_id, entry.pos, -1)
+                preempted.append(entry.handle)
+                continue
             if isinstance(out_index, str):
                 return StepResult(sampled={}, pieces={}, error=out_index)
             self._compute_masks(out_index, sampling)
@@ -217,13 +236,15 @@ class BatchRunner:
                 s = sampling.get(handle)
                 if s is not None and s.logprobs is not None and not eog:
                     logprobs[handle] = self._logprob(handle, s, index, token, pieces[handle])
-        return StepResult(sampled=sampled, pieces=pieces, margins=margins, logprobs=logprobs)
+        return StepResult(sampled=sampled, pieces=pieces, margins=margins, logprobs=logprobs,
+                          preempted=tuple(preempted))
 
     def _decode(
         self, entries: Sequence[BatchEntry], pads: Sequence[PadRow]
-    ) -> dict[int, int] | str:
+    ) -> dict[int, int] | str | None:
         """One `llama_decode` of `entries` and `pads` (in seq_id order), then the pads'
-        cells are dropped again. Returns handle -> logits row, or an error message."""
+        cells are dropped again. Returns handle -> logits row, an error message, or None
+        if the abort flag stopped it."""
         batch = self._batch
         rows: list[BatchEntry | PadRow] = sorted([*entries, *pads], key=lambda r: r.seq_id)
         n = 0
@@ -247,6 +268,8 @@ class BatchRunner:
         rc = llama_cpp.llama_decode(self._ctx, batch)
         for pad in pads:
             llama_cpp.llama_memory_seq_rm(self._mem, pad.seq_id, pad.pos, -1)
+        if rc == ABORTED:
+            return None
         return f"llama_decode returned {rc}" if rc != 0 else out_index
 
     def _logprob(self, handle: int, s: Sampling, index: int, token: int, piece: bytes

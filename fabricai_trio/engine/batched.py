@@ -122,6 +122,7 @@ class BatchedEngine(ModelTextMethods):
         self._streams: dict[int, _Stream] = {}
         self._sampling: dict[int, Sampling] = {}
         self._stepping = False
+        self._plan_in_flight: StepPlan | None = None
         self._closing = False
         self._plans_started = 0
         self._plans_done = 0
@@ -208,6 +209,7 @@ class BatchedEngine(ModelTextMethods):
                 "prompt_tokens_reused": st.prompt_tokens_reused,
                 "prompt_tokens_shared": st.prompt_tokens_shared,
                 "kv_copies": st.kv_copies,
+                "prompt_chunks_preempted": st.prompt_chunks_preempted,
                 "kv_cells_used": st.kv_cells_used,
                 "kv_cells_total": self._settings.n_ctx * self._scheduler.n_seq_max,
                 **text.stats(),
@@ -252,6 +254,10 @@ class BatchedEngine(ModelTextMethods):
                 f"more than {self._slots} generations at once: admission must not let "
                 "more streams in than info().slots"
             ) from None
+        plan = self._plan_in_flight
+        if plan is not None and self._scheduler.preempts(plan, handles[0]):
+            assert self._runner is not None
+            self._runner.preempt.set()
         streams = [_Stream(handle, TextAssembler(request.stop)) for handle in handles]
         for i, stream in enumerate(streams):
             self._streams[stream.handle] = stream
@@ -333,6 +339,8 @@ class BatchedEngine(ModelTextMethods):
         assert runner is not None and not self._stepping and not self._closing
         plan = self._scheduler.plan(ops_only=ops_only)
         self._stepping = True
+        self._plan_in_flight = plan
+        runner.preempt.clear()
         done = self._step_done = trio.Event()
         self._plans_started += 1
         snapshots, self._snapshot_requests = self._snapshot_requests, []
@@ -376,6 +384,7 @@ class BatchedEngine(ModelTextMethods):
                 self._snapshot_requests += snapshots  # the step failed: the next one serves
             self._plans_done = self._plans_started
             self._stepping = False
+            self._plan_in_flight = None
             done.set()
         try:
             self._kick()
@@ -388,7 +397,7 @@ class BatchedEngine(ModelTextMethods):
             log.error("batched step failed: %s", result.error)
             self._fail(plan, result.error)
             return
-        for sampled in self._scheduler.complete(plan, result.sampled):
+        for sampled in self._scheduler.complete(plan, result.sampled, result.preempted):
             stream = self._streams.get(sampled.handle)
             if stream is None:
                 continue

@@ -35,8 +35,10 @@ class FakeKV:
         self.next_token = 1000
 
     def apply(
-        self, plan: StepPlan, *, eog: frozenset[int] = frozenset()
+        self, plan: StepPlan, *, eog: frozenset[int] = frozenset(),
+        preempted: frozenset[int] = frozenset(),
     ) -> dict[int, tuple[int, bool]]:
+        """`preempted`: handles whose prompt chunk is not evaluated (BatchRunner.preempt)."""
         for op in plan.ops:
             if isinstance(op, SeqCopy):
                 self.cells[op.dst] = list(self.cells[op.src][: op.keep])
@@ -48,6 +50,9 @@ class FakeKV:
         sampled = {}
         for e in plan.entries:
             assert len(self.cells[e.seq_id]) == e.pos, "entry does not continue its KV"
+            if e.handle in preempted:
+                assert e.prefill, "only prompt chunks are preempted"
+                continue
             self.cells[e.seq_id] += e.tokens
             if e.sample:
                 self.next_token += 1

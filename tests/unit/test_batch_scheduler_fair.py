@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase, SeqCopy
+from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase, SeqCopy, StepPlan
 
 from .test_batch_scheduler import (
     FakeKV,
@@ -139,6 +139,68 @@ def test_a_prompt_passed_over_goes_first_within_the_skip_bound() -> None:
     assert s.phase(low) is not Phase.PREFILL  # it got through all 40 tokens
 
 
+def busy_heavy_with_a_prompt_in_flight() -> tuple[BatchScheduler, FakeKV, int, StepPlan]:
+    """Two heavy principals decoding for a while; a new 40-token prompt of one of them is
+    in the plan now in flight."""
+    s, kv = BatchScheduler(slots=5, step_tokens=16), FakeKV(5)
+    running = [s.add([i, i + 1], 100, principal=f"heavy{i}") for i in range(2)]
+    decode_until_all_decode(s, kv, running)
+    for _ in range(5):
+        for item in step(s, kv)[1]:
+            s.consumed(item.handle)
+    prompt = s.add(list(range(100, 140)), 4, principal="heavy0")
+    plan = s.plan()
+    assert prompt_tokens_by_handle(plan.entries) == {prompt: 14}
+    return s, kv, prompt, plan
+
+
+def test_an_idle_principals_prompt_preempts_a_busy_ones_chunk_in_flight() -> None:
+    """The light principal's prompt arrives while a heavy prompt chunk is evaluated: it
+    preempts it, goes whole into the next step, and the heavy chunk is evaluated again
+    from where it was (the KV continues), after it. The same heavy prompt is never
+    preempted twice."""
+    s, kv, heavy, plan = busy_heavy_with_a_prompt_in_flight()
+    light = s.add(list(range(500, 508)), 8, principal="light")
+    assert s.preempts(plan, light)
+    out = s.complete(plan, kv.apply(plan, preempted=frozenset({heavy})), [heavy])
+    assert heavy not in {item.handle for item in out}  # decode rows were delivered
+    assert len(out) == 2 and s.stats().prompt_chunks_preempted == 1
+    for item in out:
+        s.consumed(item.handle)
+    plan, out = step(s, kv)
+    assert prompt_tokens_by_handle(plan.entries) == {light: 8}
+    assert light in {item.handle for item in out}
+    plan = s.plan()
+    assert prompt_tokens_by_handle(plan.entries) == {heavy: 13}  # a decode row more now
+    other = s.add(list(range(600, 608)), 8, principal="light2")
+    assert not s.preempts(plan, other)  # heavy's prompt was preempted once already
+    s.complete(plan, kv.apply(plan))
+
+
+def test_no_preemption_by_the_same_principal_a_busy_one_or_a_lower_class() -> None:
+    s, _, _, plan = busy_heavy_with_a_prompt_in_flight()
+    assert not s.preempts(plan, s.add([7, 8, 9], 4, principal="heavy0"))  # its own
+    # heavy1 was served as much as heavy0, not a budget less
+    assert not s.preempts(plan, s.add([7, 8, 9], 4, principal="heavy1"))
+    s2, _, _, plan2 = busy_heavy_with_a_prompt_in_flight()
+    assert not s2.preempts(plan2, s2.add([7, 8, 9], 4, principal="light", rank=1))
+    s3, _, _, plan3 = busy_heavy_with_a_prompt_in_flight()
+    assert s3.preempts(plan3, s3.add([7, 8, 9], 4, principal="heavy1", rank=-1))  # a class up
+
+
+def test_no_preemption_without_principals_or_without_a_prompt_in_flight() -> None:
+    s, kv = BatchScheduler(slots=3, step_tokens=8), FakeKV(3)
+    s.add(list(range(20)), 4)
+    plan = s.plan()
+    assert not s.preempts(plan, s.add([1, 2, 3], 4))  # arrival order: nothing to jump
+    s.complete(plan, kv.apply(plan))
+    s2, kv2 = BatchScheduler(slots=3, step_tokens=8), FakeKV(3)
+    busy = s2.add([1, 2], 50, principal="a")
+    decode_until_all_decode(s2, kv2, [busy])
+    plan2 = s2.plan()  # decode rows only
+    assert not s2.preempts(plan2, s2.add([5, 6, 7], 4, principal="b"))
+
+
 def test_choices_and_prefix_cache_work_whatever_the_order() -> None:
     """A heavy principal's choices (their forks) and a cached prefix of a light principal
     keep working when the light prompt is served first."""
@@ -182,8 +244,9 @@ def test_random_traffic_with_principals_classes_and_choices(seed: int) -> None:
     live: list[int] = []
     prompts: dict[int, tuple[int, ...]] = {}
     waited: dict[int, int] = {}
-    # A sequence waits at most its own skip bound plus every older sequence's prompt.
-    bound = skips + slots * math.ceil(23 / s.min_prefill_tokens) + 2
+    # A sequence waits at most its own skip bound plus every older sequence's prompt,
+    # and one plan more if its chunk was preempted (once at most).
+    bound = skips + slots * math.ceil(23 / s.min_prefill_tokens) + 3
     for _ in range(150):
         r = rng.random()
         if r < 0.3 and len(live) < slots:
@@ -208,8 +271,21 @@ def test_random_traffic_with_principals_classes_and_choices(seed: int) -> None:
             if s.phase(h) is Phase.PREFILL:
                 waited[h] = 0 if h in served else waited.get(h, 0) + 1
                 assert waited[h] <= bound
-        eog = frozenset(h for h in live if rng.random() < 0.05)
-        s.complete(plan, kv.apply(plan, eog=eog))
+        preempted: frozenset[int] = frozenset()
+        if rng.random() < 0.3 and len(live) < slots:  # arrives while the step runs
+            principal = rng.choice(["a", "b", "c", "d", None])
+            prompt = (*base[: rng.randint(1, 20)], rng.randrange(50))
+            h = s.add(prompt, rng.randint(1, 8), principal=principal, scope=principal,
+                      rank=rng.randint(0, 2))
+            live.append(h)
+            prompts[h] = prompt
+            if s.preempts(plan, h):  # the chunks from a random one on are not run
+                chunks = [e.handle for e in plan.entries if e.prefill]
+                preempted = frozenset(chunks[rng.randrange(len(chunks)):])
+                for c in preempted:  # a chunk that is not run is a plan without tokens
+                    waited[c] = waited.get(c, 0) + 1
+        eog = frozenset(h for h in live if rng.random() < 0.05) - preempted
+        s.complete(plan, kv.apply(plan, eog=eog, preempted=preempted), preempted)
         assert_kv_holds_prompts_and_tokens(s, kv, prompts)
         release_done(s, live, rng)
     release_all(s, kv, live)
