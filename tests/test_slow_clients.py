@@ -26,6 +26,9 @@ from .server_process import ServerProcess, model_env
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
 LONG = 900  # tokens: far more than fits in the socket buffers before the writes block
+#: The embedded model's end-of-generation tokens, banned: a generation that ended by
+#: itself before the buffers filled (sampling varies with the CPU) would never be stuck.
+NO_END = {"1": -100.0, "106": -100.0, "212": -100.0}
 SLOW_TIMEOUT = 2.0
 
 
@@ -149,10 +152,12 @@ def test_sse_and_openai_clients_that_stop_reading_free_their_slots(
     stuck = [
         post_and_never_read(server.port, "/v1/inference_sse",
                             {"prompt": "Once upon a time", "max_tokens": LONG,
+                             "logit_bias": NO_END,
                              "session_id": "slow-sse", "request_id": long_id("sse")}),
         post_and_never_read(server.port, "/v1/chat/completions",
                             {"messages": [{"role": "user", "content": "Tell a long story."}],
-                             "max_tokens": LONG, "stream": True, "session_id": "slow-openai"},
+                             "max_tokens": LONG, "logit_bias": NO_END, "stream": True,
+                             "session_id": "slow-openai"},
                             request_id=long_id("openai")),
     ]
     try:
@@ -179,12 +184,17 @@ def test_sse_and_openai_clients_that_stop_reading_free_their_slots(
 def test_a_websocket_client_that_stops_reading_frees_its_slot(server: ServerProcess) -> None:
     before = slow_client_cancels(server.url)
     sock = websocket_prompt_and_never_read(
-        server.port, {"prompt": "Once upon a time", "max_tokens": LONG, "session_id": "slow-ws",
-                      "request_id": long_id("ws")})
+        server.port, {"prompt": "Once upon a time", "max_tokens": LONG, "logit_bias": NO_END,
+                      "session_id": "slow-ws", "request_id": long_id("ws")})
     try:
         deadline = time.monotonic() + GUARD
+        while status(server.url)["concurrency"]["active"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         while slow_client_cancels(server.url) - before < 1:
             assert time.monotonic() < deadline, server.log()
+            if status(server.url)["concurrency"]["active"] == 0:  # ended, or just cancelled
+                assert slow_client_cancels(server.url) - before == 1, "ended by itself"
             time.sleep(0.1)
         wait_idle(server.url)
         turn = assistant_turn(server.url, "slow-ws")
@@ -204,9 +214,11 @@ def test_sigterm_exits_within_drain_and_grace_despite_clients_that_stop_reading(
     stuck: list[socket.socket] = []
     try:
         stuck.append(post_and_never_read(server.port, "/v1/inference_sse",
-                                         {"prompt": "Once upon a time", "max_tokens": LONG}))
+                                         {"prompt": "Once upon a time", "max_tokens": LONG,
+                                          "logit_bias": NO_END}))
         stuck.append(websocket_prompt_and_never_read(
-            server.port, {"prompt": "Once upon a time", "max_tokens": LONG}))
+            server.port, {"prompt": "Once upon a time", "max_tokens": LONG,
+                          "logit_bias": NO_END}))
         # let the generations fill the socket buffers: the writes block, decoding stops
         deadline = time.monotonic() + GUARD
         while status(server.url)["concurrency"]["active"] < 2:
