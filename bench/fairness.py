@@ -157,6 +157,7 @@ async def run_config(url: str, prompts: Prompts, duration: float, seed: int,
                 light_sent += 1
             end = time.perf_counter()
             nursery.cancel_scope.cancel()
+        engine = (await clients[LIGHT].get("/v1/status")).json()["engine"]
     finally:
         for http in clients.values():
             await http.aclose()
@@ -181,6 +182,8 @@ async def run_config(url: str, prompts: Prompts, duration: float, seed: int,
         "light_ttft_ms_sorted": sorted(round(t * 1000, 1) for t in light_ttft),
         "light_ttft_p99_over_idle_p50": round(pct(light_ttft, 99) / pct(idle, 50), 2),
         "light_ttft_p99_over_idle_p99": round(pct(light_ttft, 99) / pct(idle, 99), 2),
+        # prompt chunks the batched engine stopped for a less served principal's prompt
+        "prompt_chunks_preempted": engine.get("prompt_chunks_preempted"),
         "ttft_ms_by_class": ttft_by_class(
             {**{key: [ttft for sent, ttft in firsts if start <= sent <= end]
                 for key, firsts in heavy_first.items()}, LIGHT: light_ttft}, classes),
