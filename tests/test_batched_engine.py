@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -28,7 +29,7 @@ import trio
 
 from fabricai_trio.core.engine import Chunk, EngineRequest, Finish
 from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase
-from fabricai_trio.engine.batch_step import PENALTY_LAST_N, BatchRunner, Sampling
+from fabricai_trio.engine.batch_step import PENALTY_LAST_N, BatchRunner, Sampling, StepResult
 from fabricai_trio.engine.batched import BatchedEngine, KvSnapshot
 from fabricai_trio.engine.llama import LlamaEngine
 from fabricai_trio.settings import Settings
@@ -259,6 +260,95 @@ def invariant_runner(model_path: Path) -> Any:
     r.record_margins = True
     yield r
     r.close()
+
+
+def decoding_and_a_new_prompt(runner: BatchRunner, model_path: Path
+                              ) -> tuple[BatchScheduler, list[int], dict[int, Sampling]]:
+    """One sequence decoding (its prompt's step run), and a second prompt just added."""
+    first, second = tokenize_all(model_path, PROMPTS[:2])
+    sched = BatchScheduler(slots=2, step_tokens=64)
+    a = sched.add(first, 8)
+    sampling = {h: Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=1.0, seed=0)
+                for h in (a, a + 1)}
+    plan = sched.plan()
+    sched.complete(plan, runner.run(plan, sampling).sampled)
+    b = sched.add(second, 8)
+    return sched, [a, b], sampling
+
+
+def release_everything(runner: BatchRunner, sched: BatchScheduler, handles: list[int]) -> None:
+    for h in handles:
+        sched.release(h, cache=False)
+    plan = sched.plan()
+    runner.run(plan, {})
+    sched.complete(plan, {})
+    assert runner.kv_positions() == {}
+
+
+def test_a_prompts_first_token_is_handed_out_before_the_decode_pass(
+    runner: BatchRunner, model_path: Path
+) -> None:
+    """The new prompt's pass runs first and its token goes to `early` at once; the decode
+    row's token is in the step's result. The tokens are those of a step without `early`."""
+    expected: dict[int, tuple[int, bool]] = {}
+    for use_early in (False, True):
+        sched, (a, b), sampling = decoding_and_a_new_prompt(runner, model_path)
+        plan = sched.plan()
+        assert [e.handle for e in plan.entries] == [a, b] and plan.entries[1].prefill
+        handed: list[StepResult] = []
+        result = runner.run(plan, sampling, early=handed.append if use_early else None)
+        assert result.error is None
+        if use_early:
+            assert [r.sampled for r in handed] == [{b: expected[b]}]
+            assert result.sampled == {a: expected[a]}
+            sched.complete(plan, handed[0].sampled, early=True)
+            sched.complete(plan, result.sampled)
+        else:
+            assert handed == [] and set(result.sampled) == {a, b}
+            expected = result.sampled
+            sched.complete(plan, result.sampled)
+        assert sched.n_generated(a) == 2 and sched.n_generated(b) == 1
+        release_everything(runner, sched, [a, b])
+
+
+def test_a_preempted_prompt_chunk_leaves_its_kv_as_before_and_decode_rows_run(
+    runner: BatchRunner, model_path: Path
+) -> None:
+    """The abort flag set before the step: the prompt chunk is not evaluated (its id holds
+    no cells), the decode row is; cleared, the same chunk then runs from where it was.
+    Set from another thread while a long chunk is evaluated: llama.cpp stops the pass
+    and drops its cells."""
+    sched, (a, b), sampling = decoding_and_a_new_prompt(runner, model_path)
+    plan = sched.plan()
+    runner.preempt.set()
+    result = runner.run(plan, sampling)
+    assert result.preempted == (b,) and set(result.sampled) == {a}
+    sched.complete(plan, result.sampled, result.preempted)
+    b_id = sched.seq_id(b)
+    assert b_id is not None and b_id not in runner.kv_positions()
+    runner.preempt.clear()
+    plan = sched.plan()
+    result = runner.run(plan, sampling)
+    assert result.preempted == () and set(result.sampled) == {a, b}
+    sched.complete(plan, result.sampled)
+    release_everything(runner, sched, [a, b])
+
+    long_prompt = tokenize_all(model_path, [" ".join(f"word {i}." for i in range(80))])[0]
+    sched = BatchScheduler(slots=1, step_tokens=256)
+    h = sched.add(long_prompt[:250], 4)
+    plan = sched.plan()
+    stopped = threading.Timer(0.005, runner.preempt.set)
+    stopped.start()
+    try:
+        result = runner.run(plan, {h: sampling[a]})
+    finally:
+        stopped.join()
+        runner.preempt.clear()
+    # (On a machine fast enough to finish 250 tokens in 5 ms the pass would simply end.)
+    assert result.preempted == (h,), "the pass was not stopped"
+    assert runner.kv_positions() == {}
+    sched.complete(plan, result.sampled, result.preempted)
+    release_everything(runner, sched, [h])
 
 
 def test_batch_invariant_tokens_are_identical_alone_and_in_any_batch(

@@ -130,7 +130,8 @@ class PadRow:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepPlan:
     ops: tuple[KvOp, ...]
-    entries: tuple[BatchEntry, ...]  # sorted by seq_id
+    #: decode rows sorted by seq_id, then prompt chunks in the order they are evaluated
+    entries: tuple[BatchEntry, ...]
     released: tuple[int, ...]  # handles whose per-sequence state (sampler) can be freed
     pads: tuple[PadRow, ...] = ()  # sorted by seq_id
 
@@ -253,6 +254,7 @@ class BatchScheduler:
         self._released: list[int] = []
         self._next_handle = 0
         self._in_flight = False
+        self._completed_early: set[int] = set()  # handles of the step in flight, recorded early
         # statistics
         self._steps = 0
         self._batch_tokens_last = 0
@@ -515,8 +517,9 @@ class BatchScheduler:
             self._copies += 1
 
     def _build_batch(self) -> list[BatchEntry]:
-        """Decode rows first (one token each), then prompt chunks in the budget left: the
-        first prompt in `_prefill_order` as much as fits, the others only whole."""
+        """Decode rows first (one token each, by id), then prompt chunks in the budget
+        left, in `_prefill_order` (the order the runner evaluates them): the first
+        prompt as much as fits, the others only whole."""
         entries: list[BatchEntry] = []
         by_id = sorted(self._running.items())
         for _, handle in by_id:
@@ -545,7 +548,6 @@ class BatchScheduler:
             last = seq.n_past + take == len(seq.prompt)
             entries.append(BatchEntry(handle=seq.handle, seq_id=seq.seq_id, tokens=chunk,
                                       pos=seq.n_past, sample=last, prefill=True))
-        entries.sort(key=lambda e: e.seq_id)
         return entries
 
     def _prefill_order(self) -> list[_Seq]:
@@ -612,15 +614,22 @@ class BatchScheduler:
         return True
 
     def complete(self, plan: StepPlan, sampled: Mapping[int, tuple[int, bool]],
-                 preempted: Iterable[int] = ()) -> list[Sampled]:
+                 preempted: Iterable[int] = (), *, early: bool = False) -> list[Sampled]:
         """Record a finished step: `sampled[handle] = (token, is_end_of_generation)`;
         `preempted`: handles whose prompt chunk was not evaluated (they keep their place
-        in the prompt, and the chunk no longer counts as service)."""
-        self._in_flight = False
-        self._record_stats(plan)
+        in the prompt, and the chunk no longer counts as service).
+
+        `early`: the step is still in flight and these are the tokens of one of its
+        passes (`BatchRunner.run(early=...)`): only their entries are recorded now, and
+        the step's own `complete()` skips them."""
+        if not early:
+            self._in_flight = False
+            self._record_stats(plan)
         out: list[Sampled] = []
         skip = set(preempted)
         for entry in plan.entries:
+            if entry.handle in self._completed_early or (early and entry.handle not in sampled):
+                continue
             seq = self._seqs.get(entry.handle)
             if seq is None:  # released while the step ran; its KV is already queued to go
                 continue
@@ -644,11 +653,16 @@ class BatchScheduler:
                 finish = "length"
             seq.phase = Phase.DONE if finish else Phase.DECODE
             out.append(Sampled(entry.handle, token, eog, finish))
+        if early:
+            self._completed_early.update(sampled)
+        else:
+            self._completed_early.clear()
         return out
 
     def fail(self, plan: StepPlan) -> list[int]:
         """The step failed: every sequence it carried fails; their KV is dropped."""
         self._in_flight = False
+        self._completed_early.clear()
         failed = []
         for entry in plan.entries:
             seq = self._seqs.get(entry.handle)

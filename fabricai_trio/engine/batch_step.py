@@ -1,8 +1,9 @@
 """The llama.cpp side of the batched engine: one model, one context, one step at a time.
 
-`BatchRunner.run()` applies one `StepPlan` (KV ops; one `llama_decode` for the decoding
-sequences, with the plan's pad rows, and one for each prompt chunk; one sample per
-sequence that asked for logits) and is the only code that touches the context. The
+`BatchRunner.run()` applies one `StepPlan` (KV ops; one `llama_decode` for each prompt
+chunk, in the plan's order, then one for the decoding sequences with the plan's pad
+rows; one sample per sequence that asked for logits; each pass's tokens handed out as
+soon as it has run) and is the only code that touches the context. The
 engine calls it through `trio.to_thread.run_sync`, one call at a time, and never
 abandons it, so the context is never used from two threads.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,17 +176,21 @@ class BatchRunner:
     # --- one step ---
 
     def run(
-        self, plan: StepPlan, sampling: Mapping[int, Sampling], *, snapshot: bool = False
+        self, plan: StepPlan, sampling: Mapping[int, Sampling], *, snapshot: bool = False,
+        early: Callable[[StepResult], None] | None = None,
     ) -> StepResult:
         """Apply the plan's KV ops, decode its batch once, sample. Never raises for a
         failed decode: the result carries the error and the KV is as llama.cpp left it.
-        `snapshot`: also report which sequence ids hold cells afterwards."""
-        result = self._run(plan, sampling)
+        `snapshot`: also report which sequence ids hold cells afterwards. `early`: called
+        (in this thread) with the tokens of each pass as soon as it has run, when more
+        passes follow; the result returned holds only the last pass's."""
+        result = self._run(plan, sampling, early)
         if snapshot:
             return replace(result, kv=self.kv_positions())
         return result
 
-    def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling]) -> StepResult:
+    def _run(self, plan: StepPlan, sampling: Mapping[int, Sampling],
+             early: Callable[[StepResult], None] | None) -> StepResult:
         for handle in plan.released:
             self._greedy.pop(handle, None)
             self._processors.pop(handle, None)
@@ -199,15 +204,19 @@ class BatchRunner:
                 llama_cpp.llama_memory_seq_rm(self._mem, op.dst, op.keep, -1)
             elif isinstance(op, SeqRemove):
                 llama_cpp.llama_memory_seq_rm(self._mem, op.seq_id, -1, -1)
-        sampled: dict[int, tuple[int, bool]] = {}
-        pieces: dict[int, bytes] = {}
-        logprobs: dict[int, TokenLogprob] = {}
-        margins: dict[int, float] | None = {} if self.record_margins else None
+        final = self._new_result()
         preempted: list[int] = []
+        # Prompt chunks first, in the plan's order, so that a prompt's first token can go
+        # out (`early`) as soon as its own pass ends; the decode rows' tokens come at the
+        # end of the step, as they would anyway. Except with pad rows: they sit at the
+        # positions their ids hold when the step starts (a prompt chunk's id too), so
+        # then the decode pass goes first.
+        calls: list[tuple[list[BatchEntry], Sequence[PadRow]]] = [
+            ([e], ()) for e in plan.entries if e.prefill]
         decoding = [e for e in plan.entries if not e.prefill]
-        calls = [(decoding, plan.pads)] if decoding else []
-        calls += [([e], ()) for e in plan.entries if e.prefill]
-        for entries, pads in calls:
+        if decoding:
+            calls.insert(0 if plan.pads else len(calls), (decoding, plan.pads))
+        for i, (entries, pads) in enumerate(calls):
             prefill = entries[0].prefill
             if prefill and self.preempt.is_set():
                 preempted.append(entries[0].handle)
@@ -223,21 +232,35 @@ class BatchRunner:
                 continue
             if isinstance(out_index, str):
                 return StepResult(sampled={}, pieces={}, error=out_index)
-            self._compute_masks(out_index, sampling)
-            for handle, index in out_index.items():  # before the next call overwrites them
-                if margins is not None:
-                    margins[handle] = self._margin(index)
-                token = self._sample(handle, sampling, index)
-                eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)) or (
-                    handle in sampling and token in sampling[handle].stop_tokens
-                )
-                sampled[handle] = (token, eog)
-                pieces[handle] = b"" if eog else self._piece(token)
-                s = sampling.get(handle)
-                if s is not None and s.logprobs is not None and not eog:
-                    logprobs[handle] = self._logprob(handle, s, index, token, pieces[handle])
-        return StepResult(sampled=sampled, pieces=pieces, margins=margins, logprobs=logprobs,
-                          preempted=tuple(preempted))
+            if early is not None and out_index and i < len(calls) - 1:
+                out = self._new_result()
+                self._sample_rows(out_index, sampling, out)
+                early(out)
+            else:
+                self._sample_rows(out_index, sampling, final)
+        return replace(final, preempted=tuple(preempted))
+
+    def _new_result(self) -> StepResult:
+        return StepResult(sampled={}, pieces={}, logprobs={},
+                          margins={} if self.record_margins else None)
+
+    def _sample_rows(self, out_index: Mapping[int, int], sampling: Mapping[int, Sampling],
+                     out: StepResult) -> None:
+        """Sample the rows of the pass just decoded (before the next pass overwrites the
+        logits) into `out`."""
+        self._compute_masks(out_index, sampling)
+        for handle, index in out_index.items():
+            if out.margins is not None:
+                out.margins[handle] = self._margin(index)
+            token = self._sample(handle, sampling, index)
+            eog = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)) or (
+                handle in sampling and token in sampling[handle].stop_tokens
+            )
+            out.sampled[handle] = (token, eog)
+            out.pieces[handle] = piece = b"" if eog else self._piece(token)
+            s = sampling.get(handle)
+            if s is not None and s.logprobs is not None and not eog:
+                out.logprobs[handle] = self._logprob(handle, s, index, token, piece)
 
     def _decode(
         self, entries: Sequence[BatchEntry], pads: Sequence[PadRow]

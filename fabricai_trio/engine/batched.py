@@ -14,10 +14,14 @@ most `MAX_BACKLOG` tokens behind, a prompt chunk, KV ops), plans and starts the 
 step at once. So the decode thread never waits for the event loop to hand tokens to the
 streams (the next step runs while they are sent), a stream that needs a token only
 waits for the step in flight, and when the work runs out, the next stream that needs a
-token (or a new one) starts a step again. Steps never overlap, the context is only
-touched by the one thread running a step, and a step is never abandoned: a stream that
-is cancelled stops waiting, the step still finishes and delivers to everyone else, and
-`aclose()` waits for it before freeing the context.
+token (or a new one) starts a step again. Within a step, prompt chunks are evaluated
+before the decode rows and each pass's tokens are delivered as soon as it has run
+(`_deliver_early`), so a prompt's first token does not wait for the rest of its step.
+Steps never overlap, the context is only touched by the one thread running a step, and
+a step is never abandoned (a prompt chunk's pass may be preempted, see
+`BatchScheduler.preempts`): a stream that is cancelled stops waiting, the step still
+finishes and delivers to everyone else, and `aclose()` waits for it before freeing the
+context.
 
 The engine holds at most `slots` (`MAX_CONCURRENT_REQUESTS`) streams: admission is the
 one queue, and a `generate_stream` beyond that raises `EngineError`. `generate_choices`
@@ -128,6 +132,7 @@ class BatchedEngine(ModelTextMethods):
         self._plans_done = 0
         self._snapshot_requests: list[list[KvSnapshot]] = []
         self._step_done = trio.Event()
+        self._delivered = trio.Event()  # the step in flight delivered tokens, or ended
         self._changed = trio.Event()  # something a blocked step could be waiting for
         self._tokens_generated = 0
         self._loaded = False
@@ -294,10 +299,10 @@ class BatchedEngine(ModelTextMethods):
                     raise EngineError(stream.error)
             if self._closing or self._runner is None:
                 raise EngineError("the engine is closed")
+            if not self._stepping and self._scheduler.needs_step():
+                self._start_step()
             if self._stepping:
-                await self._step_done.wait()
-            elif self._scheduler.needs_step():
-                await self._start_step().wait()
+                await self._delivered.wait()  # tokens of the step in flight, or its end
             else:
                 # Nothing can run (every other sequence waits for its consumer): wait
                 # until a consumer takes a token or a stream ends.
@@ -349,12 +354,15 @@ class BatchedEngine(ModelTextMethods):
                     for e in plan.entries if e.sample and e.handle in self._sampling}
         trio_token = trio.lowlevel.current_trio_token()
 
+        def early(result: StepResult) -> None:  # in the worker thread, mid-step
+            trio_token.run_sync_soon(self._deliver_early, plan, result)
+
         def report(result: outcome.Outcome[StepResult]) -> None:  # in the worker thread
             trio_token.run_sync_soon(self._step_finished, plan, result, snapshots, running,
                                      done)
 
         trio.lowlevel.start_thread_soon(
-            partial(runner.run, plan, sampling, snapshot=bool(snapshots)), report
+            partial(runner.run, plan, sampling, snapshot=bool(snapshots), early=early), report
         )
         self._changed.set()
         return done
@@ -386,18 +394,35 @@ class BatchedEngine(ModelTextMethods):
             self._stepping = False
             self._plan_in_flight = None
             done.set()
+            self._announce_delivery()
         try:
             self._kick()
         except Exception:
             log.exception("batched engine: could not start the next step")
 
-    def _deliver(self, plan: StepPlan, result: StepResult) -> None:
+    def _deliver_early(self, plan: StepPlan, result: StepResult) -> None:
+        """Deliver the first tokens of prompts whose pass has run while the step goes on
+        (`BatchRunner.run(early=...)`). A `run_sync_soon` callback: must not raise."""
+        try:
+            self._deliver(plan, result, early=True)
+        except Exception:
+            log.exception("batched step delivery failed")
+            self._fail(plan, "internal error while delivering a step")
+        self._announce_delivery()
+
+    def _announce_delivery(self) -> None:
+        """Wake the streams waiting for tokens; the next ones wait for the next delivery."""
+        self._delivered.set()
+        self._delivered = trio.Event()
+
+    def _deliver(self, plan: StepPlan, result: StepResult, *, early: bool = False) -> None:
         """Turn sampled tokens into each stream's items (synchronous: no checkpoint)."""
         if result.error is not None:
             log.error("batched step failed: %s", result.error)
             self._fail(plan, result.error)
             return
-        for sampled in self._scheduler.complete(plan, result.sampled, result.preempted):
+        for sampled in self._scheduler.complete(plan, result.sampled, result.preempted,
+                                                early=early):
             stream = self._streams.get(sampled.handle)
             if stream is None:
                 continue

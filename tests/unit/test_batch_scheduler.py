@@ -45,7 +45,9 @@ class FakeKV:
             else:
                 self.cells[op.seq_id] = []
         ids = [e.seq_id for e in plan.entries]
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        decoding = [e.seq_id for e in plan.entries if not e.prefill]
+        assert decoding == sorted(decoding) and len(set(ids)) == len(ids)
+        assert ids[: len(decoding)] == decoding  # decode rows first, then prompt chunks
         self.check_pads(plan)
         sampled = {}
         for e in plan.entries:
