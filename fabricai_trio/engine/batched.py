@@ -401,8 +401,9 @@ class BatchedEngine(ModelTextMethods):
             log.exception("batched engine: could not start the next step")
 
     def _deliver_early(self, plan: StepPlan, result: StepResult) -> None:
-        """Deliver the first tokens of prompts whose pass has run while the step goes on
-        (`BatchRunner.run(early=...)`). A `run_sync_soon` callback: must not raise."""
+        """Deliver the tokens of one pass of the step in flight (a prompt's first token,
+        `BatchRunner.run(early=...)`) while its other passes run. A `run_sync_soon`
+        callback: must not raise."""
         try:
             self._deliver(plan, result, early=True)
         except Exception:
