@@ -29,10 +29,12 @@ of prompt: that bounds the inter-token latency a prefill adds to the running str
 Who gets the prompt budget first (`_prefill_order`), like admission's fair queue: the
 prompts of the highest priority class (`rank`, 0 first), then of the principal served
 least, then in arrival order. "Served" counts the tokens each principal's sequences had
-evaluated (prompt chunks and decode rows) in the current busy period, start-time fair
-queueing style: a principal that becomes active again starts no lower than one budget
-(`step_tokens`) below the least-served active principal, so idle time earns a short
-head start, never a long one. So a light key's new prompt goes into the next step whole
+evaluated (prompt chunks and decode rows), start-time fair queueing style: a principal
+that becomes active again starts no lower than one budget (`step_tokens`) below the
+least-served active principal and no higher than the most served, so idle time earns a
+short head start, never a long one, and old service costs nothing (`_activate`; the
+counts survive a moment with no sequence at all, which does not make everyone equal
+again). So a light key's new prompt goes into the next step whole
 (if it fits) ahead of heavy keys' prompts. A prompt passed over for
 `max_prefill_skips` plans in a row goes first (oldest first): class and service order
 never starve a prompt. Without principals or classes the order is arrival order.
@@ -69,6 +71,8 @@ from enum import Enum
 from typing import Literal
 
 FinishReason = Literal["stop", "length"]
+#: Idle principals whose service count `BatchScheduler` keeps (`_activate`).
+MAX_REMEMBERED = 64
 
 
 class Phase(Enum):
@@ -243,8 +247,8 @@ class BatchScheduler:
         self.invariant = invariant
         self.max_prefill_skips = max_prefill_skips
         self._seqs: dict[int, _Seq] = {}
-        # principal -> tokens its sequences had evaluated in this busy period (see the
-        # module doc); cleared when no sequence is left
+        # principal -> tokens its sequences had evaluated (see the module doc and
+        # `_activate`)
         self._served: dict[str | None, int] = {}
         self._waiting: deque[int] = deque()
         self._running: dict[int, int] = {}  # seq_id -> handle, ids < slots
@@ -331,21 +335,29 @@ class BatchScheduler:
         return handles
 
     def _activate(self, principal: str | None) -> None:
-        """`principal` gets a sequence: if it had none, its service count starts no
-        lower than one budget below the least-served active principal's (so what it did
-        not use while idle earns it at most one budget's head start)."""
+        """`principal` gets a sequence. If it had none, its service count is brought into
+        the active principals' range: no lower than one budget below the least served
+        (what it did not use while idle earns it at most one budget's head start), no
+        higher than the most served (what it used long ago costs it nothing now).
+
+        The counts outlive a moment without sequences: when every stream ends at once
+        and the next requests are on their way, the principals are not made equal
+        again, so a light principal arriving then is still ahead of heavy ones."""
         active = {seq.principal for seq in self._seqs.values()}
         if principal in active:
             return
+        own = self._served.get(principal, 0)
         if not active:
-            self._served.clear()  # a new busy period
+            self._served[principal] = own
             return
-        floor = min(self._served.get(p, 0) for p in active) - self.step_tokens
-        self._served[principal] = max(self._served.get(principal, 0), floor)
-        # Idle principals at or below the floor would be lifted to it anyway: forget them
-        # (bounds the table by the principals served more than the active ones).
-        for p in [p for p, n in self._served.items() if n <= floor and p not in active
-                  and p != principal]:
+        counts = [self._served.get(p, 0) for p in active]
+        floor = min(counts) - self.step_tokens
+        self._served[principal] = min(max(own, floor), max(counts))
+        # Idle principals at or below the floor would be lifted to it anyway: forget them;
+        # and all idle ones if the table grows past MAX_REMEMBERED.
+        crowded = len(self._served) > MAX_REMEMBERED
+        for p in [p for p, n in self._served.items()
+                  if (n <= floor or crowded) and p not in active and p != principal]:
             del self._served[p]
 
     def finish(self, handle: int) -> None:

@@ -9,7 +9,13 @@ import random
 
 import pytest
 
-from fabricai_trio.engine.batch_scheduler import BatchScheduler, Phase, SeqCopy, StepPlan
+from fabricai_trio.engine.batch_scheduler import (
+    MAX_REMEMBERED,
+    BatchScheduler,
+    Phase,
+    SeqCopy,
+    StepPlan,
+)
 
 from .test_batch_scheduler import (
     FakeKV,
@@ -175,6 +181,39 @@ def test_an_idle_principals_prompt_preempts_a_busy_ones_chunk_in_flight() -> Non
     other = s.add(list(range(600, 608)), 8, principal="light2")
     assert not s.preempts(plan, other)  # heavy's prompt was preempted once already
     s.complete(plan, kv.apply(plan))
+
+
+def test_service_counts_survive_a_moment_with_no_sequence() -> None:
+    """Heavy principals in lockstep all finish at once and come back: they are not made
+    equal to the light principal again, so its prompt, arriving while a heavy prompt is
+    evaluated, still preempts it."""
+    s, kv = BatchScheduler(slots=4, step_tokens=16), FakeKV(4)
+    for round_ in range(3):
+        heavy = [s.add(list(range(100 * i + round_, 100 * i + round_ + 20)), 8,
+                       principal=f"heavy{i}") for i in range(3)]
+        while any(s.phase(h) is not Phase.DONE for h in heavy):
+            for item in step(s, kv)[1]:
+                s.consumed(item.handle)
+        for h in heavy:
+            s.release(h)  # the engine is empty now
+    s.add(list(range(900, 920)), 8, principal="heavy0")
+    plan = s.plan()
+    light = s.add([5, 6, 7], 4, principal="light")
+    assert s.preempts(plan, light)
+    s.complete(plan, kv.apply(plan))
+
+
+def test_idle_principals_are_forgotten_beyond_a_bound() -> None:
+    s, kv = BatchScheduler(slots=2, step_tokens=4), FakeKV(2)
+    busy = s.add(list(range(10)), 500, principal="busy")
+    for i in range(2 * MAX_REMEMBERED):
+        h = s.add([i, i + 1, i + 2], 1, principal=f"p{i}")
+        for _ in range(3):
+            for item in step(s, kv)[1]:
+                s.consumed(item.handle)
+        s.release(h)
+    assert len(s._served) <= MAX_REMEMBERED + 2
+    s.release(busy)
 
 
 def test_no_preemption_by_the_same_principal_a_busy_one_or_a_lower_class() -> None:
