@@ -5,7 +5,7 @@
 Four keys. Three heavy ones keep 6, 3 and 2 requests outstanding (closed loop: a new one
 as soon as one ends; prompts of 32 tokens, 16 tokens out); the light one keeps one
 (8 tokens out) and pauses 1 s after each. Each configuration first measures the light
-key's TTFT alone on the idle server (6 requests in a row), then runs the mix for
+key's TTFT alone on the idle server (20 requests in a row), then runs the mix for
 `--duration` seconds.
 
 Configurations (each a fresh server):
@@ -55,6 +55,7 @@ KEYS = {"heavy6": 6, "heavy3": 3, "heavy2": 2}  # key -> requests kept outstandi
 LIGHT = "light"
 HEAVY_TOKENS, LIGHT_TOKENS, PROMPT_TOKENS = 16, 8, 32
 LIGHT_PAUSE_S = 1.0
+IDLE_REQUESTS = 20  # the light key alone first: enough for its idle p99 to mean something
 
 CONFIGS: dict[str, dict[str, str]] = {
     "fair+cap": {"QUEUE_POLICY": "fair", "MAX_CONCURRENT_REQUESTS": "4",
@@ -119,7 +120,7 @@ async def run_config(url: str, prompts: Prompts, duration: float, seed: int,
 
     try:
         idle: list[float] = []
-        for _ in range(6):
+        for _ in range(IDLE_REQUESTS):
             r = await stream(clients[LIGHT], body(LIGHT_TOKENS), [])
             assert r.status == 200 and r.ttft is not None, r
             idle.append(r.ttft)
