@@ -20,6 +20,15 @@ from .server_process import ServerProcess, model_env
 # tests/test_constraint_warmup.py turns it on where it is the subject.
 os.environ.setdefault("CONSTRAINT_WARMUP", "false")
 
+# One decode thread for every engine the tests start (servers inherit it; in-process
+# Settings read it), unless the suite is run with N_THREADS set. The default, one per
+# CPU, crawls on a 2-core CI machine: the test process and its clients share the cores,
+# and ggml's spinning thread barriers stall when a decode thread is descheduled
+# (tests/test_sse_real.py with tests/sessions/test_postgres_pause.py: 116 s with two
+# threads, 55 s with one). Thread count changes no behaviour under test; the tests that
+# set n_threads themselves keep theirs.
+os.environ.setdefault("N_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
