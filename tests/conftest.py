@@ -63,10 +63,15 @@ def server(model_path: Path, server_logs: Path) -> Iterator[ServerProcess]:
     yield from serve_real_model(model_path, server_logs)
 
 
-@pytest.fixture(scope="module", params=["batched", "llama"])
+@pytest.fixture(scope="session", params=["batched", "llama"])
 def each_engine_server(request: pytest.FixtureRequest, model_path: Path, server_logs: Path
                        ) -> Iterator[ServerProcess]:
-    """The same, once per built-in engine (ENGINE=batched, the default, and the pool)."""
+    """The same, once per built-in engine (ENGINE=batched, the default, and the pool).
+
+    One pair for the whole session: the modules that use it (sampling, logprobs, SSE,
+    structured output) leave no state a test reads (they wait until idle and compare
+    counters before and after), and pytest runs all the tests of one engine together,
+    so two servers start instead of two per module."""
     yield from serve_real_model(model_path, server_logs, ENGINE=request.param)
 
 
