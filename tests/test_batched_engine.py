@@ -161,13 +161,18 @@ def greedy(runner: BatchRunner, prompts: Sequence[Sequence[int]], n: int, *,
         for h in handles:
             sched.consumed(h, n)
     out = [(sched.generated(h), margins[h]) for h in handles]
+    release_everything(runner, sched, handles)
+    return out
+
+
+def release_everything(runner: BatchRunner, sched: BatchScheduler, handles: list[int]) -> None:
+    """Release the sequences and run the plan that frees them: the context is empty."""
     for h in handles:
         sched.release(h, cache=False)
     plan = sched.plan()
     runner.run(plan, {})
     sched.complete(plan, {})
     assert runner.kv_positions() == {}
-    return out
 
 
 def test_numpy_greedy_picks_what_the_llama_cpp_chain_picks(
@@ -274,15 +279,6 @@ def decoding_and_a_new_prompt(runner: BatchRunner, model_path: Path
     sched.complete(plan, runner.run(plan, sampling).sampled)
     b = sched.add(second, 8)
     return sched, [a, b], sampling
-
-
-def release_everything(runner: BatchRunner, sched: BatchScheduler, handles: list[int]) -> None:
-    for h in handles:
-        sched.release(h, cache=False)
-    plan = sched.plan()
-    runner.run(plan, {})
-    sched.complete(plan, {})
-    assert runner.kv_positions() == {}
 
 
 def test_a_prompts_first_token_is_handed_out_before_the_decode_pass(
