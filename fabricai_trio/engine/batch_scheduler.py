@@ -346,13 +346,11 @@ class BatchScheduler:
         active = {seq.principal for seq in self._seqs.values()}
         if principal in active:
             return
-        own = self._served.get(principal, 0)
         if not active:
-            self._served[principal] = own
             return
         counts = [self._served.get(p, 0) for p in active]
         floor = min(counts) - self.step_tokens
-        self._served[principal] = min(max(own, floor), max(counts))
+        self._served[principal] = min(max(self._served.get(principal, 0), floor), max(counts))
         # Idle principals at or below the floor would be lifted to it anyway: forget them;
         # and all idle ones if the table grows past MAX_REMEMBERED.
         crowded = len(self._served) > MAX_REMEMBERED
