@@ -125,8 +125,7 @@ class BatchedEngine(ModelTextMethods):
         self._runner: BatchRunner | None = None
         self._streams: dict[int, _Stream] = {}
         self._sampling: dict[int, Sampling] = {}
-        self._stepping = False
-        self._plan_in_flight: StepPlan | None = None
+        self._plan_in_flight: StepPlan | None = None  # the step running in a worker thread
         self._closing = False
         self._plans_started = 0
         self._plans_done = 0
@@ -136,6 +135,10 @@ class BatchedEngine(ModelTextMethods):
         self._changed = trio.Event()  # something a blocked step could be waiting for
         self._tokens_generated = 0
         self._loaded = False
+
+    @property
+    def _stepping(self) -> bool:
+        return self._plan_in_flight is not None
 
     # --- lifecycle ---
 
@@ -343,7 +346,6 @@ class BatchedEngine(ModelTextMethods):
         runner = self._runner
         assert runner is not None and not self._stepping and not self._closing
         plan = self._scheduler.plan(ops_only=ops_only)
-        self._stepping = True
         self._plan_in_flight = plan
         runner.preempt.clear()
         done = self._step_done = trio.Event()
@@ -391,7 +393,6 @@ class BatchedEngine(ModelTextMethods):
             if snapshots and not snapshots[0]:
                 self._snapshot_requests += snapshots  # the step failed: the next one serves
             self._plans_done = self._plans_started
-            self._stepping = False
             self._plan_in_flight = None
             done.set()
             self._announce_delivery()
