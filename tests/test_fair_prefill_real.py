@@ -123,7 +123,7 @@ async def test_a_light_keys_prompt_preempts_a_heavy_prompt_pass_in_flight(
 
         assert await preempted() == 0
         order: list[str] = []
-        answers: dict[str, dict[str, object]] = {}
+        answers: dict[str, str] = {}
 
         async def send(name: str, body: dict[str, object]) -> None:
             async with client.stream("POST", "/v1/completions", json={**body, "stream": True},
@@ -135,7 +135,7 @@ async def test_a_light_keys_prompt_preempts_a_heavy_prompt_pass_in_flight(
                         if name not in order:
                             order.append(name)
                         text.append(json.loads(line[6:])["choices"][0]["text"])
-                answers[name] = {"text": "".join(text)}
+                answers[name] = "".join(text)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send, "heavy1", heavy_body)
@@ -147,4 +147,11 @@ async def test_a_light_keys_prompt_preempts_a_heavy_prompt_pass_in_flight(
         count = await preempted()
         assert order[0] == "light", (order, count, preempt_server.log()[-3000:])
         assert count == 1
-        assert answers["heavy1"]["text"] == alone.json()["choices"][0]["text"]
+        assert answers["heavy1"] == alone.json()["choices"][0]["text"]
+        with trio.fail_after(30):  # both slots given back, nothing queued
+            while True:
+                concurrency = (await client.get("/v1/status", headers=auth["light"])).json()[
+                    "concurrency"]
+                if concurrency["active"] == 0 and concurrency["queued"] == 0:
+                    break
+                await trio.sleep(0.05)
