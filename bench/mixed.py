@@ -14,10 +14,10 @@ Arrivals are open-loop: a request is sent at its time whatever the server is doi
 Reported per load and server, over all rounds: output tok/s (tokens received / time from
 the first send to the last byte), TTFT p50/p95/p99 and inter-token latency p50/p99 over
 the accepted requests, the longest inter-token gap (the worst stall a stream saw), mean
-queue wait, 429s. Queue wait comes from each server's own
-queue-depth gauge sampled every 0.25 s (ours: `queued` of `/v1/status`; llama-server:
-`requests_deferred` of `/metrics`), turned into a mean wait by Little's law (mean depth /
-accepted arrival rate). Our server refuses beyond `MAX_QUEUE_SIZE` (default 2 x slots)
+queue wait, 429s. Queue wait comes from each server's own queue-depth gauge sampled
+every 0.25 s (ours: `queued` of `/v1/status`; llama-server: `requests_deferred` of
+`/metrics`), turned into a mean wait by Little's law (mean depth / accepted arrival
+rate). Our server refuses beyond `MAX_QUEUE_SIZE` (default 2 x slots)
 with 429; llama-server never refuses, its queue just grows: compare TTFT together with
 the 429 counts.
 """

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .server_process import REPO, ServerProcess
+from .server_process import REPO, ServerProcess, model_env
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -133,3 +135,20 @@ def test_sigterm_during_model_load_exits_cleanly_and_frees_the_engine(
     # The engine was closed after the load task ended, not beside it.
     assert "services stopped: engines, session store and Redis client closed" in log, log
     assert log.index("loading the model") < log.index("services stopped")
+
+
+@pytest.mark.model
+def test_a_ready_server_freezes_its_start_up_objects_and_serves_on(
+    server_logs: Path, model_path: Path
+) -> None:
+    with ServerProcess(model_env(model_path, LOG_LEVEL="DEBUG"), log_dir=server_logs) as proc:
+        deadline = time.monotonic() + 60
+        while (found := re.search(r"froze (\d+) start-up objects", proc.log())) is None:
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.1)
+        assert int(found.group(1)) > 10_000  # modules, the app, the model's Python side
+        reply = httpx.post(f"{proc.url}/v1/completions", timeout=60,
+                           json={"prompt": "The capital of France is", "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
+        assert proc.stop() == 0
