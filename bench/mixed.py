@@ -17,9 +17,9 @@ the accepted requests, the longest inter-token gap (the worst stall a stream saw
 queue wait, 429s. Queue wait comes from each server's own queue-depth gauge sampled
 every 0.25 s (ours: `queued` of `/v1/status`; llama-server: `requests_deferred` of
 `/metrics`), turned into a mean wait by Little's law (mean depth / accepted arrival
-rate). Our server refuses beyond `MAX_QUEUE_SIZE` (default 2 x slots)
-with 429; llama-server never refuses, its queue just grows: compare TTFT together with
-the 429 counts.
+rate). Our server refuses beyond `MAX_QUEUE_SIZE` (default 2 x slots) with 429;
+llama-server never refuses, its queue just grows: compare TTFT together with the 429
+counts.
 """
 
 from __future__ import annotations
