@@ -37,6 +37,7 @@ from fabricai_trio.settings import Settings
 from .live import ended_normally
 from .server_process import ServerProcess
 from .sse_client import SSEEvent, aparse
+from .test_sse_real import wait_idle
 
 pytestmark = pytest.mark.model
 
@@ -605,17 +606,8 @@ async def stream_events(client: httpx.AsyncClient, body: dict[str, Any]
         return 200, [e async for e in aparse(response.aiter_lines()) if e.comment is None]
 
 
-async def wait_idle(client: httpx.AsyncClient, timeout: float = 5.0) -> dict[str, Any]:
-    with trio.fail_after(timeout):
-        while True:
-            data: dict[str, Any] = (await client.get("/v1/status")).json()
-            if data["concurrency"]["active"] == 0 and data["concurrency"]["queued"] == 0:
-                return data
-            await trio.sleep(0.02)
-
-
 async def test_sse_streams_two_at_once(client: httpx.AsyncClient) -> None:
-    await wait_idle(client)
+    await wait_idle(client, timeout=5)
     results: list[tuple[int, list[SSEEvent]]] = []
 
     async def one(prompt: str) -> None:
@@ -633,7 +625,7 @@ async def test_sse_streams_two_at_once(client: httpx.AsyncClient) -> None:
         done = events[-1].data
         assert ended_normally(done["finish_reason"], done["usage"]["completion_tokens"], 24)
         assert "".join(e.data["text"] for e in events[1:-1]) == done["text"]
-    engine = (await wait_idle(client))["engine"]
+    engine = (await wait_idle(client, timeout=5))["engine"]
     # /v1/status shows the batching: two streams shared steps.
     assert engine["backend"] == "batched"
     assert engine["steps"] > 0 and engine["batch_size_max"] == 2

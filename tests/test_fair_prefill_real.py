@@ -20,6 +20,7 @@ import trio
 
 from .server_process import ServerProcess, model_env
 from .sse_client import aparse
+from .test_sse_real import status, wait_idle
 
 pytestmark = pytest.mark.model
 
@@ -113,13 +114,14 @@ async def test_a_light_keys_prompt_preempts_a_heavy_prompt_pass_in_flight(
     again, is token for token what it is alone (batch-invariant mode)."""
     heavy_body = {"prompt": long_prompt("alpha"), "max_tokens": 8, "temperature": 0}
     auth = {name: {"Authorization": f"Bearer {KEYS[name]}"} for name in ("heavy1", "light")}
-    async with httpx.AsyncClient(base_url=preempt_server.url, timeout=300) as client:
+    # /v1/status as the light key; each generation names its own key
+    async with httpx.AsyncClient(base_url=preempt_server.url, timeout=300,
+                                 headers=auth["light"]) as client:
         alone = await client.post("/v1/completions", json=heavy_body, headers=auth["heavy1"])
         assert alone.status_code == 200, alone.text
 
         async def preempted() -> int:
-            status = (await client.get("/v1/status", headers=auth["light"])).json()
-            return int(status["engine"]["prompt_chunks_preempted"])
+            return int((await status(client))["engine"]["prompt_chunks_preempted"])
 
         assert await preempted() == 0
         order: list[str] = []
@@ -148,10 +150,4 @@ async def test_a_light_keys_prompt_preempts_a_heavy_prompt_pass_in_flight(
         assert order[0] == "light", (order, count, preempt_server.log()[-3000:])
         assert count == 1
         assert answers["heavy1"] == alone.json()["choices"][0]["text"]
-        with trio.fail_after(30):  # both slots given back, nothing queued
-            while True:
-                concurrency = (await client.get("/v1/status", headers=auth["light"])).json()[
-                    "concurrency"]
-                if concurrency["active"] == 0 and concurrency["queued"] == 0:
-                    break
-                await trio.sleep(0.05)
+        await wait_idle(client, timeout=30)  # both slots given back, nothing queued
