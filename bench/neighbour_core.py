@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/neighbour_core.py [--rounds 3] [--tokens 128] [--threads 1]
 
-Raw llama-cpp-python on the embedded model decodes `--tokens` greedy tokens (end of
-generation banned) on `--threads` threads, alone and then beside another process that
-spins a pure-Python loop (no I/O, no shared memory, no lock with the decode), rounds
-alternating. On a 2-core machine whose cores share hardware (hyperthreads of one
-physical core, or a host's shared caches and memory bandwidth), the second core's work
-slows the first core's decode even though the decode has its core to itself. That is
-the floor under issue 18's bound on the streams' tok/s during a refusal storm: the
-storm's event loop and load generator must run on the other core.
+Raw llama-cpp-python on the embedded model decodes up to `--tokens` greedy tokens on
+`--threads` threads (`bench/sse_vs_raw.py`'s raw round; its decode tok/s after the
+first token), alone and then beside another process that spins a pure-Python loop (no
+I/O, no shared memory, no lock with the decode), rounds alternating. On a 2-core
+machine whose cores share hardware (hyperthreads of one physical core, or a host's
+shared caches and memory bandwidth), the second core's work can slow the first core's
+decode even though the decode has its core to itself: this is how much of the running
+streams' loss during a refusal storm (issue 18; the storm's event loop and load
+generator run on the other core) the hardware alone explains.
 """
 
 from __future__ import annotations
@@ -25,20 +26,9 @@ from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.sse_vs_raw import prompt_for, raw_round
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
-
-#: Gemma's end-of-generation ids, banned so that every round decodes `--tokens` tokens.
-NO_EOG = {1: -100.0, 106: -100.0, 212: -100.0}
-
-
-def decode_rate(llm: Llama, tokens: int) -> float:
-    """Tokens per second of one greedy generation from a fresh context."""
-    llm.reset()
-    started = time.perf_counter()
-    n = sum(1 for _ in llm("Once upon a time", max_tokens=tokens, stream=True,
-                           temperature=0.0, logit_bias=NO_EOG))
-    return n / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -49,14 +39,14 @@ def main() -> None:
     args = parser.parse_args()
     llm = Llama(str(embedded_model_path(Settings().model_cache_dir)), n_ctx=512,
                 n_threads=args.threads, verbose=False)
-    decode_rate(llm, 16)  # warm
+    raw_round(llm, 16, prompt_for(-1))  # warm
     ratios = []
     for r in range(args.rounds):
-        alone = decode_rate(llm, args.tokens)
+        alone = raw_round(llm, args.tokens, prompt_for(r))[1]
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             time.sleep(0.5)
-            beside = decode_rate(llm, args.tokens)
+            beside = raw_round(llm, args.tokens, prompt_for(r))[1]
         finally:
             spinner.kill()
             spinner.wait()
