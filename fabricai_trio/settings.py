@@ -112,13 +112,6 @@ class Settings(BaseSettings):
         "over steps and adds at most about one budget of work to the running streams' "
         "inter-token latency.",
     )
-    prefill_step_factor: float = Field(
-        2.0, ge=0, le=100,
-        description="ENGINE=batched: while streams decode, a step's prompt chunk is also "
-        "sized in time, so that the step takes about this many plain decode steps (measured "
-        "as steps run; PREFILL_CHUNK_TOKENS stays the cap). Lower: smoother streams, "
-        "prompts spread over more steps. 0: size chunks in tokens only.",
-    )
     flash_attn: bool = Field(
         True,
         description="ENGINE=batched: llama.cpp's flash attention (10-20% more tok/s with many "

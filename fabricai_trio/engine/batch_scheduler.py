@@ -21,12 +21,9 @@ It owns the sequence ids of one llama.cpp context (`n_seq_max = slots + cache_sl
 Each `plan()` returns a `StepPlan`: KV operations to apply in order, then one batch
 within a per-step token budget (`step_tokens`): one token per decoding sequence first,
 then prompt chunks of newly admitted sequences fill what is left (at least
-`min_prefill_tokens`, so prompts never starve behind many decoders). Beside decode rows
-the prompt budget is also bounded in time (`costs`, a `StepCosts` the engine feeds with
-the passes' durations): at most about `step_factor - 1` decode passes' worth of prompt
-tokens, so a step that carries prompt work takes about `step_factor` decode passes on any
-machine and at any number of decoders. A long prompt is spread over steps: that bounds
-the inter-token latency a prefill adds to the running streams.
+`min_prefill_tokens`, so prompts never starve behind many decoders). A long prompt is
+spread over steps, so no step is much longer than a decode step plus one budget's worth
+of prompt: that bounds the inter-token latency a prefill adds to the running streams.
 `complete()` records what the step sampled.
 
 Who gets the prompt budget first (`_prefill_order`), like admission's fair queue: the
@@ -72,8 +69,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
-
-from .step_costs import StepCosts
 
 FinishReason = Literal["stop", "length"]
 #: Idle principals whose service count `BatchScheduler` keeps (`_activate`).
@@ -203,9 +198,6 @@ class SchedulerStats:
     waiting: int
     cached: int
     kv_cells_used: int  # KV cells the running sequences and the cache entries hold
-    decode_pass_ms: float | None  # `StepCosts`: a pass of decode rows, moving average
-    prompt_token_ms: float | None  # and a prompt token
-    prompt_budget_timed: int | None  # prompt tokens a step beside decode rows may carry
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -239,7 +231,6 @@ class BatchScheduler:
         min_reuse_tokens: int = 32,
         invariant: bool = False,
         max_prefill_skips: int = 4,
-        step_factor: float = 0.0,
     ) -> None:
         if (slots < 1 or cache_slots < 0 or step_tokens < 1 or max_backlog < 1
                 or max_prefill_skips < 1):
@@ -255,8 +246,6 @@ class BatchScheduler:
         self.min_reuse_tokens = max(1, min_reuse_tokens)
         self.invariant = invariant
         self.max_prefill_skips = max_prefill_skips
-        # Measured by the engine as steps run; sizes prompt chunks beside decode rows.
-        self.costs = StepCosts(step_factor)
         self._seqs: dict[int, _Seq] = {}
         # principal -> tokens its sequences had evaluated (see the module doc and
         # `_activate`)
@@ -553,9 +542,6 @@ class BatchScheduler:
         for entry in entries:
             self._serve(self._seqs[entry.handle].principal, 1)
         budget = max(self.step_tokens - len(entries), self.min_prefill_tokens)
-        timed = self._timed_budget() if entries else None
-        if timed is not None:
-            budget = min(budget, timed)
         first = True
         for seq in self._prefill_order():
             assert seq.seq_id is not None
@@ -573,11 +559,6 @@ class BatchScheduler:
             entries.append(BatchEntry(handle=seq.handle, seq_id=seq.seq_id, tokens=chunk,
                                       pos=seq.n_past, sample=last, prefill=True))
         return entries
-
-    def _timed_budget(self) -> int | None:
-        """The time budget in prompt tokens (`costs`), never below `min_prefill_tokens`."""
-        timed = self.costs.prompt_budget()
-        return None if timed is None else max(timed, self.min_prefill_tokens)
 
     def _prefill_order(self) -> list[_Seq]:
         """Prefilling sequences in the order they get the prompt budget: those passed
@@ -759,14 +740,7 @@ class BatchScheduler:
             cached=len(self._cache),
             kv_cells_used=sum(self._seqs[h].n_past for h in self._running.values())
             + sum(len(tokens) for _, tokens in self._cache.values()),
-            decode_pass_ms=_ms(self.costs.decode_pass_s),
-            prompt_token_ms=_ms(self.costs.prompt_token_s),
-            prompt_budget_timed=self._timed_budget(),
         )
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _chunk(remaining: int, budget: int) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,9 +99,6 @@ class StepResult:
     #: prompt chunks not evaluated because `BatchRunner.preempt` was set (their KV is
     #: as before the step)
     preempted: tuple[int, ...] = ()
-    #: (prompt tokens, seconds) of each pass run for this result: 0 tokens for the pass of
-    #: decode rows (`StepCosts` measures the machine with them)
-    passes: list[tuple[int, float]] = field(default_factory=list)
 
 
 class BatchRunner:
@@ -226,9 +222,7 @@ class BatchRunner:
                 preempted.append(entries[0].handle)
                 continue
             self.preempt.arm(prefill)
-            started = time.perf_counter()
             out_index = self._decode(entries, pads)
-            took = time.perf_counter() - started
             if out_index is None:  # a prompt chunk, preempted while it ran
                 entry = entries[0]
                 # llama.cpp dropped the chunk's cells (one ubatch: n_ubatch = n_batch);
@@ -238,14 +232,11 @@ class BatchRunner:
                 continue
             if isinstance(out_index, str):
                 return StepResult(sampled={}, pieces={}, error=out_index)
-            timed = (len(entries[0].tokens) if prefill else 0, took)
             if early is not None and out_index and i < len(calls) - 1:
                 out = self._new_result()
-                out.passes.append(timed)
                 self._sample_rows(out_index, sampling, out)
                 early(out)
             else:
-                final.passes.append(timed)
                 self._sample_rows(out_index, sampling, final)
         return replace(final, preempted=tuple(preempted))
 

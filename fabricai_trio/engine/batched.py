@@ -120,7 +120,6 @@ class BatchedEngine(ModelTextMethods):
             step_tokens=settings.prefill_chunk_tokens,
             max_backlog=MAX_BACKLOG,
             invariant=settings.batch_invariant,
-            step_factor=settings.prefill_step_factor,
         )
         self._text = ModelText(settings)
         self._runner: BatchRunner | None = None
@@ -220,9 +219,6 @@ class BatchedEngine(ModelTextMethods):
                 "kv_copies": st.kv_copies,
                 "prompt_chunks_preempted": st.prompt_chunks_preempted,
                 "kv_cells_used": st.kv_cells_used,
-                "decode_pass_ms": st.decode_pass_ms,
-                "prompt_token_ms": st.prompt_token_ms,
-                "prompt_budget_timed": st.prompt_budget_timed,
                 "kv_cells_total": self._settings.n_ctx * self._scheduler.n_seq_max,
                 **text.stats(),
             },
@@ -427,12 +423,6 @@ class BatchedEngine(ModelTextMethods):
             log.error("batched step failed: %s", result.error)
             self._fail(plan, result.error)
             return
-        costs = self._scheduler.costs
-        for tokens, seconds in result.passes:
-            if tokens:
-                costs.observe_prompt(tokens, seconds)
-            else:
-                costs.observe_decode(seconds)
         for sampled in self._scheduler.complete(plan, result.sampled, result.preempted,
                                                 early=early):
             stream = self._streams.get(sampled.handle)
