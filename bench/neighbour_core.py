@@ -31,19 +31,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import httpx
 from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.refusals import STORM_BODY, WRK_SCRIPT
+from bench.refusals import STORM_BODY, WRK_SCRIPT, bare_server
 from bench.sse_vs_raw import prompt_for, raw_round
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
-from tests.server_process import free_port
 
 
 @contextmanager
@@ -54,28 +52,6 @@ def spinner() -> Iterator[None]:
         yield
     finally:
         proc.kill()
-        proc.wait()
-
-
-@contextmanager
-def bare_server() -> Iterator[str]:
-    """`bench/refusals.py`'s floor: a bare ASGI 429 under our Hypercorn configuration."""
-    port = free_port()
-    refusals = Path(__file__).resolve().parent / "refusals.py"
-    proc = subprocess.Popen([sys.executable, str(refusals), "--serve-bare", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.post(url, json={})
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the bare server did not start"
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
         proc.wait()
 
 
@@ -108,7 +84,8 @@ def main() -> None:
     raw_round(llm, 16, prompt_for(-1))  # warm
     ratios = []
     with tempfile.TemporaryDirectory() as tmp, \
-            (bare_server() if args.neighbour == "storm" else _nothing()) as url:
+            (bare_server() if args.neighbour == "storm" else nullcontext()) as served:
+        url = served[0] if served else None
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT % json.dumps(STORM_BODY))
         for r in range(args.rounds):
@@ -120,11 +97,6 @@ def main() -> None:
             print(f"round {r}: alone {alone:.1f} tok/s, beside the {args.neighbour} "
                   f"{beside:.1f} tok/s, {beside / alone:.2f}x", flush=True)
     print(f"median {statistics.median(ratios):.2f}x over {args.rounds} rounds")
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 if __name__ == "__main__":

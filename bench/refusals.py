@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +256,9 @@ def serve_bare(port: int) -> None:
     trio.run(serve, bare_app, config)
 
 
-def measure_floor(args: argparse.Namespace, script: Path) -> dict[str, Any]:
+@contextmanager
+def bare_server() -> Iterator[tuple[str, int]]:
+    """The floor's server in a process of its own, serving: (its URL, its pid)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
     url = f"http://127.0.0.1:{port}"
@@ -267,14 +271,19 @@ def measure_floor(args: argparse.Namespace, script: Path) -> dict[str, Any]:
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the bare server did not start"
                 time.sleep(0.1)
-        cpu0 = cpu_seconds(proc.pid)
-        result: dict[str, Any] = trio.run(storm, url, args, script)
-        cpu = cpu_seconds(proc.pid) - cpu0
-        result.update(server_cpu_ms_per_refusal=1000 * cpu / result["requests"])
-        return result
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait()
+
+
+def measure_floor(args: argparse.Namespace, script: Path) -> dict[str, Any]:
+    with bare_server() as (url, pid):
+        cpu0 = cpu_seconds(pid)
+        result: dict[str, Any] = trio.run(storm, url, args, script)
+        cpu = cpu_seconds(pid) - cpu0
+    result.update(server_cpu_ms_per_refusal=1000 * cpu / result["requests"])
+    return result
 
 
 def main() -> None:
