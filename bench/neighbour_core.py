@@ -23,7 +23,6 @@ during a refusal storm (issue 18) that the machine alone explains.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.refusals import STORM_BODY, WRK_SCRIPT, bare_server
+from bench.refusals import bare_server, write_wrk_script, wrk_command
 from bench.sse_vs_raw import prompt_for, raw_round
 from fabricai_trio.engine.model_files import embedded_model_path
 from fabricai_trio.settings import Settings
@@ -58,9 +57,8 @@ def spinner() -> Iterator[None]:
 @contextmanager
 def storm(url: str, connections: int, script: Path) -> Iterator[None]:
     """`wrk` refused by the bare server for as long as the block runs."""
-    proc = subprocess.Popen(
-        ["wrk", "-t2", f"-c{connections}", "-d600s", "-s", str(script),
-         f"{url}/v1/completions"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(wrk_command(url, connections, 600, script),
+                            stdout=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
         yield
@@ -86,8 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, \
             (bare_server() if args.neighbour == "storm" else nullcontext()) as served:
         url = served[0] if served else None
-        script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT % json.dumps(STORM_BODY))
+        script = write_wrk_script(Path(tmp))
         for r in range(args.rounds):
             alone = raw_round(llm, args.tokens, prompt_for(r))[1]
             with spinner() if url is None else storm(url, args.connections, script):

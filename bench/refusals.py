@@ -78,11 +78,23 @@ def load_average() -> float:
 # --- load generators ---
 
 
+def write_wrk_script(directory: Path) -> Path:
+    """The storm's `wrk` script (POST `STORM_BODY`, report in one line), in `directory`."""
+    script = directory / "post.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(STORM_BODY))
+    return script
+
+
+def wrk_command(url: str, connections: int, seconds: float, script: Path) -> list[str]:
+    """The storm: two `wrk` threads posting on `connections` kept-alive connections."""
+    return ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
+            "-s", str(script), f"{url}/v1/completions"]
+
+
 def wrk_storm(url: str, connections: int, seconds: float, script: Path) -> dict[str, float]:
     """`wrk` for `seconds`; its own counts and latency percentiles (ms)."""
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
-         "-s", str(script), f"{url}/v1/completions"],
+        wrk_command(url, connections, seconds, script),
         capture_output=True, text=True, check=True,
     ).stdout
     match = re.search(r"^WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", out, re.M)
@@ -309,8 +321,7 @@ def main() -> None:
                               "connections": args.connections, "seconds": args.seconds,
                               "load_average_start": load_average(), "rounds": []}
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT % json.dumps(STORM_BODY))
+        script = write_wrk_script(Path(tmp))
         spy_to = args.py_spy
         modes = args.modes.split(",")
         for i in range(args.rounds):
